@@ -1,0 +1,49 @@
+"""The usage ledger: one row per gateway request, idempotent on request_id."""
+
+from django.db import models
+
+from apps.billing.models import MONEY
+
+
+class UsageEvent(models.Model):
+    request_id = models.CharField(max_length=64, unique=True)
+    timestamp = models.DateTimeField(db_index=True)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.PROTECT, related_name="+")
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    source = models.ForeignKey("keys.Source", null=True, on_delete=models.SET_NULL, related_name="+")
+    # The seed's source {type, id}: the source's type and name, or metadata.source_type/source_id
+    # when the request names them.
+    source_type = models.CharField(max_length=16)
+    source_ref = models.CharField(max_length=100)
+    request_type = models.CharField(max_length=32, default="chat")
+    model = models.CharField(max_length=200)
+    deployment = models.ForeignKey("gateway.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
+    provider = models.CharField(max_length=100, blank=True)
+    upstream_model = models.CharField(max_length=200, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    cache_write_tokens = models.PositiveIntegerField(default=0)
+    reasoning_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(**MONEY, default=0)
+    saved_cost = models.DecimalField(**MONEY, default=0)
+    price = models.ForeignKey("billing.Price", null=True, on_delete=models.PROTECT, related_name="+")
+    input_usd_per_mtok = models.DecimalField(**MONEY, null=True)
+    output_usd_per_mtok = models.DecimalField(**MONEY, null=True)
+    status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    latency_ms = models.PositiveIntegerField(default=0)
+    cached = models.BooleanField(default=False)
+    stream = models.BooleanField(default=False)
+    is_async = models.BooleanField(default=False)
+    batch_id = models.CharField(max_length=100, blank=True, db_index=True)
+    budget_id = models.CharField(max_length=100, blank=True)
+    priority = models.SmallIntegerField(default=0)
+    estimated = models.BooleanField(default=False, help_text="Tokens counted by us: the provider gave none.")
+
+    class Meta:
+        ordering = ["-timestamp", "-id"]
+        indexes = [models.Index(fields=["tenant", "timestamp"])]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.model} {self.cost}"

@@ -1,0 +1,80 @@
+"""Prices (versioned, never edited in place) and budgets."""
+
+from decimal import Decimal
+
+from django.db import models
+
+MONEY = {"max_digits": 20, "decimal_places": 10}
+
+
+class PriceSource(models.TextChoices):
+    GENAI_PRICES = "genai-prices"
+    CONFIG = "config"
+    ADMIN = "admin"
+
+
+class Price(models.Model):
+    """USD per million tokens for one model alias, in force from `effective_from` until the next
+    version. A change of price is a new row; ledger rows point at the version they used."""
+
+    model = models.CharField(max_length=200, db_index=True, help_text="The model alias.")
+    input_usd_per_mtok = models.DecimalField(**MONEY)
+    output_usd_per_mtok = models.DecimalField(**MONEY)
+    cached_input_usd_per_mtok = models.DecimalField(**MONEY, null=True, blank=True)
+    cache_write_usd_per_mtok = models.DecimalField(**MONEY, null=True, blank=True)
+    batch_discount = models.DecimalField(
+        max_digits=5, decimal_places=4, default=Decimal("0"), help_text="0.5 means batch lines cost half."
+    )
+    effective_from = models.DateTimeField()
+    source = models.CharField(max_length=20, choices=PriceSource.choices, default=PriceSource.CONFIG)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["model", "-effective_from"]
+        constraints = [models.UniqueConstraint(fields=["model", "effective_from"], name="uniq_price_version")]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.effective_from:%Y-%m-%d}: in {self.input_usd_per_mtok} out {self.output_usd_per_mtok}"
+
+
+class BudgetScope(models.TextChoices):
+    TENANT = "tenant"
+    SOURCE = "source"
+    KEY = "key"
+    BUDGET_ID = "budget_id"
+
+
+class BudgetPeriod(models.TextChoices):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+    TOTAL = "total"
+
+
+class Enforcement(models.TextChoices):
+    HARD = "hard"
+    SOFT = "soft"
+
+
+class Budget(models.Model):
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="budgets")
+    name = models.CharField(max_length=100)
+    scope = models.CharField(max_length=16, choices=BudgetScope.choices, default=BudgetScope.TENANT)
+    # Source name, key name or budget id, by scope; empty for tenant scope.
+    scope_value = models.CharField(max_length=100, blank=True)
+    limit_usd = models.DecimalField(**MONEY)
+    period = models.CharField(max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY)
+    enforcement = models.CharField(max_length=8, choices=Enforcement.choices, default=Enforcement.HARD)
+    alert_thresholds = models.JSONField(default=list, blank=True)
+    # Instead of refusing a request whose hold does not fit, lower its max_tokens to fit.
+    shrink_max_tokens = models.BooleanField(default=False)
+    alert_emails = models.JSONField(default=list, blank=True)
+    alert_webhook_url = models.URLField(max_length=1000, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="uniq_budget_name")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug}/{self.name}"

@@ -1,0 +1,233 @@
+"""The declarative config file of `gateway_apply`: its schema, and errors that name the path of
+the bad field (`tenants[0].budgets[1].period: must be one of daily, weekly, monthly, total`)."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A bad config file. `errors` are lines of `path: problem`."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+ProviderKindName = Literal["openai", "azure_openai", "anthropic", "gemini", "openai_compatible", "mock"]
+
+
+class ProviderSpec(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    kind: ProviderKindName
+    api_base: str = ""
+    api_key_env: str | None = None
+    options: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs_base(self):
+        if self.kind != "mock" and not self.api_base:
+            raise ValueError(f"api_base is required for kind {self.kind}")
+        return self
+
+
+class DeploymentSpec(_Strict):
+    provider: str
+    model: str = Field(min_length=1)
+    weight: int = Field(default=1, ge=0)
+    priority: int = 0
+    region: str = ""
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
+class ModelSpec(_Strict):
+    alias: str = Field(min_length=1, max_length=200)
+    input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cached_input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    batch_discount: Decimal | None = Field(default=None, ge=0, le=1)
+    price_effective_from: datetime | None = None
+    strategy: Literal["weighted", "lowest_latency", "cheapest"] = "weighted"
+    context_window: int = Field(default=128_000, ge=1)
+    max_output_tokens: int = Field(default=16_384, ge=1)
+    supports_streaming: bool = True
+    supports_embeddings: bool = False
+    deployments: list[DeploymentSpec] = Field(default_factory=list)
+
+    @field_validator("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
+                     "cache_write_usd_per_mtok", "batch_discount", mode="before")
+    @classmethod
+    def _no_float_drift(cls, v):
+        return Decimal(str(v)) if isinstance(v, float) else v
+
+    @model_validator(mode="after")
+    def _price_pair(self):
+        if (self.input_usd_per_mtok is None) != (self.output_usd_per_mtok is None):
+            raise ValueError("input_usd_per_mtok and output_usd_per_mtok go together")
+        return self
+
+
+class SourceSpec(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    type: Literal["application", "service"] = "application"
+
+
+class MemberSpec(_Strict):
+    username: str = Field(min_length=1, max_length=150)
+    email: str = ""
+    role: Literal["owner", "admin", "manager", "viewer"] = "viewer"
+    password_env: str | None = None
+
+
+Scope = str
+_SCOPE_RE = re.compile(r"^(tenant|source:.+|key:.+|budget_id:.+)$")
+
+
+class RateLimitSpec(_Strict):
+    scope: Scope = "tenant"
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        if not re.match(r"^(tenant|source:.+|key:.+)$", v):
+            raise ValueError("must be tenant, source:<name> or key:<name>")
+        return v
+
+
+class BudgetSpec(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    scope: Scope = "tenant"
+    limit_usd: Decimal = Field(gt=0)
+    period: Literal["daily", "weekly", "monthly", "total"] = "monthly"
+    enforcement: Literal["hard", "soft"] = "hard"
+    alert_thresholds: list[Decimal] = Field(default_factory=list)
+    shrink_max_tokens: bool = False
+    alert_emails: list[str] = Field(default_factory=list)
+    alert_webhook_url: str = ""
+
+    @field_validator("limit_usd", mode="before")
+    @classmethod
+    def _no_float_drift(cls, v):
+        return Decimal(str(v)) if isinstance(v, float) else v
+
+    @field_validator("alert_thresholds", mode="before")
+    @classmethod
+    def _thresholds(cls, v):
+        return [Decimal(str(x)) if isinstance(x, float) else x for x in v or []]
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        if not _SCOPE_RE.match(v):
+            raise ValueError("must be tenant, source:<name>, key:<name> or budget_id:<id>")
+        return v
+
+
+class CacheSpec(_Strict):
+    enabled: bool = True
+    ttl_s: int = Field(default=3600, ge=1)
+
+
+class TenantSpec(_Strict):
+    slug: str = Field(pattern=r"^[-a-zA-Z0-9_]+$", max_length=50)
+    name: str = Field(min_length=1, max_length=200)
+    timezone: str = "UTC"
+    allowed_regions: list[str] = Field(default_factory=list)
+    allow_unpriced_models: bool = False
+    cache: CacheSpec | None = None
+    sources: list[SourceSpec] = Field(default_factory=list)
+    members: list[MemberSpec] = Field(default_factory=list)
+    rate_limits: list[RateLimitSpec] = Field(default_factory=list)
+    budgets: list[BudgetSpec] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        if v not in zoneinfo.available_timezones():
+            raise ValueError(f"unknown time zone {v!r}")
+        return v
+
+
+class GatewayConfig(_Strict):
+    providers: list[ProviderSpec] = Field(default_factory=list)
+    models: list[ModelSpec] = Field(default_factory=list)
+    tenants: list[TenantSpec] = Field(default_factory=list)
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "literal_error":
+        options = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+        return "must be one of " + ", ".join(options)
+    if err["type"] == "missing":
+        return "is required"
+    if err["type"] == "extra_forbidden":
+        return "is not a recognised field"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _cross_check(cfg: GatewayConfig) -> list[str]:
+    errors = []
+    seen = set()
+    for i, p in enumerate(cfg.providers):
+        if p.name in seen:
+            errors.append(f"providers[{i}].name: duplicate provider {p.name!r}")
+        seen.add(p.name)
+    aliases = set()
+    for i, m in enumerate(cfg.models):
+        if m.alias in aliases:
+            errors.append(f"models[{i}].alias: duplicate alias {m.alias!r}")
+        aliases.add(m.alias)
+        for j, d in enumerate(m.deployments):
+            if d.provider not in seen:
+                errors.append(f"models[{i}].deployments[{j}].provider: unknown provider {d.provider!r}")
+    for i, t in enumerate(cfg.tenants):
+        sources = {s.name for s in t.sources}
+        for j, rl in enumerate(t.rate_limits):
+            if rl.scope.startswith("source:") and rl.scope[7:] not in sources:
+                errors.append(f"tenants[{i}].rate_limits[{j}].scope: unknown source {rl.scope[7:]!r}")
+        for j, b in enumerate(t.budgets):
+            if b.scope.startswith("source:") and b.scope[7:] not in sources:
+                errors.append(f"tenants[{i}].budgets[{j}].scope: unknown source {b.scope[7:]!r}")
+    return errors
+
+
+def config_parse(text: str) -> GatewayConfig:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"(file): not valid YAML: {exc}"])
+    if not isinstance(raw, dict):
+        raise ConfigError(["(file): the top level must be a mapping"])
+    try:
+        cfg = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors(include_url=False)])
+    errors = _cross_check(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg

@@ -1,0 +1,206 @@
+"""The data plane's configuration (providers, model aliases, deployments) and its durable work
+(async requests, files and batches)."""
+
+from django.db import models
+
+
+class ProviderKind(models.TextChoices):
+    OPENAI = "openai"
+    AZURE_OPENAI = "azure_openai"
+    ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
+    OPENAI_COMPATIBLE = "openai_compatible"
+    MOCK = "mock"
+
+
+class Provider(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=32, choices=ProviderKind.choices)
+    api_base = models.URLField(max_length=500, blank=True)
+    credential = models.ForeignKey(
+        "keys.ProviderCredential", null=True, blank=True, on_delete=models.SET_NULL, related_name="providers"
+    )
+    # Kind-specific settings, e.g. {"api_version": "2024-10-21"} for Azure, {"organization": ...}.
+    options = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+
+class RoutingStrategy(models.TextChoices):
+    WEIGHTED = "weighted"
+    LOWEST_LATENCY = "lowest_latency"
+    CHEAPEST = "cheapest"
+
+
+class ModelAlias(models.Model):
+    """The model name clients use. Maps to one or more deployments."""
+
+    alias = models.CharField(max_length=200, unique=True)
+    strategy = models.CharField(max_length=20, choices=RoutingStrategy.choices, default=RoutingStrategy.WEIGHTED)
+    context_window = models.PositiveIntegerField(default=128_000)
+    max_output_tokens = models.PositiveIntegerField(default=16_384)
+    supports_streaming = models.BooleanField(default=True)
+    supports_embeddings = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["alias"]
+        verbose_name_plural = "model aliases"
+
+    def __str__(self) -> str:
+        return self.alias
+
+
+class Deployment(models.Model):
+    alias = models.ForeignKey(ModelAlias, on_delete=models.CASCADE, related_name="deployments")
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="deployments")
+    upstream_model = models.CharField(max_length=200)
+    weight = models.PositiveIntegerField(default=1)
+    priority = models.IntegerField(default=0, help_text="Lower is tried first.")
+    region = models.CharField(max_length=64, blank=True)
+    rpm = models.PositiveIntegerField(null=True, blank=True, help_text="The provider's own request limit.")
+    tpm = models.PositiveIntegerField(null=True, blank=True, help_text="The provider's own token limit.")
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["alias", "priority", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["alias", "provider", "upstream_model"], name="uniq_deployment"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.alias.alias} -> {self.provider.name}:{self.upstream_model}"
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AsyncRequest(models.Model):
+    """A request accepted with `async: true`, run later by a Celery worker."""
+
+    id = models.CharField(primary_key=True, max_length=64)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    endpoint = models.CharField(max_length=64, default="/v1/chat/completions")
+    body = models.JSONField()
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    priority = models.IntegerField(default=0)
+    callback_url = models.URLField(max_length=1000, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+
+class File(models.Model):
+    """An uploaded file (OpenAI Files API); batch inputs, outputs and error files."""
+
+    id = models.CharField(primary_key=True, max_length=64)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    purpose = models.CharField(max_length=32)
+    filename = models.CharField(max_length=255)
+    bytes = models.PositiveBigIntegerField(default=0)
+    content = models.BinaryField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.filename}"
+
+
+class BatchStatus(models.TextChoices):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+class Batch(models.Model):
+    id = models.CharField(primary_key=True, max_length=64)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    endpoint = models.CharField(max_length=64)
+    input_file = models.ForeignKey(File, on_delete=models.PROTECT, related_name="+")
+    output_file = models.ForeignKey(File, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    error_file = models.ForeignKey(File, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    completion_window = models.CharField(max_length=16, default="24h")
+    status = models.CharField(max_length=16, choices=BatchStatus.choices, default=BatchStatus.VALIDATING)
+    metadata = models.JSONField(null=True, blank=True)
+    errors = models.JSONField(null=True, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    completed = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    in_progress_at = models.DateTimeField(null=True, blank=True)
+    finalizing_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    cancelling_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "batches"
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+
+class BatchLine(models.Model):
+    """One line of a batch input file; idempotent by (batch, index)."""
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="lines")
+    index = models.PositiveIntegerField()
+    custom_id = models.CharField(max_length=200)
+    body = models.JSONField()
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    response = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["batch", "index"]
+        constraints = [models.UniqueConstraint(fields=["batch", "index"], name="uniq_batch_line")]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id}#{self.index}"
+
+
+class RateLimitScope(models.TextChoices):
+    TENANT = "tenant"
+    SOURCE = "source"
+    KEY = "key"
+
+
+class RateLimit(models.Model):
+    """RPM/TPM for a tenant, or one of its sources or keys (key limits may also sit on the key)."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="rate_limits")
+    scope = models.CharField(max_length=16, choices=RateLimitScope.choices, default=RateLimitScope.TENANT)
+    scope_value = models.CharField(max_length=100, blank=True, help_text="Source or key name; empty for tenant.")
+    rpm = models.PositiveIntegerField(null=True, blank=True)
+    tpm = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "scope", "scope_value"], name="uniq_rate_limit")]
+
+    def __str__(self) -> str:
+        where = self.scope if not self.scope_value else f"{self.scope}:{self.scope_value}"
+        return f"{self.tenant.slug} {where} rpm={self.rpm} tpm={self.tpm}"

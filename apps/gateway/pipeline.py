@@ -1,0 +1,418 @@
+"""The request pipeline: one explicit, ordered path shared by sync, streaming, async and batch.
+
+    authenticate -> validate -> route -> cache lookup -> admit -> call -> settle -> usage event -> respond
+
+Each step is a small function over a request context (`Ctx`). `prepare` runs the steps up to and
+including admission; `execute` calls the provider and settles; `finish` writes the ledger row.
+A request that fails after authentication still gets its ledger row, and the row is written
+before the response completes, so no 2xx ever lacks one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from apps.analytics.services import usage_event_record
+from apps.billing.selectors import PriceInfo, price_in_force
+from apps.billing.services import cost_compute
+from apps.keys.crypto import api_key_digest
+from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
+
+from . import admission, cache, router, schemas
+from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
+from .providers import Completion, Usage, adapter_for
+from .providers.base import ProviderError
+from .selectors import AliasRoute, DeploymentRoute, routing_table
+from .tokens import estimate_text, text_of
+
+CHAT = "chat"
+EMBEDDINGS = "embeddings"
+ENDPOINT_PATHS = {CHAT: "/v1/chat/completions", EMBEDDINGS: "/v1/embeddings"}
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Ctx:
+    """Everything one gateway request carries through the pipeline."""
+
+    kind: str = CHAT
+    request_id: str = field(default_factory=new_request_id)
+    timestamp: datetime = field(default_factory=timezone.now)
+    started: float = field(default_factory=time.perf_counter)
+    auth: KeyAuth | None = None
+    body: dict = field(default_factory=dict)
+    options: schemas.GatewayOptions = field(default_factory=schemas.GatewayOptions)
+    model: str = ""
+    stream: bool = False
+    include_usage: bool = False
+    is_async: bool = False
+    batch_id: str = ""
+    alias: AliasRoute | None = None
+    candidates: list[DeploymentRoute] = field(default_factory=list)
+    price: PriceInfo | None = None
+    admission: admission.Admission | None = None
+    deployment: DeploymentRoute | None = None
+    attempts: int = 0
+    cached: bool = False
+    usage: Usage | None = None
+    cost: Decimal = Decimal(0)
+    saved_cost: Decimal = Decimal(0)
+    status: int = 200
+    error_code: str = ""
+    recorded: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> schemas.GatewayMetadata:
+        return self.options.metadata or schemas.GatewayMetadata()
+
+    @property
+    def budget_id(self) -> str:
+        return self.metadata.budget_id or (self.auth.default_budget_id if self.auth else "")
+
+    @property
+    def priority(self) -> int:
+        return self.metadata.priority or 0
+
+    @property
+    def max_output_tokens(self) -> int:
+        """What the completion may use at most: the request's own cap or the model's limit."""
+        limit = self.alias.max_output_tokens if self.alias else 16_384
+        asked = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        return min(asked, limit) if asked else limit
+
+
+# --- steps ----------------------------------------------------------------------------------
+
+_auth_cache: dict[str, tuple[float, KeyAuth | None]] = {}
+
+
+async def authenticate(ctx: Ctx, authorization: str | None) -> None:
+    """Bearer key -> KeyAuth, by HMAC digest; cached in process for GATEWAY_AUTH_CACHE_TTL_S."""
+    if not authorization or not authorization.startswith("Bearer "):
+        raise invalid_api_key("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
+    secret = authorization[7:].strip()
+    digest = api_key_digest(secret)
+    now = time.monotonic()
+    hit = _auth_cache.get(digest)
+    if hit is not None and hit[0] > now:
+        auth = hit[1]
+    else:
+        auth = await sync_to_async(api_key_auth_by_digest)(digest=digest)
+        if len(_auth_cache) > 10_000:
+            _auth_cache.clear()
+        _auth_cache[digest] = (now + settings.GATEWAY_AUTH_CACHE_TTL_S, auth)
+    if auth is None:
+        raise invalid_api_key(f"Incorrect API key provided: {secret[:6]}***.")
+    if auth.revoked:
+        raise invalid_api_key("This API key has been revoked.")
+    if auth.expires_at is not None and auth.expires_at <= timezone.now():
+        raise invalid_api_key("This API key has expired.")
+    if not auth.may_use_endpoint(ENDPOINT_PATHS[ctx.kind]):
+        raise permission_denied(f"This API key may not call {ENDPOINT_PATHS[ctx.kind]}.",
+                                code="endpoint_not_allowed")
+    ctx.auth = auth
+
+
+def validate(ctx: Ctx, data: dict | bytes) -> None:
+    """Validate and normalise the body (raw JSON or parsed, in OpenAI's or the seed's shape)."""
+    if isinstance(data, bytes | bytearray):
+        data = schemas.parse_json(data)
+    if ctx.kind == EMBEDDINGS:
+        body, options = schemas.embeddings_body(data)
+    elif "request" in data and "messages" not in data:
+        body, options = schemas.seed_envelope(data)
+    else:
+        body, options = schemas.chat_body(data)
+    ctx.body, ctx.options = body, options
+    ctx.model = body["model"]
+    ctx.stream = bool(body.get("stream"))
+    ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    ctx.is_async = bool(options.async_)
+    ctx.batch_id = options.batch_id or ""
+
+
+async def route(ctx: Ctx) -> None:
+    """Alias -> deployments in the order to try them, and the price in force."""
+    table = await routing_table()
+    alias = table.aliases.get(ctx.model)
+    if alias is None:
+        raise model_not_found(ctx.model)
+    if not ctx.auth.may_use_model(ctx.model):
+        raise permission_denied(f"This API key may not use the model `{ctx.model}`.", param="model")
+    if ctx.kind == EMBEDDINGS and not alias.supports_embeddings:
+        raise invalid_request(f"The model `{ctx.model}` does not offer embeddings.", param="model",
+                              code="model_not_embedding")
+    ctx.alias = alias
+    ctx.candidates = router.candidates(alias)
+    if not ctx.candidates:
+        raise GatewayError(503, f"The model `{ctx.model}` has no active deployment.", type="api_error",
+                           code="no_deployment")
+    ctx.price = price_in_force(list(alias.prices), ctx.timestamp)
+    if ctx.price is None and not ctx.auth.allow_unpriced_models:
+        raise invalid_request(
+            f"The model `{ctx.model}` has no price, and this tenant does not allow unpriced models.",
+            param="model", code="model_not_priced",
+        )
+
+
+async def admit(ctx: Ctx) -> None:
+    ctx.admission = await admission.admit(ctx)
+    ctx.headers.update(ctx.admission.headers)
+
+
+def _cost(ctx: Ctx, usage: Usage) -> Decimal:
+    if ctx.price is None:
+        return Decimal(0)
+    return cost_compute(
+        price=ctx.price,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        batch=bool(ctx.batch_id) and ctx.is_async,
+    )
+
+
+async def settle(ctx: Ctx) -> None:
+    ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
+    await admission.settle(ctx)
+
+
+async def record(ctx: Ctx) -> None:
+    """Write the ledger row (once). Needs an authenticated tenant; earlier failures have none."""
+    if ctx.recorded or ctx.auth is None:
+        return
+    ctx.recorded = True
+    usage = ctx.usage or Usage()
+    meta = ctx.metadata
+    d = ctx.deployment
+    await usage_event_record(
+        request_id=ctx.request_id,
+        timestamp=ctx.timestamp,
+        tenant_id=ctx.auth.tenant_id,
+        api_key_id=ctx.auth.key_id,
+        source_id=ctx.auth.source_id,
+        source_type=meta.source_type or ctx.auth.source_type,
+        source_ref=meta.source_id or ctx.auth.source_name,
+        request_type=ctx.kind,
+        model=ctx.model,
+        deployment_id=d.id if d else None,
+        provider=d.provider_name if d else "",
+        upstream_model=d.target.upstream_model if d else "",
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        cost=ctx.cost,
+        saved_cost=ctx.saved_cost,
+        price_id=ctx.price.id if ctx.price else None,
+        input_usd_per_mtok=ctx.price.input_usd_per_mtok if ctx.price else None,
+        output_usd_per_mtok=ctx.price.output_usd_per_mtok if ctx.price else None,
+        status=ctx.status,
+        error_code=ctx.error_code,
+        latency_ms=int((time.perf_counter() - ctx.started) * 1000),
+        cached=ctx.cached,
+        stream=ctx.stream,
+        is_async=ctx.is_async,
+        batch_id=ctx.batch_id,
+        budget_id=ctx.budget_id,
+        priority=ctx.priority,
+        estimated=usage.estimated,
+    )
+
+
+async def fail(ctx: Ctx, exc: GatewayError) -> None:
+    """A request that ends in an error: release its hold and record it."""
+    ctx.status = exc.status
+    ctx.error_code = exc.code or exc.type
+    if ctx.admission is not None:
+        await admission.release(ctx)
+        ctx.admission = None
+    await record(ctx)
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes) -> Completion | None:
+    """authenticate -> validate -> route -> cache lookup -> admit. Returns a cache hit, if any."""
+    await authenticate(ctx, authorization)
+    try:
+        validate(ctx, data)
+        await route(ctx)
+        hit = await cache.lookup(ctx)
+        if hit is not None:
+            ctx.cached, ctx.usage = True, hit.usage
+            ctx.saved_cost = _cost(ctx, hit.usage)
+            return hit
+        await admit(ctx)
+    except GatewayError as exc:
+        await fail(ctx, exc)
+        raise
+    return None
+
+
+def _upstream_body(ctx: Ctx, deployment: DeploymentRoute) -> dict:
+    body = {**ctx.body, "model": deployment.target.upstream_model}
+    if not ctx.stream:
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+    return body
+
+
+def _estimate_usage(ctx: Ctx, completion_text: str) -> Usage:
+    if ctx.kind == EMBEDDINGS:
+        inputs = ctx.body["input"] if isinstance(ctx.body["input"], list) else [ctx.body["input"]]
+        return Usage(prompt_tokens=sum(estimate_text(str(i)) for i in inputs), estimated=True)
+    from .tokens import estimate_messages
+
+    return Usage(prompt_tokens=estimate_messages(ctx.body["messages"]),
+                 completion_tokens=estimate_text(completion_text), estimated=True)
+
+
+async def execute(ctx: Ctx) -> Completion:
+    """call (with retries and fallbacks) -> settle -> cache store -> usage event."""
+
+    async def invoke(deployment: DeploymentRoute) -> Completion:
+        adapter = adapter_for(deployment.target.kind)
+        body = _upstream_body(ctx, deployment)
+        if ctx.kind == EMBEDDINGS:
+            return await adapter.embed(deployment.target, body)
+        return await adapter.complete(deployment.target, body)
+
+    try:
+        completion = await router.call_with_fallbacks(ctx, invoke)
+    except GatewayError as exc:
+        await fail(ctx, exc)
+        raise
+    if completion.usage.estimated:
+        text = ""
+        if ctx.kind == CHAT:
+            text = "".join(text_of((c.get("message") or {}).get("content")) for c in completion.body.get("choices", []))
+        completion.usage = _estimate_usage(ctx, text)
+    ctx.usage = completion.usage
+    await settle(ctx)
+    await cache.store(ctx, completion)
+    await record(ctx)
+    return completion
+
+
+async def run(ctx: Ctx, authorization: str | None, data: dict | bytes) -> Completion:
+    """The whole pipeline for a non-streaming request (sync view, async worker, batch line)."""
+    hit = await prepare(ctx, authorization, data)
+    if hit is not None:
+        await record(ctx)
+        return hit
+    return await execute(ctx)
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else orjson.dumps(data).decode()
+    return f"data: {payload}\n\n".encode()
+
+
+async def open_stream(ctx: Ctx) -> tuple[dict | None, AsyncIterator[dict]]:
+    """Open the upstream stream with fallbacks, up to its first chunk: until a byte reaches the
+    client, a failure may still fall back; after it, never."""
+
+    async def invoke(deployment: DeploymentRoute):
+        agen = adapter_for(deployment.target.kind).stream(deployment.target, _upstream_body(ctx, deployment))
+        try:
+            first = await agen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await agen.aclose()
+            raise
+        return first, agen
+
+    try:
+        return await router.call_with_fallbacks(ctx, invoke)
+    except GatewayError as exc:
+        await fail(ctx, exc)
+        raise
+
+
+async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """Relay the upstream chunks as SSE; settle and write the ledger row before `[DONE]`.
+    A failure mid-stream ends the stream with an error event (which the OpenAI SDK raises); a
+    client that goes away is billed for what was produced."""
+    produced: list[str] = []
+    usage: Usage | None = None
+    usage_chunk: dict | None = None
+    chunk = first
+    try:
+        while chunk is not None:
+            if chunk.get("usage"):
+                usage = Usage.from_openai(chunk["usage"])
+                if not chunk.get("choices"):
+                    usage_chunk = chunk
+                    chunk = await anext(agen, None)
+                    continue
+                if not ctx.include_usage:
+                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
+            for choice in chunk.get("choices", ()):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    produced.append(piece)
+            yield sse(chunk)
+            chunk = await anext(agen, None)
+        ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
+        await settle(ctx)
+        await record(ctx)
+        if ctx.include_usage:
+            yield sse(usage_chunk or {"id": first.get("id") if first else ctx.request_id,
+                                      "object": "chat.completion.chunk", "created": int(time.time()),
+                                      "model": ctx.model, "choices": [], "usage": ctx.usage.as_openai()})
+        yield sse("[DONE]")
+    except ProviderError as exc:
+        ctx.status, ctx.error_code = 502, exc.code
+        ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
+        await settle(ctx)
+        await record(ctx)
+        yield sse({"error": {"message": exc.message, "type": "api_error", "param": None, "code": exc.code}})
+    finally:
+        if not ctx.recorded:  # the client went away mid-stream: bill what was produced
+            ctx.status, ctx.error_code = 499, "client_disconnected"
+            ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
+            await settle(ctx)
+            await record(ctx)
+        await agen.aclose()
+
+
+async def replay_events(ctx: Ctx, completion: Completion) -> AsyncIterator[bytes]:
+    """A cached completion, replayed as the SSE stream the same request would have produced."""
+    body = completion.body
+    base = {"id": body.get("id", ctx.request_id), "object": "chat.completion.chunk",
+            "created": body.get("created", int(time.time())), "model": body.get("model", ctx.model)}
+    for choice in body.get("choices", ()):
+        message = choice.get("message") or {}
+        idx = choice.get("index", 0)
+        yield sse({**base, "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]})
+        if message.get("content"):
+            yield sse({**base, "choices": [{"index": idx, "delta": {"content": message["content"]},
+                                            "finish_reason": None}]})
+        yield sse({**base, "choices": [{"index": idx, "delta": {}, "finish_reason": choice.get("finish_reason")}]})
+    await record(ctx)
+    if ctx.include_usage:
+        yield sse({**base, "choices": [], "usage": completion.usage.as_openai()})
+    yield sse("[DONE]")

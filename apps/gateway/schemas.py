@@ -1,0 +1,182 @@
+"""Request validation: the OpenAI chat-completions and embeddings bodies with our extra fields, and
+the seed's `{"request": {...}}` envelope, normalised to one shape. Errors name the bad field."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import GatewayError, invalid_request
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class GatewayMetadata(_Open):
+    """The seed's metadata. Other keys are allowed and ignored."""
+
+    source_id: str | None = Field(default=None, max_length=100)
+    source_type: Literal["application", "service"] | None = None
+    priority: int | None = Field(default=None, ge=0, le=9)
+    budget_id: str | None = Field(default=None, max_length=100)
+
+
+class GatewayOptions(BaseModel):
+    """Fields of ours that ride along an OpenAI body; removed before the body goes upstream."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    metadata: GatewayMetadata | None = None
+    cache: bool | None = None
+    async_: bool | None = Field(default=None, alias="async")
+    batch_id: str | None = Field(default=None, max_length=100)
+    callback_url: str | None = Field(default=None, max_length=1000)
+
+
+class ChatBody(_Open):
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    user: str | None = None
+
+
+class EmbeddingsBody(_Open):
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] | list[int] | list[list[int]]
+    dimensions: int | None = Field(default=None, ge=1)
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+
+_OUR_FIELDS = ("metadata", "cache", "async", "batch_id", "callback_url")
+
+
+def _param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[dict[str,any]]", "function-after", "literal"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _raise_validation(exc: ValidationError, prefix: str = "") -> None:
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
+    param = _param(loc)
+    if prefix:
+        param = f"{prefix}.{param}" if param else prefix
+    msg = err["msg"]
+    if err["type"] == "missing":
+        msg = "is required"
+    elif err["type"] == "extra_forbidden":
+        msg = "is not a recognised field"
+    raise invalid_request(f"Invalid value for '{param}': {msg}.", param=param)
+
+
+def parse_json(raw: bytes) -> dict:
+    if not raw:
+        raise invalid_request("The request body is empty; expected a JSON object.")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc}.")
+    if not isinstance(data, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    return data
+
+
+def split_options(data: dict) -> tuple[dict, GatewayOptions]:
+    """Separate our fields from the OpenAI body. The OpenAI SDK's own `metadata` (a map of
+    strings for stored completions) is accepted as ours."""
+    ours = {k: data.pop(k) for k in _OUR_FIELDS if k in data}
+    try:
+        return data, GatewayOptions.model_validate(ours)
+    except ValidationError as exc:
+        _raise_validation(exc)
+        raise  # unreachable
+
+
+def chat_body(data: dict) -> tuple[dict, GatewayOptions]:
+    """Validate an OpenAI chat-completions body; returns the upstream body and our options."""
+    data, options = split_options(data)
+    try:
+        ChatBody.model_validate(data)
+    except ValidationError as exc:
+        _raise_validation(exc)
+    if data.get("stream_options") and not data.get("stream"):
+        raise invalid_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    return data, options
+
+
+def embeddings_body(data: dict) -> tuple[dict, GatewayOptions]:
+    data, options = split_options(data)
+    try:
+        EmbeddingsBody.model_validate(data)
+    except ValidationError as exc:
+        _raise_validation(exc)
+    if data["input"] in ("", []):
+        raise invalid_request("Invalid value for 'input': must not be empty.", param="input")
+    return data, options
+
+
+def seed_envelope(data: dict) -> tuple[dict, GatewayOptions]:
+    """The seed's `{"request": {model, messages, options, metadata}}`, as a chat body and options."""
+    req = data.get("request")
+    if not isinstance(req, dict):
+        raise invalid_request("Invalid value for 'request': is required and must be an object.", param="request")
+    unknown = set(req) - {"model", "messages", "options", "metadata"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise invalid_request(f"Invalid value for 'request.{name}': is not a recognised field.",
+                              param=f"request.{name}")
+    opts = req.get("options") or {}
+    if not isinstance(opts, dict):
+        raise invalid_request("Invalid value for 'request.options': must be an object.", param="request.options")
+    known = {"temperature", "max_tokens", "stream", "cache", "async", "batch_id", "callback_url"}
+    for name in opts:
+        if name not in known:
+            raise invalid_request(f"Invalid value for 'request.options.{name}': is not a recognised field.",
+                                  param=f"request.options.{name}")
+    body: dict[str, Any] = {"model": req.get("model"), "messages": req.get("messages")}
+    for name in ("temperature", "max_tokens", "stream"):
+        if opts.get(name) is not None:
+            body[name] = opts[name]
+    for name in ("cache", "async", "batch_id", "callback_url"):
+        if name in opts:
+            body[name] = opts[name]
+    if "metadata" in req:
+        body["metadata"] = req["metadata"]
+    try:
+        return chat_body(body)
+    except GatewayError as exc:
+        if exc.param:
+            top = exc.param.split(".")[0].split("[")[0]
+            where = "request.options" if top in known else "request"
+            exc.param = f"{where}.{exc.param}"
+            exc.message = exc.message.replace("'", "'" + where + ".", 1)
+        raise

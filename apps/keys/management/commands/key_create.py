@@ -1,0 +1,35 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from apps.keys.models import Source, Tenant
+from apps.keys.services import api_key_create
+
+
+class Command(BaseCommand):
+    help = "Create an API key and print its secret, alone, on stdout (it is shown only this once)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--tenant", required=True, help="tenant slug")
+        parser.add_argument("--source", required=True, help="source name within the tenant")
+        parser.add_argument("--name", help="key name (default: <source>-<n>)")
+        parser.add_argument("--models", help="comma-separated model aliases this key may use (default: all)")
+        parser.add_argument("--rpm", type=int)
+        parser.add_argument("--tpm", type=int)
+        parser.add_argument("--expires-days", type=int)
+
+    def handle(self, *args, **o):
+        tenant = Tenant.objects.filter(slug=o["tenant"]).first()
+        if tenant is None:
+            raise CommandError(f"--tenant: no tenant with slug {o['tenant']!r}")
+        source = Source.objects.filter(tenant=tenant, name=o["source"]).first()
+        if source is None:
+            raise CommandError(f"--source: tenant {tenant.slug} has no source {o['source']!r}")
+        for flag in ("rpm", "tpm", "expires_days"):
+            if o[flag] is not None and o[flag] < 1:
+                raise CommandError(f"--{flag.replace('_', '-')}: must be a positive number")
+        name = o["name"] or f"{source.name}-{tenant.api_keys.count() + 1}"
+        if tenant.api_keys.filter(name=name).exists():
+            raise CommandError(f"--name: tenant {tenant.slug} already has a key named {name!r}")
+        models = [m.strip() for m in (o["models"] or "").split(",") if m.strip()]
+        created = api_key_create(tenant=tenant, source=source, name=name, actor="cli", allowed_models=models,
+                                 rpm=o["rpm"], tpm=o["tpm"], expires_days=o["expires_days"])
+        self.stdout.write(created.secret)

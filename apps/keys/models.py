@@ -1,0 +1,137 @@
+"""Tenancy and credentials: tenants, members and roles, sources, API keys, provider credentials,
+and the append-only audit log."""
+
+import zoneinfo
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from . import crypto
+
+
+def validate_timezone(value: str) -> None:
+    if value not in zoneinfo.available_timezones():
+        raise ValidationError(f"unknown time zone {value!r}")
+
+
+class Tenant(models.Model):
+    slug = models.SlugField(unique=True)
+    name = models.CharField(max_length=200)
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    # Data residency: when non-empty, requests are only routed to deployments in these regions.
+    allowed_regions = models.JSONField(default=list, blank=True)
+    allow_unpriced_models = models.BooleanField(default=False)
+    cache_enabled = models.BooleanField(default=True)
+    cache_ttl_s = models.PositiveIntegerField(default=3600)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Role(models.TextChoices):
+    OWNER = "owner"
+    ADMIN = "admin"
+    MANAGER = "manager"
+    VIEWER = "viewer"
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="uniq_membership")]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant} ({self.role})"
+
+
+class SourceType(models.TextChoices):
+    APPLICATION = "application"
+    SERVICE = "service"
+
+
+class Source(models.Model):
+    """An application or service of the tenant that calls the gateway (the seed's source)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="sources")
+    name = models.CharField(max_length=100)
+    type = models.CharField(max_length=16, choices=SourceType.choices, default=SourceType.APPLICATION)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="uniq_source_name")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug}/{self.name}"
+
+
+class ApiKey(models.Model):
+    """An API key. Only the HMAC-SHA256 digest of the secret is stored; the secret is shown once."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    source = models.ForeignKey(Source, on_delete=models.PROTECT, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=16)
+    allowed_models = models.JSONField(default=list, blank=True, help_text="Empty: every model.")
+    allowed_endpoints = models.JSONField(default=list, blank=True, help_text="Empty: every endpoint.")
+    rpm = models.PositiveIntegerField(null=True, blank=True)
+    tpm = models.PositiveIntegerField(null=True, blank=True)
+    default_budget_id = models.CharField(max_length=100, blank=True)
+    cache_enabled = models.BooleanField(null=True, blank=True, help_text="Empty: the tenant's default.")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Rotation: the previous digest keeps working until previous_digest_expires_at.
+    previous_digest = models.CharField(max_length=64, blank=True, db_index=True)
+    previous_digest_expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="uniq_key_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"
+
+
+class ProviderCredential(models.Model):
+    """A provider secret, encrypted at rest with Fernet. Never logged, never shown after saving."""
+
+    name = models.CharField(max_length=100, unique=True)
+    encrypted_secret = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def reveal(self) -> str:
+        return crypto.decrypt(self.encrypted_secret) if self.encrypted_secret else ""
+
+
+class AuditLog(models.Model):
+    """Append-only record of control-plane changes and security events."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.CharField(max_length=150, help_text="username, 'cli' or 'system'")
+    tenant = models.ForeignKey(Tenant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    action = models.CharField(max_length=64)
+    object_type = models.CharField(max_length=64)
+    object_id = models.CharField(max_length=64, blank=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} {self.actor} {self.action} {self.object_type}:{self.object_id}"
