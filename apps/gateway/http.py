@@ -7,11 +7,13 @@ concurrency, see README) or plain httpx.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 
 import httpx
 from django.conf import settings
 
-_clients: dict[int, httpx.AsyncClient] = {}
+_clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
 
 
 def _build() -> httpx.AsyncClient:
@@ -29,10 +31,27 @@ def _build() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, limits=limits)
 
 
+def _prune() -> None:
+    """Forget clients whose event loop has closed, closing their sockets (sync code calling
+    async views through async_to_sync runs a short-lived loop per call)."""
+    for key, (loop, c) in list(_clients.items()):
+        if loop.is_closed():
+            session = getattr(c._transport, "client", None)
+            connector = getattr(session, "connector", None)
+            if connector is not None:
+                with contextlib.suppress(Exception):
+                    connector._close()
+            del _clients[key]
+
+
 def client() -> httpx.AsyncClient:
-    """The client bound to the running event loop (tests run several loops in one process)."""
-    loop_id = id(asyncio.get_running_loop())
-    c = _clients.get(loop_id)
-    if c is None or c.is_closed:
-        c = _clients[loop_id] = _build()
-    return c
+    """The client bound to the running event loop."""
+    loop = asyncio.get_running_loop()
+    entry = _clients.get(id(loop))
+    if entry is None or entry[0] is not loop or entry[1].is_closed:
+        _prune()
+        entry = _clients[id(loop)] = (loop, _build())
+    return entry[1]
+
+
+atexit.register(_prune)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The embedded default: web (uvicorn) and a Celery worker on the filesystem broker, no services.
+set -euo pipefail
+HOST=${1:-127.0.0.1}
+PORT=${2:-8000}
+BIN=.venv/bin
+KEY=$(cat var/demo_key)
+
+$BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING -Q celery,async,batch,alerts,analytics \
+  > var/worker.log 2>&1 &
+WORKER=$!
+trap 'kill $WORKER 2>/dev/null || true' EXIT INT TERM
+
+cat <<TXT
+
+  LLM Service (embedded demo) is starting.
+
+  Base URL (OpenAI SDK base_url):  http://$HOST:$PORT/v1
+  Demo API key:                     $KEY
+  Admin:                            http://$HOST:$PORT/admin/      (admin / admin)
+  Dashboard:                        http://$HOST:$PORT/dashboard/  (manager / manager)
+
+  Try it:
+    curl http://$HOST:$PORT/v1/chat/completions -H "Authorization: Bearer $KEY" \\
+      -H 'content-type: application/json' \\
+      -d '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}'
+
+  Worker log: var/worker.log.  Stop with Ctrl-C.
+
+TXT
+$BIN/uvicorn config.asgi:application --host "$HOST" --port "$PORT" --log-level warning

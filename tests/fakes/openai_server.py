@@ -1,0 +1,171 @@
+"""A fake OpenAI-compatible upstream on loopback: real HTTP and SSE, OpenAI's wire format.
+
+Behaviour is chosen by the requested model name, so it works across processes:
+  `fail-<status>`   answer with that status and an OpenAI error body (429 carries Retry-After: 0)
+  `slow-<ms>`       wait that long before answering
+  `break-<n>`       stream n content chunks, then drop the connection
+  `nousage-...`     leave usage out (streaming and not)
+anything else       a deterministic answer echoing the last user message.
+Every request is recorded (path, headers, JSON body) on `server.requests`.
+
+Run standalone for benchmarks: `python -m tests.fakes.openai_server --port 9100`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import socket
+import threading
+import time
+
+import orjson
+from aiohttp import web
+
+
+def _answer(body: dict) -> str:
+    last = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
+    content = last.get("content") or ""
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content)
+    return f"Echo: {content}"
+
+
+def _usage(body: dict, text: str) -> dict:
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + 5
+    completion = len(text.split())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class FakeOpenAI:
+    def __init__(self):
+        self.requests: collections.deque[dict] = collections.deque(maxlen=100_000)
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    async def _record(self, request: web.Request) -> dict:
+        body = orjson.loads(await request.read() or b"{}")
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body,
+                              "query": dict(request.query)})
+        return body
+
+    @staticmethod
+    def _error(status: int) -> web.Response:
+        headers = {"retry-after": "0"} if status == 429 else {}
+        body = {"error": {"message": f"fake upstream error {status}", "type": "server_error", "param": None,
+                          "code": None}}
+        return web.json_response(body, status=status, headers=headers)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        model = body.get("model", "")
+        if model.startswith("fail-"):
+            return self._error(int(model.split("-")[1]))
+        if model.startswith("slow-"):
+            await asyncio.sleep(int(model.split("-")[1]) / 1000)
+        text = _answer(body)
+        usage = None if model.startswith("nousage") else _usage(body, text)
+        created = int(time.time())
+        if not body.get("stream"):
+            data = {"id": "chatcmpl-fake", "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop", "logprobs": None}]}
+            if usage:
+                data["usage"] = usage
+            return web.Response(body=orjson.dumps(data), content_type="application/json")
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        def chunk(delta: dict, finish=None) -> bytes:
+            c = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return b"data: " + orjson.dumps(c) + b"\n\n"
+
+        await resp.write(chunk({"role": "assistant", "content": ""}))
+        words = text.split()
+        limit = int(model.split("-")[1]) if model.startswith("break-") else None
+        for i, w in enumerate(words):
+            if limit is not None and i >= limit:
+                request.transport.close()  # drop the connection mid-stream
+                return resp
+            await resp.write(chunk({"content": w if i == 0 else " " + w}))
+        await resp.write(chunk({}, "stop"))
+        include = (body.get("stream_options") or {}).get("include_usage")
+        if include and usage:
+            final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [], "usage": usage}
+            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        model = body.get("model", "")
+        if model.startswith("fail-"):
+            return self._error(int(model.split("-")[1]))
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
+        tokens = sum(len(str(i).split()) for i in inputs)
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    # --- running in a background thread (tests) ---
+
+    def start(self) -> FakeOpenAI:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        ready = threading.Event()
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._runner = web.AppRunner(self.app(), access_log=None)
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.SockSite(self._runner, sock)
+            self._loop.run_until_complete(site.start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="fake-openai")
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            with contextlib.suppress(Exception):
+                fut.result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=9100)
+    args = parser.parse_args()
+    fake = FakeOpenAI()
+    web.run_app(fake.app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
