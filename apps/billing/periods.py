@@ -1,0 +1,43 @@
+"""Budget periods: calendar boundaries in the tenant's time zone.
+
+`daily` starts at local midnight, `weekly` on Monday at local midnight, `monthly` on the 1st at
+local midnight; `total` never resets. Boundaries are computed on local wall-clock dates and then
+made aware, so DST changes move the UTC instant, not the local midnight.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+EPOCH = datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))
+
+
+def _midnight(day: date, tz: ZoneInfo) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=tz)
+
+
+def period_bounds(*, period: str, tz: str, at: datetime) -> tuple[datetime, datetime | None]:
+    """(start, end) of the period containing `at`; end is when it resets (None for `total`)."""
+    zone = ZoneInfo(tz)
+    local = at.astimezone(zone).date()
+    if period == "daily":
+        start = local
+        end = local + timedelta(days=1)
+    elif period == "weekly":
+        start = local - timedelta(days=local.weekday())
+        end = start + timedelta(days=7)
+    elif period == "monthly":
+        start = local.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    elif period == "total":
+        return EPOCH, None
+    else:
+        raise ValueError(f"unknown budget period {period!r}")
+    return _midnight(start, zone), _midnight(end, zone)
+
+
+def period_key(*, period: str, tz: str, at: datetime) -> str:
+    """A short stable label of the period containing `at`, for counter keys."""
+    start, _ = period_bounds(period=period, tz=tz, at=at)
+    return "total" if period == "total" else start.date().isoformat()
