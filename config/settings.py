@@ -98,7 +98,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- cache and shared state -----------------------------------------------------------------
 REDIS_URL = env("REDIS_URL", default="")
 # How long a Redis call on the hot path may take before the configured policy applies.
-REDIS_TIMEOUT_S = env.float("REDIS_TIMEOUT_S", default=0.25)
+REDIS_TIMEOUT_S = env.float("REDIS_TIMEOUT_S", default=1.0)
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -148,6 +148,13 @@ GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0
 GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="aiohttp")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
+# Admission. Requests with metadata.priority below 5 may use only this share of each rate limit.
+GATEWAY_LOW_PRIORITY_SHARE = env.float("GATEWAY_LOW_PRIORITY_SHARE", default=0.8)
+# How long a budget hold lives if its request never settles (a crashed process).
+GATEWAY_HOLD_TTL_S = env.int("GATEWAY_HOLD_TTL_S", default=900)
+# When Redis cannot be reached: "open" admits without the limit, "closed" answers 503.
+GATEWAY_RATE_LIMIT_ON_STATE_ERROR = env("GATEWAY_RATE_LIMIT_ON_STATE_ERROR", default="open")
+GATEWAY_BUDGET_ON_STATE_ERROR = env("GATEWAY_BUDGET_ON_STATE_ERROR", default="closed")
 GATEWAY_MAX_BODY_BYTES = env.int("GATEWAY_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(GATEWAY_MAX_BODY_BYTES, 2_621_440)
 

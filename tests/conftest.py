@@ -16,6 +16,7 @@ import pytest
 from django.conf import settings
 
 from apps.gateway import pipeline, selectors
+from apps.gateway import state as gateway_state
 from tests import factories as f
 from tests.fakes.openai_server import FakeOpenAI
 
@@ -25,6 +26,9 @@ def _fresh_process_state():
     """In-process caches must not carry one test's keys or routes into the next."""
     pipeline._auth_cache.clear()
     selectors.routing_table_invalidate()
+    backend = gateway_state.state()
+    if hasattr(backend, "reset"):
+        backend.reset()
     if settings.REDIS_URL:
         import redis
 
@@ -142,3 +146,66 @@ def setup(db, upstream) -> Setup:
 @pytest.fixture
 def live_setup(live_gateway, upstream) -> Setup:
     return make_setup(upstream)
+
+
+def _database_url_for_subprocess() -> str:
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{host}:{port}/{db['NAME']}"
+
+
+requires_shared_state = pytest.mark.skipif(
+    not (settings.IS_POSTGRES and settings.REDIS_URL),
+    reason="several gateway instances share state only on PostgreSQL and Redis",
+)
+
+
+@pytest.fixture
+def gateway_instances(transactional_db):
+    """Start gateway processes (uvicorn, production settings) on the test database and Redis.
+    `start(n)` returns their base URLs; all are stopped after the test."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    procs = []
+
+    def start(n: int = 2, **extra_env) -> list[str]:
+        env = {**os.environ, "DATABASE_URL": _database_url_for_subprocess(), "REDIS_URL": settings.REDIS_URL,
+               **{k: str(v) for k, v in extra_env.items()}}
+        urls = []
+        for _ in range(n):
+            port = _free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port),
+                 "--log-level", "warning"],
+                cwd=Path(__file__).resolve().parent.parent, env=env))
+            urls.append(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        for url in urls:
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway at {url} did not start")
+                time.sleep(0.05)
+        return urls
+
+    yield start
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except Exception:
+            p.kill()

@@ -34,7 +34,7 @@ class Price(models.Model):
         constraints = [models.UniqueConstraint(fields=["model", "effective_from"], name="uniq_price_version")]
 
     def __str__(self) -> str:
-        return f"{self.model} from {self.effective_from:%Y-%m-%d}: in {self.input_usd_per_mtok} out {self.output_usd_per_mtok}"
+        return f"{self.model} from {self.effective_from:%Y-%m-%d}: {self.input_usd_per_mtok}/{self.output_usd_per_mtok}"
 
 
 class BudgetScope(models.TextChoices):

@@ -85,7 +85,7 @@ class Ctx:
 
     @property
     def priority(self) -> int:
-        return self.metadata.priority or 0
+        return self.metadata.priority if self.metadata.priority is not None else 5
 
     @property
     def max_output_tokens(self) -> int:

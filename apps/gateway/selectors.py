@@ -97,3 +97,41 @@ async def routing_table() -> RoutingTable:
 def routing_table_invalidate() -> None:
     global _table
     _table = None
+    _policies.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRef:
+    scope: str  # tenant | source | key
+    scope_value: str
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(slots=True)
+class TenantPolicy:
+    rate_limits: tuple[RateLimitRef, ...]
+    budgets: tuple  # of apps.billing.selectors.BudgetRef
+    loaded_at: float
+
+
+def tenant_policy_load(tenant_id: int) -> TenantPolicy:
+    from apps.billing.selectors import budget_refs_for_tenant
+
+    from .models import RateLimit
+
+    limits = tuple(RateLimitRef(scope=r.scope, scope_value=r.scope_value, rpm=r.rpm, tpm=r.tpm)
+                   for r in RateLimit.objects.filter(tenant_id=tenant_id))
+    return TenantPolicy(rate_limits=limits, budgets=tuple(budget_refs_for_tenant(tenant_id=tenant_id)),
+                        loaded_at=time.monotonic())
+
+
+_policies: dict[int, TenantPolicy] = {}
+
+
+async def tenant_policy(tenant_id: int) -> TenantPolicy:
+    """A tenant's rate limits and budgets, reloaded at most every GATEWAY_ROUTES_CACHE_TTL_S."""
+    policy = _policies.get(tenant_id)
+    if policy is None or time.monotonic() - policy.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
+        policy = _policies[tenant_id] = await sync_to_async(tenant_policy_load)(tenant_id)
+    return policy

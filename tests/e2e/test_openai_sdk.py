@@ -63,8 +63,12 @@ def test_sdk_stream_broken_midway_raises_in_the_client(sdk, live_setup):
             received.append(chunk)
 
     assert received  # the first chunks arrived before the break
+    from apps.gateway.tokens import estimate_text
+
+    relayed = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
     event = UsageEvent.objects.get()
-    assert event.status == 502 and event.completion_tokens > 0 and event.estimated
+    assert event.status == 502 and event.estimated
+    assert event.completion_tokens == estimate_text(relayed)  # billed for what was produced
 
 
 def test_sdk_error_classes(live_gateway, live_setup):

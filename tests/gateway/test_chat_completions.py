@@ -99,8 +99,11 @@ def test_revoked_and_expired_keys_get_401(client, setup):
     expired = f.ApiKeyFactory(tenant=setup.tenant, source=setup.source,
                               expires_at=timezone.now() - timedelta(minutes=1))
 
-    assert post(client, revoked.secret, chat(setup.alias)).json()["error"]["message"] == "This API key has been revoked."
-    assert post(client, expired.secret, chat(setup.alias)).json()["error"]["message"] == "This API key has expired."
+    revoked_answer = post(client, revoked.secret, chat(setup.alias)).json()["error"]["message"]
+    expired_answer = post(client, expired.secret, chat(setup.alias)).json()["error"]["message"]
+
+    assert revoked_answer == "This API key has been revoked."
+    assert expired_answer == "This API key has expired."
 
 
 def test_unknown_model_gets_404_and_is_recorded(client, setup):

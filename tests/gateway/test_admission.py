@@ -1,0 +1,217 @@
+"""Admission: rate limits and budget holds, through the Django test client (one instance)."""
+
+from decimal import Decimal
+
+import orjson
+import pytest
+from django.test import override_settings
+
+from apps.analytics.models import UsageEvent
+from apps.gateway import state as gateway_state
+from tests import factories as f
+
+pytestmark = pytest.mark.django_db
+
+
+def post(client, secret, body):
+    return client.post("/v1/chat/completions", data=orjson.dumps(body), content_type="application/json",
+                       HTTP_AUTHORIZATION=f"Bearer {secret}")
+
+
+def chat(alias, content="hi", **extra):
+    return {"model": alias, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_key_rpm_counts_down_then_refuses_with_retry_after(client, setup):
+    setup.key.rpm = 3
+    setup.key.save()
+
+    answers = [post(client, setup.secret, chat(setup.alias)) for _ in range(4)]
+
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a["x-ratelimit-remaining-requests"] for a in answers[:3]] == ["2", "1", "0"]
+    assert answers[0]["x-ratelimit-limit-requests"] == "3"
+    refused = answers[3]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert f"key '{setup.key.name}'" in refused.json()["error"]["message"]
+    assert int(refused["retry-after"]) >= 1
+    assert UsageEvent.objects.filter(status=429).count() == 1
+
+
+def test_tenant_and_source_limits_apply_to_every_key(client, setup):
+    f.RateLimitFactory(tenant=setup.tenant, scope="source", scope_value=setup.source.name, rpm=2)
+    other_key = f.ApiKeyFactory(tenant=setup.tenant, source=setup.source)
+
+    codes = [post(client, k, chat(setup.alias)).status_code for k in (setup.secret, other_key.secret, setup.secret)]
+
+    assert codes == [200, 200, 429]
+
+
+def test_tpm_is_charged_the_prompt_estimate_and_refuses_oversized_requests(client, setup):
+    setup.key.tpm = 50
+    setup.key.save()
+
+    small = post(client, setup.secret, chat(setup.alias, "short"))
+    huge = post(client, setup.secret, chat(setup.alias, "word " * 400))
+
+    assert small.status_code == 200
+    assert int(small["x-ratelimit-remaining-tokens"]) < 50
+    assert huge.status_code == 429 and "more than the tokens per minute" in huge.json()["error"]["message"]
+
+
+def test_low_priority_requests_leave_headroom(client, setup):
+    setup.key.rpm = 10
+    setup.key.save()
+
+    low = [post(client, setup.secret, chat(setup.alias, metadata={"priority": 1})).status_code for _ in range(10)]
+    high = [post(client, setup.secret, chat(setup.alias, metadata={"priority": 9})).status_code for _ in range(3)]
+
+    assert low.count(200) == 8  # 80% of the limit
+    assert high == [200, 200, 429]
+
+
+def test_hard_budget_refuses_with_402_naming_budget_and_reset(client, setup):
+    setup.tenant.timezone = "Europe/Berlin"
+    setup.tenant.save()
+    f.BudgetFactory(tenant=setup.tenant, name="tiny", limit_usd=Decimal("0.0001"), period="daily")
+
+    resp = post(client, setup.secret, chat(setup.alias, max_tokens=100))
+
+    assert resp.status_code == 402
+    err = resp.json()["error"]
+    assert err["code"] == "budget_exceeded"
+    assert "Budget 'tiny'" in err["message"] and "resets at" in err["message"] and "+01:00" in err["message"]
+    assert resp["x-gateway-budget"] == "tiny"
+
+
+def test_budget_counter_is_rebuilt_from_the_ledger(client, setup):
+    f.BudgetFactory(tenant=setup.tenant, name="monthly", limit_usd=Decimal("1.00"))
+    f.UsageEventFactory(tenant=setup.tenant, cost=Decimal("0.9999"))
+
+    resp = post(client, setup.secret, chat(setup.alias, max_tokens=200))
+
+    assert resp.status_code == 402
+
+
+def test_budget_scopes_match_source_key_and_budget_id(client, setup):
+    other_source = f.SourceFactory(tenant=setup.tenant)
+    f.BudgetFactory(tenant=setup.tenant, scope="source", scope_value=other_source.name, limit_usd=Decimal("0.00001"))
+    f.BudgetFactory(tenant=setup.tenant, scope="budget_id", scope_value="proj-x", limit_usd=Decimal("0.00001"))
+
+    unrelated = post(client, setup.secret, chat(setup.alias, max_tokens=10))
+    tagged = post(client, setup.secret, chat(setup.alias, max_tokens=10, metadata={"budget_id": "proj-x"}))
+
+    assert unrelated.status_code == 200
+    assert tagged.status_code == 402
+
+
+def test_soft_budget_never_refuses(client, setup):
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.000001"), enforcement="soft")
+
+    assert post(client, setup.secret, chat(setup.alias, max_tokens=10)).status_code == 200
+
+
+def test_hold_is_released_when_the_upstream_fails(client, setup):
+    # Room for exactly one hold at a time.
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.00015"))
+    setup.deployment.upstream_model = "fail-500"
+    setup.deployment.save()
+    assert post(client, setup.secret, chat(setup.alias, max_tokens=50)).status_code == 502
+
+    setup.deployment.upstream_model = "gpt-up"
+    setup.deployment.save()
+    from apps.gateway import selectors
+
+    selectors.routing_table_invalidate()
+    assert post(client, setup.secret, chat(setup.alias, max_tokens=50)).status_code == 200
+
+
+def test_spend_settles_to_actual_cost_not_the_hold(client, setup):
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.0003"))
+
+    codes = [post(client, setup.secret, chat(setup.alias, max_tokens=100)).status_code for _ in range(6)]
+
+    # each hold is ~0.00022 but each request costs ~0.00001: sequential requests all fit
+    assert codes == [200] * 6
+    assert sum(e.cost for e in UsageEvent.objects.all()) < Decimal("0.0003")
+
+
+def test_shrink_lowers_max_tokens_to_fit_the_budget(client, setup, upstream):
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.0001"), shrink_max_tokens=True)
+
+    resp = post(client, setup.secret, chat(setup.alias, max_tokens=1000))
+
+    assert resp.status_code == 200
+    sent = upstream.requests[-1]["body"]["max_tokens"]
+    assert 1 <= sent < 1000
+    assert resp["x-gateway-max-tokens-lowered"] == str(sent)
+
+
+def test_hard_budget_without_max_tokens_caps_the_upstream_at_the_model_limit(client, setup, upstream):
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("10"))
+
+    post(client, setup.secret, chat(setup.alias))
+
+    assert upstream.requests[-1]["body"]["max_tokens"] == 16_384
+
+
+@pytest.fixture
+def unreachable_state():
+    previous = gateway_state._state
+    gateway_state._state = gateway_state.RedisState("redis://127.0.0.1:1/0")
+    yield
+    gateway_state._state = previous
+
+
+def test_state_unreachable_rate_limits_fail_open_and_say_so(client, setup, unreachable_state):
+    setup.key.rpm = 1
+    setup.key.save()
+
+    codes = [post(client, setup.secret, chat(setup.alias)) for _ in range(2)]
+
+    assert [c.status_code for c in codes] == [200, 200]
+    assert codes[0]["x-gateway-admission"] == "fail-open"
+
+
+def test_state_unreachable_hard_budgets_fail_closed(client, setup, unreachable_state):
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("10"))
+
+    resp = post(client, setup.secret, chat(setup.alias))
+
+    assert resp.status_code == 503
+    assert resp.json()["error"]["code"] == "admission_unavailable"
+    assert resp["x-gateway-admission"] == "fail-closed"
+
+
+def test_state_unreachable_policy_is_configurable(client, setup, unreachable_state):
+    setup.key.rpm = 1
+    setup.key.save()
+
+    with override_settings(GATEWAY_RATE_LIMIT_ON_STATE_ERROR="closed"):
+        resp = post(client, setup.secret, chat(setup.alias))
+
+    assert resp.status_code == 503
+
+
+def test_state_that_never_answers_does_not_hang_requests(client, setup):
+    """A Redis that accepts connections but never replies: the short timeout applies, then the policy."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    previous = gateway_state._state
+    gateway_state._state = gateway_state.RedisState(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+    setup.key.rpm = 5
+    setup.key.save()
+    try:
+        started = time.monotonic()
+        resp = post(client, setup.secret, chat(setup.alias))
+        waited = time.monotonic() - started
+    finally:
+        gateway_state._state = previous
+        silent.close()
+
+    assert resp.status_code == 200 and resp["x-gateway-admission"] == "fail-open"
+    assert waited < 5  # bounded by REDIS_TIMEOUT_S, not a hang
