@@ -39,7 +39,7 @@ def csv_row(row: dict) -> list:
     return [
         row["request_id"], row["timestamp"].isoformat(), row["tenant__slug"], row["source_type"], row["source_ref"],
         row["api_key__name"] or "", row["request_type"], row["model"], row["prompt_tokens"],
-        row["completion_tokens"], str(row["cost"]), str(row["is_async"]).lower(), str(row["cached"]).lower(),
+        row["completion_tokens"], f"{row['cost']:f}", str(row["is_async"]).lower(), str(row["cached"]).lower(),
         row["batch_id"], row["budget_id"], row["status"], row["latency_ms"],
     ]
 
@@ -53,7 +53,7 @@ def seed_usage_event(row: dict) -> dict:
             "request_type": row["request_type"],
             "tokens": {"prompt": row["prompt_tokens"], "completion": row["completion_tokens"]},
             "model": row["model"],
-            "cost": str(row["cost"]),
+            "cost": f"{row['cost']:f}",
             "metadata": {
                 "async": row["is_async"],
                 "cached": row["cached"],
@@ -67,7 +67,7 @@ def seed_usage_event(row: dict) -> dict:
         "deployment_id": row["deployment_id"],
         "status": row["status"],
         "latency_ms": row["latency_ms"],
-        "saved_cost": str(row["saved_cost"]),
+        "saved_cost": f"{row['saved_cost']:f}",
         "price_version": row["price_id"],
         "estimated": row["estimated"],
     }

@@ -57,7 +57,7 @@ async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) ->
             completion = hit
         else:
             completion = await pipeline.execute(ctx)
-        ctx.headers["x-gateway-cost-usd"] = str(ctx.cost)
+        ctx.headers["x-gateway-cost-usd"] = f"{ctx.cost:f}"
         body = completion.body
         if envelope:
             body = {"id": ctx.request_id, "status": "completed", "result": body}
