@@ -142,3 +142,51 @@ def setup(db, upstream) -> Setup:
 @pytest.fixture
 def live_setup(live_gateway, upstream) -> Setup:
     return make_setup(upstream)
+
+
+# --- provider fakes (one per wire format; see tests/fakes/) -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def _fake_anthropic_server():
+    from tests.fakes.anthropic_server import FakeAnthropic
+
+    server = FakeAnthropic().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _fake_gemini_server():
+    from tests.fakes.gemini_server import FakeGemini
+
+    server = FakeGemini().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _fake_azure_server():
+    from tests.fakes.azure_server import FakeAzureOpenAI
+
+    server = FakeAzureOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def anthropic_upstream(_fake_anthropic_server):
+    _fake_anthropic_server.requests.clear()
+    return _fake_anthropic_server
+
+
+@pytest.fixture
+def gemini_upstream(_fake_gemini_server):
+    _fake_gemini_server.requests.clear()
+    return _fake_gemini_server
+
+
+@pytest.fixture
+def azure_upstream(_fake_azure_server):
+    _fake_azure_server.requests.clear()
+    return _fake_azure_server
