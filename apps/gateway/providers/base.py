@@ -118,3 +118,8 @@ def adapter_for(kind: str) -> ProviderAdapter:
         return _registry[kind]
     except KeyError:
         raise ProviderError(f"no adapter for provider kind {kind!r}", status=500, code="provider_kind_unknown")
+
+
+def offers_embeddings(kind: str) -> bool:
+    adapter = _registry.get(kind)
+    return adapter is not None and adapter.supports_embeddings
