@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 AUTO = "auto"
-RETRIES_PER_DEPLOYMENT = getattr(settings, "GATEWAY_RETRIES_PER_DEPLOYMENT", 1)
-MAX_ATTEMPTS = getattr(settings, "GATEWAY_MAX_ATTEMPTS", 4)
-TOTAL_DEADLINE_S = getattr(settings, "GATEWAY_TOTAL_DEADLINE_S", 60.0)
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 2.0
 OUTPUT_ESTIMATE_TOKENS = 256  # completion size assumed for cost ranking when the request sets no cap
@@ -229,8 +226,10 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 
 async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitable[T]]) -> T:
     """Run `op` against each candidate deployment until one succeeds; sets ctx.deployment."""
-    deadline = time.monotonic() + TOTAL_DEADLINE_S
-    attempts_left = MAX_ATTEMPTS
+    retries = int(getattr(settings, "GATEWAY_RETRIES_PER_DEPLOYMENT", 1))
+    total_s = float(getattr(settings, "GATEWAY_TOTAL_DEADLINE_S", 60.0))
+    deadline = time.monotonic() + total_s
+    attempts_left = int(getattr(settings, "GATEWAY_MAX_ATTEMPTS", 6))
     tokens = prompt_tokens_estimate(ctx) + _asked_output(ctx)
     last: ProviderError | None = None
     at_quota = 0
@@ -240,7 +239,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
         if not await cooldown.quota_take(deployment.id, rpm=deployment.rpm, tpm=deployment.tpm, tokens=tokens):
             at_quota += 1
             continue
-        for attempt in range(RETRIES_PER_DEPLOYMENT + 1):
+        for attempt in range(retries + 1):
             remaining = deadline - time.monotonic()
             if attempts_left <= 0 or remaining <= 0:
                 break
@@ -252,7 +251,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
                     result = await op(deployment)
             except TimeoutError:
                 ctx.attempts += 1
-                raise upstream_error(f"No deployment of `{ctx.model}` answered within {TOTAL_DEADLINE_S:g}s.",
+                raise upstream_error(f"No deployment of `{ctx.model}` answered within {total_s:g}s.",
                                      status=504, code="upstream_deadline_exceeded")
             except ProviderError as exc:
                 last = exc
@@ -261,7 +260,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
                     raise _to_gateway_error(exc)
                 if await cooldown.failure_record(deployment.id):
                     break  # now cooling down: no more tries here
-                if attempt >= RETRIES_PER_DEPLOYMENT:
+                if attempt >= retries:
                     break
                 if exc.retry_after is not None and exc.retry_after > BACKOFF_MAX_S:
                     break  # the upstream asks for a longer pause than a fallback costs

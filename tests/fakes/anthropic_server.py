@@ -4,7 +4,7 @@ events message_start / content_block_start / ping / content_block_delta / conten
 message_delta / message_stop, and error bodies `{"type": "error", "error": {type, message}}`.
 
 Behaviour by model name, as in the OpenAI fake: `fail-<status>`, `break-<n>`, `slow-<ms>`,
-`tool-...` (answers with a tool_use block), `cache-...` (reports cache read/write tokens),
+`limited-<s>` (429 with Retry-After: s), `tool-...` (answers with a tool_use block), `cache-...` (reports cache read/write tokens),
 `streamerror-...` (an `error` event after the first delta).
 """
 
@@ -22,8 +22,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                529: "overloaded_error"}
 
 
-def _error(status: int, message: str | None = None) -> web.Response:
-    headers = {"retry-after": "0"} if status == 429 else {}
+def _error(status: int, message: str | None = None, retry_after: str = "0") -> web.Response:
+    headers = {"retry-after": retry_after} if status == 429 else {}
     body = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"),
                                        "message": message or f"fake anthropic error {status}"}}
     return web.json_response(body, status=status, headers=headers)
@@ -70,6 +70,8 @@ class FakeAnthropic(FakeOpenAI):
             return _error(401, f"invalid x-api-key: {request.headers['x-api-key']}")
         if model.startswith("fail-"):
             return _error(int(model.split("-")[1]))
+        if model.startswith("limited-"):  # 429 asking for a pause of that many seconds
+            return _error(429, "rate limited", retry_after=model.split("-")[1])
         if model.startswith("slow-"):
             await asyncio.sleep(int(model.split("-")[1]) / 1000)
         text = _answer(body)

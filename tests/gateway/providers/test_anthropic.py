@@ -52,7 +52,8 @@ async def test_response_translates_to_chat_completion(anthropic_upstream):
 
     assert anthropic_upstream.requests[-1]["body"]["max_tokens"] == 50
     body = completion.body
-    assert body["object"] == "chat.completion" and body["id"] == "msg_fake01"
+    assert body["object"] == "chat.completion"
+    assert body["id"] == "msg_fake01"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Echo: hello there"}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert completion.usage.completion_tokens == 3
@@ -134,11 +135,16 @@ async def test_stream_tool_use_becomes_tool_call_deltas(anthropic_upstream):
 
 async def test_stream_error_event_raises(anthropic_upstream):
     received = []
-    with pytest.raises(ProviderError) as exc:
+
+    async def drain():
         async for c in adapter.stream(target(anthropic_upstream, model="streamerror-model"), BODY):
             received.append(c)
 
-    assert received and exc.value.code == "upstream_stream_error"
+    with pytest.raises(ProviderError) as exc:
+        await drain()
+
+    assert received
+    assert exc.value.code == "upstream_stream_error"
     assert "Overloaded" in exc.value.message
 
 
@@ -156,11 +162,13 @@ async def test_upstream_message_echoing_the_key_is_scrubbed(anthropic_upstream):
     with pytest.raises(ProviderError) as exc:
         await adapter.complete(target(anthropic_upstream, model="badkey-model"), BODY)
 
-    assert "invalid x-api-key: ***" in exc.value.message and "sk-ant-secret" not in exc.value.message
+    assert "invalid x-api-key: ***" in exc.value.message
+    assert "sk-ant-secret" not in exc.value.message
 
 
 async def test_embeddings_are_not_offered(anthropic_upstream):
     with pytest.raises(ProviderError) as exc:
         await adapter.embed(target(anthropic_upstream), {"model": "x", "input": "hi"})
 
-    assert exc.value.status == 400 and not adapter.supports_embeddings
+    assert exc.value.status == 400
+    assert not adapter.supports_embeddings

@@ -46,7 +46,8 @@ async def test_response_and_usage_metadata_translate(gemini_upstream):
     completion = await adapter.complete(target(gemini_upstream), BODY)
 
     body = completion.body
-    assert body["object"] == "chat.completion" and body["model"] == "gemini-test"
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "gemini-test"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Echo: again"}
     assert body["choices"][0]["finish_reason"] == "stop"
     assert completion.usage == Usage(prompt_tokens=2 + 1 + 1 + 2, completion_tokens=2)
@@ -59,7 +60,8 @@ async def test_tool_calls_and_results(gemini_upstream):
         "messages": [
             {"role": "user", "content": "weather?"},
             {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'},
         ],
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
@@ -89,17 +91,24 @@ async def test_stream_uses_alt_sse_and_ends_with_usage(gemini_upstream):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Echo: again"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
 
 
 async def test_stream_broken_midway_raises(gemini_upstream):
     body = {**BODY, "messages": [{"role": "user", "content": "one two three four five six"}]}
     received = []
-    with pytest.raises(ProviderError) as exc:
+
+    async def drain():
         async for c in adapter.stream(target(gemini_upstream, model="break-1"), body):
             received.append(c)
 
-    assert received and exc.value.code == "upstream_stream_broken" and not exc.value.retryable
+    with pytest.raises(ProviderError) as exc:
+        await drain()
+
+    assert received
+    assert exc.value.code == "upstream_stream_broken"
+    assert not exc.value.retryable
 
 
 @pytest.mark.parametrize(("status", "retryable", "ours"), [(503, True, 502), (429, True, 429), (400, False, 400)])

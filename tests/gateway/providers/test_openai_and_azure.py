@@ -30,8 +30,10 @@ async def test_azure_puts_deployment_in_path_version_in_query_key_in_header(azur
     sent = azure_upstream.requests[-1]
     assert sent["path"] == "/openai/deployments/my-gpt4o/chat/completions"
     assert sent["query"] == {"api-version": "2024-06-01"}
-    assert sent["headers"]["api-key"] == "az-key" and "Authorization" not in sent["headers"]
-    assert "model" not in sent["body"] and sent["body"]["max_tokens"] == 20
+    assert sent["headers"]["api-key"] == "az-key"
+    assert "Authorization" not in sent["headers"]
+    assert "model" not in sent["body"]
+    assert sent["body"]["max_tokens"] == 20
     assert completion.body["choices"][0]["message"]["content"] == "Echo: hello"
 
 
@@ -50,11 +52,14 @@ async def test_azure_embeddings(azure_upstream):
                                                          {"model": "x", "input": ["a", "b"]})
 
     assert azure_upstream.requests[-1]["path"] == "/openai/deployments/emb/embeddings"
-    assert len(completion.body["data"]) == 2 and completion.usage.prompt_tokens == 2
+    assert len(completion.body["data"]) == 2
+    assert completion.usage.prompt_tokens == 2
 
 
 async def test_azure_error_body_maps(azure_upstream):
     with pytest.raises(ProviderError) as exc:
         await adapter_for("azure_openai").complete(azure(azure_upstream, deployment="fail-429"), BODY)
 
-    assert exc.value.status == 429 and exc.value.retryable and exc.value.retry_after == 0
+    assert exc.value.status == 429
+    assert exc.value.retryable
+    assert exc.value.retry_after == 0
