@@ -4,8 +4,9 @@ events message_start / content_block_start / ping / content_block_delta / conten
 message_delta / message_stop, and error bodies `{"type": "error", "error": {type, message}}`.
 
 Behaviour by model name, as in the OpenAI fake: `fail-<status>`, `break-<n>`, `slow-<ms>`,
-`limited-<s>` (429 with Retry-After: s), `tool-...` (answers with a tool_use block), `cache-...` (reports cache read/write tokens),
-`streamerror-...` (an `error` event after the first delta).
+`limited-<s>` (429 with Retry-After: s), `tool-...` (answers with a tool_use block), `cache-...`
+(reports cache read/write tokens), `streamerror-...` (an `error` event after the first delta),
+`badkey-model` (a 401 whose message echoes the key).
 """
 
 from __future__ import annotations

@@ -342,3 +342,18 @@ def test_auto_with_nothing_that_fits_is_a_clear_400(live_gateway, catalogue):
 
     assert exc.value.body["code"] == "auto_no_model"
     assert "context window" in exc.value.body["message"]
+
+
+def test_deployment_whose_last_probe_failed_is_tried_last(live_gateway, providers, upstream):
+    from django.utils import timezone
+
+    from apps.gateway.models import DeploymentHealth
+
+    alias_with("m", (providers["openai"], "probed-down", {"weight": 1000}), (providers["openai"], "up", {"weight": 1}))
+    DeploymentHealth.objects.create(deployment=Deployment.objects.get(upstream_model="probed-down"),
+                                    checked_at=timezone.now(), ok=False, error="503")
+
+    for _ in range(3):
+        sdk(live_gateway).chat.completions.create(model="m", messages=MSG)
+
+    assert used(upstream) == ["up"] * 3
