@@ -111,9 +111,8 @@ def _weighted_order(group: list[DeploymentRoute]) -> list[DeploymentRoute]:
 
 
 def _order(ctx: Ctx, alias: AliasRoute, deployments: list[DeploymentRoute], strategy: str) -> list[DeploymentRoute]:
-    prompt = prompt_tokens_estimate(ctx)
-    output = _asked_output(ctx) or OUTPUT_ESTIMATE_TOKENS
-    now = timezone.now()
+    if strategy == "cheapest":
+        prompt, output, now = prompt_tokens_estimate(ctx), _asked_output(ctx) or OUTPUT_ESTIMATE_TOKENS, timezone.now()
     out: list[DeploymentRoute] = []
     for _prio, grouped in groupby(sorted(deployments, key=lambda d: d.priority), key=lambda d: d.priority):
         group = _weighted_order(list(grouped))  # random tie-breaks for the sorted strategies too
@@ -230,7 +229,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
     total_s = float(getattr(settings, "GATEWAY_TOTAL_DEADLINE_S", 60.0))
     deadline = time.monotonic() + total_s
     attempts_left = int(getattr(settings, "GATEWAY_MAX_ATTEMPTS", 6))
-    tokens = prompt_tokens_estimate(ctx) + _asked_output(ctx)
+    tokens = prompt_tokens_estimate(ctx) + _asked_output(ctx) if any(d.tpm for d in ctx.candidates) else 0
     last: ProviderError | None = None
     at_quota = 0
     for deployment in ctx.candidates:

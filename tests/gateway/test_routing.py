@@ -1,6 +1,9 @@
 """Routing through a live gateway with the OpenAI SDK: fallbacks, retries, cooldown shared by
 instances, deployment quotas, strategies, regions and `auto`."""
 
+import os
+import subprocess
+import sys
 import time
 from decimal import Decimal
 
@@ -153,6 +156,23 @@ def test_two_gateway_instances_agree_on_a_cooldown(live_gateway, providers, upst
 
 
 @pytest.mark.skipif(not django_settings.REDIS_URL, reason="needs REDIS_URL")
+def test_a_cooldown_set_by_another_process_is_honoured(live_gateway, providers, upstream):
+    alias_with("m", (providers["openai"], "first", {"priority": 0}), (providers["mock"], "m1", {"priority": 1}))
+    first = Deployment.objects.get(upstream_model="first")
+    code = ("import asyncio; from apps.gateway import cooldown; "
+            f"print('cooled', asyncio.run(cooldown.failure_record({first.id})))")
+
+    other = subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=django_settings.BASE_DIR,
+                           env={**os.environ, "GATEWAY_COOLDOWN_FAILURES": "1"}, capture_output=True, text=True,
+                           timeout=120, check=True)
+    sdk(live_gateway).chat.completions.create(model="m", messages=MSG)
+
+    assert "cooled True" in other.stdout
+    assert used(upstream) == []
+    assert UsageEvent.objects.get().upstream_model == "m1"
+
+
+@pytest.mark.skipif(not django_settings.REDIS_URL, reason="needs REDIS_URL")
 async def test_cooldown_is_shared_by_separate_redis_clients(settings):
     settings.GATEWAY_COOLDOWN_FAILURES = 2
     a = cooldown.RedisBackend(django_settings.REDIS_URL)
@@ -205,6 +225,18 @@ def test_deployment_at_its_rpm_quota_is_skipped(live_gateway, providers, upstrea
     assert used(upstream) == ["limited"]
     assert list(UsageEvent.objects.order_by("timestamp").values_list("upstream_model", flat=True)) == \
         ["limited", "spill", "spill"]
+
+
+def test_deployment_at_its_tpm_quota_is_skipped(live_gateway, providers, upstream):
+    alias_with("m", (providers["openai"], "tpm-limited", {"priority": 0, "tpm": 60}),
+               (providers["mock"], "spill", {"priority": 1}))
+    client = sdk(live_gateway)
+
+    client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # takes 48 (estimate), corrected to 8 (actual)
+    client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # 8 + 48 fits in 60
+    client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # 16 + 48 would pass 60: skipped
+
+    assert used(upstream) == ["tpm-limited", "tpm-limited"]
 
 
 def test_every_deployment_at_quota_is_a_429(live_gateway, providers):
