@@ -149,7 +149,8 @@ async def route(ctx: Ctx) -> None:
     """Alias -> deployments in the order to try them, and the price in force."""
     table = await routing_table()
     alias = table.aliases.get(ctx.model)
-    if alias is None and ctx.model == router.AUTO:
+    auto = alias is None and ctx.model == router.AUTO
+    if auto:
         alias = await router.auto_alias(ctx, table)
         ctx.model = alias.alias
         ctx.headers["x-gateway-model"] = alias.alias
@@ -161,7 +162,7 @@ async def route(ctx: Ctx) -> None:
         raise invalid_request(f"The model `{ctx.model}` does not offer embeddings.", param="model",
                               code="model_not_embedding")
     ctx.alias = alias
-    ctx.candidates = await router.candidates(ctx, alias)
+    ctx.candidates = await router.candidates(ctx, alias, strategy="cheapest" if auto else None)
     ctx.price = price_in_force(list(alias.prices), ctx.timestamp)
     if ctx.price is None and not ctx.auth.allow_unpriced_models:
         raise invalid_request(

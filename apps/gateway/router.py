@@ -181,7 +181,8 @@ async def auto_alias(ctx: Ctx, table: RoutingTable) -> AliasRoute:
     output = asked or OUTPUT_ESTIMATE_TOKENS
     now = timezone.now()
     options: list[tuple[Decimal, AliasRoute, DeploymentRoute]] = []
-    reasons: set[str] = set()
+    too_small: list[str] = []
+    outside: list[str] = []
     for alias in table.aliases.values():
         if not ctx.auth.may_use_model(alias.alias):
             continue
@@ -189,13 +190,13 @@ async def auto_alias(ctx: Ctx, table: RoutingTable) -> AliasRoute:
                 (ctx.kind != EMBEDDINGS and not alias.supports_chat) or (ctx.stream and not alias.supports_streaming):
             continue
         if prompt + asked > alias.context_window:
-            reasons.add(f"the prompt (about {prompt} tokens) plus max_tokens exceeds every context window")
+            too_small.append(alias.alias)
             continue
         try:
             deployments = _servable(ctx, alias)
         except GatewayError as exc:
-            reasons.add("no deployment is in the tenant's allowed regions" if exc.code == "region_not_allowed"
-                        else exc.message)
+            if exc.code == "region_not_allowed":
+                outside.append(alias.alias)
             continue
         for d in deployments:
             cost = _cost(d, alias, prompt, output, now)
@@ -204,11 +205,16 @@ async def auto_alias(ctx: Ctx, table: RoutingTable) -> AliasRoute:
     cooling = await cooldown.cooling([d.id for _c, _a, d in options])
     options = [o for o in options if o[2].id not in cooling]
     if not options:
-        why = "; ".join(sorted(reasons)) or "no priced, healthy deployment fits this request"
-        regions = ctx.auth.allowed_regions
-        if regions and any("regions" in r for r in reasons):
-            raise permission_denied(f"No model can serve `auto` here: {why} ({', '.join(regions)}).",
-                                    code="region_not_allowed", param="model")
+        reasons = []
+        if too_small:
+            reasons.append(f"the prompt (about {prompt} tokens) plus max_tokens exceeds the context window of "
+                           f"{', '.join(sorted(too_small))}")
+        if outside:
+            reasons.append(f"{', '.join(sorted(outside))} cannot be served in the regions this tenant is "
+                           f"restricted to ({', '.join(ctx.auth.allowed_regions)})")
+        why = "; ".join(reasons) or "no priced, healthy deployment fits this request"
+        if outside and not too_small:
+            raise permission_denied(f"No model can serve `auto`: {why}.", code="region_not_allowed", param="model")
         raise invalid_request(f"No model can serve `auto`: {why}.", param="model", code="auto_no_model")
     options.sort(key=lambda o: (o[0], o[1].alias, o[2].priority))
     return options[0][1]

@@ -232,7 +232,7 @@ def test_deployment_at_its_tpm_quota_is_skipped(live_gateway, providers, upstrea
                (providers["mock"], "spill", {"priority": 1}))
     client = sdk(live_gateway)
 
-    client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # takes 48 (estimate), corrected to 8 (actual)
+    client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # takes 48 (estimate), then 8 (actual)
     client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # 8 + 48 fits in 60
     client.chat.completions.create(model="m", messages=MSG, max_tokens=40)  # 16 + 48 would pass 60: skipped
 
@@ -373,7 +373,7 @@ def test_auto_with_nothing_that_fits_is_a_clear_400(live_gateway, catalogue):
         sdk(live_gateway).chat.completions.create(model="auto", messages=MSG, max_tokens=250_000)
 
     assert exc.value.body["code"] == "auto_no_model"
-    assert "context window" in exc.value.body["message"]
+    assert "exceeds the context window of big, mid, small" in exc.value.body["message"]
 
 
 def test_deployment_whose_last_probe_failed_is_tried_last(live_gateway, providers, upstream):
@@ -389,3 +389,13 @@ def test_deployment_whose_last_probe_failed_is_tried_last(live_gateway, provider
         sdk(live_gateway).chat.completions.create(model="m", messages=MSG)
 
     assert used(upstream) == ["up"] * 3
+
+
+def test_auto_outside_every_region_is_a_403_naming_the_restriction(live_gateway, catalogue):
+    client = sdk(live_gateway, tenant=f.TenantFactory(allowed_regions=["ap-south"]))
+
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        client.chat.completions.create(model="auto", messages=MSG)
+
+    assert exc.value.body["code"] == "region_not_allowed"
+    assert "ap-south" in exc.value.body["message"]
