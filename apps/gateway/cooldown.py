@@ -147,6 +147,7 @@ class RedisBackend:
 
 _local = LocalBackend()
 _redis: RedisBackend | None = None
+_warned_at = -1e9
 
 
 def _backend() -> LocalBackend | RedisBackend:
@@ -168,7 +169,10 @@ async def _call(method: str, *args):
     try:
         return await getattr(backend, method)(*args)
     except (TimeoutError, redis.RedisError, OSError) as exc:
-        log.warning("cooldown: Redis unavailable (%s), using in-process state", type(exc).__name__)
+        global _warned_at
+        if time.monotonic() - _warned_at > 60:
+            _warned_at = time.monotonic()
+            log.warning("cooldown: Redis unavailable (%s), using in-process state", type(exc).__name__)
         return await getattr(_local, method)(*args)
 
 
