@@ -200,3 +200,20 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"django.request": {"level": "ERROR"}},
 }
+
+# --- routing (apps/gateway/router.py, cooldown.py; see docs/providers.md) -----------------------
+# Retries on the same deployment after a retryable error, before falling back to the next one.
+GATEWAY_RETRIES_PER_DEPLOYMENT = env.int("GATEWAY_RETRIES_PER_DEPLOYMENT", default=1)
+# Upstream attempts per request over all deployments, and the deadline of the whole call loop.
+GATEWAY_MAX_ATTEMPTS = env.int("GATEWAY_MAX_ATTEMPTS", default=6)
+GATEWAY_TOTAL_DEADLINE_S = env.float("GATEWAY_TOTAL_DEADLINE_S", default=60.0)
+# A deployment failing GATEWAY_COOLDOWN_FAILURES times within GATEWAY_COOLDOWN_WINDOW_S is skipped
+# by every instance for GATEWAY_COOLDOWN_S.
+GATEWAY_COOLDOWN_FAILURES = env.int("GATEWAY_COOLDOWN_FAILURES", default=3)
+GATEWAY_COOLDOWN_WINDOW_S = env.float("GATEWAY_COOLDOWN_WINDOW_S", default=60.0)
+GATEWAY_COOLDOWN_S = env.float("GATEWAY_COOLDOWN_S", default=30.0)
+# Seconds between availability probes of every deployment (Celery beat); 0 turns them off.
+GATEWAY_PROBE_INTERVAL_S = env.float("GATEWAY_PROBE_INTERVAL_S", default=300.0)
+if GATEWAY_PROBE_INTERVAL_S > 0:
+    CELERY_BEAT_SCHEDULE["gateway-deployments-probe"] = {
+        "task": "gateway.deployments_probe", "schedule": GATEWAY_PROBE_INTERVAL_S}

@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 from django.conf import settings
 
-from apps.gateway import pipeline, selectors
+from apps.gateway import cooldown, pipeline, router, selectors
 from apps.gateway import state as gateway_state
 from tests import factories as f
 from tests.fakes.openai_server import FakeOpenAI
@@ -29,6 +29,8 @@ def _fresh_process_state():
     backend = gateway_state.state()
     if hasattr(backend, "reset"):
         backend.reset()
+    cooldown.reset_local()
+    router.latency_reset()
     if settings.REDIS_URL:
         import redis
 
@@ -209,3 +211,51 @@ def gateway_instances(transactional_db):
             p.wait(10)
         except Exception:
             p.kill()
+
+
+# --- provider fakes (one per wire format; see tests/fakes/) -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def _fake_anthropic_server():
+    from tests.fakes.anthropic_server import FakeAnthropic
+
+    server = FakeAnthropic().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _fake_gemini_server():
+    from tests.fakes.gemini_server import FakeGemini
+
+    server = FakeGemini().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def _fake_azure_server():
+    from tests.fakes.azure_server import FakeAzureOpenAI
+
+    server = FakeAzureOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def anthropic_upstream(_fake_anthropic_server):
+    _fake_anthropic_server.requests.clear()
+    return _fake_anthropic_server
+
+
+@pytest.fixture
+def gemini_upstream(_fake_gemini_server):
+    _fake_gemini_server.requests.clear()
+    return _fake_gemini_server
+
+
+@pytest.fixture
+def azure_upstream(_fake_azure_server):
+    _fake_azure_server.requests.clear()
+    return _fake_azure_server

@@ -29,4 +29,12 @@ def readyz(request):
         except redis.RedisError as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+    body = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if checks["database"] == "ok":  # upstream availability is reported, not a readiness condition
+        from apps.gateway.selectors import deployment_health
+
+        health = deployment_health()
+        body["deployments"] = {"total": len(health), "up": sum(h.ok is True for h in health),
+                               "down": sum(h.ok is False for h in health),
+                               "unprobed": sum(h.ok is None for h in health)}
+    return JsonResponse(body, status=200 if ok else 503)

@@ -28,6 +28,19 @@ class _Strict(BaseModel):
 ProviderKindName = Literal["openai", "azure_openai", "anthropic", "gemini", "openai_compatible", "mock"]
 
 
+# Provider options each kind understands (see docs/providers.md), with their types.
+PROVIDER_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "openai": {"organization": str, "project": str},
+    "azure_openai": {"api_version": str},
+    "anthropic": {"anthropic_version": str, "beta": (str, list), "default_max_tokens": int},
+    "gemini": {"api_version": str},
+    "openai_compatible": {},
+    "mock": {},
+}
+# Kinds whose api_base has a public default; the others must name theirs.
+DEFAULT_API_BASES = {"openai", "anthropic", "gemini", "mock"}
+
+
 class ProviderSpec(_Strict):
     name: str = Field(min_length=1, max_length=100)
     kind: ProviderKindName
@@ -37,8 +50,15 @@ class ProviderSpec(_Strict):
 
     @model_validator(mode="after")
     def _needs_base(self):
-        if self.kind != "mock" and not self.api_base:
+        if self.kind not in DEFAULT_API_BASES and not self.api_base:
             raise ValueError(f"api_base is required for kind {self.kind}")
+        known = PROVIDER_OPTIONS[self.kind]
+        for key, value in self.options.items():
+            if key not in known:
+                allowed = ", ".join(sorted(known)) or "none"
+                raise ValueError(f"options.{key} is not an option of kind {self.kind} (options: {allowed})")
+            if not isinstance(value, known[key]) or isinstance(value, bool):
+                raise ValueError(f"options.{key} has the wrong type")
         return self
 
 
@@ -50,6 +70,19 @@ class DeploymentSpec(_Strict):
     region: str = ""
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+
+    @field_validator("input_usd_per_mtok", "output_usd_per_mtok", mode="before")
+    @classmethod
+    def _no_float_drift(cls, v):
+        return Decimal(str(v)) if isinstance(v, float) else v
+
+    @model_validator(mode="after")
+    def _cost_pair(self):
+        if (self.input_usd_per_mtok is None) != (self.output_usd_per_mtok is None):
+            raise ValueError("input_usd_per_mtok and output_usd_per_mtok go together")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -65,6 +98,7 @@ class ModelSpec(_Strict):
     max_output_tokens: int = Field(default=16_384, ge=1)
     supports_streaming: bool = True
     supports_embeddings: bool = False
+    supports_chat: bool = True
     deployments: list[DeploymentSpec] = Field(default_factory=list)
 
     @field_validator("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",

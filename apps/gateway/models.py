@@ -43,6 +43,7 @@ class ModelAlias(models.Model):
     max_output_tokens = models.PositiveIntegerField(default=16_384)
     supports_streaming = models.BooleanField(default=True)
     supports_embeddings = models.BooleanField(default=False)
+    supports_chat = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -62,6 +63,9 @@ class Deployment(models.Model):
     region = models.CharField(max_length=64, blank=True)
     rpm = models.PositiveIntegerField(null=True, blank=True, help_text="The provider's own request limit.")
     tpm = models.PositiveIntegerField(null=True, blank=True, help_text="The provider's own token limit.")
+    # What this deployment costs us, for `cheapest` and `auto`; the alias's price when empty.
+    input_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
+    output_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     is_active = models.BooleanField(default=True)
 
     class Meta:
@@ -72,6 +76,24 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alias.alias} -> {self.provider.name}:{self.upstream_model}"
+
+
+class DeploymentHealth(models.Model):
+    """One probe of a deployment (the beat task `deployments_probe`): up or not, and how fast."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="health_checks")
+    checked_at = models.DateTimeField()
+    ok = models.BooleanField()
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-checked_at"]
+        indexes = [models.Index(fields=["deployment", "-checked_at"])]
+        verbose_name_plural = "deployment health checks"
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {'up' if self.ok else 'down'} at {self.checked_at:%Y-%m-%d %H:%M}"
 
 
 class JobStatus(models.TextChoices):

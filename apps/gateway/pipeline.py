@@ -149,6 +149,11 @@ async def route(ctx: Ctx) -> None:
     """Alias -> deployments in the order to try them, and the price in force."""
     table = await routing_table()
     alias = table.aliases.get(ctx.model)
+    auto = alias is None and ctx.model == router.AUTO
+    if auto:
+        alias = await router.auto_alias(ctx, table)
+        ctx.model = alias.alias
+        ctx.headers["x-gateway-model"] = alias.alias
     if alias is None:
         raise model_not_found(ctx.model)
     if not ctx.auth.may_use_model(ctx.model):
@@ -157,10 +162,7 @@ async def route(ctx: Ctx) -> None:
         raise invalid_request(f"The model `{ctx.model}` does not offer embeddings.", param="model",
                               code="model_not_embedding")
     ctx.alias = alias
-    ctx.candidates = router.candidates(alias)
-    if not ctx.candidates:
-        raise GatewayError(503, f"The model `{ctx.model}` has no active deployment.", type="api_error",
-                           code="no_deployment")
+    ctx.candidates = await router.candidates(ctx, alias, strategy="cheapest" if auto else None)
     ctx.price = price_in_force(list(alias.prices), ctx.timestamp)
     if ctx.price is None and not ctx.auth.allow_unpriced_models:
         raise invalid_request(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db.models import Count, OuterRef, Q, Subquery
+from django.utils import timezone
 
 from apps.billing.selectors import PriceInfo, price_versions_by_model
 from apps.keys.crypto import decrypt
 
-from .models import Deployment, ModelAlias
+from .models import Deployment, DeploymentHealth, ModelAlias
 from .providers.base import Target
 
 
@@ -25,6 +29,10 @@ class DeploymentRoute:
     region: str
     rpm: int | None
     tpm: int | None
+    input_usd_per_mtok: Decimal | None = None  # what the deployment costs; the alias's price if None
+    output_usd_per_mtok: Decimal | None = None
+    healthy: bool | None = None  # the last probe's verdict; None before the first probe
+    probe_latency_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,7 @@ class AliasRoute:
     supports_streaming: bool
     supports_embeddings: bool
     deployments: tuple[DeploymentRoute, ...]
+    supports_chat: bool = True
     prices: tuple[PriceInfo, ...] = ()  # newest first
 
 
@@ -48,7 +57,11 @@ class RoutingTable:
 def routing_table_load() -> RoutingTable:
     prices = price_versions_by_model()
     deployments: dict[int, list[DeploymentRoute]] = {}
-    for d in Deployment.objects.filter(is_active=True).select_related("provider", "provider__credential"):
+    latest = DeploymentHealth.objects.filter(deployment=OuterRef("pk")).order_by("-checked_at")
+    rows = (Deployment.objects.filter(is_active=True).select_related("provider", "provider__credential")
+            .annotate(last_ok=Subquery(latest.values("ok")[:1]),
+                      last_latency_ms=Subquery(latest.values("latency_ms")[:1])))
+    for d in rows:
         cred = d.provider.credential
         deployments.setdefault(d.alias_id, []).append(
             DeploymentRoute(
@@ -66,6 +79,10 @@ def routing_table_load() -> RoutingTable:
                 region=d.region,
                 rpm=d.rpm,
                 tpm=d.tpm,
+                input_usd_per_mtok=d.input_usd_per_mtok,
+                output_usd_per_mtok=d.output_usd_per_mtok,
+                healthy=d.last_ok,
+                probe_latency_ms=d.last_latency_ms,
             )
         )
     table = RoutingTable(loaded_at=time.monotonic())
@@ -77,6 +94,7 @@ def routing_table_load() -> RoutingTable:
             max_output_tokens=a.max_output_tokens,
             supports_streaming=a.supports_streaming,
             supports_embeddings=a.supports_embeddings,
+            supports_chat=a.supports_chat,
             deployments=tuple(sorted(deployments.get(a.id, ()), key=lambda r: (r.priority, r.id))),
             prices=tuple(prices.get(a.alias, ())),
         )
@@ -135,3 +153,41 @@ async def tenant_policy(tenant_id: int) -> TenantPolicy:
     if policy is None or time.monotonic() - policy.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
         policy = _policies[tenant_id] = await sync_to_async(tenant_policy_load)(tenant_id)
     return policy
+
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentStatus:
+    deployment_id: int
+    label: str
+    region: str
+    ok: bool | None  # the last probe; None when never probed
+    latency_ms: int | None
+    checked_at: datetime | None
+    availability: float | None  # share of successful probes over the window
+    probes: int
+
+
+def deployment_health(*, window: timedelta = timedelta(hours=24)) -> list[DeploymentStatus]:
+    """Availability and latency of every active deployment from the probes (readyz, analytics)."""
+    since = timezone.now() - window
+    latest = DeploymentHealth.objects.filter(deployment=OuterRef("pk")).order_by("-checked_at")
+    rows = (
+        Deployment.objects.filter(is_active=True).select_related("alias", "provider")
+        .annotate(
+            last_ok=Subquery(latest.values("ok")[:1]),
+            last_latency_ms=Subquery(latest.values("latency_ms")[:1]),
+            last_checked_at=Subquery(latest.values("checked_at")[:1]),
+            probes=Count("health_checks", filter=Q(health_checks__checked_at__gte=since)),
+            probes_ok=Count("health_checks", filter=Q(health_checks__checked_at__gte=since, health_checks__ok=True)),
+        )
+        .order_by("alias__alias", "priority", "id")
+    )
+    return [
+        DeploymentStatus(
+            deployment_id=d.id, label=str(d), region=d.region, ok=d.last_ok, latency_ms=d.last_latency_ms,
+            checked_at=d.last_checked_at, availability=(d.probes_ok / d.probes) if d.probes else None,
+            probes=d.probes,
+        )
+        for d in rows
+    ]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from datetime import timedelta
 
+from asgiref.sync import async_to_sync
 from django.db import transaction
+from django.utils import timezone
 
 from apps.billing.services import budget_upsert, price_set
 from apps.keys.services import (
@@ -17,8 +22,9 @@ from apps.keys.services import (
 )
 
 from .config_schema import ConfigError, GatewayConfig
-from .models import Deployment, ModelAlias, Provider, RateLimit
-from .selectors import routing_table_invalidate
+from .models import Deployment, DeploymentHealth, ModelAlias, Provider, RateLimit
+from .providers import ProviderError, adapter_for
+from .selectors import DeploymentRoute, routing_table_invalidate, routing_table_load
 
 
 def _split_scope(scope: str) -> tuple[str, str]:
@@ -43,6 +49,20 @@ def _secret_from_env(cfg: GatewayConfig) -> tuple[dict[str, str], list[str]]:
     return secrets, errors
 
 
+def alias_pins(*, alias: ModelAlias) -> list[str]:
+    """The upstream model versions an alias is pinned to: `provider:upstream_model` of each active
+    deployment."""
+    return sorted(f"{p}:{m}" for p, m in Deployment.objects.filter(alias=alias, is_active=True)
+                  .values_list("provider__name", "upstream_model"))
+
+
+def alias_pin_audit(*, alias: ModelAlias, before: list[str], actor: str) -> None:
+    """Record a change of the alias's pinned upstream versions in the audit trail (action `repin`)."""
+    after = alias_pins(alias=alias)
+    if after != before:
+        audit_record(actor=actor, action="repin", obj=alias, before={"pins": before}, after={"pins": after})
+
+
 @transaction.atomic
 def config_apply(*, cfg: GatewayConfig, actor: str = "cli") -> None:
     """Make the database match the config. Idempotent: applying the same file twice changes
@@ -65,8 +85,9 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli") -> None:
             ModelAlias, actor=actor, lookup={"alias": m.alias},
             values={"strategy": m.strategy, "context_window": m.context_window,
                     "max_output_tokens": m.max_output_tokens, "supports_streaming": m.supports_streaming,
-                    "supports_embeddings": m.supports_embeddings},
+                    "supports_embeddings": m.supports_embeddings, "supports_chat": m.supports_chat},
         )
+        pins_before = alias_pins(alias=alias)
         keep = []
         for d in m.deployments:
             provider = providers.get(d.provider) or Provider.objects.get(name=d.provider)
@@ -74,13 +95,15 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli") -> None:
                 Deployment, actor=actor,
                 lookup={"alias": alias, "provider": provider, "upstream_model": d.model},
                 values={"weight": d.weight, "priority": d.priority, "region": d.region, "rpm": d.rpm,
-                        "tpm": d.tpm, "is_active": True},
+                        "tpm": d.tpm, "input_usd_per_mtok": d.input_usd_per_mtok,
+                        "output_usd_per_mtok": d.output_usd_per_mtok, "is_active": True},
             )
             keep.append(dep.id)
         for gone in Deployment.objects.filter(alias=alias, is_active=True).exclude(id__in=keep):
             gone.is_active = False
             gone.save(update_fields=["is_active"])
             audit_record(actor=actor, action="deactivate", obj=gone)
+        alias_pin_audit(alias=alias, before=pins_before, actor=actor)
         if m.input_usd_per_mtok is not None:
             price_set(model=m.alias, input_usd_per_mtok=m.input_usd_per_mtok,
                       output_usd_per_mtok=m.output_usd_per_mtok,
@@ -111,3 +134,46 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli") -> None:
                           shrink_max_tokens=b.shrink_max_tokens, alert_emails=b.alert_emails,
                           alert_webhook_url=b.alert_webhook_url)
     transaction.on_commit(routing_table_invalidate)
+
+
+# --- availability probes ----------------------------------------------------------------------
+
+PROBE_RETENTION = timedelta(days=7)
+
+
+async def _probe(route: DeploymentRoute, *, embeddings: bool, timeout_s: float) -> tuple[bool, int | None, str]:
+    """One minimal call (a one-token chat, or a one-word embedding): up or not, and how fast."""
+    adapter = adapter_for(route.target.kind)
+    model = route.target.upstream_model
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            if embeddings:
+                await adapter.embed(route.target, {"model": model, "input": "ping"})
+            else:
+                await adapter.complete(route.target, {"model": model, "max_tokens": 1,
+                                                      "messages": [{"role": "user", "content": "ping"}]})
+    except ProviderError as exc:
+        return False, None, exc.message[:500]
+    except TimeoutError:
+        return False, None, f"no answer within {timeout_s:g}s"
+    return True, int((time.perf_counter() - started) * 1000), ""
+
+
+def deployments_probe(*, timeout_s: float = 20.0) -> list[DeploymentHealth]:
+    """Probe every active deployment concurrently and record the outcomes; forget old probes."""
+    table = routing_table_load()
+    routes = [(d, not a.supports_chat) for a in table.aliases.values() for d in a.deployments]
+
+    async def run_all():
+        return await asyncio.gather(*(_probe(d, embeddings=e, timeout_s=timeout_s) for d, e in routes))
+
+    results = async_to_sync(run_all)() if routes else []
+    now = timezone.now()
+    rows = DeploymentHealth.objects.bulk_create([
+        DeploymentHealth(deployment_id=d.id, checked_at=now, ok=ok, latency_ms=ms, error=error)
+        for (d, _e), (ok, ms, error) in zip(routes, results, strict=True)
+    ])
+    DeploymentHealth.objects.filter(checked_at__lt=now - PROBE_RETENTION).delete()
+    transaction.on_commit(routing_table_invalidate)
+    return rows

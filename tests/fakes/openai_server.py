@@ -72,7 +72,10 @@ class FakeOpenAI:
         return web.json_response(body, status=status, headers=headers)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._record(request)
+        return await self.chat_for(request, await self._record(request))
+
+    async def chat_for(self, request: web.Request, body: dict, *, prefilter: bool = False) -> web.StreamResponse:
+        """Answer a chat request; `prefilter` opens the stream with a choice-less chunk, as Azure does."""
         model = body.get("model", "")
         if model.startswith("fail-"):
             return self._error(int(model.split("-")[1]))
@@ -96,6 +99,9 @@ class FakeOpenAI:
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return b"data: " + orjson.dumps(c) + b"\n\n"
 
+        if prefilter:
+            await resp.write(b"data: " + orjson.dumps({"id": "", "object": "", "created": 0, "model": "",
+                                                       "choices": [], "prompt_filter_results": []}) + b"\n\n")
         await resp.write(chunk({"role": "assistant", "content": ""}))
         words = text.split()
         limit = int(model.split("-")[1]) if model.startswith("break-") else None
@@ -115,7 +121,9 @@ class FakeOpenAI:
         return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await self._record(request)
+        return self.embeddings_for(await self._record(request))
+
+    def embeddings_for(self, body: dict) -> web.Response:
         model = body.get("model", "")
         if model.startswith("fail-"):
             return self._error(int(model.split("-")[1]))

@@ -28,8 +28,10 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
-        if self.cached_tokens:
+        if self.cached_tokens or self.cache_write_tokens:
             data["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.cache_write_tokens:  # not in OpenAI's shape; carried so streams keep it for billing
+            data["prompt_tokens_details"]["cache_write_tokens"] = self.cache_write_tokens
         if self.reasoning_tokens:
             data["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return data
@@ -44,6 +46,7 @@ class Usage:
             prompt_tokens=int(data.get("prompt_tokens") or 0),
             completion_tokens=int(data.get("completion_tokens") or 0),
             cached_tokens=int(details.get("cached_tokens") or 0),
+            cache_write_tokens=int(details.get("cache_write_tokens") or 0),
             reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
         )
 
@@ -89,6 +92,7 @@ class ProviderError(Exception):
 
 class ProviderAdapter:
     kind: ClassVar[str]
+    supports_embeddings: ClassVar[bool] = False
 
     async def complete(self, target: Target, body: dict) -> Completion:
         raise NotImplementedError
@@ -114,3 +118,8 @@ def adapter_for(kind: str) -> ProviderAdapter:
         return _registry[kind]
     except KeyError:
         raise ProviderError(f"no adapter for provider kind {kind!r}", status=500, code="provider_kind_unknown")
+
+
+def offers_embeddings(kind: str) -> bool:
+    adapter = _registry.get(kind)
+    return adapter is not None and adapter.supports_embeddings

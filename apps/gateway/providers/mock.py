@@ -38,6 +38,7 @@ def _completion_id(body: dict) -> str:
 @register
 class MockAdapter(ProviderAdapter):
     kind = "mock"
+    supports_embeddings = True
 
     async def complete(self, target: Target, body: dict) -> Completion:
         _fail_if_asked(target)

@@ -12,6 +12,7 @@ from .transport import open_stream, post_json, sse_events
 @register
 class OpenAICompatibleAdapter(ProviderAdapter):
     kind = "openai_compatible"
+    supports_embeddings = True
 
     def headers(self, target: Target) -> dict:
         headers = {"content-type": "application/json"}
@@ -19,12 +20,15 @@ class OpenAICompatibleAdapter(ProviderAdapter):
             headers["authorization"] = f"Bearer {target.secret}"
         return headers
 
+    def params(self, target: Target) -> dict | None:
+        return None
+
     def url(self, target: Target, path: str) -> str:
         return target.api_base.rstrip("/") + path
 
     async def complete(self, target: Target, body: dict) -> Completion:
         data = await post_json(self.url(target, "/chat/completions"), headers=self.headers(target),
-                               body=body, secrets=(target.secret,))
+                               body=body, params=self.params(target), secrets=(target.secret,))
         usage = Usage.from_openai(data.get("usage")) or Usage(estimated=True)
         return Completion(body=data, usage=usage)
 
@@ -32,7 +36,7 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         body = {**body, "stream": True, "stream_options": {**(body.get("stream_options") or {}),
                                                            "include_usage": True}}
         async with open_stream(self.url(target, "/chat/completions"), headers=self.headers(target),
-                               body=body, secrets=(target.secret,)) as resp:
+                               body=body, params=self.params(target), secrets=(target.secret,)) as resp:
             async for _event, data in sse_events(resp):
                 if data.strip() == "[DONE]":
                     return
@@ -48,6 +52,6 @@ class OpenAICompatibleAdapter(ProviderAdapter):
 
     async def embed(self, target: Target, body: dict) -> Completion:
         data = await post_json(self.url(target, "/embeddings"), headers=self.headers(target), body=body,
-                               secrets=(target.secret,))
+                               params=self.params(target), secrets=(target.secret,))
         usage = data.get("usage") or {}
         return Completion(body=data, usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0)))

@@ -1,0 +1,97 @@
+"""Django admin for providers, model aliases and deployments. Every change is audited; a
+provider's credential is shown by name only, never decrypted."""
+
+from django.contrib import admin
+
+from apps.keys.services import audit_record, snapshot
+
+from .models import Deployment, DeploymentHealth, ModelAlias, Provider
+from .selectors import routing_table_invalidate
+from .services import alias_pin_audit, alias_pins
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    """Records each save and delete in the audit trail, and reloads the routing table."""
+
+    def save_model(self, request, obj, form, change):
+        before = snapshot(type(obj).objects.get(pk=obj.pk)) if change else None
+        super().save_model(request, obj, form, change)
+        audit_record(actor=f"admin:{request.user.username}", action="update" if change else "create", obj=obj,
+                     before=before, after=snapshot(obj))
+        routing_table_invalidate()
+
+    def delete_model(self, request, obj):
+        audit_record(actor=f"admin:{request.user.username}", action="delete", obj=obj, before=snapshot(obj))
+        super().delete_model(request, obj)
+        routing_table_invalidate()
+
+
+class DeploymentInline(admin.TabularInline):
+    model = Deployment
+    extra = 0
+    fields = ["provider", "upstream_model", "priority", "weight", "region", "rpm", "tpm", "input_usd_per_mtok",
+              "output_usd_per_mtok", "is_active"]
+
+
+@admin.register(Provider)
+class ProviderAdmin(AuditedAdmin):
+    list_display = ["name", "kind", "api_base", "credential_name"]
+    list_select_related = ["credential"]
+    list_filter = ["kind"]
+    search_fields = ["name"]
+
+    @admin.display(description="credential")
+    def credential_name(self, obj):
+        return obj.credential.name if obj.credential else "-"
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(AuditedAdmin):
+    list_display = ["alias", "strategy", "context_window", "supports_chat", "supports_streaming",
+                    "supports_embeddings"]
+    list_filter = ["strategy"]
+    search_fields = ["alias"]
+    inlines = [DeploymentInline]
+
+    def save_formset(self, request, form, formset, change):
+        super().save_formset(request, form, formset, change)
+        actor = f"admin:{request.user.username}"
+        for obj in formset.new_objects:
+            audit_record(actor=actor, action="create", obj=obj, after=snapshot(obj))
+        for obj, fields in formset.changed_objects:
+            audit_record(actor=actor, action="update", obj=obj, after={**snapshot(obj), "_changed": fields})
+        for obj in formset.deleted_objects:
+            audit_record(actor=actor, action="delete", object_type="deployment", object_id=obj.upstream_model,
+                         before=snapshot(obj))
+
+    def save_related(self, request, form, formsets, change):
+        before = alias_pins(alias=form.instance) if change else []
+        super().save_related(request, form, formsets, change)
+        alias_pin_audit(alias=form.instance, before=before, actor=f"admin:{request.user.username}")
+        routing_table_invalidate()
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(AuditedAdmin):
+    list_display = ["alias", "provider", "upstream_model", "priority", "weight", "region", "rpm", "tpm", "is_active"]
+    list_select_related = ["alias", "provider"]
+    list_filter = ["is_active", "region", "provider__kind"]
+    search_fields = ["alias__alias", "upstream_model"]
+
+    def save_model(self, request, obj, form, change):
+        before = alias_pins(alias=obj.alias)
+        super().save_model(request, obj, form, change)
+        alias_pin_audit(alias=obj.alias, before=before, actor=f"admin:{request.user.username}")
+
+
+@admin.register(DeploymentHealth)
+class DeploymentHealthAdmin(admin.ModelAdmin):
+    list_display = ["deployment", "checked_at", "ok", "latency_ms", "error"]
+    list_select_related = ["deployment__alias", "deployment__provider"]
+    list_filter = ["ok"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,251 @@
+"""Anthropic's Messages API (`POST {api_base}/v1/messages`), translated to and from the OpenAI shape.
+
+Request: system (and developer) messages are lifted into the top-level `system`; `max_tokens` is
+required there, so the request's own cap or the provider option `default_max_tokens` is sent; tool
+calls and tool results become `tool_use` / `tool_result` blocks; images become image blocks.
+Response: stop reasons are mapped (end_turn -> stop, max_tokens -> length, tool_use -> tool_calls);
+usage counts cache reads and writes into prompt_tokens as OpenAI does, and reports them apart.
+Streams: message_start / content_block_* / message_delta / message_stop events become OpenAI
+chunks; an `error` event mid-stream raises. Anthropic has no embeddings API.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from .base import Completion, ProviderAdapter, ProviderError, Target, Usage, register
+from .transport import open_stream, post_json, sse_events
+
+DEFAULT_API_BASE = "https://api.anthropic.com"
+DEFAULT_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+
+STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def _text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _image_block(url: str) -> dict:
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        media_type = head[5:].split(";")[0] or "image/png"
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _blocks(content) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    out = []
+    for part in content:
+        if part.get("type") == "text":
+            out.append({"type": "text", "text": part.get("text", "")})
+        elif part.get("type") == "image_url":
+            image = part.get("image_url") or {}
+            out.append(_image_block(image.get("url", "") if isinstance(image, dict) else str(image)))
+    return out
+
+
+def _arguments(raw) -> dict:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = orjson.loads(raw or "{}")
+    except orjson.JSONDecodeError:
+        return {"_raw": raw}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def to_messages(messages: list[dict]) -> tuple[str, list[dict]]:
+    """OpenAI messages -> (system text, Anthropic messages), consecutive same-role turns merged."""
+    system: list[str] = []
+    out: list[dict] = []
+
+    def add(role: str, blocks: list[dict]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for m in messages:
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(m.get("content")))
+        elif role == "user":
+            add("user", _blocks(m.get("content")))
+        elif role == "assistant":
+            blocks = _blocks(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                               "input": _arguments(fn.get("arguments"))})
+            add("assistant", blocks)
+        elif role == "tool":
+            add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
+                          "content": _text(m.get("content"))}])
+    return "\n\n".join(s for s in system if s), out
+
+
+def _tool_choice(choice) -> dict | None:
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(choice)
+    name = (choice.get("function") or {}).get("name")
+    return {"type": "tool", "name": name} if name else None
+
+
+def to_request(target: Target, body: dict) -> dict:
+    system, messages = to_messages(body["messages"])
+    max_tokens = (body.get("max_completion_tokens") or body.get("max_tokens")
+                  or int(target.options.get("default_max_tokens") or DEFAULT_MAX_TOKENS))
+    req: dict = {"model": target.upstream_model, "max_tokens": max_tokens, "messages": messages}
+    if system:
+        req["system"] = system
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p")):
+        if body.get(ours) is not None:
+            req[theirs] = body[ours]
+    stop = body.get("stop")
+    if stop:
+        req["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("tools"):
+        req["tools"] = [
+            {"name": t["function"]["name"], "description": t["function"].get("description", ""),
+             "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+            for t in body["tools"] if t.get("type", "function") == "function"
+        ]
+        choice = _tool_choice(body.get("tool_choice"))
+        if choice:
+            req["tool_choice"] = choice
+    if body.get("user"):
+        req["metadata"] = {"user_id": str(body["user"])}
+    return req
+
+
+def usage_of(data: dict | None) -> Usage:
+    data = data or {}
+    read = int(data.get("cache_read_input_tokens") or 0)
+    write = int(data.get("cache_creation_input_tokens") or 0)
+    return Usage(prompt_tokens=int(data.get("input_tokens") or 0) + read + write,
+                 completion_tokens=int(data.get("output_tokens") or 0), cached_tokens=read, cache_write_tokens=write)
+
+
+def from_response(data: dict) -> Completion:
+    text, calls = [], []
+    for block in data.get("content") or ():
+        if block.get("type") == "text":
+            text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"),
+                                       "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+    message: dict = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    usage = usage_of(data.get("usage"))
+    body = {
+        "id": data.get("id", ""),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": data.get("model", ""),
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": STOP_REASONS.get(data.get("stop_reason") or "", "stop")}],
+        "usage": usage.as_openai(),
+    }
+    return Completion(body=body, usage=usage)
+
+
+@register
+class AnthropicAdapter(ProviderAdapter):
+    kind = "anthropic"
+
+    def headers(self, target: Target) -> dict:
+        headers = {"content-type": "application/json",
+                   "anthropic-version": str(target.options.get("anthropic_version") or DEFAULT_VERSION)}
+        if target.secret:
+            headers["x-api-key"] = target.secret
+        if target.options.get("beta"):
+            beta = target.options["beta"]
+            headers["anthropic-beta"] = ",".join(beta) if isinstance(beta, list) else str(beta)
+        return headers
+
+    def url(self, target: Target) -> str:
+        return (target.api_base or DEFAULT_API_BASE).rstrip("/") + "/v1/messages"
+
+    async def complete(self, target: Target, body: dict) -> Completion:
+        data = await post_json(self.url(target), headers=self.headers(target), body=to_request(target, body),
+                               secrets=(target.secret,))
+        return from_response(data)
+
+    async def stream(self, target: Target, body: dict):
+        req = {**to_request(target, body), "stream": True}
+        async with open_stream(self.url(target), headers=self.headers(target), body=req,
+                               secrets=(target.secret,)) as resp:
+            cid, model, created = "", target.upstream_model, int(time.time())
+            usage: dict = {}
+            tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+
+            def chunk(delta: dict, finish: str | None = None) -> dict:
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+            async for event, data in sse_events(resp):
+                try:
+                    payload = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise ProviderError("upstream sent a stream event that is not JSON", code="upstream_bad_body")
+                kind = payload.get("type") or event
+                if kind == "message_start":
+                    message = payload.get("message") or {}
+                    cid, model = message.get("id", cid), message.get("model", model)
+                    usage.update(message.get("usage") or {})
+                    yield chunk({"role": "assistant", "content": ""})
+                elif kind == "content_block_start":
+                    block = payload.get("content_block") or {}
+                    if block.get("type") == "tool_use":
+                        n = tool_index[payload.get("index", 0)] = len(tool_index)
+                        yield chunk({"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
+                                                     "function": {"name": block.get("name"), "arguments": ""}}]})
+                    elif block.get("type") == "text" and block.get("text"):
+                        yield chunk({"content": block["text"]})
+                elif kind == "content_block_delta":
+                    delta = payload.get("delta") or {}
+                    if delta.get("type") == "text_delta":
+                        yield chunk({"content": delta.get("text", "")})
+                    elif delta.get("type") == "input_json_delta":
+                        n = tool_index.get(payload.get("index", 0), 0)
+                        yield chunk({"tool_calls": [{"index": n,
+                                                     "function": {"arguments": delta.get("partial_json", "")}}]})
+                elif kind == "message_delta":
+                    usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
+                    reason = (payload.get("delta") or {}).get("stop_reason")
+                    yield chunk({}, STOP_REASONS.get(reason or "", "stop"))
+                elif kind == "message_stop":
+                    yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage_of(usage).as_openai()}
+                    return
+                elif kind == "error":
+                    err = payload.get("error") or {}
+                    raise ProviderError(f"upstream stream error: {err.get('message') or err.get('type')}",
+                                        code="upstream_stream_error")
+            raise ProviderError("upstream stream ended before message_stop", code="upstream_stream_broken")

@@ -1,0 +1,127 @@
+"""A fake Anthropic Messages API on loopback (`POST /v1/messages`), following Anthropic's
+documented formats: x-api-key + anthropic-version headers required, `max_tokens` required, SSE
+events message_start / content_block_start / ping / content_block_delta / content_block_stop /
+message_delta / message_stop, and error bodies `{"type": "error", "error": {type, message}}`.
+
+Behaviour by model name, as in the OpenAI fake: `fail-<status>`, `break-<n>`, `slow-<ms>`,
+`limited-<s>` (429 with Retry-After: s), `tool-...` (answers with a tool_use block), `cache-...`
+(reports cache read/write tokens), `streamerror-...` (an `error` event after the first delta),
+`badkey-model` (a 401 whose message echoes the key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+
+from .openai_server import FakeOpenAI
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+               529: "overloaded_error"}
+
+
+def _error(status: int, message: str | None = None, retry_after: str = "0") -> web.Response:
+    headers = {"retry-after": retry_after} if status == 429 else {}
+    body = {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"),
+                                       "message": message or f"fake anthropic error {status}"}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _answer(body: dict) -> str:
+    last = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
+    content = last.get("content") or ""
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return f"Echo: {content}"
+
+
+class FakeAnthropic(FakeOpenAI):
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self.messages)
+        return app
+
+    def _usage(self, body: dict, text: str, model: str) -> dict:
+        prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + 3
+        usage = {"input_tokens": prompt, "output_tokens": len(text.split()),
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        if model.startswith("cache-"):
+            usage.update(cache_creation_input_tokens=7, cache_read_input_tokens=11)
+        return usage
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        if not request.headers.get("x-api-key"):
+            return _error(401, "x-api-key header is required")
+        if not request.headers.get("anthropic-version"):
+            return _error(400, "anthropic-version header is required")
+        if "max_tokens" not in body:
+            return _error(400, "max_tokens: Field required")
+        if any(m.get("role") not in ("user", "assistant") for m in body.get("messages", [])):
+            return _error(400, "messages: roles must be user or assistant")
+        model = body.get("model", "")
+        if model == "badkey-model":  # echoes the key, as some upstream errors do
+            return _error(401, f"invalid x-api-key: {request.headers['x-api-key']}")
+        if model.startswith("fail-"):
+            return _error(int(model.split("-")[1]))
+        if model.startswith("limited-"):  # 429 asking for a pause of that many seconds
+            return _error(429, "rate limited", retry_after=model.split("-")[1])
+        if model.startswith("slow-"):
+            await asyncio.sleep(int(model.split("-")[1]) / 1000)
+        text = _answer(body)
+        usage = self._usage(body, text, model)
+        content = [{"type": "text", "text": text}]
+        stop_reason = "end_turn"
+        if model.startswith("tool-"):
+            content = [{"type": "text", "text": "Let me check."},
+                       {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}]
+            stop_reason = "tool_use"
+        if not body.get("stream"):
+            return web.json_response({"id": "msg_fake01", "type": "message", "role": "assistant", "model": model,
+                                      "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+                                      "usage": usage})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(event: str, data: dict) -> None:
+            await resp.write(f"event: {event}\n".encode() + b"data: " + orjson.dumps({"type": event, **data})
+                             + b"\n\n")
+
+        start_usage = {**usage, "output_tokens": 1}
+        await send("message_start", {"message": {"id": "msg_fake01", "type": "message", "role": "assistant",
+                                                 "model": model, "content": [], "stop_reason": None,
+                                                 "stop_sequence": None, "usage": start_usage}})
+        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        await send("ping", {})
+        words = content[0]["text"].split()
+        limit = int(model.split("-")[1]) if model.startswith("break-") else None
+        for i, w in enumerate(words):
+            if limit is not None and i >= limit:
+                request.transport.close()
+                return resp
+            await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
+                                                                     "text": w if i == 0 else " " + w}})
+            if model.startswith("streamerror-"):
+                await send("error", {"error": {"type": "overloaded_error", "message": "Overloaded"}})
+                await resp.write_eof()
+                return resp
+        await send("content_block_stop", {"index": 0})
+        if model.startswith("tool-"):
+            await send("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "toolu_01",
+                                                                             "name": "get_weather", "input": {}}})
+            for piece in ('{"city": ', '"Paris"}'):
+                await send("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta",
+                                                                         "partial_json": piece}})
+            await send("content_block_stop", {"index": 1})
+        await send("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                     "usage": {"output_tokens": usage["output_tokens"]}})
+        await send("message_stop", {})
+        await resp.write_eof()
+        return resp
