@@ -142,3 +142,18 @@ def setup(db, upstream) -> Setup:
 @pytest.fixture
 def live_setup(live_gateway, upstream) -> Setup:
     return make_setup(upstream)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache_and_key_state():
+    """The response cache (in process), collected last-use times and auth-failure counters."""
+    from apps.gateway import cache
+    from apps.keys import last_used, security
+
+    cache.cache_reset()
+    last_used.reset()
+    security.reset()
+    yield
+    cache.cache_reset()
+    last_used.reset()
+    security.reset()
