@@ -182,3 +182,20 @@ def test_redis_backend_stores_with_the_ttl(client, setup, upstream, settings):
     keys = r.keys(f"llms:rc:{setup.tenant.id}:*")
     assert len(keys) == 1
     assert 0 < r.ttl(keys[0]) <= setup.tenant.cache_ttl_s
+
+
+def test_embeddings_are_deterministic_and_cached_by_default(client, setup, upstream):
+    setup.deployment.alias.supports_embeddings = True
+    setup.deployment.alias.save()
+    body = orjson.dumps({"model": setup.alias, "input": ["alpha", "beta"]})
+
+    def embed():
+        return client.post("/v1/embeddings", data=body, content_type="application/json",
+                           HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
+
+    first, second = embed(), embed()
+
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert (first["x-gateway-cache"], second["x-gateway-cache"]) == ("miss", "hit")
+    assert second.json()["data"] == first.json()["data"]
+    assert len(upstream.requests) == 1
