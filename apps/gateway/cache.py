@@ -184,6 +184,19 @@ def _decode(raw: bytes) -> Completion:
 
 # --- the two pipeline steps -----------------------------------------------------------------
 
+_last_warning = 0.0
+
+
+def _warn(what: str, exc: Exception) -> None:
+    """A failing cache is reported at most every 10 s per process, not once per request."""
+    global _last_warning
+    now = time.monotonic()
+    if now - _last_warning >= 10:
+        _last_warning = now
+        log.warning("response cache %s failed (%s: %s); requests go to the provider", what,
+                    type(exc).__name__, exc)
+
+
 
 async def lookup(ctx: Ctx) -> Completion | None:
     """The stored completion for this request, or None (a miss, a non-cacheable request, or a
@@ -193,7 +206,7 @@ async def lookup(ctx: Ctx) -> Completion | None:
     try:
         raw = await backend().get(cache_key(ctx))
     except Exception as exc:  # any failure of the cache is a miss, never a failed request
-        log.warning("response cache lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
+        _warn("lookup", exc)
         return None
     if raw is None:
         return None
@@ -213,7 +226,7 @@ async def store(ctx: Ctx, completion: Completion) -> None:
     try:
         await backend().set(cache_key(ctx), raw, ctx.auth.cache_ttl_s)
     except Exception as exc:  # a cache that cannot store is not the client's problem
-        log.warning("response cache store failed (%s: %s)", type(exc).__name__, exc)
+        _warn("store", exc)
 
 
 class StreamRecorder:
