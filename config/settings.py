@@ -217,3 +217,17 @@ GATEWAY_PROBE_INTERVAL_S = env.float("GATEWAY_PROBE_INTERVAL_S", default=300.0)
 if GATEWAY_PROBE_INTERVAL_S > 0:
     CELERY_BEAT_SCHEDULE["gateway-deployments-probe"] = {
         "task": "gateway.deployments_probe", "schedule": GATEWAY_PROBE_INTERVAL_S}
+
+# --- response cache, key lifecycle, security events (docs/cache-and-keys.md) ----------------------
+GATEWAY_CACHE_ENABLED = env.bool("GATEWAY_CACHE_ENABLED", default=True)
+# "redis" (when REDIS_URL is set) or "memory" (an LRU in each process).
+GATEWAY_CACHE_BACKEND = env("GATEWAY_CACHE_BACKEND", default="redis" if REDIS_URL else "memory")
+GATEWAY_CACHE_TIMEOUT_S = env.float("GATEWAY_CACHE_TIMEOUT_S", default=REDIS_TIMEOUT_S)
+GATEWAY_CACHE_MAX_ENTRIES = env.int("GATEWAY_CACHE_MAX_ENTRIES", default=10_000)
+GATEWAY_CACHE_MAX_ENTRY_BYTES = env.int("GATEWAY_CACHE_MAX_ENTRY_BYTES", default=256 * 1024)
+# last_used_at is collected in process and written in bulk at most this often (never per request).
+GATEWAY_LAST_USED_FLUSH_S = env.float("GATEWAY_LAST_USED_FLUSH_S", default=30.0)
+# Failed authentications from one key prefix and client address: one audit row per window once
+# the count reaches the threshold.
+GATEWAY_AUTH_FAILURE_BURST = env.int("GATEWAY_AUTH_FAILURE_BURST", default=5)
+GATEWAY_AUTH_FAILURE_WINDOW_S = env.int("GATEWAY_AUTH_FAILURE_WINDOW_S", default=60)

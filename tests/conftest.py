@@ -259,3 +259,85 @@ def gemini_upstream(_fake_gemini_server):
 def azure_upstream(_fake_azure_server):
     _fake_azure_server.requests.clear()
     return _fake_azure_server
+
+@pytest.fixture(autouse=True)
+def _fresh_cache_and_key_state():
+    """The response cache (in process), collected last-use times and auth-failure counters."""
+    from apps.gateway import cache
+    from apps.keys import last_used, security
+
+    cache.cache_reset()
+    last_used.reset()
+    security.reset()
+    yield
+    cache.cache_reset()
+    last_used.reset()
+    security.reset()
+
+
+class GatewayProcess:
+    """Another gateway instance in its own process (uvicorn), on the test database and Redis: what
+    one instance caches in process, the other does not see."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        import os
+        import subprocess
+        import sys
+
+        import httpx
+        from django.db import connection
+
+        db = connection.settings_dict
+        if settings.IS_POSTGRES:
+            auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+            database_url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+        else:
+            database_url = f"sqlite:///{db['NAME']}"
+        env = {**os.environ, "DATABASE_URL": database_url, "DJANGO_SETTINGS_MODULE": "config.settings"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning", "--lifespan", "off"],
+            env=env, cwd=str(settings.BASE_DIR),
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the second gateway process exited")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the second gateway process did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def _gateway_process(django_db_setup, django_db_blocker):
+    with django_db_blocker.unblock():
+        gw = GatewayProcess().start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def gateway_process(transactional_db, _gateway_process):
+    """A second live gateway, in another process, sharing the test database (transactional)."""
+    return _gateway_process.url

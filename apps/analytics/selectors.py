@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Count, Q, Sum
 
 from .models import UsageEvent
 
@@ -71,3 +75,23 @@ def seed_usage_event(row: dict) -> dict:
         "price_version": row["price_id"],
         "estimated": row["estimated"],
     }
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    requests: int  # answered requests (status 200) that the cache could have served
+    hits: int
+    saved_usd: Decimal  # what the hits would have cost at the prices in force
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+def cache_stats(*, tenant_ids, since: datetime | None = None, until: datetime | None = None,
+                **filters) -> CacheStats:
+    """Response-cache hit rate and saved dollars over the ledger (e.g. filters: model=..., api_key_id=...)."""
+    qs = usage_events(tenant_ids=tenant_ids, since=since, until=until, status=200, **filters).order_by()
+    agg = qs.aggregate(requests=Count("id"), hits=Count("id", filter=Q(cached=True)),
+                       saved=Sum("saved_cost", filter=Q(cached=True)))
+    return CacheStats(requests=agg["requests"], hits=agg["hits"], saved_usd=agg["saved"] or Decimal(0))

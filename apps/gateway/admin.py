@@ -3,6 +3,7 @@ provider's credential is shown by name only, never decrypted."""
 
 from django.contrib import admin
 
+from apps.keys.audit import AuditedAdminMixin
 from apps.keys.services import audit_record, snapshot
 
 from .models import Deployment, DeploymentHealth, ModelAlias, Provider
@@ -10,19 +11,19 @@ from .selectors import routing_table_invalidate
 from .services import alias_pin_audit, alias_pins
 
 
-class AuditedAdmin(admin.ModelAdmin):
-    """Records each save and delete in the audit trail, and reloads the routing table."""
+class AuditedAdmin(AuditedAdminMixin, admin.ModelAdmin):
+    """Every save and delete is audited (AuditedAdminMixin); the routing table is reloaded."""
 
-    def save_model(self, request, obj, form, change):
-        before = snapshot(type(obj).objects.get(pk=obj.pk)) if change else None
-        super().save_model(request, obj, form, change)
-        audit_record(actor=f"admin:{request.user.username}", action="update" if change else "create", obj=obj,
-                     before=before, after=snapshot(obj))
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
         routing_table_invalidate()
 
     def delete_model(self, request, obj):
-        audit_record(actor=f"admin:{request.user.username}", action="delete", obj=obj, before=snapshot(obj))
         super().delete_model(request, obj)
+        routing_table_invalidate()
+
+    def delete_queryset(self, request, queryset):
+        super().delete_queryset(request, queryset)
         routing_table_invalidate()
 
 
@@ -85,7 +86,7 @@ class DeploymentAdmin(AuditedAdmin):
 
 
 @admin.register(DeploymentHealth)
-class DeploymentHealthAdmin(admin.ModelAdmin):
+class DeploymentHealthAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["deployment", "checked_at", "ok", "latency_ms", "error"]
     list_select_related = ["deployment__alias", "deployment__provider"]
     list_filter = ["ok"]

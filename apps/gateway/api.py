@@ -35,7 +35,7 @@ def _error(exc: GatewayError, ctx: pipeline.Ctx) -> HttpResponse:
 
 
 async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) -> HttpResponse:
-    ctx = pipeline.Ctx(kind=kind)
+    ctx = pipeline.Ctx(kind=kind, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
     try:
         hit = await pipeline.prepare(ctx, request.headers.get("authorization"), request.body)
         if ctx.is_async:
@@ -85,7 +85,7 @@ async def seed_request(request: HttpRequest):
 
 @api.get("/models")
 async def models(request: HttpRequest):
-    ctx = pipeline.Ctx()
+    ctx = pipeline.Ctx(kind=pipeline.MODELS, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
     try:
         await pipeline.authenticate(ctx, request.headers.get("authorization"))
     except GatewayError as exc:

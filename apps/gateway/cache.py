@@ -1,19 +1,279 @@
-"""The response cache: exact match, always scoped to the tenant. (Pass-through until the cache
-work lands; the pipeline already looks up and stores at the right places.)"""
+"""The response cache: exact match, always scoped to the tenant.
+
+Key: (tenant, endpoint kind, model alias, canonical messages/input, generation parameters), hashed
+with SHA-256. `stream`, `stream_options` and `user` are not part of the key, so a streamed request
+hits what a non-streamed one stored and the other way round.
+
+Policy (`cacheable`): a request's own `cache: true|false` wins; otherwise the key's default (or the
+tenant's when the key has none) applies, and then only to deterministic requests (temperature 0,
+and embeddings). TTL: the key's `cache_ttl_s`, else the tenant's.
+
+Backends: Redis when REDIS_URL is set (short timeouts; any Redis error is a miss and never fails the
+request), an in-process LRU otherwise. Entries larger than GATEWAY_CACHE_MAX_ENTRY_BYTES are not
+stored. Completions that call tools, or were cut short by a filter, are not stored: the SSE replay
+only reproduces plain text.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from .providers.base import Completion
+import orjson
+from django.conf import settings
+
+from .providers.base import Completion, Usage
 
 if TYPE_CHECKING:
     from .pipeline import Ctx
 
+log = logging.getLogger(__name__)
+
+# Not part of the key: how the answer is delivered, and who the end user is.
+_NOT_IN_KEY = frozenset({"model", "stream", "stream_options", "user"})
+_FLOAT_PARAMS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_STORABLE_FINISH = (None, "stop", "length")
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
+
+
+# --- backends -------------------------------------------------------------------------------
+
+
+class MemoryBackend:
+    """An LRU in process, with per-entry expiry (wall clock, so tests can move it)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    async def get(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= time.time():
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry[1]
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        with self._lock:
+            self._data[key] = (time.time() + ttl_s, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+class RedisBackend:
+    """Redis with a hard deadline on every call. One client per event loop (redis.asyncio
+    connections belong to the loop that opened them)."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _client(self):
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            )
+            self._clients[loop] = client
+        return client
+
+    async def get(self, key: str) -> bytes | None:
+        async with asyncio.timeout(self.timeout_s):
+            return await self._client().get(key)
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            await self._client().set(key, value, ex=ttl_s)
+
+    def clear(self) -> None:
+        self._clients = weakref.WeakKeyDictionary()
+
+
+_backend: MemoryBackend | RedisBackend | None = None
+
+
+def backend() -> MemoryBackend | RedisBackend:
+    global _backend
+    if _backend is None:
+        if settings.GATEWAY_CACHE_BACKEND == "redis" and settings.REDIS_URL:
+            _backend = RedisBackend(settings.REDIS_URL, settings.GATEWAY_CACHE_TIMEOUT_S)
+        else:
+            _backend = MemoryBackend(settings.GATEWAY_CACHE_MAX_ENTRIES)
+    return _backend
+
+
+def cache_reset() -> None:
+    """Forget the backend (and, in process, every entry). For tests and settings changes."""
+    global _backend
+    if _backend is not None:
+        _backend.clear()
+    _backend = None
+
+
+# --- policy and key -------------------------------------------------------------------------
+
+
+def cacheable(ctx: Ctx) -> bool:
+    if not settings.GATEWAY_CACHE_ENABLED or ctx.auth is None or ctx.batch_id:
+        return False
+    if ctx.options.cache is not None:
+        return ctx.options.cache
+    if not ctx.auth.cache_enabled:
+        return False
+    if ctx.kind == "embeddings":
+        return True
+    temperature = ctx.body.get("temperature")
+    return temperature is not None and float(temperature) == 0.0
+
+
+def cache_key(ctx: Ctx) -> str:
+    params = {k: v for k, v in ctx.body.items() if k not in _NOT_IN_KEY}
+    for name in _FLOAT_PARAMS:
+        if isinstance(params.get(name), int | float):
+            params[name] = float(params[name])
+    digest = hashlib.sha256(orjson.dumps([ctx.kind, ctx.model, params], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"llms:rc:{ctx.auth.tenant_id}:{digest}"
+
+
+def _storable(ctx: Ctx, completion: Completion) -> bool:
+    if ctx.kind != "chat":
+        return True
+    for choice in completion.body.get("choices", ()):
+        message = choice.get("message") or {}
+        if message.get("tool_calls") or message.get("function_call") or \
+                choice.get("finish_reason") not in _STORABLE_FINISH:
+            return False
+        if not isinstance(message.get("content"), str | None):
+            return False
+    return bool(completion.body.get("choices"))
+
+
+def _encode(completion: Completion) -> bytes:
+    usage = {name: getattr(completion.usage, name) for name in _USAGE_FIELDS}
+    return orjson.dumps({"body": completion.body, "usage": usage})
+
+
+def _decode(raw: bytes) -> Completion:
+    data = orjson.loads(raw)
+    return Completion(body=data["body"], usage=Usage(**data["usage"]))
+
+
+# --- the two pipeline steps -----------------------------------------------------------------
+
+_last_warning = 0.0
+
+
+def _warn(what: str, exc: Exception) -> None:
+    """A failing cache is reported at most every 10 s per process, not once per request."""
+    global _last_warning
+    now = time.monotonic()
+    if now - _last_warning >= 10:
+        _last_warning = now
+        log.warning("response cache %s failed (%s: %s); requests go to the provider", what,
+                    type(exc).__name__, exc)
+
+
 
 async def lookup(ctx: Ctx) -> Completion | None:
-    return None
+    """The stored completion for this request, or None (a miss, a non-cacheable request, or a
+    cache that cannot be reached)."""
+    if not cacheable(ctx):
+        return None
+    try:
+        raw = await backend().get(cache_key(ctx))
+    except Exception as exc:  # any failure of the cache is a miss, never a failed request
+        _warn("lookup", exc)
+        return None
+    if raw is None:
+        return None
+    try:
+        return _decode(raw)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def store(ctx: Ctx, completion: Completion) -> None:
-    return None
+    """Keep a successful completion for the key's (or tenant's) TTL. Never fails the request."""
+    if ctx.cached or ctx.status != 200 or not cacheable(ctx) or not _storable(ctx, completion):
+        return
+    raw = _encode(completion)
+    if len(raw) > settings.GATEWAY_CACHE_MAX_ENTRY_BYTES:
+        return
+    try:
+        await backend().set(cache_key(ctx), raw, ctx.auth.cache_ttl_s)
+    except Exception as exc:  # a cache that cannot store is not the client's problem
+        _warn("store", exc)
+
+
+class StreamRecorder:
+    """Assembles a streamed answer into the chat.completion it stands for, so that a streamed miss
+    is stored like a non-streamed one. A no-op for requests the cache does not keep."""
+
+    __slots__ = ("ctx", "enabled", "head", "parts", "finish_reason", "role")
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        self.enabled = cacheable(ctx)
+        self.head: dict | None = None
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.role = "assistant"
+
+    def add(self, chunk: dict) -> None:
+        if not self.enabled:
+            return
+        if self.head is None:
+            self.head = chunk
+        for choice in chunk.get("choices", ()):
+            if choice.get("index", 0) != 0:
+                self.enabled = False
+                return
+            delta = choice.get("delta") or {}
+            if delta.get("tool_calls") or delta.get("function_call"):
+                self.enabled = False
+                return
+            if delta.get("content"):
+                self.parts.append(delta["content"])
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    async def store(self, usage: Usage) -> None:
+        if not self.enabled or self.head is None or self.ctx.status != 200:
+            return
+        head = self.head
+        body = {
+            "id": head.get("id", self.ctx.request_id),
+            "object": "chat.completion",
+            "created": head.get("created", int(time.time())),
+            "model": head.get("model", self.ctx.model),
+            "choices": [{"index": 0, "message": {"role": self.role, "content": "".join(self.parts)},
+                         "finish_reason": self.finish_reason or "stop"}],
+            "usage": usage.as_openai(),
+        }
+        if head.get("system_fingerprint"):
+            body["system_fingerprint"] = head["system_fingerprint"]
+        await store(self.ctx, Completion(body=body, usage=usage))

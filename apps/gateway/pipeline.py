@@ -25,6 +25,7 @@ from django.utils import timezone
 from apps.analytics.services import usage_event_record
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
+from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
@@ -37,7 +38,8 @@ from .tokens import estimate_text, text_of
 
 CHAT = "chat"
 EMBEDDINGS = "embeddings"
-ENDPOINT_PATHS = {CHAT: "/v1/chat/completions", EMBEDDINGS: "/v1/embeddings"}
+MODELS = "models"
+ENDPOINT_PATHS = {CHAT: "/v1/chat/completions", EMBEDDINGS: "/v1/embeddings", MODELS: "/v1/models"}
 
 
 def new_request_id() -> str:
@@ -74,6 +76,8 @@ class Ctx:
     error_code: str = ""
     recorded: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
+    client_ip: str = ""
 
     @property
     def metadata(self) -> schemas.GatewayMetadata:
@@ -103,6 +107,7 @@ _auth_cache: dict[str, tuple[float, KeyAuth | None]] = {}
 async def authenticate(ctx: Ctx, authorization: str | None) -> None:
     """Bearer key -> KeyAuth, by HMAC digest; cached in process for GATEWAY_AUTH_CACHE_TTL_S."""
     if not authorization or not authorization.startswith("Bearer "):
+        await security.auth_failure_note(prefix="", ip=ctx.client_ip, reason="missing_key")
         raise invalid_api_key("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
     secret = authorization[7:].strip()
     digest = api_key_digest(secret)
@@ -116,15 +121,19 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
             _auth_cache.clear()
         _auth_cache[digest] = (now + settings.GATEWAY_AUTH_CACHE_TTL_S, auth)
     if auth is None:
+        await security.auth_failure_note(prefix=secret[:6], ip=ctx.client_ip, reason="unknown_key")
         raise invalid_api_key(f"Incorrect API key provided: {secret[:6]}***.")
-    if auth.revoked:
-        raise invalid_api_key("This API key has been revoked.")
-    if auth.expires_at is not None and auth.expires_at <= timezone.now():
-        raise invalid_api_key("This API key has expired.")
-    if not auth.may_use_endpoint(ENDPOINT_PATHS[ctx.kind]):
-        raise permission_denied(f"This API key may not call {ENDPOINT_PATHS[ctx.kind]}.",
-                                code="endpoint_not_allowed")
+    if auth.revoked or (auth.expires_at is not None and auth.expires_at <= timezone.now()):
+        reason = "revoked" if auth.revoked else "expired"
+        await security.auth_failure_note(prefix=auth.key_prefix, ip=ctx.client_ip, reason=reason,
+                                         tenant_id=auth.tenant_id, key_id=auth.key_id)
+        raise invalid_api_key(f"This API key has {'been revoked' if auth.revoked else 'expired'}.")
+    endpoint = ctx.endpoint or ENDPOINT_PATHS[ctx.kind]
+    if not auth.may_use_endpoint(endpoint):
+        raise permission_denied(f"This API key may not call {endpoint}.", code="endpoint_not_allowed")
     ctx.auth = auth
+    last_used.touch(auth.key_id)
+    last_used.flush_soon()
 
 
 def validate(ctx: Ctx, data: dict | bytes) -> None:
@@ -361,8 +370,10 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
     usage: Usage | None = None
     usage_chunk: dict | None = None
     chunk = first
+    recorder = cache.StreamRecorder(ctx)
     try:
         while chunk is not None:
+            recorder.add(chunk)
             if chunk.get("usage"):
                 usage = Usage.from_openai(chunk["usage"])
                 if not chunk.get("choices"):
@@ -379,6 +390,7 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
             chunk = await anext(agen, None)
         ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
         await settle(ctx)
+        await recorder.store(ctx.usage)
         await record(ctx)
         if ctx.include_usage:
             yield sse(usage_chunk or {"id": first.get("id") if first else ctx.request_id,

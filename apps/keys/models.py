@@ -87,6 +87,7 @@ class ApiKey(models.Model):
     tpm = models.PositiveIntegerField(null=True, blank=True)
     default_budget_id = models.CharField(max_length=100, blank=True)
     cache_enabled = models.BooleanField(null=True, blank=True, help_text="Empty: the tenant's default.")
+    cache_ttl_s = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the tenant's TTL.")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     # Rotation: the previous digest keeps working until previous_digest_expires_at.
@@ -123,6 +124,7 @@ class AuditLog(models.Model):
 
     at = models.DateTimeField(auto_now_add=True, db_index=True)
     actor = models.CharField(max_length=150, help_text="username, 'cli' or 'system'")
+    via = models.CharField(max_length=16, blank=True, help_text="admin, api, cli or system")
     tenant = models.ForeignKey(Tenant, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     action = models.CharField(max_length=64)
     object_type = models.CharField(max_length=64)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import ApiKey, Membership, Role, Tenant
+from .models import ApiKey, AuditLog, Membership, Role, Tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,13 @@ class KeyAuth:
         return not self.allowed_models or alias in self.allowed_models
 
     def may_use_endpoint(self, endpoint: str) -> bool:
-        return not self.allowed_endpoints or endpoint in self.allowed_endpoints
+        """Entries are paths (`/v1/embeddings`) or prefixes ending in `*` (`/v1/*`, `/v1/chat/*`)."""
+        if not self.allowed_endpoints:
+            return True
+        for allowed in self.allowed_endpoints:
+            if allowed == endpoint or (allowed.endswith("*") and endpoint.startswith(allowed[:-1])):
+                return True
+        return False
 
 
 def api_key_auth_by_digest(*, digest: str) -> KeyAuth | None:
@@ -69,7 +75,7 @@ def api_key_auth_by_digest(*, digest: str) -> KeyAuth | None:
         tpm=key.tpm,
         default_budget_id=key.default_budget_id,
         cache_enabled=tenant.cache_enabled if key.cache_enabled is None else key.cache_enabled,
-        cache_ttl_s=tenant.cache_ttl_s,
+        cache_ttl_s=key.cache_ttl_s or tenant.cache_ttl_s,
         allowed_regions=tuple(tenant.allowed_regions or ()),
         allow_unpriced_models=tenant.allow_unpriced_models,
         expires_at=key.expires_at,
@@ -87,3 +93,16 @@ def tenants_for_user(*, user, roles: tuple[str, ...] | None = None):
 
 
 ADMIN_ROLES = (Role.OWNER, Role.ADMIN)
+
+
+def audit_log_for_user(*, user):
+    """The audit rows `user` may read: all for a superuser, else those of the tenants where the
+    user is an owner or admin (newest first)."""
+    qs = AuditLog.objects.select_related("tenant")
+    if user.is_superuser:
+        return qs
+    return qs.filter(tenant__in=tenants_for_user(user=user, roles=ADMIN_ROLES))
+
+
+def user_is_tenant_admin(*, user) -> bool:
+    return user.is_superuser or Membership.objects.filter(user=user, role__in=ADMIN_ROLES).exists()

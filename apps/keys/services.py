@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
@@ -37,14 +39,26 @@ def snapshot(obj) -> dict:
 
 def audit_record(*, actor: str, action: str, obj=None, tenant: Tenant | None = None,
                  object_type: str = "", object_id: str = "", before: dict | None = None,
-                 after: dict | None = None) -> AuditLog:
+                 after: dict | None = None, via: str = "", tenant_id: int | None = None) -> AuditLog:
+    """Append one row to the audit log. `via` says where the change came from (admin, api, cli,
+    system; empty: unknown). Callers pass snapshots made by `snapshot`, which drops secrets."""
     if obj is not None:
         object_type = object_type or obj._meta.model_name
         object_id = object_id or str(obj.pk)
-        if tenant is None:
-            tenant = getattr(obj, "tenant", None) if not isinstance(obj, Tenant) else obj
-    return AuditLog.objects.create(actor=actor, action=action, tenant=tenant, object_type=object_type,
-                                   object_id=object_id, before=before, after=after)
+        if tenant is None and tenant_id is None:
+            tenant_id = _tenant_id_of(obj)
+    if tenant is not None:
+        tenant_id = tenant.pk
+    if not via:
+        via = "cli" if actor == "cli" else "system" if actor == "system" else ""
+    return AuditLog.objects.create(actor=actor, via=via, action=action, tenant_id=tenant_id,
+                                   object_type=object_type, object_id=object_id, before=before, after=after)
+
+
+def _tenant_id_of(obj) -> int | None:
+    if isinstance(obj, Tenant):  # a deleted tenant leaves rows that name no tenant
+        return obj.pk if obj.pk is not None and Tenant.objects.filter(pk=obj.pk).exists() else None
+    return getattr(obj, "tenant_id", None)
 
 
 @dataclass(frozen=True)
@@ -53,44 +67,128 @@ class CreatedKey:
     secret: str  # shown once, never stored
 
 
+def api_key_set_secret(*, key: ApiKey) -> str:
+    """Give `key` a fresh secret (digest and display prefix; not saved). Returns the secret, which
+    is shown once and never stored."""
+    secret = crypto.api_key_generate()
+    key.digest = crypto.api_key_digest(secret)
+    key.prefix = crypto.api_key_display_prefix(secret)
+    return secret
+
+
 @transaction.atomic
 def api_key_create(*, tenant: Tenant, source: Source, name: str, actor: str, allowed_models: list[str] | None = None,
                    rpm: int | None = None, tpm: int | None = None, expires_days: int | None = None,
-                   default_budget_id: str = "") -> CreatedKey:
-    secret = crypto.api_key_generate()
-    key = ApiKey.objects.create(
+                   default_budget_id: str = "", allowed_endpoints: list[str] | None = None,
+                   cache_enabled: bool | None = None, cache_ttl_s: int | None = None,
+                   via: str = "") -> CreatedKey:
+    if source.tenant_id != tenant.pk:
+        raise ValidationError({"source": f"source {source.name!r} belongs to another tenant"})
+    key = ApiKey(
         tenant=tenant,
         source=source,
         name=name,
-        digest=crypto.api_key_digest(secret),
-        prefix=crypto.api_key_display_prefix(secret),
         allowed_models=allowed_models or [],
+        allowed_endpoints=allowed_endpoints or [],
         rpm=rpm,
         tpm=tpm,
         default_budget_id=default_budget_id,
+        cache_enabled=cache_enabled,
+        cache_ttl_s=cache_ttl_s,
         expires_at=timezone.now() + timedelta(days=expires_days) if expires_days else None,
     )
-    audit_record(actor=actor, action="create", obj=key, after=snapshot(key))
+    secret = api_key_set_secret(key=key)
+    key.save()
+    audit_record(actor=actor, action="create", obj=key, after=snapshot(key), via=via)
     return CreatedKey(key=key, secret=secret)
 
 
+# Fields api_key_update may change; the secret only changes through api_key_rotate.
+API_KEY_EDITABLE = frozenset({
+    "name", "source", "allowed_models", "allowed_endpoints", "rpm", "tpm", "default_budget_id",
+    "cache_enabled", "cache_ttl_s", "expires_at",
+})
+
+
 @transaction.atomic
-def api_key_revoke(*, key: ApiKey, actor: str) -> ApiKey:
+def api_key_update(*, key: ApiKey, actor: str, via: str = "", **values) -> ApiKey:
+    """Change a key's scopes, limits, expiry or per-key defaults. Audited when something changed."""
+    unknown = set(values) - API_KEY_EDITABLE
+    if unknown:
+        raise ValidationError({name: "cannot be changed here" for name in sorted(unknown)})
+    if "source" in values and values["source"].tenant_id != key.tenant_id:
+        raise ValidationError({"source": "the source belongs to another tenant"})
     before = snapshot(key)
-    key.revoked_at = timezone.now()
-    key.save(update_fields=["revoked_at"])
-    audit_record(actor=actor, action="revoke", obj=key, before=before, after=snapshot(key))
+    changed = [k for k, v in values.items() if getattr(key, k) != v]
+    if not changed:
+        return key
+    for k in changed:
+        setattr(key, k, values[k])
+    key.save(update_fields=changed)
+    audit_record(actor=actor, action="update", obj=key, before=before, after=snapshot(key), via=via)
     return key
 
 
 @transaction.atomic
-def provider_credential_set(*, name: str, secret: str, actor: str) -> ProviderCredential:
+def api_key_revoke(*, key: ApiKey, actor: str, via: str = "") -> ApiKey:
+    """Refuse the key (and any rotated-out secret of it) from now on. Every gateway instance sees it
+    within GATEWAY_AUTH_CACHE_TTL_S. Revoking a revoked key changes nothing."""
+    if key.revoked_at is not None:
+        return key
+    before = snapshot(key)
+    key.revoked_at = timezone.now()
+    key.save(update_fields=["revoked_at"])
+    audit_record(actor=actor, action="revoke", obj=key, before=before, after=snapshot(key), via=via)
+    return key
+
+
+@transaction.atomic
+def api_key_rotate(*, key: ApiKey, actor: str, grace_s: int = 0, via: str = "") -> CreatedKey:
+    """Give the key a new secret. The old secret keeps working for `grace_s` seconds (0: refused at
+    once); a secret rotated out earlier is forgotten. Returns the new secret, shown once."""
+    if grace_s < 0:
+        raise ValidationError({"grace_s": "must be zero or more seconds"})
+    key = ApiKey.objects.select_for_update().get(pk=key.pk)
+    if key.revoked_at is not None:
+        raise ValidationError("a revoked key cannot be rotated; create a new key")
+    before = snapshot(key)
+    if grace_s:
+        key.previous_digest = key.digest
+        key.previous_digest_expires_at = timezone.now() + timedelta(seconds=grace_s)
+    else:
+        key.previous_digest, key.previous_digest_expires_at = "", None
+    secret = api_key_set_secret(key=key)
+    key.save(update_fields=["digest", "prefix", "previous_digest", "previous_digest_expires_at"])
+    audit_record(actor=actor, action="rotate", obj=key, before=before,
+                 after={**snapshot(key), "grace_s": grace_s}, via=via)
+    return CreatedKey(key=key, secret=secret)
+
+
+def api_key_last_used_write(*, seen: dict[int, datetime]) -> int:
+    """Write collected last-use times in bulk (one UPDATE per key, never moving a time backwards).
+    Returns how many keys changed."""
+    changed = 0
+    for key_id, at in seen.items():
+        changed += ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=at), pk=key_id) \
+            .update(last_used_at=at)
+    return changed
+
+
+def security_event_record(*, action: str, tenant_id: int | None = None, object_type: str = "apikey",
+                          object_id: str = "", details: dict | None = None) -> AuditLog:
+    """A security event (e.g. a burst of failed authentications) in the audit log."""
+    return audit_record(actor="system", via="system", action=action, tenant_id=tenant_id,
+                        object_type=object_type, object_id=object_id, after=details)
+
+
+@transaction.atomic
+def provider_credential_set(*, name: str, secret: str, actor: str, via: str = "") -> ProviderCredential:
     cred, created = ProviderCredential.objects.get_or_create(name=name)
     if created or cred.reveal() != secret:
         cred.encrypted_secret = crypto.encrypt(secret) if secret else ""
         cred.save()
         audit_record(actor=actor, action="create" if created else "update", obj=cred,
-                     after={"name": name, "secret": "(set)" if secret else "(empty)"})
+                     after={"name": name, "secret": "(set)" if secret else "(empty)"}, via=via)
     return cred
 
 

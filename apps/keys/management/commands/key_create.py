@@ -15,6 +15,12 @@ class Command(BaseCommand):
         parser.add_argument("--rpm", type=int)
         parser.add_argument("--tpm", type=int)
         parser.add_argument("--expires-days", type=int)
+        parser.add_argument("--endpoints", help="comma-separated /v1 paths this key may call, `*` allowed at the "
+                                                "end (default: all)")
+        parser.add_argument("--budget-id", default="", help="metadata.budget_id used when a request names none")
+        parser.add_argument("--cache", choices=["on", "off", "tenant"], default="tenant",
+                            help="response cache default for this key (default: the tenant's)")
+        parser.add_argument("--cache-ttl", type=int, help="cache TTL in seconds (default: the tenant's)")
 
     def handle(self, *args, **o):
         tenant = Tenant.objects.filter(slug=o["tenant"]).first()
@@ -23,13 +29,20 @@ class Command(BaseCommand):
         source = Source.objects.filter(tenant=tenant, name=o["source"]).first()
         if source is None:
             raise CommandError(f"--source: tenant {tenant.slug} has no source {o['source']!r}")
-        for flag in ("rpm", "tpm", "expires_days"):
+        for flag in ("rpm", "tpm", "expires_days", "cache_ttl"):
             if o[flag] is not None and o[flag] < 1:
                 raise CommandError(f"--{flag.replace('_', '-')}: must be a positive number")
         name = o["name"] or f"{source.name}-{tenant.api_keys.count() + 1}"
         if tenant.api_keys.filter(name=name).exists():
             raise CommandError(f"--name: tenant {tenant.slug} already has a key named {name!r}")
         models = [m.strip() for m in (o["models"] or "").split(",") if m.strip()]
+        endpoints = [e.strip() for e in (o["endpoints"] or "").split(",") if e.strip()]
+        for e in endpoints:
+            if not e.startswith("/v1/"):
+                raise CommandError(f"--endpoints: {e!r} is not a /v1/ path")
         created = api_key_create(tenant=tenant, source=source, name=name, actor="cli", allowed_models=models,
-                                 rpm=o["rpm"], tpm=o["tpm"], expires_days=o["expires_days"])
+                                 rpm=o["rpm"], tpm=o["tpm"], expires_days=o["expires_days"],
+                                 allowed_endpoints=endpoints, default_budget_id=o["budget_id"],
+                                 cache_enabled={"on": True, "off": False}.get(o["cache"]),
+                                 cache_ttl_s=o["cache_ttl"], via="cli")
         self.stdout.write(created.secret)
