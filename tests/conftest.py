@@ -142,3 +142,17 @@ def setup(db, upstream) -> Setup:
 @pytest.fixture
 def live_setup(live_gateway, upstream) -> Setup:
     return make_setup(upstream)
+
+
+@pytest.fixture
+def world(db):
+    """Two tenants (acme, globex) with an owner, admin, manager and viewer, sources, keys, budgets."""
+    from tests.keys.personas import make_world
+
+    return make_world()
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings):
+    """Factories set passwords for every persona: a cheap hasher keeps the suite fast."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

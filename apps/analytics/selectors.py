@@ -323,3 +323,48 @@ def usage_aggregate_rows(filters: UsageFilters, group: str) -> Iterator[dict]:
         out.update(r)
         out["cost"], out["saved_cost"] = str(out["cost"]), str(out["saved_cost"])
         yield {k: out[k] for k in (*AGGREGATE_GROUPS[group], *AGGREGATE_MEASURES)}
+
+
+def redis_checks() -> dict[str, str]:
+    """Ping Redis and the Celery broker when they are Redis; a filesystem broker must be writable."""
+    import os
+
+    from django.conf import settings
+
+    checks: dict[str, str] = {}
+    targets = {}
+    if settings.REDIS_URL:
+        targets["redis"] = settings.REDIS_URL
+    broker = settings.CELERY_BROKER_URL
+    if broker.startswith(("redis://", "rediss://")):
+        targets["broker"] = broker
+    elif broker.startswith("filesystem://"):
+        folder = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}).get("data_folder_in", "")
+        checks["broker"] = "ok" if folder and os.access(folder, os.W_OK) else "error: broker folder not writable"
+    if targets:
+        import redis
+
+        for name, url in targets.items():
+            try:
+                redis.Redis.from_url(url, socket_timeout=settings.REDIS_TIMEOUT_S,
+                                     socket_connect_timeout=settings.REDIS_TIMEOUT_S).ping()
+                checks[name] = "ok"
+            except redis.RedisError as exc:
+                checks[name] = f"error: {type(exc).__name__}"
+    return checks
+
+
+def provider_availability_recent(*, hours: int = 1) -> list[dict]:
+    """Per provider over the last `hours` (hourly rollups, every tenant): informational."""
+    now = timezone.now()
+    rows = (UsageRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).exclude(provider="")
+            .values("provider").annotate(requests=Sum("requests"),
+                                         upstream_errors=Sum("requests", filter=Q(status_class=5)))
+            .order_by("provider"))
+    return [{"provider": r["provider"], "requests": r["requests"], "upstream_errors": r["upstream_errors"] or 0,
+             "availability": _ratio(r["requests"] - (r["upstream_errors"] or 0), r["requests"])} for r in rows]
+
+
+def usage_events_values(qs):
+    """The ledger as export dicts (what `seed_usage_event` and `csv_row` take), unevaluated."""
+    return qs.values(*_EXPORT_FIELDS)
