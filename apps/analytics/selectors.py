@@ -214,13 +214,13 @@ def provider_availability(filters: UsageFilters) -> list[dict]:
     """Per provider: requests, upstream errors (5xx) and availability, from the ledger's rollups
     (no active health checks yet)."""
     rows = (filters.rollups().exclude(provider="").values("provider")
-            .annotate(requests=Sum("requests"), upstream_errors=Sum("requests", filter=Q(status_class=5)))
+            .annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)), n=Sum("requests"))
             .order_by("provider"))
     out = []
     for r in rows:
         errors = r["upstream_errors"] or 0
-        out.append({"provider": r["provider"], "requests": r["requests"], "upstream_errors": errors,
-                    "availability": _ratio(r["requests"] - errors, r["requests"])})
+        out.append({"provider": r["provider"], "requests": r["n"], "upstream_errors": errors,
+                    "availability": _ratio(r["n"] - errors, r["n"])})
     return out
 
 
@@ -358,11 +358,11 @@ def provider_availability_recent(*, hours: int = 1) -> list[dict]:
     """Per provider over the last `hours` (hourly rollups, every tenant): informational."""
     now = timezone.now()
     rows = (UsageRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).exclude(provider="")
-            .values("provider").annotate(requests=Sum("requests"),
-                                         upstream_errors=Sum("requests", filter=Q(status_class=5)))
+            .values("provider").annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)),
+                                         n=Sum("requests"))
             .order_by("provider"))
-    return [{"provider": r["provider"], "requests": r["requests"], "upstream_errors": r["upstream_errors"] or 0,
-             "availability": _ratio(r["requests"] - (r["upstream_errors"] or 0), r["requests"])} for r in rows]
+    return [{"provider": r["provider"], "requests": r["n"], "upstream_errors": r["upstream_errors"] or 0,
+             "availability": _ratio(r["n"] - (r["upstream_errors"] or 0), r["n"])} for r in rows]
 
 
 def usage_events_values(qs):

@@ -127,7 +127,18 @@ def static_file(request, path: str):
     works offline under uvicorn without collectstatic or a web server in front."""
     from django.contrib.staticfiles.views import serve
 
-    response = serve(request, path, insecure=True)
+    from django.http import HttpResponse
+
+    served = serve(request, path, insecure=True)
+    if not served.streaming:  # 304 Not Modified
+        return served
+    # Static files are small: one body instead of a sync file iterator (which ASGI would read
+    # whole anyway, with a warning).
+    response = HttpResponse(b"".join(served.streaming_content), content_type=served["Content-Type"])
+    for header in ("Last-Modified", "Content-Encoding"):
+        if header in served:
+            response[header] = served[header]
+    served.close()
     response["Cache-Control"] = "public, max-age=3600"
     return response
 
