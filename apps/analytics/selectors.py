@@ -237,9 +237,29 @@ def budget_period_start(*, period: str, now: datetime, tz_name: str) -> datetime
     return None
 
 
+def _spend_since(scope: Q, start: datetime | None, now: datetime) -> Decimal:
+    """Spend matching `scope` from `start` (None: ever) until now, reading daily rollups for whole
+    UTC days and hourly rollups only for the partial days at either end."""
+    first_full_day = None if start is None else _day_ceil(start)
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if start is not None and first_full_day >= today:
+        return UsageRollupHourly.objects.filter(scope, bucket__gte=start).aggregate(s=Sum("cost"))["s"] or Decimal(0)
+    daily = UsageRollupDaily.objects.filter(scope, bucket__lt=today)
+    hourly = UsageRollupHourly.objects.filter(scope).filter(
+        Q(bucket__gte=today) | (Q(bucket__gte=start, bucket__lt=first_full_day) if start is not None else Q(pk=None)))
+    if first_full_day is not None:
+        daily = daily.filter(bucket__gte=first_full_day)
+    return (daily.aggregate(s=Sum("cost"))["s"] or Decimal(0)) + (hourly.aggregate(s=Sum("cost"))["s"] or Decimal(0))
+
+
+def _day_ceil(at: datetime) -> datetime:
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if day == at else day + timedelta(days=1)
+
+
 def budget_status(*, tenant_ids, now: datetime | None = None) -> list[dict]:
-    """Every budget of the tenants with its spend today and in its current period (from hourly
-    rollups; a time zone with a non-whole-hour offset rounds to the hour)."""
+    """Every budget of the tenants with its spend today and in its current period (from rollups;
+    a time zone with a non-whole-hour offset rounds to the hour)."""
     from apps.billing.models import Budget
     from apps.keys.models import ApiKey, Source
 
@@ -253,22 +273,20 @@ def budget_status(*, tenant_ids, now: datetime | None = None) -> list[dict]:
     for b in budgets:
         today = budget_period_start(period="daily", now=now, tz_name=b.tenant.timezone)
         start = budget_period_start(period=b.period, now=now, tz_name=b.tenant.timezone)
-        qs = UsageRollupHourly.objects.filter(tenant_id=b.tenant_id)
+        scope = Q(tenant_id=b.tenant_id)
         if b.scope == "source":
-            qs = qs.filter(source_id=sources.get((b.tenant_id, b.scope_value), -1))
+            scope &= Q(source_id=sources.get((b.tenant_id, b.scope_value), -1))
         elif b.scope == "key":
-            qs = qs.filter(api_key_id=keys.get((b.tenant_id, b.scope_value), -1))
+            scope &= Q(api_key_id=keys.get((b.tenant_id, b.scope_value), -1))
         elif b.scope == "budget_id":
-            qs = qs.filter(budget_id=b.scope_value)
-        if start is not None:
-            qs = qs.filter(bucket__gte=min(start, today))
-        agg = qs.aggregate(today=Sum("cost", filter=Q(bucket__gte=today)),
-                           period=Sum("cost", filter=Q(bucket__gte=start) if start else Q()))
-        period_spend = agg["period"] or Decimal(0)
+            scope &= Q(budget_id=b.scope_value)
+        spend_today = UsageRollupHourly.objects.filter(scope, bucket__gte=today).aggregate(s=Sum("cost"))["s"] \
+            or Decimal(0)
+        period_spend = spend_today if b.period == "daily" else _spend_since(scope, start, now)
         out.append({
             "id": b.id, "tenant": b.tenant.slug, "name": b.name, "scope": b.scope, "scope_value": b.scope_value,
             "period": b.period, "enforcement": b.enforcement, "limit_usd": b.limit_usd,
-            "spend_today": agg["today"] or Decimal(0), "spend_period": period_spend,
+            "spend_today": spend_today, "spend_period": period_spend,
             "period_start": start.isoformat() if start else None,
             "utilisation": float(period_spend / b.limit_usd) if b.limit_usd else None,
         })

@@ -126,7 +126,6 @@ def static_file(request, path: str):
     """/static/ served by the app from the staticfiles finders (SERVE_STATIC), so the embedded mode
     works offline under uvicorn without collectstatic or a web server in front."""
     from django.contrib.staticfiles.views import serve
-
     from django.http import HttpResponse
 
     served = serve(request, path, insecure=True)

@@ -87,3 +87,27 @@ def test_latency_percentile_interpolates_within_bucket():
     assert latency_percentile(hist, 0.5) == 25
     assert latency_percentile(hist, 0.95) == 48
     assert latency_percentile([0] * 16, 0.5) is None
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "America/New_York"])
+def test_budget_spend_combines_daily_and_hourly_rollups_exactly(tz):
+    from apps.analytics.selectors import budget_status
+
+    tenant = f.TenantFactory(timezone=tz)
+    f.BudgetFactory(tenant=tenant, name="monthly", period="monthly")
+    f.BudgetFactory(tenant=tenant, name="weekly", period="weekly")
+    f.BudgetFactory(tenant=tenant, name="daily", period="daily")
+    f.BudgetFactory(tenant=tenant, name="total", period="total")
+    now = datetime(2026, 3, 18, 15, 30, tzinfo=UTC)  # a Wednesday
+    at = datetime(2026, 2, 27, tzinfo=UTC)
+    while at < now:  # one event every 5 hours, 0.01 each
+        f.UsageEventFactory(tenant=tenant, timestamp=at, cost=Decimal("0.01"))
+        at += timedelta(hours=5)
+    usage_rollup_recompute(since=datetime(2026, 2, 1, tzinfo=UTC), until=now)
+    from apps.analytics.models import UsageEvent
+    from apps.analytics.selectors import budget_period_start
+
+    for b in budget_status(tenant_ids=[tenant.id], now=now):
+        start = budget_period_start(period=b["period"], now=now, tz_name=tz)
+        ledger = UsageEvent.objects.filter(tenant=tenant, **({"timestamp__gte": start} if start else {}))
+        assert b["spend_period"] == sum(e.cost for e in ledger), b["name"]
