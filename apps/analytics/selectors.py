@@ -123,8 +123,10 @@ class UsageFilters:
             extra["model"] = self.model
         return usage_events(tenant_ids=self.tenant_ids, since=self.start, until=self.end, **extra)
 
-    def rollups(self, granularity: str | None = None):
-        model = UsageRollupHourly if (granularity or self.resolved_granularity) == "hour" else UsageRollupDaily
+    def rollups(self, granularity: str = "day"):
+        """Rollups under these filters. The range is whole UTC days, so sums over daily rows equal
+        sums over hourly ones: only the hourly time series needs the (24x larger) hourly table."""
+        model = UsageRollupHourly if granularity == "hour" else UsageRollupDaily
         qs = model.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start, bucket__lt=self.end)
         if self.source:
             qs = qs.filter(source_ref=self.source)
@@ -163,7 +165,7 @@ def _ratio(num, den) -> float | None:
 
 
 def usage_totals(filters: UsageFilters) -> dict:
-    agg = filters.rollups("day" if filters.resolved_granularity == "day" else "hour").aggregate(**_sums(True))
+    agg = filters.rollups().aggregate(**_sums(True))
     hist = [agg[f] or 0 for f in LATENCY_FIELDS]
     requests = agg["requests"] or 0
     return {
@@ -184,7 +186,7 @@ def usage_totals(filters: UsageFilters) -> dict:
 
 def usage_series(filters: UsageFilters) -> list[dict]:
     """Spend, requests and tokens per bucket (hour or UTC day), oldest first, gaps left out."""
-    rows = (filters.rollups().values("bucket")
+    rows = (filters.rollups(filters.resolved_granularity).values("bucket")
             .annotate(cost=Sum("cost"), requests=Sum("requests"), prompt_tokens=Sum("prompt_tokens"),
                       completion_tokens=Sum("completion_tokens"), errors=Sum("errors"))
             .order_by("bucket"))

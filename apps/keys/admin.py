@@ -195,6 +195,11 @@ class MembershipAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         return ["user", "tenant"] if obj is not None else []
 
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.role == Role.OWNER and not self._may_touch_owner(request, obj.tenant_id):
+            return False
+        return super().has_delete_permission(request, obj)
+
     def _may_touch_owner(self, request, tenant_id) -> bool:
         return user_may(user=request.user, tenant_id=tenant_id, roles=(Role.OWNER,))
 
@@ -205,11 +210,10 @@ class MembershipAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         if change:
             return super().save_model(request, obj, form, change)
         d = form.cleaned_data
-        user = services.member_upsert(tenant=obj.tenant, username=d["username"], email=d.get("email") or "",
-                                      role=obj.role, password=d.get("password") or None,
-                                      actor=request.user.get_username())
-        saved = Membership.objects.get(user=user, tenant=obj.tenant)
-        obj.pk, obj.user = saved.pk, user
+        saved = services.member_add(tenant=obj.tenant, username=d["username"], email=d.get("email") or "",
+                                    role=obj.role, password=d.get("password") or None,
+                                    actor=request.user.get_username())
+        obj.pk, obj.user = saved.pk, saved.user
         obj._state.adding = False
         return None
 

@@ -165,11 +165,10 @@ class MemberSerializer(serializers.ModelSerializer):
 
     def create(self, validated):
         user = validated.get("user", {})
-        created = services.member_upsert(tenant=validated["tenant"], username=user["username"],
-                                         email=user.get("email", ""), role=validated["role"],
-                                         password=validated.get("password") or None,
-                                         actor=self.context["request"].user.get_username())
-        return Membership.objects.select_related("user", "tenant").get(user=created, tenant=validated["tenant"])
+        return services.member_add(tenant=validated["tenant"], username=user["username"],
+                                   email=user.get("email", ""), role=validated["role"],
+                                   password=validated.get("password") or None,
+                                   actor=self.context["request"].user.get_username())
 
     def update(self, instance, validated):
         if "role" in validated:
@@ -186,7 +185,13 @@ class MemberViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
     serializer_class = MemberSerializer
 
     def perform_create(self, serializer):
-        serializer.save()  # member_upsert audits
+        serializer.save()  # member_add audits
+
+    def perform_destroy(self, instance):
+        if instance.role == Role.OWNER and not user_may(user=self.request.user, tenant_id=instance.tenant_id,
+                                                        roles=(Role.OWNER,)):
+            raise PermissionDenied("Only owners remove an owner.")
+        super().perform_destroy(instance)
 
     def perform_update(self, serializer):
         if serializer.validated_data.get("tenant") not in (None, serializer.instance.tenant):

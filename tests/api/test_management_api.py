@@ -187,3 +187,14 @@ def test_openapi_schema_and_offline_docs(world, client):
     assert "/static/drf_spectacular_sidecar/swagger-ui-dist/" in docs
     assert "cdn" not in docs.lower()
     assert client.get("/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js").status_code == 200
+
+
+def test_api_member_add_attaches_existing_user_without_touching_password(world):
+    resp = api(world.acme_admin).post("/api/members/", {"tenant": "acme", "username": "gil-manager",
+                                                       "password": "hijacked-pass", "role": "viewer"},
+                                      format="json")
+    assert resp.status_code == 201
+    world.globex_manager.refresh_from_db()
+    assert not world.globex_manager.check_password("hijacked-pass")
+    owner = Membership.objects.get(user=world.acme_owner)
+    assert api(world.acme_admin).delete(f"/api/members/{owner.pk}/").status_code == 403

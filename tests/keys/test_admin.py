@@ -190,3 +190,20 @@ CHANGELIST_QUERIES = {
     "/admin/keys/auditlog/": 11,
     "/admin/analytics/usageevent/": 10,
 }
+
+
+def test_adding_an_existing_user_never_changes_their_password(client, world):
+    login(client, world.acme_admin)
+    client.post("/admin/keys/membership/add/", {"tenant": world.acme.pk, "username": "root",
+                                                "email": "evil@acme.test", "password": "hijacked-pass",
+                                                "role": "viewer"})
+    world.root.refresh_from_db()
+    assert not world.root.check_password("hijacked-pass")
+    assert world.root.email != "evil@acme.test"
+
+
+def test_admins_cannot_remove_an_owner(client, world):
+    owner = Membership.objects.get(user=world.acme_owner)
+    login(client, world.acme_admin)
+    assert client.post(f"/admin/keys/membership/{owner.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert Membership.objects.filter(pk=owner.pk).exists()
