@@ -33,19 +33,35 @@ PROVIDER_LATENCY = Histogram("llm_provider_request_duration_seconds",
                              buckets=LATENCY_BUCKETS_S)
 
 
+UNKNOWN_MODEL = "(unknown)"
+_children: dict[tuple[str, str], tuple] = {}
+
+
+def _series(model: str, status: str) -> tuple:
+    """The labelled children for (model, status), cached: `labels()` takes a lock each call."""
+    found = _children.get((model, status))
+    if found is None:
+        found = (REQUESTS.labels(model, status), REQUEST_LATENCY.labels(model, status),
+                 TOKENS.labels(model, "prompt"), TOKENS.labels(model, "completion"), COST.labels(model))
+        _children[(model, status)] = found
+    return found
+
+
 def usage_observe(*, model: str, status: int, latency_ms: int, prompt_tokens: int, completion_tokens: int,
                   cost: Decimal, saved_cost: Decimal, cached: bool, provider: str, error_code: str) -> None:
-    """Count one finished request. Called once per ledger row, from the pipeline's record step."""
-    s = str(status)
+    """Count one finished request. Called once per ledger row, from the pipeline's record step.
+    `model` must be a configured alias (or UNKNOWN_MODEL): a client's arbitrary model names must
+    not become label values."""
+    requests, latency, prompt, completion, cost_total = _series(model, str(status))
     seconds = latency_ms / 1000
-    REQUESTS.labels(model, s).inc()
-    REQUEST_LATENCY.labels(model, s).observe(seconds)
+    requests.inc()
+    latency.observe(seconds)
     if prompt_tokens:
-        TOKENS.labels(model, "prompt").inc(prompt_tokens)
+        prompt.inc(prompt_tokens)
     if completion_tokens:
-        TOKENS.labels(model, "completion").inc(completion_tokens)
+        completion.inc(completion_tokens)
     if cost:
-        COST.labels(model).inc(float(cost))
+        cost_total.inc(float(cost))
     if cached:
         CACHE_HITS.labels(model).inc()
         if saved_cost:
@@ -53,7 +69,7 @@ def usage_observe(*, model: str, status: int, latency_ms: int, prompt_tokens: in
     elif provider:
         PROVIDER_LATENCY.labels(provider).observe(seconds)
         if status >= 500:
-            PROVIDER_ERRORS.labels(provider, error_code or s).inc()
+            PROVIDER_ERRORS.labels(provider, error_code or str(status)).inc()
 
 
 class BudgetCollector:

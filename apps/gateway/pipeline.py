@@ -22,7 +22,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from apps.analytics.metrics import usage_observe
+from apps.analytics.metrics import UNKNOWN_MODEL, usage_observe
 from apps.analytics.services import usage_event_record
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
@@ -236,7 +236,7 @@ async def record(ctx: Ctx) -> None:
         priority=ctx.priority,
         estimated=usage.estimated,
     )
-    usage_observe(model=ctx.model, status=ctx.status, latency_ms=latency_ms, prompt_tokens=usage.prompt_tokens,
+    usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms, prompt_tokens=usage.prompt_tokens,
                   completion_tokens=usage.completion_tokens, cost=ctx.cost, saved_cost=ctx.saved_cost,
                   cached=ctx.cached, provider=d.provider_name if d else "", error_code=ctx.error_code)
 

@@ -76,3 +76,13 @@ def test_readyz_fails_when_redis_is_unreachable(client, db, settings):
     resp = client.get("/readyz")
     assert resp.status_code == 503
     assert resp.json()["checks"]["redis"].startswith("error")
+
+
+def test_unknown_model_names_do_not_become_labels(client, setup):
+    body = {"model": "made-up-model-123", "messages": [{"role": "user", "content": "x"}]}
+    resp = client.post("/v1/chat/completions", data=orjson.dumps(body), content_type="application/json",
+                       HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
+    assert resp.status_code == 404
+    text = client.get("/metrics").content.decode()
+    assert "made-up-model-123" not in text
+    assert 'llm_requests_total{model="(unknown)",status="404"}' in text
