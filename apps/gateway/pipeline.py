@@ -236,9 +236,10 @@ async def record(ctx: Ctx) -> None:
         priority=ctx.priority,
         estimated=usage.estimated,
     )
-    usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms, prompt_tokens=usage.prompt_tokens,
-                  completion_tokens=usage.completion_tokens, cost=ctx.cost, saved_cost=ctx.saved_cost,
-                  cached=ctx.cached, provider=d.provider_name if d else "", error_code=ctx.error_code)
+    usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms,
+                  prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=ctx.cost,
+                  saved_cost=ctx.saved_cost, cached=ctx.cached, provider=d.provider_name if d else "",
+                  error_code=ctx.error_code)
 
 
 async def fail(ctx: Ctx, exc: GatewayError) -> None:
