@@ -231,3 +231,22 @@ GATEWAY_LAST_USED_FLUSH_S = env.float("GATEWAY_LAST_USED_FLUSH_S", default=30.0)
 # the count reaches the threshold.
 GATEWAY_AUTH_FAILURE_BURST = env.int("GATEWAY_AUTH_FAILURE_BURST", default=5)
 GATEWAY_AUTH_FAILURE_WINDOW_S = env.int("GATEWAY_AUTH_FAILURE_WINDOW_S", default=60)
+# --- analytics, dashboards, metrics (issue 7) -------------------------------------------------
+# Hours of ledger the rollup beat task recomputes each run (late rows older than this need
+# `manage.py analytics_rollup --since ...`).
+ANALYTICS_ROLLUP_LOOKBACK_H = env.int("ANALYTICS_ROLLUP_LOOKBACK_H", default=3)
+ANALYTICS_ROLLUP_EVERY_S = env.float("ANALYTICS_ROLLUP_EVERY_S", default=60.0)
+CELERY_BEAT_SCHEDULE["analytics-rollup-recent"] = {
+    "task": "analytics.usage_rollup_recent",
+    "schedule": ANALYTICS_ROLLUP_EVERY_S,
+    "options": {"queue": "analytics", "expires": ANALYTICS_ROLLUP_EVERY_S},
+}
+INSTALLED_APPS += ["drf_spectacular_sidecar"]
+SPECTACULAR_SETTINGS.update({
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+})
+# Serve /static/ from the app itself (finders, no collectstatic needed) so the embedded mode
+# works offline under uvicorn; behind a CDN or nginx in production set this False.
+SERVE_STATIC = env.bool("SERVE_STATIC", default=True)

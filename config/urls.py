@@ -1,5 +1,6 @@
+from django.conf import settings
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from apps.analytics import views as analytics_views
 from apps.gateway.api import api as data_plane
@@ -10,4 +11,9 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("healthz", analytics_views.healthz, name="healthz"),
     path("readyz", analytics_views.readyz, name="readyz"),
+    path("", include("apps.analytics.urls")),
+    path("api/", include("config.api_urls")),
+    path("metrics", analytics_views.metrics, name="metrics"),
 ]
+if settings.SERVE_STATIC:
+    urlpatterns.append(re_path(r"^static/(?P<path>.*)$", analytics_views.static_file))

@@ -341,3 +341,15 @@ def _gateway_process(django_db_setup, django_db_blocker):
 def gateway_process(transactional_db, _gateway_process):
     """A second live gateway, in another process, sharing the test database (transactional)."""
     return _gateway_process.url
+@pytest.fixture
+def world(db):
+    """Two tenants (acme, globex) with an owner, admin, manager and viewer, sources, keys, budgets."""
+    from tests.keys.personas import make_world
+
+    return make_world()
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings):
+    """Factories set passwords for every persona: a cheap hasher keeps the suite fast."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

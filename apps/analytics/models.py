@@ -47,3 +47,59 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost}"
+
+
+# Upper bounds (ms) of the latency histogram kept in the rollups; the last bucket is open-ended.
+LATENCY_BUCKETS_MS = (25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 20000, 60000)
+LATENCY_FIELDS = tuple(f"lat_le_{b}" for b in LATENCY_BUCKETS_MS) + ("lat_inf",)
+
+
+class UsageRollupBase(models.Model):
+    """Ledger aggregates per bucket and dimensions, recomputed idempotently from the ledger.
+
+    Dimensions: tenant, bucket (UTC hour or day), model, provider, the seed's source (type, ref),
+    the source and key ids, budget_id and the status class (2, 4 or 5 for 2xx/4xx/5xx).
+    The latency histogram (`lat_le_<ms>` counts, non-cumulative) gives p50/p95 without raw rows.
+    """
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    bucket = models.DateTimeField()
+    model = models.CharField(max_length=200)
+    provider = models.CharField(max_length=100, blank=True)
+    source_type = models.CharField(max_length=16)
+    source_ref = models.CharField(max_length=100)
+    source_id = models.BigIntegerField(default=0, help_text="keys.Source id, 0 when none.")
+    api_key_id = models.BigIntegerField(default=0, help_text="keys.ApiKey id, 0 when none.")
+    budget_id = models.CharField(max_length=100, blank=True)
+    status_class = models.PositiveSmallIntegerField()
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    cache_hits = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(**MONEY, default=0)
+    saved_cost = models.DecimalField(**MONEY, default=0)
+    latency_ms_sum = models.BigIntegerField(default=0)
+
+    class Meta:
+        abstract = True
+
+
+for _name in LATENCY_FIELDS:
+    UsageRollupBase.add_to_class(_name, models.PositiveIntegerField(default=0))
+
+
+class UsageRollupHourly(UsageRollupBase):
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_h_tenant_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.model} {self.requests}"
+
+
+class UsageRollupDaily(UsageRollupBase):
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_d_tenant_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.bucket:%Y-%m-%d} {self.model} {self.requests}"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, Q, Sum
+from django.utils import timezone
 
-from .models import UsageEvent
+from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
 
 CSV_COLUMNS = [
     "request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type", "model",
@@ -95,3 +97,312 @@ def cache_stats(*, tenant_ids, since: datetime | None = None, until: datetime | 
     agg = qs.aggregate(requests=Count("id"), hits=Count("id", filter=Q(cached=True)),
                        saved=Sum("saved_cost", filter=Q(cached=True)))
     return CacheStats(requests=agg["requests"], hits=agg["hits"], saved_usd=agg["saved"] or Decimal(0))
+# --- dashboards and aggregates (read rollups, never the raw ledger) ---------------------------
+
+HOURLY_MAX_DAYS = 3
+BREAKDOWNS = {"model": "model", "source": "source_ref", "key": "api_key_id", "budget_id": "budget_id",
+              "provider": "provider"}
+_MEASURES = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cost", "saved_cost",
+             "latency_ms_sum")
+
+
+@dataclass(frozen=True)
+class UsageFilters:
+    """What the dashboard, its CSVs and the analytics API filter by. Dates are UTC calendar days,
+    `until` inclusive; empty strings mean no filter."""
+
+    tenant_ids: tuple[int, ...]
+    since: date
+    until: date
+    source: str = ""
+    model: str = ""
+    granularity: str = ""  # "hour" | "day" | "" (hour for ranges up to HOURLY_MAX_DAYS days)
+
+    @property
+    def start(self) -> datetime:
+        return datetime.combine(self.since, time.min, tzinfo=UTC)
+
+    @property
+    def end(self) -> datetime:
+        return datetime.combine(self.until + timedelta(days=1), time.min, tzinfo=UTC)
+
+    @property
+    def resolved_granularity(self) -> str:
+        if self.granularity in ("hour", "day"):
+            return self.granularity
+        return "hour" if (self.until - self.since).days < HOURLY_MAX_DAYS else "day"
+
+    def ledger(self):
+        """The raw ledger under these filters (for row-level exports only)."""
+        extra = {}
+        if self.source:
+            extra["source_ref"] = self.source
+        if self.model:
+            extra["model"] = self.model
+        return usage_events(tenant_ids=self.tenant_ids, since=self.start, until=self.end, **extra)
+
+    def rollups(self, granularity: str = "day"):
+        """Rollups under these filters. The range is whole UTC days, so sums over daily rows equal
+        sums over hourly ones: only the hourly time series needs the (24x larger) hourly table."""
+        model = UsageRollupHourly if granularity == "hour" else UsageRollupDaily
+        qs = model.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start, bucket__lt=self.end)
+        if self.source:
+            qs = qs.filter(source_ref=self.source)
+        if self.model:
+            qs = qs.filter(model=self.model)
+        return qs.order_by()
+
+
+def _sums(with_latency: bool = False) -> dict:
+    out = {m: Sum(m) for m in _MEASURES}
+    if with_latency:
+        out.update({f: Sum(f) for f in LATENCY_FIELDS})
+    return out
+
+
+def latency_percentile(hist: list[int], q: float) -> int | None:
+    """The q-quantile (0..1) of a latency histogram in LATENCY_BUCKETS_MS, interpolated linearly
+    within its bucket; None without data. The open last bucket reports its lower bound."""
+    total = sum(hist)
+    if not total:
+        return None
+    rank, cum, lower = q * total, 0, 0
+    for i, count in enumerate(hist):
+        if count and cum + count >= rank:
+            if i >= len(LATENCY_BUCKETS_MS):
+                return LATENCY_BUCKETS_MS[-1]
+            upper = LATENCY_BUCKETS_MS[i]
+            return round(lower + (upper - lower) * (rank - cum) / count)
+        cum += count
+        lower = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else lower
+    return LATENCY_BUCKETS_MS[-1]
+
+
+def _ratio(num, den) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def usage_totals(filters: UsageFilters) -> dict:
+    agg = filters.rollups().aggregate(**_sums(True))
+    hist = [agg[f] or 0 for f in LATENCY_FIELDS]
+    requests = agg["requests"] or 0
+    return {
+        "requests": requests,
+        "errors": agg["errors"] or 0,
+        "prompt_tokens": agg["prompt_tokens"] or 0,
+        "completion_tokens": agg["completion_tokens"] or 0,
+        "tokens": (agg["prompt_tokens"] or 0) + (agg["completion_tokens"] or 0),
+        "cost": agg["cost"] or Decimal(0),
+        "saved_cost": agg["saved_cost"] or Decimal(0),
+        "cache_hits": agg["cache_hits"] or 0,
+        "cache_hit_rate": _ratio(agg["cache_hits"] or 0, requests),
+        "error_rate": _ratio(agg["errors"] or 0, requests),
+        "latency_p50_ms": latency_percentile(hist, 0.50),
+        "latency_p95_ms": latency_percentile(hist, 0.95),
+    }
+
+
+def usage_series(filters: UsageFilters) -> list[dict]:
+    """Spend, requests and tokens per bucket (hour or UTC day), oldest first, gaps left out."""
+    rows = (filters.rollups(filters.resolved_granularity).values("bucket")
+            .annotate(cost=Sum("cost"), requests=Sum("requests"), prompt_tokens=Sum("prompt_tokens"),
+                      completion_tokens=Sum("completion_tokens"), errors=Sum("errors"))
+            .order_by("bucket"))
+    return list(rows)
+
+
+def usage_breakdown(filters: UsageFilters, by: str) -> list[dict]:
+    """Spend and requests per model, source, key, budget_id or provider, biggest spend first."""
+    field = BREAKDOWNS[by]
+    rows = list(filters.rollups().values(field)
+                .annotate(cost=Sum("cost"), requests=Sum("requests"), errors=Sum("errors"),
+                          tokens=Sum("prompt_tokens") + Sum("completion_tokens"), saved_cost=Sum("saved_cost"))
+                .order_by("-cost", field))
+    names = {}
+    if by == "key":
+        from apps.keys.models import ApiKey
+
+        names = dict(ApiKey.objects.filter(id__in=[r[field] for r in rows]).values_list("id", "name"))
+    for r in rows:
+        value = r.pop(field)
+        r["label"] = names.get(value, "(none)") if by == "key" else (value or "(none)")
+        r["error_rate"] = _ratio(r["errors"], r["requests"])
+    return rows
+
+
+def provider_availability(filters: UsageFilters) -> list[dict]:
+    """Per provider: requests, upstream errors (5xx) and availability, from the ledger's rollups
+    (no active health checks yet)."""
+    rows = (filters.rollups().exclude(provider="").values("provider")
+            .annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)), n=Sum("requests"))
+            .order_by("provider"))
+    out = []
+    for r in rows:
+        errors = r["upstream_errors"] or 0
+        out.append({"provider": r["provider"], "requests": r["n"], "upstream_errors": errors,
+                    "availability": _ratio(r["n"] - errors, r["n"])})
+    return out
+
+
+def budget_period_start(*, period: str, now: datetime, tz_name: str) -> datetime | None:
+    """Start of the budget's current period, calendar-aligned in the tenant's time zone."""
+    local = now.astimezone(zoneinfo.ZoneInfo(tz_name))
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        return midnight
+    if period == "weekly":
+        return midnight - timedelta(days=midnight.weekday())
+    if period == "monthly":
+        return midnight.replace(day=1)
+    return None
+
+
+def _spend_since(scope: Q, start: datetime | None, now: datetime) -> Decimal:
+    """Spend matching `scope` from `start` (None: ever) until now, reading daily rollups for whole
+    UTC days and hourly rollups only for the partial days at either end."""
+    first_full_day = None if start is None else _day_ceil(start)
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if start is not None and first_full_day >= today:
+        return UsageRollupHourly.objects.filter(scope, bucket__gte=start).aggregate(s=Sum("cost"))["s"] or Decimal(0)
+    daily = UsageRollupDaily.objects.filter(scope, bucket__lt=today)
+    hourly = UsageRollupHourly.objects.filter(scope).filter(
+        Q(bucket__gte=today) | (Q(bucket__gte=start, bucket__lt=first_full_day) if start is not None else Q(pk=None)))
+    if first_full_day is not None:
+        daily = daily.filter(bucket__gte=first_full_day)
+    return (daily.aggregate(s=Sum("cost"))["s"] or Decimal(0)) + (hourly.aggregate(s=Sum("cost"))["s"] or Decimal(0))
+
+
+def _day_ceil(at: datetime) -> datetime:
+    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if day == at else day + timedelta(days=1)
+
+
+def budget_status(*, tenant_ids, now: datetime | None = None) -> list[dict]:
+    """Every budget of the tenants with its spend today and in its current period (from rollups;
+    a time zone with a non-whole-hour offset rounds to the hour)."""
+    from apps.billing.models import Budget
+    from apps.keys.models import ApiKey, Source
+
+    now = now or timezone.now()
+    budgets = list(Budget.objects.filter(tenant_id__in=tenant_ids).select_related("tenant"))
+    sources = {(t, n): i for i, t, n in Source.objects.filter(tenant_id__in=tenant_ids)
+               .values_list("id", "tenant_id", "name")} if any(b.scope == "source" for b in budgets) else {}
+    keys = {(t, n): i for i, t, n in ApiKey.objects.filter(tenant_id__in=tenant_ids)
+            .values_list("id", "tenant_id", "name")} if any(b.scope == "key" for b in budgets) else {}
+    out = []
+    for b in budgets:
+        today = budget_period_start(period="daily", now=now, tz_name=b.tenant.timezone)
+        start = budget_period_start(period=b.period, now=now, tz_name=b.tenant.timezone)
+        scope = Q(tenant_id=b.tenant_id)
+        if b.scope == "source":
+            scope &= Q(source_id=sources.get((b.tenant_id, b.scope_value), -1))
+        elif b.scope == "key":
+            scope &= Q(api_key_id=keys.get((b.tenant_id, b.scope_value), -1))
+        elif b.scope == "budget_id":
+            scope &= Q(budget_id=b.scope_value)
+        spend_today = UsageRollupHourly.objects.filter(scope, bucket__gte=today).aggregate(s=Sum("cost"))["s"] \
+            or Decimal(0)
+        period_spend = spend_today if b.period == "daily" else _spend_since(scope, start, now)
+        out.append({
+            "id": b.id, "tenant": b.tenant.slug, "name": b.name, "scope": b.scope, "scope_value": b.scope_value,
+            "period": b.period, "enforcement": b.enforcement, "limit_usd": b.limit_usd,
+            "spend_today": spend_today, "spend_period": period_spend,
+            "period_start": start.isoformat() if start else None,
+            "utilisation": float(period_spend / b.limit_usd) if b.limit_usd else None,
+        })
+    return out
+
+
+def dashboard_data(filters: UsageFilters) -> dict:
+    """Everything the dashboard shows; the analytics API returns the same dict."""
+    return {
+        "filters": {"since": filters.since.isoformat(), "until": filters.until.isoformat(),
+                    "source": filters.source, "model": filters.model,
+                    "granularity": filters.resolved_granularity},
+        "totals": usage_totals(filters),
+        "budgets": budget_status(tenant_ids=filters.tenant_ids),
+        "series": usage_series(filters),
+        "breakdowns": {by: usage_breakdown(filters, by) for by in ("model", "source", "key", "budget_id")},
+        "providers": provider_availability(filters),
+    }
+
+
+def usage_filter_choices(*, tenant_ids, since: date, until: date) -> dict[str, list[str]]:
+    base = UsageFilters(tenant_ids=tuple(tenant_ids), since=since, until=until).rollups("day")
+    return {
+        "models": sorted(set(base.values_list("model", flat=True).distinct())),
+        "sources": sorted(set(base.values_list("source_ref", flat=True).distinct())),
+    }
+
+
+AGGREGATE_GROUPS = {
+    "day_model": ("day", "tenant", "model"),
+    "source": ("tenant", "source_type", "source_id"),
+}
+AGGREGATE_MEASURES = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cost",
+                      "saved_cost")
+
+
+def usage_aggregate_rows(filters: UsageFilters, group: str) -> Iterator[dict]:
+    """Daily rollups grouped per (UTC day, model) or per source over the range: the aggregated CSV
+    and its JSON twin."""
+    qs = filters.rollups("day")
+    if group == "day_model":
+        qs = qs.values("bucket", "tenant__slug", "model").order_by("bucket", "tenant__slug", "model")
+    else:
+        qs = qs.values("tenant__slug", "source_type", "source_ref").order_by("tenant__slug", "source_type",
+                                                                             "source_ref")
+    for r in qs.annotate(**{m: Sum(m) for m in AGGREGATE_MEASURES}).iterator(chunk_size=2000):
+        out = {"tenant": r.pop("tenant__slug")}
+        if "bucket" in r:
+            out = {"day": r.pop("bucket").date().isoformat(), **out}
+        if "source_ref" in r:
+            r["source_id"] = r.pop("source_ref")
+        out.update(r)
+        out["cost"], out["saved_cost"] = str(out["cost"]), str(out["saved_cost"])
+        yield {k: out[k] for k in (*AGGREGATE_GROUPS[group], *AGGREGATE_MEASURES)}
+
+
+def redis_checks() -> dict[str, str]:
+    """Ping Redis and the Celery broker when they are Redis; a filesystem broker must be writable."""
+    import os
+
+    from django.conf import settings
+
+    checks: dict[str, str] = {}
+    targets = {}
+    if settings.REDIS_URL:
+        targets["redis"] = settings.REDIS_URL
+    broker = settings.CELERY_BROKER_URL
+    if broker.startswith(("redis://", "rediss://")):
+        targets["broker"] = broker
+    elif broker.startswith("filesystem://"):
+        folder = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}).get("data_folder_in", "")
+        checks["broker"] = "ok" if folder and os.access(folder, os.W_OK) else "error: broker folder not writable"
+    if targets:
+        import redis
+
+        for name, url in targets.items():
+            try:
+                redis.Redis.from_url(url, socket_timeout=settings.REDIS_TIMEOUT_S,
+                                     socket_connect_timeout=settings.REDIS_TIMEOUT_S).ping()
+                checks[name] = "ok"
+            except redis.RedisError as exc:
+                checks[name] = f"error: {type(exc).__name__}"
+    return checks
+
+
+def provider_availability_recent(*, hours: int = 1) -> list[dict]:
+    """Per provider over the last `hours` (hourly rollups, every tenant): informational."""
+    now = timezone.now()
+    rows = (UsageRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).exclude(provider="")
+            .values("provider").annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)),
+                                         n=Sum("requests"))
+            .order_by("provider"))
+    return [{"provider": r["provider"], "requests": r["n"], "upstream_errors": r["upstream_errors"] or 0,
+             "availability": _ratio(r["n"] - (r["upstream_errors"] or 0), r["n"])} for r in rows]
+
+
+def usage_events_values(qs):
+    """The ledger as export dicts (what `seed_usage_event` and `csv_row` take), unevaluated."""
+    return qs.values(*_EXPORT_FIELDS)

@@ -1,10 +1,23 @@
-"""Health endpoints (dashboards and exports come with the analytics work)."""
+"""Dashboards, CSV exports, health and readiness. Views parse, call one selector and render."""
 
 from __future__ import annotations
 
-from django.conf import settings
+import csv
+from collections.abc import AsyncIterator, Iterable, Iterator
+from itertools import islice
+
+from asgiref.sync import sync_to_async
+from django.contrib.auth.decorators import login_required
+from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
-from django.http import JsonResponse
+from django.http import Http404, HttpResponseBadRequest, JsonResponse, StreamingHttpResponse
+from django.shortcuts import render
+
+from apps.keys.models import Tenant
+from apps.keys.selectors import EXPORT_ROLES, tenant_ids_for_user
+
+from . import selectors
+from .forms import usage_filters_from
 
 
 def healthz(request):
@@ -12,6 +25,8 @@ def healthz(request):
 
 
 def readyz(request):
+    """Ready when the database, Redis (if configured) and the Celery broker answer. Provider
+    availability is reported from the recent ledger but never fails readiness."""
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cur:
@@ -19,15 +34,7 @@ def readyz(request):
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported, not swallowed
         checks["database"] = f"error: {type(exc).__name__}"
-    if settings.REDIS_URL:
-        import redis
-
-        try:
-            redis.Redis.from_url(settings.REDIS_URL, socket_timeout=settings.REDIS_TIMEOUT_S,
-                                 socket_connect_timeout=settings.REDIS_TIMEOUT_S).ping()
-            checks["redis"] = "ok"
-        except redis.RedisError as exc:
-            checks["redis"] = f"error: {type(exc).__name__}"
+    checks.update(selectors.redis_checks())
     ok = all(v == "ok" for v in checks.values())
     body = {"status": "ok" if ok else "unavailable", "checks": checks}
     if checks["database"] == "ok":  # upstream availability is reported, not a readiness condition
@@ -37,4 +44,116 @@ def readyz(request):
         body["deployments"] = {"total": len(health), "up": sum(h.ok is True for h in health),
                                "down": sum(h.ok is False for h in health),
                                "unprobed": sum(h.ok is None for h in health)}
+        body["providers"] = selectors.provider_availability_recent()
     return JsonResponse(body, status=200 if ok else 503)
+
+
+def _readable_tenants(user, roles=None):
+    return list(Tenant.objects.filter(id__in=tenant_ids_for_user(user=user, roles=roles)).only("id", "slug", "name"))
+
+
+@login_required
+def dashboard(request):
+    tenants = _readable_tenants(request.user)
+    form, filters = usage_filters_from(request.GET, tenants=tenants)
+    context = {"form": form, "tenants": tenants, "may_export": bool(tenant_ids_for_user(user=request.user,
+                                                                                        roles=EXPORT_ROLES))}
+    if filters is not None:
+        context["data"] = selectors.dashboard_data(filters)
+        context["choices"] = selectors.usage_filter_choices(tenant_ids=filters.tenant_ids, since=filters.since,
+                                                            until=filters.until)
+        context["query"] = request.GET.urlencode()
+    return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
+
+
+class _Echo:
+    def write(self, value):
+        return value
+
+
+def _csv_lines(header: list[str], rows: Iterable[list]) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(header)
+    for row in rows:
+        yield writer.writerow(row)
+
+
+async def _in_batches(lines: Iterator[str], size: int = 1000) -> AsyncIterator[str]:
+    """Drive a sync iterator (a DB cursor) from async code, `size` lines per thread hop: under ASGI
+    a sync iterator would be read whole into memory first."""
+    try:
+        while chunk := await sync_to_async(lambda: list(islice(lines, size)))():
+            yield "".join(chunk)
+    finally:
+        await sync_to_async(lines.close)()
+
+
+def _stream_csv(request, filename: str, lines: Iterator[str]) -> StreamingHttpResponse:
+    content = _in_batches(lines) if isinstance(request, ASGIRequest) else lines
+    response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _export_filters(request):
+    tenants = _readable_tenants(request.user, roles=EXPORT_ROLES)
+    if not tenants:
+        raise Http404("No tenant to export.")
+    form, filters = usage_filters_from(request.GET, tenants=tenants)
+    return form, filters
+
+
+@login_required
+def usage_csv(request):
+    """The ledger of the user's tenants, filtered like the dashboard, streamed in constant memory."""
+    form, filters = _export_filters(request)
+    if filters is None:
+        return HttpResponseBadRequest(form.errors.as_text())
+    lines = _csv_lines(selectors.CSV_COLUMNS, map(selectors.csv_row, selectors.usage_export_rows(filters.ledger())))
+    return _stream_csv(request, f"usage-{filters.since}-{filters.until}.csv", lines)
+
+
+@login_required
+def usage_summary_csv(request):
+    """Aggregates from the daily rollups: `group=day_model` (default) or `group=source`."""
+    group = request.GET.get("group", "day_model")
+    if group not in selectors.AGGREGATE_GROUPS:
+        return HttpResponseBadRequest(f"group must be one of {', '.join(selectors.AGGREGATE_GROUPS)}")
+    form, filters = _export_filters(request)
+    if filters is None:
+        return HttpResponseBadRequest(form.errors.as_text())
+    columns = [*selectors.AGGREGATE_GROUPS[group], *selectors.AGGREGATE_MEASURES]
+    rows = ([r[c] for c in columns] for r in selectors.usage_aggregate_rows(filters, group))
+    return _stream_csv(request, f"usage-{group}-{filters.since}-{filters.until}.csv", _csv_lines(columns, rows))
+
+
+def static_file(request, path: str):
+    """/static/ served by the app from the staticfiles finders (SERVE_STATIC), so the embedded mode
+    works offline under uvicorn without collectstatic or a web server in front."""
+    from django.contrib.staticfiles.views import serve
+    from django.http import HttpResponse
+
+    served = serve(request, path, insecure=True)
+    if not served.streaming:  # 304 Not Modified
+        return served
+    # Static files are small: one body instead of a sync file iterator (which ASGI would read
+    # whole anyway, with a warning).
+    response = HttpResponse(b"".join(served.streaming_content), content_type=served["Content-Type"])
+    for header in ("Last-Modified", "Content-Encoding"):
+        if header in served:
+            response[header] = served[header]
+    served.close()
+    response["Cache-Control"] = "public, max-age=3600"
+    return response
+
+
+
+def metrics(request):
+    """Prometheus exposition. Open like /healthz; restrict by network (or a proxy) in production."""
+    from django.http import HttpResponse
+
+    from .metrics import metrics_text
+
+    body, content_type = metrics_text()
+    return HttpResponse(body, content_type=content_type)

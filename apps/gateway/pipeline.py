@@ -22,6 +22,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from apps.analytics.metrics import UNKNOWN_MODEL, usage_observe
 from apps.analytics.services import usage_event_record
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
@@ -211,6 +212,7 @@ async def record(ctx: Ctx) -> None:
     usage = ctx.usage or Usage()
     meta = ctx.metadata
     d = ctx.deployment
+    latency_ms = int((time.perf_counter() - ctx.started) * 1000)
     await usage_event_record(
         request_id=ctx.request_id,
         timestamp=ctx.timestamp,
@@ -236,7 +238,7 @@ async def record(ctx: Ctx) -> None:
         output_usd_per_mtok=ctx.price.output_usd_per_mtok if ctx.price else None,
         status=ctx.status,
         error_code=ctx.error_code,
-        latency_ms=int((time.perf_counter() - ctx.started) * 1000),
+        latency_ms=latency_ms,
         cached=ctx.cached,
         stream=ctx.stream,
         is_async=ctx.is_async,
@@ -245,6 +247,10 @@ async def record(ctx: Ctx) -> None:
         priority=ctx.priority,
         estimated=usage.estimated,
     )
+    usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms,
+                  prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=ctx.cost,
+                  saved_cost=ctx.saved_cost, cached=ctx.cached, provider=d.provider_name if d else "",
+                  error_code=ctx.error_code)
 
 
 async def fail(ctx: Ctx, exc: GatewayError) -> None:

@@ -1,94 +1,341 @@
-"""Admin for tenancy, keys, credentials and the audit log. Every change made here is audited
-(`AuditedAdminMixin`, reusable by other apps' admins). Keys are shown by prefix only; a key's
-secret is shown once, on the page that follows its creation or rotation, and never stored."""
+"""The Django admin, scoped by tenant and role.
+
+Superusers see and change everything. Any other staff user sees only the tenants they are a
+member of: owners and admins manage those tenants' sources, keys, budgets, members and model
+access; managers and viewers read. Querysets, foreign-key choices, list filters and object
+permissions all follow the same rule (`TenantScopedAdminMixin`); every change is audited."""
+
+from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.db import transaction
 from django.template.response import TemplateResponse
 
-from . import crypto
+from . import crypto, services
 from .audit import AuditedAdminMixin
-from .models import ApiKey, AuditLog, Membership, ProviderCredential, Source, Tenant
-from .selectors import audit_log_for_user, user_is_tenant_admin
-from .services import api_key_revoke, api_key_rotate, api_key_set_secret, snapshot
+from .models import ApiKey, AuditLog, Membership, ProviderCredential, Role, Source, Tenant
+from .selectors import ADMIN_ROLES, READ_ROLES, tenant_ids_for_user, user_may
 
-__all__ = ["AuditedAdminMixin"]
+__all__ = ["AuditedAdminMixin", "TenantScopedAdminMixin"]
 
+
+def _ids(request, roles: tuple[str, ...]) -> frozenset[int]:
+    """Tenant ids where the request's user holds one of `roles`, memoised on the request."""
+    memo = request.__dict__.setdefault("_tenant_ids_memo", {})
+    if roles not in memo:
+        memo[roles] = frozenset(tenant_ids_for_user(user=request.user, roles=roles))
+    return memo[roles]
+
+
+class TenantListFilter(admin.SimpleListFilter):
+    """A tenant filter offering only the tenants the user may read (the stock related-field
+    filter would list every tenant)."""
+
+    title = "tenant"
+    parameter_name = "tenant"
+
+    def lookups(self, request, model_admin):
+        qs = Tenant.objects.all() if request.user.is_superuser else Tenant.objects.filter(
+            id__in=_ids(request, model_admin.read_roles))
+        return [(str(t.id), t.slug) for t in qs.only("id", "slug")]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            return queryset.filter(**{self.model_admin_path: self.value()})
+        return queryset
+
+
+def tenant_list_filter(path: str):
+    return type("TenantFilter", (TenantListFilter,), {"model_admin_path": path})
+
+
+class TenantScopedAdminMixin(AuditedAdminMixin):
+    """Tenant isolation and roles for a ModelAdmin whose model reaches a Tenant by `tenant_path`.
+
+    - read (`read_roles`, default any role): the changelist and read-only change forms;
+    - manage (`manage_roles`, default owner/admin): add, change, delete, in those tenants only;
+    - FK choices (the tenant itself and anything with a `tenant` field) are the managed tenants';
+    - saves and deletes are audited with the user as actor (AuditedAdminMixin).
+    """
+
+    tenant_path = "tenant"
+    read_roles: tuple[str, ...] = READ_ROLES
+    manage_roles: tuple[str, ...] = ADMIN_ROLES
+
+    # --- scoping
+    def get_queryset(self, request):
+        qs = super().get_queryset(request)
+        if request.user.is_superuser:
+            return qs
+        return qs.filter(**{f"{self.tenant_path}__in": _ids(request, self.read_roles)})
+
+    def tenant_id_of(self, obj) -> int | None:
+        target = obj
+        for part in self.tenant_path.split("__"):
+            if part == "id":
+                return target.pk if target is not None else None
+            target = getattr(target, part, None)
+        return target.pk if target is not None else None
+
+    def get_list_filter(self, request):
+        return [tenant_list_filter(f"{self.tenant_path}"), *super().get_list_filter(request)]
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if not request.user.is_superuser:
+            managed = _ids(request, self.manage_roles)
+            related = db_field.related_model
+            if related is Tenant:
+                kwargs["queryset"] = Tenant.objects.filter(id__in=managed)
+            elif any(f.name == "tenant" for f in related._meta.get_fields()):
+                kwargs["queryset"] = related._default_manager.filter(tenant_id__in=managed)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    # --- permissions (roles replace Django's model permissions for non-superusers)
+    def has_module_permission(self, request):
+        if request.user.is_superuser:
+            return True
+        return bool(_ids(request, self.read_roles))
+
+    def has_view_permission(self, request, obj=None):
+        if request.user.is_superuser:
+            return True
+        if obj is None:
+            return bool(_ids(request, self.read_roles))
+        return self.tenant_id_of(obj) in _ids(request, self.read_roles)
+
+    def has_add_permission(self, request, *args):
+        if request.user.is_superuser:
+            return True
+        return bool(_ids(request, self.manage_roles))
+
+    def has_change_permission(self, request, obj=None):
+        if request.user.is_superuser:
+            return True
+        if obj is None:
+            return bool(_ids(request, self.manage_roles))
+        return self.tenant_id_of(obj) in _ids(request, self.manage_roles)
+
+    def has_delete_permission(self, request, obj=None):
+        return self.has_change_permission(request, obj)
+
+
+# --- tenants --------------------------------------------------------------------------------
 
 @admin.register(Tenant)
-class TenantAdmin(AuditedAdminMixin, admin.ModelAdmin):
-    list_display = ["slug", "name", "timezone", "cache_enabled", "cache_ttl_s"]
+class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """Owners and admins edit their tenant's settings (model access by region, pricing policy,
+    cache); only superusers create or delete tenants."""
+
+    tenant_path = "id"
+    list_display = ["slug", "name", "timezone", "cache_enabled", "allow_unpriced_models"]
+    search_fields = ["slug", "name"]
+
+    def get_list_filter(self, request):
+        return []
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if request.user.is_superuser else ["slug"]
+
+    def has_add_permission(self, request, *args):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
 
 
-@admin.register(Membership)
-class MembershipAdmin(AuditedAdminMixin, admin.ModelAdmin):
+# --- members --------------------------------------------------------------------------------
+
+class MembershipAddForm(forms.ModelForm):
+    """Add a member by username: an existing user is attached, a new one is created."""
+
+    username = forms.CharField(max_length=150)
+    email = forms.EmailField(required=False)
+    password = forms.CharField(required=False, min_length=8, widget=forms.PasswordInput,
+                               help_text="For a new user; leave empty to keep an existing user's password.")
+
+    class Meta:
+        model = Membership
+        fields = ["tenant", "role"]
+
+
+class MembershipAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_display = ["user", "tenant", "role"]
     list_select_related = ["user", "tenant"]
+    search_fields = ["user__username", "user__email"]
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = MembershipAddForm
+            kwargs["fields"] = ["tenant", "username", "email", "password", "role"]
+        else:
+            kwargs["fields"] = ["role"]
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["tenant", "username", "email", "password", "role"]
+        return ["user", "tenant", "role"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["user", "tenant"] if obj is not None else []
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.role == Role.OWNER and not self._may_touch_owner(request, obj.tenant_id):
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def _may_touch_owner(self, request, tenant_id) -> bool:
+        return user_may(user=request.user, tenant_id=tenant_id, roles=(Role.OWNER,))
+
+    def save_model(self, request, obj, form, change):
+        touches_owner = obj.role == Role.OWNER or (change and form.initial.get("role") == Role.OWNER)
+        if touches_owner and not self._may_touch_owner(request, obj.tenant_id):
+            raise PermissionError("Only owners grant or change the owner role.")
+        if change:
+            return super().save_model(request, obj, form, change)
+        d = form.cleaned_data
+        saved = services.member_add(tenant=obj.tenant, username=d["username"], email=d.get("email") or "",
+                                    role=obj.role, password=d.get("password") or None,
+                                    actor=request.user.get_username())
+        obj.pk, obj.user = saved.pk, saved.user
+        obj._state.adding = False
+        request._audit_recorded = True  # member_add audited it
+        return None
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except PermissionError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            from django.http import HttpResponseRedirect
+
+            return HttpResponseRedirect(request.path)
+
+
+admin.site.register(Membership, MembershipAdmin)
+
+
+# --- sources --------------------------------------------------------------------------------
 
 @admin.register(Source)
-class SourceAdmin(AuditedAdminMixin, admin.ModelAdmin):
-    list_display = ["name", "tenant", "type"]
+class SourceAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    list_display = ["name", "type", "tenant", "created_at"]
     list_select_related = ["tenant"]
+    list_filter = ["type"]
+    search_fields = ["name"]
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+def _model_choices():
+    from apps.gateway.models import ModelAlias
+
+    return [(a, a) for a in ModelAlias.objects.values_list("alias", flat=True)]
 
 
 class ApiKeyForm(forms.ModelForm):
+    allowed_models = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="Model access",
+        help_text="None ticked: every model.")
+    expires_days = forms.IntegerField(required=False, min_value=1, help_text="Days until the key expires.")
+
     class Meta:
         model = ApiKey
         fields = ["tenant", "source", "name", "allowed_models", "allowed_endpoints", "rpm", "tpm",
-                  "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_at"]
+                  "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_days"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["allowed_models"].choices = _model_choices()
 
     def clean(self):
         data = super().clean()
-        tenant, source = data.get("tenant"), data.get("source")
-        if tenant and source and source.tenant_id != tenant.pk:
-            raise ValidationError({"source": f"{source} belongs to another tenant."})
+        tenant = data.get("tenant") or getattr(self.instance, "tenant", None)
+        source = data.get("source")
+        if tenant is not None and source is not None and source.tenant_id != tenant.id:
+            self.add_error("source", "This source belongs to another tenant.")
         return data
 
 
-def _show_secrets(request, rows: list[tuple[ApiKey, str]], title: str) -> TemplateResponse:
-    """The one page that shows new secrets. Rendered directly (not via messages, which would put the
-    secret in a cookie or the session)."""
-    response = TemplateResponse(request, "admin/keys/apikey/secret_once.html", {
-        **admin.site.each_context(request), "title": title, "rows": rows, "opts": ApiKey._meta,
-    })
-    response["cache-control"] = "no-store"
-    return response
+@admin.action(description="Revoke selected keys")
+def revoke_keys(modeladmin, request, queryset):
+    managed = _ids(request, ADMIN_ROLES)
+    n = 0
+    for key in queryset.filter(revoked_at__isnull=True):
+        if request.user.is_superuser or key.tenant_id in managed:
+            services.api_key_revoke(key=key, actor=request.user.get_username(), via="admin")
+            n += 1
+    modeladmin.message_user(request, f"Revoked {n} key(s).", messages.SUCCESS)
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(AuditedAdminMixin, admin.ModelAdmin):
+class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """Creating a key shows its secret once, on the page that answers the save; it is never
+    stored (only its HMAC digest is)."""
+
     form = ApiKeyForm
     list_display = ["name", "prefix", "tenant", "source", "revoked_at", "expires_at", "last_used_at"]
-    list_filter = ["tenant"]
-    list_select_related = ["tenant", "source"]
+    list_select_related = ["tenant", "source__tenant"]
     search_fields = ["name", "prefix"]
-    readonly_fields = ["prefix", "last_used_at", "revoked_at", "previous_digest_expires_at", "created_at"]
-    actions = ["revoke_keys", "rotate_keys_now", "rotate_keys_grace_1h", "rotate_keys_grace_24h"]
+    actions = [revoke_keys, "rotate_keys_now", "rotate_keys_grace_1h", "rotate_keys_grace_24h"]
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["tenant", "source", "name", "allowed_models", "allowed_endpoints", "rpm", "tpm",
+                    "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_days"]
+        return ["tenant", "source", "name", "prefix", "allowed_models", "allowed_endpoints", "rpm", "tpm",
+                "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_at", "revoked_at",
+                "previous_digest_expires_at", "last_used_at", "created_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return []
+        return ["tenant", "prefix", "expires_at", "revoked_at", "previous_digest_expires_at", "last_used_at",
+                "created_at"]
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if not self.has_change_permission(request):
+            for name in ("revoke_keys", "rotate_keys_now", "rotate_keys_grace_1h", "rotate_keys_grace_24h"):
+                actions.pop(name, None)
+        return actions
 
     def save_model(self, request, obj, form, change):
-        if not change:
-            request._new_key_secret = api_key_set_secret(key=obj)
-        super().save_model(request, obj, form, change)
+        if change:
+            return super().save_model(request, obj, form, change)
+        d = form.cleaned_data
+        with transaction.atomic():
+            created = services.api_key_create(
+                tenant=obj.tenant, source=obj.source, name=obj.name, actor=request.user.get_username(),
+                allowed_models=obj.allowed_models, rpm=obj.rpm, tpm=obj.tpm, expires_days=d.get("expires_days"),
+                default_budget_id=obj.default_budget_id, allowed_endpoints=obj.allowed_endpoints or [],
+                cache_enabled=obj.cache_enabled, cache_ttl_s=obj.cache_ttl_s, via="admin",
+            )
+        for field in ("id", "digest", "prefix", "expires_at", "created_at"):
+            setattr(obj, field, getattr(created.key, field))
+        obj._state.adding = False
+        obj._shown_once_secret = created.secret
+        request._audit_recorded = True  # api_key_create audited it
+        return None
 
     def response_add(self, request, obj, post_url_continue=None):
-        secret = getattr(request, "_new_key_secret", None)
+        secret = getattr(obj, "_shown_once_secret", None)
         if secret is None:
             return super().response_add(request, obj, post_url_continue)
-        return _show_secrets(request, [(obj, secret)], "New API key")
-
-    @admin.action(description="Revoke selected keys")
-    def revoke_keys(self, request, queryset):
-        for key in queryset:
-            api_key_revoke(key=key, actor=request.user.get_username(), via="admin")
-        self.message_user(request, f"Revoked {queryset.count()} key(s).", messages.SUCCESS)
+        return _show_secrets(self, request, [(obj, secret)], "API key created")
 
     def _rotate(self, request, queryset, grace_s: int):
+        from django.core.exceptions import ValidationError
+
+        managed = _ids(request, ADMIN_ROLES)
         rows, refused = [], []
         for key in queryset:
+            if not (request.user.is_superuser or key.tenant_id in managed):
+                continue
             try:
-                created = api_key_rotate(key=key, actor=request.user.get_username(), grace_s=grace_s, via="admin")
+                created = services.api_key_rotate(key=key, actor=request.user.get_username(), grace_s=grace_s,
+                                                  via="admin")
             except ValidationError:
                 refused.append(key.name)
                 continue
@@ -98,7 +345,7 @@ class ApiKeyAdmin(AuditedAdminMixin, admin.ModelAdmin):
         if not rows:
             return None
         grace = f"old secrets work for {grace_s // 3600} h more" if grace_s else "old secrets refused from now"
-        return _show_secrets(request, rows, f"Rotated API keys ({grace})")
+        return _show_secrets(self, request, rows, f"Rotated API keys ({grace})")
 
     @admin.action(description="Rotate selected keys (old secret refused at once)")
     def rotate_keys_now(self, request, queryset):
@@ -112,6 +359,18 @@ class ApiKeyAdmin(AuditedAdminMixin, admin.ModelAdmin):
     def rotate_keys_grace_24h(self, request, queryset):
         return self._rotate(request, queryset, 86400)
 
+
+def _show_secrets(model_admin, request, rows: list[tuple[ApiKey, str]], title: str) -> TemplateResponse:
+    """The one page that shows new secrets, rendered directly (never via messages, which would put
+    a secret in a cookie or the session)."""
+    context = {**model_admin.admin_site.each_context(request), "opts": model_admin.opts, "rows": rows,
+               "title": title}
+    response = TemplateResponse(request, "admin/keys/apikey/secret_once.html", context)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+# --- provider credentials (global; superusers only) -------------------------------------------
 
 class ProviderCredentialForm(forms.ModelForm):
     secret = forms.CharField(
@@ -129,6 +388,9 @@ class ProviderCredentialAdmin(AuditedAdminMixin, admin.ModelAdmin):
     form = ProviderCredentialForm
     list_display = ["name", "updated_at"]
 
+    def has_module_permission(self, request):
+        return request.user.is_superuser
+
     def save_model(self, request, obj, form, change):
         secret = form.cleaned_data.get("secret")
         request._credential_secret_set = bool(secret)
@@ -137,32 +399,23 @@ class ProviderCredentialAdmin(AuditedAdminMixin, admin.ModelAdmin):
         super().save_model(request, obj, form, change)
 
     def audit_after(self, request, obj, form) -> dict:
-        after = snapshot(obj)
+        after = services.snapshot(obj)
         if getattr(request, "_credential_secret_set", False):
             after["secret"] = "(changed)"
         return after
 
 
+# --- audit log (read-only; owners and admins of the tenant) -----------------------------------
+
 @admin.register(AuditLog)
-class AuditLogAdmin(admin.ModelAdmin):
-    """Append-only: nobody adds, changes or deletes rows here. Tenant owners and admins read their
-    tenants' rows; superusers read all."""
-
+class AuditLogAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_display = ["at", "actor", "via", "tenant", "action", "object_type", "object_id"]
-    list_filter = ["action", "via", "object_type"]
     list_select_related = ["tenant"]
-    search_fields = ["actor", "object_id", "action"]
+    list_filter = ["action", "via", "object_type"]
+    search_fields = ["actor", "object_id"]
+    read_roles = ADMIN_ROLES
 
-    def get_queryset(self, request):
-        return audit_log_for_user(user=request.user)
-
-    def has_module_permission(self, request):
-        return request.user.is_active and request.user.is_staff and user_is_tenant_admin(user=request.user)
-
-    def has_view_permission(self, request, obj=None):
-        return self.has_module_permission(request)
-
-    def has_add_permission(self, request):
+    def has_add_permission(self, request, *args):
         return False
 
     def has_change_permission(self, request, obj=None):
@@ -170,3 +423,5 @@ class AuditLogAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+

@@ -66,6 +66,8 @@ class AuditedAdminMixin:
 
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
+        if getattr(request, "_audit_recorded", False):  # a service already audited this change
+            return
         obj = form.instance
         after = self.audit_after(request, obj, form)
         before = getattr(request, "_audit_before", None)

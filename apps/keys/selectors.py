@@ -106,3 +106,36 @@ def audit_log_for_user(*, user):
 
 def user_is_tenant_admin(*, user) -> bool:
     return user.is_superuser or Membership.objects.filter(user=user, role__in=ADMIN_ROLES).exists()
+READ_ROLES = (Role.OWNER, Role.ADMIN, Role.MANAGER, Role.VIEWER)
+# Who may export the ledger (CSV and the usage-events API): viewers read dashboards and config only.
+EXPORT_ROLES = (Role.OWNER, Role.ADMIN, Role.MANAGER)
+
+
+def tenant_roles_for_user(*, user) -> dict[int, str]:
+    """{tenant_id: role} of the user's memberships, cached on the user object for the request."""
+    if not getattr(user, "is_authenticated", False):
+        return {}
+    cached = getattr(user, "_tenant_roles_cache", None)
+    if cached is None:
+        cached = dict(Membership.objects.filter(user_id=user.pk).values_list("tenant_id", "role"))
+        user._tenant_roles_cache = cached
+    return cached
+
+
+def tenant_ids_for_user(*, user, roles: tuple[str, ...] | None = None) -> list[int]:
+    """Ids of the tenants the user may act on with one of `roles` (any role when None).
+    Superusers get every tenant."""
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return []
+    if user.is_superuser:
+        return list(Tenant.objects.values_list("id", flat=True))
+    return [t for t, r in tenant_roles_for_user(user=user).items() if roles is None or r in roles]
+
+
+def user_may(*, user, tenant_id: int | None, roles: tuple[str, ...]) -> bool:
+    """Whether the user holds one of `roles` in the tenant (superusers always may)."""
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    if user.is_superuser:
+        return True
+    return tenant_id is not None and tenant_roles_for_user(user=user).get(tenant_id) in roles

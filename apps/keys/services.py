@@ -252,3 +252,24 @@ def member_upsert(*, tenant: Tenant, username: str, email: str, role: str, passw
     audited_upsert(Membership, actor=actor, lookup={"user": user, "tenant": tenant}, values={"role": role},
                    tenant=tenant)
     return user
+
+
+def member_add(*, tenant: Tenant, username: str, email: str, role: str, password: str | None, actor: str):
+    """Add a member from the admin or the API. A new user is created (with the password given);
+    an existing user is only attached: a tenant admin never changes the password or email of a
+    user who may belong to other tenants. Returns the Membership."""
+    from django.contrib.auth import get_user_model
+
+    from .models import Membership
+
+    user = get_user_model().objects.filter(username=username).first()
+    if user is None:
+        user = member_upsert(tenant=tenant, username=username, email=email, role=role, password=password,
+                             actor=actor)
+        return Membership.objects.select_related("user", "tenant").get(user=user, tenant=tenant)
+    membership, _ = audited_upsert(Membership, actor=actor, lookup={"user": user, "tenant": tenant},
+                                   values={"role": role}, tenant=tenant)
+    if not user.is_staff:
+        user.is_staff = True
+        user.save(update_fields=["is_staff"])
+    return membership

@@ -74,7 +74,7 @@ def test_admin_bulk_delete_audits_each_object(root):
 def test_admin_key_creation_shows_the_secret_once_and_audits_no_secret(root):
     source = f.SourceFactory()
     resp = root.post("/admin/keys/apikey/add/", {
-        "tenant": source.tenant_id, "source": source.pk, "name": "from-admin", "allowed_models": "[]",
+        "tenant": source.tenant_id, "source": source.pk, "name": "from-admin",
         "allowed_endpoints": "[]", "default_budget_id": "", "cache_enabled": "unknown",
     })
 

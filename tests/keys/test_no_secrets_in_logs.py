@@ -39,7 +39,7 @@ def test_no_secret_in_logs_or_audit_rows(all_logs, client, setup, upstream, caps
     call_command("key_create", "--tenant", setup.tenant.slug, "--source", setup.source.name, "--name", "cli")
     secrets.append(capsys.readouterr().out.strip())
     resp = client.post("/admin/keys/apikey/add/", {
-        "tenant": setup.tenant.pk, "source": setup.source.pk, "name": "adm", "allowed_models": "[]",
+        "tenant": setup.tenant.pk, "source": setup.source.pk, "name": "adm",
         "allowed_endpoints": "[]", "cache_enabled": "unknown"})
     secrets.append(resp.context["rows"][0][1])
     secrets.append(api_key_rotate(key=created.key, actor="ann", grace_s=60).secret)

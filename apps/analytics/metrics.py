@@ -1,0 +1,110 @@
+"""Prometheus metrics of the gateway, fed by the pipeline's record step (`usage_observe`).
+
+Cheap by design: a few labelled counter/histogram increments per request, in process, no I/O.
+Budget utilisation is computed when Prometheus scrapes (one query per budget, from rollups).
+
+Multi-process servers (gunicorn/uvicorn workers): set PROMETHEUS_MULTIPROC_DIR to an empty,
+writable folder before the workers start; /metrics then merges every worker's samples
+(prometheus_client's multiprocess mode). Without it each worker reports only its own.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+
+REQUESTS = Counter("llm_requests_total", "Gateway requests by model alias and HTTP status.",
+                   ["model", "status"])
+REQUEST_LATENCY = Histogram("llm_request_duration_seconds", "End-to-end gateway latency by model and status.",
+                            ["model", "status"], buckets=LATENCY_BUCKETS_S)
+TOKENS = Counter("llm_tokens_total", "Tokens by model and kind (prompt, completion).", ["model", "kind"])
+COST = Counter("llm_cost_usd_total", "Cost in USD by model (float: for monitoring, not billing).", ["model"])
+CACHE_HITS = Counter("llm_cache_hits_total", "Requests answered from the response cache.", ["model"])
+SAVED = Counter("llm_cache_saved_usd_total", "USD saved by cache hits.", ["model"])
+PROVIDER_ERRORS = Counter("llm_provider_errors_total", "Requests that ended in an upstream error (5xx).",
+                          ["provider", "code"])
+PROVIDER_LATENCY = Histogram("llm_provider_request_duration_seconds",
+                             "Latency of requests served by a provider (not cache hits).", ["provider"],
+                             buckets=LATENCY_BUCKETS_S)
+
+
+UNKNOWN_MODEL = "(unknown)"
+_children: dict[tuple[str, str], tuple] = {}
+
+
+def _series(model: str, status: str) -> tuple:
+    """The labelled children for (model, status), cached: `labels()` takes a lock each call."""
+    found = _children.get((model, status))
+    if found is None:
+        found = (REQUESTS.labels(model, status), REQUEST_LATENCY.labels(model, status),
+                 TOKENS.labels(model, "prompt"), TOKENS.labels(model, "completion"), COST.labels(model))
+        _children[(model, status)] = found
+    return found
+
+
+def usage_observe(*, model: str, status: int, latency_ms: int, prompt_tokens: int, completion_tokens: int,
+                  cost: Decimal, saved_cost: Decimal, cached: bool, provider: str, error_code: str) -> None:
+    """Count one finished request. Called once per ledger row, from the pipeline's record step.
+    `model` must be a configured alias (or UNKNOWN_MODEL): a client's arbitrary model names must
+    not become label values."""
+    requests, latency, prompt, completion, cost_total = _series(model, str(status))
+    seconds = latency_ms / 1000
+    requests.inc()
+    latency.observe(seconds)
+    if prompt_tokens:
+        prompt.inc(prompt_tokens)
+    if completion_tokens:
+        completion.inc(completion_tokens)
+    if cost:
+        cost_total.inc(float(cost))
+    if cached:
+        CACHE_HITS.labels(model).inc()
+        if saved_cost:
+            SAVED.labels(model).inc(float(saved_cost))
+    elif provider:
+        PROVIDER_LATENCY.labels(provider).observe(seconds)
+        if status >= 500:
+            PROVIDER_ERRORS.labels(provider, error_code or str(status)).inc()
+
+
+class BudgetCollector:
+    """llm_budget_utilisation{tenant,budget} (spend / limit in the current period) and
+    llm_budget_spend_usd, computed at scrape time from the hourly rollups."""
+
+    def collect(self):
+        from apps.keys.models import Tenant
+
+        from .selectors import budget_status
+
+        util = GaugeMetricFamily("llm_budget_utilisation", "Budget spend / limit in the current period.",
+                                 labels=["tenant", "budget", "period"])
+        spend = GaugeMetricFamily("llm_budget_spend_usd", "Budget spend in the current period (USD).",
+                                  labels=["tenant", "budget", "period"])
+        for b in budget_status(tenant_ids=Tenant.objects.values("id")):
+            labels = [b["tenant"], b["name"], b["period"]]
+            util.add_metric(labels, b["utilisation"] or 0.0)
+            spend.add_metric(labels, float(b["spend_period"]))
+        yield util
+        yield spend
+
+
+def metrics_text() -> tuple[bytes, str]:
+    """The exposition for /metrics: this process's (or, in multiprocess mode, every worker's)
+    samples plus budget gauges."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY  # this process's metrics, plus process/platform/gc collectors
+    budgets = CollectorRegistry()
+    budgets.register(BudgetCollector())
+    return generate_latest(registry) + generate_latest(budgets), CONTENT_TYPE_LATEST

@@ -1,0 +1,11 @@
+from django.urls import path
+
+from . import views
+
+app_name = "analytics"
+
+urlpatterns = [
+    path("dashboard/", views.dashboard, name="dashboard"),
+    path("dashboard/usage.csv", views.usage_csv, name="usage_csv"),
+    path("dashboard/usage-summary.csv", views.usage_summary_csv, name="usage_summary_csv"),
+]

@@ -1,0 +1,303 @@
+"""Management API (DRF) for tenancy: tenants, members, sources, keys, audit log; and the tenant
+scoping and role rules every management viewset uses.
+
+Rules: every queryset is limited to the caller's tenants (superusers: all). Any member may read
+(GET); owners and admins may write. Writes are audited with the caller as actor."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.response import Response
+
+from . import services
+from .models import ApiKey, AuditLog, Membership, Role, Source, Tenant
+from .selectors import ADMIN_ROLES, READ_ROLES, tenant_ids_for_user, user_may
+
+# --- scoping, permissions, audit ------------------------------------------------------------
+
+class TenantRolePermission(permissions.BasePermission):
+    """Reads need any role in the object's tenant; writes need owner or admin there."""
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated):
+            return False
+        if request.method == "POST" and getattr(view, "action", None) == "create":
+            return request.user.is_superuser or bool(tenant_ids_for_user(user=request.user, roles=ADMIN_ROLES))
+        return True
+
+    def has_object_permission(self, request, view, obj):
+        tenant_id = view.tenant_id_of(obj)
+        roles = READ_ROLES if request.method in permissions.SAFE_METHODS else ADMIN_ROLES
+        return user_may(user=request.user, tenant_id=tenant_id, roles=roles)
+
+
+class SuperuserWritePermission(permissions.BasePermission):
+    """Global configuration (models, deployments, prices): anyone signed in reads, superusers write."""
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated):
+            return False
+        return request.method in permissions.SAFE_METHODS or request.user.is_superuser
+
+
+def actor_of(request) -> str:
+    return request.user.get_username()
+
+
+class TenantScopedViewSetMixin:
+    """Limits the queryset to the caller's tenants and audits creates, updates and deletes."""
+
+    tenant_path = "tenant"  # ORM path from the model to its Tenant
+    read_roles: tuple[str, ...] | None = READ_ROLES
+    permission_classes = [TenantRolePermission]
+
+    def tenant_ids(self, roles=None):
+        return tenant_ids_for_user(user=self.request.user, roles=roles or self.read_roles)
+
+    def get_queryset(self):
+        qs = super().get_queryset()
+        if self.request.user.is_superuser:
+            return qs
+        return qs.filter(**{f"{self.tenant_path}__in": self.tenant_ids()})
+
+    def tenant_id_of(self, obj) -> int | None:
+        target = obj
+        for part in self.tenant_path.split("__"):
+            target = getattr(target, part, None)
+        return target.pk if target is not None else None
+
+    def perform_create(self, serializer):
+        with transaction.atomic():
+            obj = serializer.save()
+            services.audit_record(actor=actor_of(self.request), action="create", obj=obj,
+                                  after=services.snapshot(obj))
+
+    def perform_update(self, serializer):
+        with transaction.atomic():
+            before = services.snapshot(serializer.instance)
+            obj = serializer.save()
+            services.audit_record(actor=actor_of(self.request), action="update", obj=obj, before=before,
+                                  after=services.snapshot(obj))
+
+    def perform_destroy(self, instance):
+        with transaction.atomic():
+            services.audit_record(actor=actor_of(self.request), action="delete", obj=instance,
+                                  before=services.snapshot(instance))
+            instance.delete()
+
+
+class AdminTenantField(serializers.SlugRelatedField):
+    """A tenant, by slug, among those the caller administers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(slug_field="slug", **kwargs)
+
+    def get_queryset(self):
+        request = self.context["request"]
+        return Tenant.objects.filter(id__in=tenant_ids_for_user(user=request.user, roles=ADMIN_ROLES))
+
+
+class AdminSourceField(serializers.PrimaryKeyRelatedField):
+    def get_queryset(self):
+        request = self.context["request"]
+        return Source.objects.filter(tenant_id__in=tenant_ids_for_user(user=request.user, roles=ADMIN_ROLES))
+
+
+# --- tenants --------------------------------------------------------------------------------
+
+class TenantSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Tenant
+        fields = ["id", "slug", "name", "timezone", "allowed_regions", "allow_unpriced_models", "cache_enabled",
+                  "cache_ttl_s", "created_at"]
+
+
+class TenantViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
+    """Tenants: members read theirs; owners and admins update theirs; superusers create and delete."""
+
+    queryset = Tenant.objects.all()
+    serializer_class = TenantSerializer
+    tenant_path = "id"
+    lookup_field = "slug"
+
+    def get_queryset(self):
+        qs = Tenant.objects.all()
+        return qs if self.request.user.is_superuser else qs.filter(id__in=self.tenant_ids())
+
+    def tenant_id_of(self, obj):
+        return obj.pk
+
+    def create(self, request, *args, **kwargs):
+        if not request.user.is_superuser:
+            raise PermissionDenied("Only superusers create tenants.")
+        return super().create(request, *args, **kwargs)
+
+    def destroy(self, request, *args, **kwargs):
+        if not request.user.is_superuser:
+            raise PermissionDenied("Only superusers delete tenants.")
+        return super().destroy(request, *args, **kwargs)
+
+
+# --- members --------------------------------------------------------------------------------
+
+class MemberSerializer(serializers.ModelSerializer):
+    tenant = AdminTenantField()
+    username = serializers.CharField(source="user.username", max_length=150)
+    email = serializers.EmailField(source="user.email", required=False, allow_blank=True)
+    password = serializers.CharField(write_only=True, required=False, allow_blank=True, min_length=8,
+                                     style={"input_type": "password"})
+
+    class Meta:
+        model = Membership
+        fields = ["id", "tenant", "username", "email", "role", "password"]
+
+    def validate(self, attrs):
+        request = self.context["request"]
+        tenant = attrs.get("tenant") or (self.instance.tenant if self.instance else None)
+        touches_owner = attrs.get("role") == Role.OWNER or (self.instance and self.instance.role == Role.OWNER)
+        if touches_owner and not user_may(user=request.user, tenant_id=tenant.id, roles=(Role.OWNER,)):
+            raise PermissionDenied("Only owners grant or change the owner role.")
+        return attrs
+
+    def create(self, validated):
+        user = validated.get("user", {})
+        return services.member_add(tenant=validated["tenant"], username=user["username"],
+                                   email=user.get("email", ""), role=validated["role"],
+                                   password=validated.get("password") or None,
+                                   actor=self.context["request"].user.get_username())
+
+    def update(self, instance, validated):
+        if "role" in validated:
+            instance.role = validated["role"]
+            instance.save(update_fields=["role"])
+        return instance
+
+
+class MemberViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
+    """Members of the caller's tenants. Create adds (or attaches) a user with a role; update
+    changes the role only; delete removes the membership, not the user."""
+
+    queryset = Membership.objects.select_related("user", "tenant").order_by("tenant__slug", "user__username")
+    serializer_class = MemberSerializer
+
+    def perform_create(self, serializer):
+        serializer.save()  # member_add audits
+
+    def perform_destroy(self, instance):
+        if instance.role == Role.OWNER and not user_may(user=self.request.user, tenant_id=instance.tenant_id,
+                                                        roles=(Role.OWNER,)):
+            raise PermissionDenied("Only owners remove an owner.")
+        super().perform_destroy(instance)
+
+    def perform_update(self, serializer):
+        if serializer.validated_data.get("tenant") not in (None, serializer.instance.tenant):
+            raise PermissionDenied("A membership cannot move to another tenant.")
+        for field in ("user",):
+            serializer.validated_data.pop(field, None)
+        super().perform_update(serializer)
+
+
+# --- sources --------------------------------------------------------------------------------
+
+class SourceSerializer(serializers.ModelSerializer):
+    tenant = AdminTenantField()
+
+    class Meta:
+        model = Source
+        fields = ["id", "tenant", "name", "type", "created_at"]
+
+
+class SourceViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
+    queryset = Source.objects.select_related("tenant")
+    serializer_class = SourceSerializer
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    tenant = AdminTenantField()
+    source = AdminSourceField()
+    expires_days = serializers.IntegerField(write_only=True, required=False, min_value=1)
+
+    class Meta:
+        model = ApiKey
+        fields = ["id", "tenant", "source", "name", "prefix", "allowed_models", "allowed_endpoints", "rpm", "tpm",
+                  "default_budget_id", "cache_enabled", "expires_at", "expires_days", "revoked_at", "last_used_at",
+                  "created_at"]
+        read_only_fields = ["prefix", "expires_at", "revoked_at", "last_used_at", "created_at"]
+
+    def validate(self, attrs):
+        tenant = attrs.get("tenant") or getattr(self.instance, "tenant", None)
+        source = attrs.get("source") or getattr(self.instance, "source", None)
+        if self.instance is not None and "tenant" in attrs and attrs["tenant"] != self.instance.tenant:
+            raise serializers.ValidationError({"tenant": "A key cannot move to another tenant."})
+        if source is not None and tenant is not None and source.tenant_id != tenant.id:
+            raise serializers.ValidationError({"source": "The source belongs to another tenant."})
+        return attrs
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    secret = serializers.CharField(read_only=True, help_text="The key itself: shown once, never again.")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "secret"]
+
+
+class ApiKeyViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
+    """API keys. The secret is in the response to the create call only; it is never stored."""
+
+    queryset = ApiKey.objects.select_related("tenant", "source")
+    serializer_class = ApiKeySerializer
+
+    @extend_schema(responses={201: ApiKeyCreatedSerializer})
+    def create(self, request, *args, **kwargs):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        d = serializer.validated_data
+        created = services.api_key_create(
+            tenant=d["tenant"], source=d["source"], name=d["name"], actor=actor_of(request),
+            allowed_models=d.get("allowed_models"), rpm=d.get("rpm"), tpm=d.get("tpm"),
+            expires_days=d.get("expires_days"), default_budget_id=d.get("default_budget_id", ""),
+        )
+        extra = {k: d[k] for k in ("allowed_endpoints", "cache_enabled") if k in d}
+        if extra:
+            ApiKey.objects.filter(pk=created.key.pk).update(**extra)
+            created.key.refresh_from_db()
+        out = ApiKeyCreatedSerializer(created.key, context=self.get_serializer_context()).data
+        out["secret"] = created.secret
+        return Response(out, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=ApiKeySerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, pk=None):
+        key = self.get_object()
+        services.api_key_revoke(key=key, actor=actor_of(request))
+        return Response(self.get_serializer(key).data)
+
+
+# --- audit log ------------------------------------------------------------------------------
+
+class AuditLogSerializer(serializers.ModelSerializer):
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+
+    class Meta:
+        model = AuditLog
+        fields = ["id", "at", "actor", "tenant", "action", "object_type", "object_id", "before", "after"]
+
+
+class AuditLogViewSet(TenantScopedViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                      viewsets.GenericViewSet):
+    """The audit log of the caller's tenants (superusers: everything, including global changes).
+    Owners and admins only: it names members and every change."""
+
+    queryset = AuditLog.objects.select_related("tenant")
+    serializer_class = AuditLogSerializer
+    read_roles = ADMIN_ROLES
+
+    def tenant_id_of(self, obj):
+        return obj.tenant_id
+
