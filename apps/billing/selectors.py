@@ -19,6 +19,7 @@ class PriceInfo:
     cache_write_usd_per_mtok: Decimal | None
     batch_discount: Decimal
     effective_from: datetime
+    source: str = ""
 
 
 def price_versions_by_model() -> dict[str, list[PriceInfo]]:
@@ -35,6 +36,7 @@ def price_versions_by_model() -> dict[str, list[PriceInfo]]:
                 cache_write_usd_per_mtok=p.cache_write_usd_per_mtok,
                 batch_discount=p.batch_discount,
                 effective_from=p.effective_from,
+                source=p.source,
             )
         )
     return out
@@ -49,3 +51,139 @@ def price_in_force(versions: list[PriceInfo] | None, at: datetime) -> PriceInfo 
 
 def price_for_model(*, model: str, at: datetime) -> PriceInfo | None:
     return price_in_force(price_versions_by_model().get(model), at)
+
+
+# --- budgets ----------------------------------------------------------------------------------
+
+
+def budgets_for_key(*, auth, budget_id: str | None = None):
+    """The budgets that apply to a request with this key (a `KeyAuth`): the tenant's, its source's,
+    its own, and the budget_id budgets of the key's default_budget_id and of `budget_id`."""
+    from django.db.models import Q
+
+    from .models import Budget, BudgetScope
+
+    ids = {v for v in (auth.default_budget_id, budget_id) if v}
+    match = (Q(scope=BudgetScope.TENANT) | Q(scope=BudgetScope.SOURCE, scope_value=auth.source_name)
+             | Q(scope=BudgetScope.KEY, scope_value=auth.key_name)
+             | Q(scope=BudgetScope.BUDGET_ID, scope_value__in=ids))
+    return Budget.objects.filter(match, tenant_id=auth.tenant_id).select_related("tenant").order_by("name", "id")
+
+
+def budget_spent_from_ledger(*, budget, start: datetime, end: datetime | None) -> Decimal:
+    """What the ledger says the budget's scope spent in [start, end): the truth the fast counters
+    are a copy of."""
+    from django.db.models import Sum
+
+    from apps.analytics.selectors import usage_events
+
+    filters = {"source": {"source__name": budget.scope_value}, "key": {"api_key__name": budget.scope_value},
+               "budget_id": {"budget_id": budget.scope_value}}.get(budget.scope, {})
+    qs = usage_events(tenant_ids=[budget.tenant_id], since=start, until=end, **filters)
+    return qs.aggregate(total=Sum("cost"))["total"] or Decimal(0)
+
+
+def _budget_usage_from_ledger(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Decimal]]:
+    from .periods import period_bounds
+
+    out = {}
+    for b in budgets:
+        start, end = period_bounds(period=b.period, tz=b.tenant.timezone, at=at)
+        out[b.id] = (budget_spent_from_ledger(budget=b, start=start, end=end), Decimal(0))
+    return out
+
+
+async def budget_usage(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Decimal]]:
+    """budget id -> (spent, held) in the period containing `at`, from admission's counters."""
+    try:
+        from apps.gateway.admission import budget_usage as admission_budget_usage
+    except ImportError:
+        # TEMPORARY stub until apps.gateway.admission.budget_usage lands (the lead's): spend from
+        # the ledger, no holds. Remove this branch once admission provides it.
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(_budget_usage_from_ledger)(budgets=budgets, at=at)
+    return await admission_budget_usage(budgets=budgets, at=at)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    id: int
+    name: str
+    scope: str
+    scope_value: str
+    period: str
+    enforcement: str
+    limit_usd: Decimal
+    spent_usd: Decimal
+    held_usd: Decimal
+    remaining_usd: Decimal
+    period_start: datetime  # in the tenant's time zone
+    resets_at: datetime | None  # None: a `total` budget never resets
+    timezone: str
+
+    def as_json(self) -> dict:
+        """Money as decimal strings (exact), datetimes ISO 8601 with the tenant's UTC offset."""
+        return {
+            "id": self.id, "object": "budget", "name": self.name, "scope": self.scope,
+            "scope_value": self.scope_value or None, "period": self.period, "enforcement": self.enforcement,
+            "currency": "USD", "limit_usd": str(self.limit_usd), "spent_usd": str(self.spent_usd),
+            "held_usd": str(self.held_usd), "remaining_usd": str(self.remaining_usd),
+            "period_start": self.period_start.isoformat() if self.period != "total" else None,
+            "resets_at": self.resets_at.isoformat() if self.resets_at else None, "timezone": self.timezone,
+        }
+
+
+async def budget_statuses(*, budgets, at: datetime) -> list[BudgetStatus]:
+    """Limit, spent, held, remaining and reset time of each budget (tenants select_related)."""
+    from zoneinfo import ZoneInfo
+
+    from .periods import period_bounds
+
+    budgets = list(budgets)
+    usage = await budget_usage(budgets=budgets, at=at) if budgets else {}
+    out = []
+    for b in budgets:
+        tz = b.tenant.timezone
+        zone = ZoneInfo(tz)
+        start, end = period_bounds(period=b.period, tz=tz, at=at)
+        spent, held = usage.get(b.id, (Decimal(0), Decimal(0)))
+        out.append(BudgetStatus(
+            id=b.id, name=b.name, scope=b.scope, scope_value=b.scope_value, period=b.period,
+            enforcement=b.enforcement, limit_usd=b.limit_usd, spent_usd=spent, held_usd=held,
+            remaining_usd=max(Decimal(0), b.limit_usd - spent - held), period_start=start.astimezone(zone),
+            resets_at=end.astimezone(zone) if end else None, timezone=tz,
+        ))
+    return out
+
+
+async def budget_statuses_for_key(*, auth, budget_id: str | None = None, at: datetime) -> list[BudgetStatus]:
+    """`GET /v1/budget`: the status of every budget that applies to the key."""
+    from asgiref.sync import sync_to_async
+
+    budgets = await sync_to_async(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))()
+    return await budget_statuses(budgets=budgets, at=at)
+
+
+def budget_statuses_sync(*, budgets, at: datetime | None = None) -> list[BudgetStatus]:
+    """The same numbers for sync callers (admin, management API)."""
+    from asgiref.sync import async_to_sync
+    from django.utils import timezone
+
+    budgets = list(budgets.select_related("tenant") if hasattr(budgets, "select_related") else budgets)
+    return async_to_sync(budget_statuses)(budgets=budgets, at=at or timezone.now())
+
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+def alerts_for_tenants(*, tenant_ids, kind: str | None = None, budget_id: int | None = None):
+    """Every stored alert of these tenants, newest first (the tenant-scoped admin and API list them)."""
+    from .models import Alert
+
+    qs = Alert.objects.filter(tenant_id__in=tenant_ids).select_related("tenant", "budget")
+    if kind:
+        qs = qs.filter(kind=kind)
+    if budget_id is not None:
+        qs = qs.filter(budget_id=budget_id)
+    return qs.order_by("-created_at", "-id")
