@@ -15,6 +15,7 @@ from decimal import Decimal
 import pytest
 from django.conf import settings
 
+from apps.billing import alerts
 from apps.gateway import pipeline, selectors
 from tests import factories as f
 from tests.fakes.openai_server import FakeOpenAI
@@ -25,6 +26,7 @@ def _fresh_process_state():
     """In-process caches must not carry one test's keys or routes into the next."""
     pipeline._auth_cache.clear()
     selectors.routing_table_invalidate()
+    alerts.alerts_state_reset()
     if settings.REDIS_URL:
         import redis
 

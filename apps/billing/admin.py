@@ -103,7 +103,7 @@ class BudgetAdmin(admin.ModelAdmin):
 @admin.register(Alert)
 class AlertAdmin(admin.ModelAdmin):
     list_display = ["created_at", "tenant", "kind", "budget", "threshold", "model", "period_start", "message",
-                    "delivery"]
+                    "email_status", "webhook_status"]
     list_filter = ["kind"]
     list_select_related = ["tenant", "budget"]
 

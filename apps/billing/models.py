@@ -107,8 +107,9 @@ class Alert(models.Model):
     forecast_usd = models.DecimalField(**MONEY, null=True, blank=True)
     message = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    # Channel -> "pending" | "sent" | "failed: <reason>"; filled by the delivery tasks.
-    delivery = models.JSONField(default=dict, blank=True)
+    # Per channel: "" (not configured), "pending", "sent", "retrying: <why>", "failed: <why>".
+    email_status = models.CharField(max_length=200, blank=True)
+    webhook_status = models.CharField(max_length=200, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -121,3 +122,8 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.kind} {self.message[:60]}"
+
+    @property
+    def delivery(self) -> dict[str, str]:
+        """The configured channels and how their delivery went."""
+        return {k: v for k, v in (("email", self.email_status), ("webhook", self.webhook_status)) if v}

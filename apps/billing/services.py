@@ -159,13 +159,9 @@ def _usd(value: Decimal | None) -> str:
 
 
 def _alert_channels(*, budgets) -> dict[str, str]:
-    channels = {}
-    for b in budgets:
-        if b.alert_emails:
-            channels["email"] = "pending"
-        if b.alert_webhook_url:
-            channels["webhook"] = "pending"
-    return channels
+    """Initial delivery state: "pending" for every channel some of these budgets configure."""
+    return {"email_status": "pending" if any(b.alert_emails for b in budgets) else "",
+            "webhook_status": "pending" if any(b.alert_webhook_url for b in budgets) else ""}
 
 
 def _alert_store(**fields):
@@ -189,9 +185,9 @@ def _alert_deliver_on_commit(alert) -> None:
 
     from . import tasks
 
-    if "email" in alert.delivery:
+    if alert.email_status:
         transaction.on_commit(lambda: tasks.alert_deliver_email.delay(alert.id))
-    if "webhook" in alert.delivery:
+    if alert.webhook_status:
         transaction.on_commit(lambda: tasks.alert_deliver_webhook.delay(alert.id))
 
 
@@ -218,7 +214,7 @@ def budget_alert_create(*, budget_id: int, kind: str, period_start, threshold: D
                    f"{_usd(spent_usd)} of {_usd(limit_usd)} spent{resets}.")
     return _alert_store(tenant_id=budget.tenant_id, budget=budget, kind=kind, threshold=threshold,
                         period_start=period_start, spent_usd=spent_usd, limit_usd=limit_usd,
-                        forecast_usd=forecast_usd, message=message, delivery=_alert_channels(budgets=[budget]))
+                        forecast_usd=forecast_usd, message=message, **_alert_channels(budgets=[budget]))
 
 
 def unpriced_model_alert_create(*, tenant_id: int, model: str, period_start):
@@ -230,7 +226,7 @@ def unpriced_model_alert_create(*, tenant_id: int, model: str, period_start):
     message = (f"Model '{model}' has no price: its requests are recorded with their tokens but cost $0 until a "
                "price is set (config file, admin or prices_sync).")
     return _alert_store(tenant_id=tenant_id, kind=AlertKind.UNPRICED_MODEL, model=model, period_start=period_start,
-                        message=message, delivery=_alert_channels(budgets=budgets))
+                        message=message, **_alert_channels(budgets=budgets))
 
 
 def _alert_targets(alert) -> tuple[list[str], list[str]]:
@@ -243,15 +239,15 @@ def _alert_targets(alert) -> tuple[list[str], list[str]]:
 
 
 def alert_delivery_mark(*, alert_id: int, channel: str, status: str) -> None:
-    from django.db import transaction
-
+    """Record how a channel's delivery went (one UPDATE of that channel's own column)."""
     from .models import Alert
 
-    with transaction.atomic():
-        alert = Alert.objects.select_for_update().filter(id=alert_id).first()
-        if alert is not None:
-            alert.delivery = {**alert.delivery, channel: status}
-            alert.save(update_fields=["delivery"])
+    Alert.objects.filter(id=alert_id).update(**{f"{channel}_status": status[:200]})
+
+
+def _dec_str(value: Decimal | None) -> str | None:
+    """Exact decimal string without trailing zeros: Decimal("8.5000000000") -> "8.5"."""
+    return None if value is None else format(value.normalize(), "f")
 
 
 def alert_payload(alert) -> dict:
@@ -263,11 +259,11 @@ def alert_payload(alert) -> dict:
             "tenant": alert.tenant.slug,
             "budget": alert.budget.name if alert.budget_id else None,
             "model": alert.model or None,
-            "threshold": str(alert.threshold),
+            "threshold": _dec_str(alert.threshold),
             "period_start": alert.period_start.isoformat(),
-            "spent_usd": None if alert.spent_usd is None else str(alert.spent_usd),
-            "limit_usd": None if alert.limit_usd is None else str(alert.limit_usd),
-            "forecast_usd": None if alert.forecast_usd is None else str(alert.forecast_usd),
+            "spent_usd": _dec_str(alert.spent_usd),
+            "limit_usd": _dec_str(alert.limit_usd),
+            "forecast_usd": _dec_str(alert.forecast_usd),
             "message": alert.message,
             "created_at": alert.created_at.isoformat(),
         },
@@ -290,7 +286,7 @@ def alert_email_send(*, alert_id: int) -> None:
     from .models import Alert
 
     alert = Alert.objects.select_related("tenant", "budget").get(id=alert_id)
-    if alert.delivery.get("email") == "sent":
+    if alert.email_status == "sent":
         return
     emails, _ = _alert_targets(alert)
     if not emails:
@@ -313,16 +309,16 @@ def alert_webhook_send(*, alert_id: int) -> None:
     from .models import Alert
 
     alert = Alert.objects.select_related("tenant", "budget").get(id=alert_id)
-    if alert.delivery.get("webhook") == "sent":
+    if alert.webhook_status == "sent":
         return
     _, hooks = _alert_targets(alert)
     body = orjson.dumps(alert_payload(alert))
     headers = {
-        "content-type": "application/json",
-        "user-agent": "llm-service-alerts/1",
-        "x-llm-event": f"budget.alert.{alert.kind}",
-        "x-llm-delivery": str(alert.id),
-        "x-llm-signature": webhook_signature(body=body, secret=settings.ALERT_WEBHOOK_SECRET),
+        "Content-Type": "application/json",
+        "User-Agent": "llm-service-alerts/1",
+        "X-LLM-Event": f"budget.alert.{alert.kind}",
+        "X-LLM-Delivery": str(alert.id),
+        "X-LLM-Signature": webhook_signature(body=body, secret=settings.ALERT_WEBHOOK_SECRET),
     }
     errors = []
     with httpx.Client(timeout=settings.ALERT_WEBHOOK_TIMEOUT_S) as client:
