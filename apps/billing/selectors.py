@@ -106,6 +106,14 @@ async def budget_usage(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Dec
     return await admission_budget_usage(budgets=budgets, at=at)
 
 
+def money_str(value: Decimal | None) -> str | None:
+    """Exact USD as a decimal string, the same on every database: at most 10 places, no trailing
+    zeros (Decimal("8.5000000000") -> "8.5")."""
+    if value is None:
+        return None
+    return format(value.quantize(Decimal("0.0000000001")).normalize(), "f")
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     id: int
@@ -127,8 +135,8 @@ class BudgetStatus:
         return {
             "id": self.id, "object": "budget", "name": self.name, "scope": self.scope,
             "scope_value": self.scope_value or None, "period": self.period, "enforcement": self.enforcement,
-            "currency": "USD", "limit_usd": str(self.limit_usd), "spent_usd": str(self.spent_usd),
-            "held_usd": str(self.held_usd), "remaining_usd": str(self.remaining_usd),
+            "currency": "USD", "limit_usd": money_str(self.limit_usd), "spent_usd": money_str(self.spent_usd),
+            "held_usd": money_str(self.held_usd), "remaining_usd": money_str(self.remaining_usd),
             "period_start": self.period_start.isoformat() if self.period != "total" else None,
             "resets_at": self.resets_at.isoformat() if self.resets_at else None, "timezone": self.timezone,
         }

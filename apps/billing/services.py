@@ -245,12 +245,9 @@ def alert_delivery_mark(*, alert_id: int, channel: str, status: str) -> None:
     Alert.objects.filter(id=alert_id).update(**{f"{channel}_status": status[:200]})
 
 
-def _dec_str(value: Decimal | None) -> str | None:
-    """Exact decimal string without trailing zeros: Decimal("8.5000000000") -> "8.5"."""
-    return None if value is None else format(value.normalize(), "f")
-
-
 def alert_payload(alert) -> dict:
+    from .selectors import money_str
+
     return {
         "type": f"budget.alert.{alert.kind}",
         "alert": {
@@ -259,11 +256,11 @@ def alert_payload(alert) -> dict:
             "tenant": alert.tenant.slug,
             "budget": alert.budget.name if alert.budget_id else None,
             "model": alert.model or None,
-            "threshold": _dec_str(alert.threshold),
+            "threshold": format(alert.threshold.normalize(), "f"),
             "period_start": alert.period_start.isoformat(),
-            "spent_usd": _dec_str(alert.spent_usd),
-            "limit_usd": _dec_str(alert.limit_usd),
-            "forecast_usd": _dec_str(alert.forecast_usd),
+            "spent_usd": money_str(alert.spent_usd),
+            "limit_usd": money_str(alert.limit_usd),
+            "forecast_usd": money_str(alert.forecast_usd),
             "message": alert.message,
             "created_at": alert.created_at.isoformat(),
         },

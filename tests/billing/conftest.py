@@ -39,8 +39,9 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with receiver.lock:
-                    receiver.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                    receiver.requests.append({"path": self.path, "headers": headers, "body": body})
                     status = receiver.statuses.popleft() if receiver.statuses else 200
                 self.send_response(status)
                 self.send_header("content-length", "0")
