@@ -98,3 +98,24 @@ def test_the_same_numbers_for_the_admin_and_the_management_api(berlin):
     (status,) = budget_statuses_sync(budgets=Budget.objects.filter(tenant=berlin.tenant))
 
     assert (status.spent_usd, status.remaining_usd) == (D("0.5"), D("1.5"))
+
+
+def test_ledger_spend_follows_each_scope(berlin):
+    from apps.billing.periods import EPOCH
+    from apps.billing.selectors import budget_spent_from_ledger
+
+    t = berlin.tenant
+    other_key = f.ApiKeyFactory(tenant=t, source=berlin.source)
+    f.UsageEventFactory(tenant=t, source=berlin.source, api_key=berlin.key, budget_id="team-red", cost=D("1"))
+    f.UsageEventFactory(tenant=t, source=berlin.source, api_key=other_key, budget_id="", cost=D("2"))
+    f.UsageEventFactory(tenant=t, api_key=other_key, budget_id="team-red", cost=D("4"))
+    f.UsageEventFactory(cost=D("8"))  # another tenant
+
+    def spent(scope, value=""):
+        budget = f.BudgetFactory(tenant=t, scope=scope, scope_value=value, period="total")
+        return budget_spent_from_ledger(budget=budget, start=EPOCH, end=None)
+
+    assert spent("tenant") == D("7")
+    assert spent("source", berlin.source.name) == D("3")
+    assert spent("key", berlin.key.name) == D("1")
+    assert spent("budget_id", "team-red") == D("5")
