@@ -230,3 +230,34 @@ def test_alert_without_channels_is_still_stored(eager_celery, no_forecast):
     alert = Alert.objects.get(budget=quiet)
     assert alert.delivery == {}
     assert alert.period_start == bounds(quiet)[0]
+
+
+def test_the_hot_path_is_arithmetic_until_something_crosses(budget, monkeypatch, no_forecast):
+    loads, published = [], []
+    real_load = alerts._thresholds_load
+    monkeypatch.setattr(alerts, "_thresholds_load", lambda: loads.append(1) or real_load())
+    monkeypatch.setattr(alerts, "_publish", lambda jobs: published.extend(jobs))
+
+    async def settle_many():
+        for i in range(200):
+            await aobserve(budget, D(i) / 100, D(i + 1) / 100)  # up to $2.00 of $10: below 50%
+
+    async_to_sync(settle_many)()
+    assert (len(loads), published) == (1, [])
+
+    observe(budget, "4.99", "5.01")
+    assert [kw["threshold"] for _, kw in published] == ["0.5"]
+
+
+def test_a_broker_error_is_logged_and_retried_on_the_next_settle(budget, monkeypatch, no_forecast, caplog):
+    def broken(jobs):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(alerts, "_publish", broken)
+    observe(budget, "4.9", "5.1")
+    sent = []
+    monkeypatch.setattr(alerts, "_publish", lambda jobs: sent.extend(jobs))
+    observe(budget, "5.1", "5.2")
+
+    assert "could not enqueue" in caplog.text
+    assert [kw["threshold"] for _, kw in sent] == ["0.5"]
