@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connections
 from django.utils import timezone
 
 from .models import AlertKind
@@ -29,6 +30,20 @@ _thresholds_loaded_at: float = float("-inf")
 _enqueued: set[tuple] = set()
 _MEMO_MAX = 100_000
 _US = timedelta(microseconds=1)
+
+
+def _in_worker_thread(fn):
+    """Run `fn` in a pool thread (not the request's), and give back that thread's database
+    connection afterwards: pool threads live long, and a pooled connection kept by each would
+    drain the pool."""
+
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connections.close_all()
+
+    return sync_to_async(run, thread_sensitive=False)
 
 
 def _thresholds_load() -> dict[int, tuple[Decimal, ...]]:
@@ -50,7 +65,7 @@ async def _thresholds_for(budget_id: int) -> tuple[Decimal, ...]:
     global _thresholds, _thresholds_loaded_at
     age = time.monotonic() - _thresholds_loaded_at
     if age > settings.BUDGET_ALERT_CONFIG_TTL_S or (budget_id not in _thresholds and age > 1.0):
-        _thresholds = await sync_to_async(_thresholds_load, thread_sensitive=False)()
+        _thresholds = await _in_worker_thread(_thresholds_load)()
         _thresholds_loaded_at = time.monotonic()
     return _thresholds.get(budget_id, ())
 
@@ -87,7 +102,8 @@ async def _enqueue(jobs: list[tuple[tuple, str, dict]]) -> None:
     """Publish and remember; on a broker error log it and leave the memo unset, so the next settle
     tries again (an alert is late rather than lost)."""
     try:
-        await sync_to_async(_publish, thread_sensitive=False)([(name, kw) for _, name, kw in jobs])
+        # Publishing is blocking I/O. (With CELERY_TASK_ALWAYS_EAGER the task itself runs here.)
+        await _in_worker_thread(_publish)([(name, kw) for _, name, kw in jobs])
     except Exception:
         log.exception("could not enqueue %d budget alert task(s)", len(jobs))
         return
