@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
-from django.utils import timezone
 
 from .models import AlertKind
 from .periods import period_bounds
@@ -30,6 +29,9 @@ _thresholds_loaded_at: float = float("-inf")
 _enqueued: set[tuple] = set()
 _MEMO_MAX = 100_000
 _US = timedelta(microseconds=1)
+_ONE = Decimal(1)
+_THRESHOLD, _FORECAST = AlertKind.THRESHOLD.value, AlertKind.FORECAST.value
+_ttl_s = settings.BUDGET_ALERT_CONFIG_TTL_S
 
 
 def _in_worker_thread(fn):
@@ -64,7 +66,7 @@ def _thresholds_load() -> dict[int, tuple[Decimal, ...]]:
 async def _thresholds_for(budget_id: int) -> tuple[Decimal, ...]:
     global _thresholds, _thresholds_loaded_at
     age = time.monotonic() - _thresholds_loaded_at
-    if age > settings.BUDGET_ALERT_CONFIG_TTL_S or (budget_id not in _thresholds and age > 1.0):
+    if age > _ttl_s or (budget_id not in _thresholds and age > 1.0):
         _thresholds = await _in_worker_thread(_thresholds_load)()
         _thresholds_loaded_at = time.monotonic()
     return _thresholds.get(budget_id, ())
@@ -84,9 +86,9 @@ def forecast_usd(*, spent_usd: Decimal, period_start: datetime, period_end: date
     BUDGET_FORECAST_MIN_ELAPSED of the period has passed (one early request says nothing)."""
     if period_end is None:
         return None
-    total = Decimal((period_end - period_start) // _US)
-    elapsed = Decimal((at - period_start) // _US)
-    if total <= 0 or elapsed <= 0 or elapsed / total < Decimal(str(settings.BUDGET_FORECAST_MIN_ELAPSED)):
+    total = (period_end - period_start) // _US
+    elapsed = (at - period_start) // _US
+    if total <= 0 or elapsed <= 0 or elapsed < total * settings.BUDGET_FORECAST_MIN_ELAPSED:
         return None
     return (spent_usd * total / elapsed).quantize(Decimal("0.0000000001"))
 
@@ -117,35 +119,39 @@ async def budget_spend_observed(*, budget_id: int, tenant_id: int, period_start:
                                 spent_after: Decimal) -> None:
     """Called after every settle with the budget's spend before and after it. Enqueues an alert
     for every threshold the spend has reached and for a forecast over the limit, once per process;
-    the database keeps it to once overall."""
+    the database keeps it to once overall. A few microseconds when nothing is due."""
     if limit_usd <= 0 or spent_after <= 0:
         return
-    thresholds = await _thresholds_for(budget_id)
-    start = period_start.isoformat()
-    end = period_end.isoformat() if period_end else None
-    common = {"budget_id": budget_id, "period_start": start, "period_end": end, "limit_usd": str(limit_usd),
+    due: list[tuple[tuple, str, Decimal | None]] = []
+    for t in await _thresholds_for(budget_id):  # ascending
+        if spent_after < limit_usd * t:
+            break
+        memo = (budget_id, period_start, _THRESHOLD, t)
+        if memo not in _enqueued:
+            due.append((memo, _THRESHOLD, None))
+    if period_end is not None and spent_after > spent_before:
+        memo = (budget_id, period_start, _FORECAST, _ONE)
+        if memo not in _enqueued:
+            projected = forecast_usd(spent_usd=spent_after, period_start=period_start, period_end=period_end,
+                                     at=datetime.now(UTC))
+            if projected is not None and projected > limit_usd:
+                due.append((memo, _FORECAST, projected))
+    if not due:
+        return
+    common = {"budget_id": budget_id, "period_start": period_start.isoformat(),
+              "period_end": period_end.isoformat() if period_end else None, "limit_usd": str(limit_usd),
               "spent_usd": str(spent_after)}
-    jobs = []
-    for t in thresholds:
-        memo = (budget_id, start, AlertKind.THRESHOLD, t)
-        if spent_after >= limit_usd * t and memo not in _enqueued:
-            jobs.append((memo, "budget_alert_fire", {**common, "kind": AlertKind.THRESHOLD, "threshold": str(t)}))
-    memo = (budget_id, start, AlertKind.FORECAST, Decimal(1))
-    if spent_after > spent_before and memo not in _enqueued:
-        projected = forecast_usd(spent_usd=spent_after, period_start=period_start, period_end=period_end,
-                                 at=timezone.now())
-        if projected is not None and projected > limit_usd:
-            jobs.append((memo, "budget_alert_fire", {**common, "kind": AlertKind.FORECAST, "threshold": "1",
-                                                     "forecast_usd": str(projected)}))
-    if jobs:
-        await _enqueue(jobs)
+    await _enqueue([(memo, "budget_alert_fire",
+                     {**common, "kind": kind, "threshold": str(memo[3]),
+                      **({"forecast_usd": str(projected)} if projected is not None else {})})
+                    for memo, kind, projected in due])
 
 
 async def unpriced_model_observed(*, tenant_id: int, tenant_timezone: str, model: str, at: datetime) -> None:
     """A request of an unpriced model was let through (the tenant allows it): it is recorded with
     cost 0, and the tenant is alerted once per model and day."""
     start, _ = period_bounds(period="daily", tz=tenant_timezone, at=at)
-    memo = (tenant_id, start.isoformat(), AlertKind.UNPRICED_MODEL, model)
+    memo = (tenant_id, start, AlertKind.UNPRICED_MODEL.value, model)
     if memo in _enqueued:
         return
     await _enqueue([(memo, "unpriced_model_alert_fire",
