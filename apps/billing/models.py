@@ -96,7 +96,8 @@ class Alert(models.Model):
     model alerts once per tenant, model and (tenant-local) day."""
 
     tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="alerts")
-    budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    # SET_NULL: deleting a budget keeps its alert history.
+    budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts")
     kind = models.CharField(max_length=20, choices=AlertKind.choices)
     threshold = models.DecimalField(max_digits=8, decimal_places=4, default=Decimal("0"),
                                     help_text="Fraction of the limit, e.g. 0.8.")

@@ -232,7 +232,10 @@ def unpriced_model_alert_create(*, tenant_id: int, model: str, period_start):
 def _alert_targets(alert) -> tuple[list[str], list[str]]:
     from .models import Budget
 
-    budgets = [alert.budget] if alert.budget_id else list(Budget.objects.filter(tenant_id=alert.tenant_id))
+    if alert.kind == "unpriced_model":
+        budgets = list(Budget.objects.filter(tenant_id=alert.tenant_id))
+    else:
+        budgets = [alert.budget] if alert.budget_id else []  # a deleted budget's alert goes nowhere
     emails = sorted({e for b in budgets for e in (b.alert_emails or ())})
     hooks = sorted({b.alert_webhook_url for b in budgets if b.alert_webhook_url})
     return emails, hooks
@@ -309,6 +312,9 @@ def alert_webhook_send(*, alert_id: int) -> None:
     if alert.webhook_status == "sent":
         return
     _, hooks = _alert_targets(alert)
+    if not hooks:
+        alert_delivery_mark(alert_id=alert.id, channel="webhook", status="skipped: no webhook URL")
+        return
     body = orjson.dumps(alert_payload(alert))
     headers = {
         "Content-Type": "application/json",
