@@ -250,3 +250,14 @@ SPECTACULAR_SETTINGS.update({
 # Serve /static/ from the app itself (finders, no collectstatic needed) so the embedded mode
 # works offline under uvicorn; behind a CDN or nginx in production set this False.
 SERVE_STATIC = env.bool("SERVE_STATIC", default=True)
+# --- budget alerts ------------------------------------------------------------------------------
+# Webhook alerts carry `X-LLM-Signature: sha256=<hex HMAC-SHA256 of the raw body>` with this secret.
+ALERT_WEBHOOK_SECRET = env("ALERT_WEBHOOK_SECRET", default=f"alert-webhook:{SECRET_KEY}")
+ALERT_WEBHOOK_TIMEOUT_S = env.float("ALERT_WEBHOOK_TIMEOUT_S", default=10.0)
+# Delivery retries: base * 2**attempt seconds, capped.
+ALERT_RETRY_BASE_S = env.int("ALERT_RETRY_BASE_S", default=10)
+ALERT_RETRY_MAX_S = env.int("ALERT_RETRY_MAX_S", default=900)
+# A forecast alert needs this fraction of the period elapsed (avoids extrapolating one early request).
+BUDGET_FORECAST_MIN_ELAPSED = env.float("BUDGET_FORECAST_MIN_ELAPSED", default=0.1)
+# Seconds the budgets' alert thresholds stay cached in each gateway process.
+BUDGET_ALERT_CONFIG_TTL_S = env.float("BUDGET_ALERT_CONFIG_TTL_S", default=10.0)

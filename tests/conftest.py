@@ -15,6 +15,7 @@ from decimal import Decimal
 import pytest
 from django.conf import settings
 
+from apps.billing import alerts
 from apps.gateway import cooldown, pipeline, router, selectors
 from apps.gateway import state as gateway_state
 from tests import factories as f
@@ -31,6 +32,7 @@ def _fresh_process_state():
         backend.reset()
     cooldown.reset_local()
     router.latency_reset()
+    alerts.alerts_state_reset()
     if settings.REDIS_URL:
         import redis
 

@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
-from apps.billing.models import Budget, Price
+from apps.billing.models import Alert, Budget, Price
 from apps.gateway.models import Deployment, ModelAlias, Provider, RateLimit
 from apps.keys import crypto
 from apps.keys.models import ApiKey, AuditLog, Membership, ProviderCredential, Source, Tenant
@@ -163,3 +163,16 @@ class AuditLogFactory(factory.django.DjangoModelFactory):
     actor = "cli"
     action = "create"
     object_type = "apikey"
+
+
+class AlertFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Alert
+
+    budget = factory.SubFactory(BudgetFactory)
+    tenant = factory.SelfAttribute("budget.tenant")
+    kind = "threshold"
+    threshold = Decimal("0.8")
+    period_start = factory.LazyFunction(lambda: timezone.now().replace(day=1, hour=0, minute=0, second=0,
+                                                                       microsecond=0))
+    message = "Budget reached 80% of its limit."

@@ -1,28 +1,57 @@
-"""Admin for budgets (tenant-scoped: owners and admins manage) and prices (global, versioned)."""
+"""Admin for prices (global and versioned: a "change" saves a new version), budgets (tenant-scoped,
+with their live spend) and alerts (tenant-scoped, read-only)."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.utils import timezone
 
 from apps.keys.admin import AuditedAdminMixin, TenantScopedAdminMixin
 
-from .models import Budget, Price
-
-
-@admin.register(Budget)
-class BudgetAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
-    list_display = ["name", "tenant", "scope", "scope_value", "limit_usd", "period", "enforcement"]
-    list_select_related = ["tenant"]
-    list_filter = ["period", "enforcement", "scope"]
-    search_fields = ["name", "scope_value"]
+from . import selectors, services
+from .models import Alert, Budget, Price, PriceSource
 
 
 @admin.register(Price)
 class PriceAdmin(AuditedAdminMixin, admin.ModelAdmin):
-    """Anyone with a tenant role reads prices; superusers add versions. A version is never edited."""
+    """Saving a price, new or changed, adds a version effective from `effective_from`; the version
+    it replaces stays as it was, because ledger rows point at it."""
 
-    list_display = ["model", "input_usd_per_mtok", "output_usd_per_mtok", "effective_from", "source"]
+    list_display = ["model", "effective_from", "input_usd_per_mtok", "output_usd_per_mtok",
+                    "cached_input_usd_per_mtok", "cache_write_usd_per_mtok", "batch_discount", "source", "source_ref"]
+    list_filter = ["source"]
     search_fields = ["model"]
+    fields = ["model", "effective_from", "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
+              "cache_write_usd_per_mtok", "batch_discount"]
+
+    def get_changeform_initial_data(self, request):
+        return {**super().get_changeform_initial_data(request), "effective_from": timezone.now()}
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if obj is not None:
+            form.base_fields["effective_from"].help_text = (
+                "Saving adds a new price version from this moment; this version is kept unchanged.")
+        return form
+
+    def save_model(self, request, obj, form, change):
+        effective_from = obj.effective_from
+        if change and "effective_from" not in form.changed_data:
+            effective_from = timezone.now()
+        new = services.price_version_create(
+            model=obj.model, input_usd_per_mtok=obj.input_usd_per_mtok, output_usd_per_mtok=obj.output_usd_per_mtok,
+            cached_input_usd_per_mtok=obj.cached_input_usd_per_mtok,
+            cache_write_usd_per_mtok=obj.cache_write_usd_per_mtok, batch_discount=obj.batch_discount,
+            effective_from=effective_from, source=PriceSource.ADMIN, actor=request.user.get_username(),
+        )
+        request._audit_recorded = True  # price_version_create audited the new version
+        if change:
+            obj.refresh_from_db()  # the edited version is untouched
+            messages.info(request, f"Saved as a new price version (#{new.pk}) "
+                                   f"from {new.effective_from:%Y-%m-%d %H:%M}.")
+        else:
+            obj.pk, obj.id = new.pk, new.pk
 
     def has_module_permission(self, request):
+        """Anyone with a tenant role reads prices; only superusers add versions."""
         from apps.keys.selectors import tenant_roles_for_user
 
         return request.user.is_superuser or bool(tenant_roles_for_user(user=request.user))
@@ -30,14 +59,65 @@ class PriceAdmin(AuditedAdminMixin, admin.ModelAdmin):
     def has_view_permission(self, request, obj=None):
         return self.has_module_permission(request)
 
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Budget)
+class BudgetAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    list_display = ["name", "tenant", "scope", "scope_value", "period", "enforcement", "limit_usd", "spent",
+                    "held", "remaining", "resets_at"]
+    list_filter = ["period", "enforcement", "scope"]
+    list_select_related = ["tenant"]
+    search_fields = ["name", "scope_value"]
+
+    def get_changelist_instance(self, request):
+        """Fetch the live numbers of the page's budgets in one call, not one per row."""
+        cl = super().get_changelist_instance(request)
+        page = list(cl.result_list)
+        statuses = {s.id: s for s in selectors.budget_statuses_sync(budgets=page)}
+        for b in page:
+            b.status = statuses.get(b.id)
+        return cl
+
+    @admin.display(description="spent $")
+    def spent(self, obj):
+        return obj.status.spent_usd if getattr(obj, "status", None) else "-"
+
+    @admin.display(description="held $")
+    def held(self, obj):
+        return obj.status.held_usd if getattr(obj, "status", None) else "-"
+
+    @admin.display(description="remaining $")
+    def remaining(self, obj):
+        return obj.status.remaining_usd if getattr(obj, "status", None) else "-"
+
+    @admin.display(description="resets at")
+    def resets_at(self, obj):
+        status = getattr(obj, "status", None)
+        if status is None:
+            return "-"
+        return status.resets_at.strftime("%Y-%m-%d %H:%M %Z") if status.resets_at else "never"
+
+
+@admin.register(Alert)
+class AlertAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    list_display = ["created_at", "tenant", "kind", "budget", "threshold", "model", "period_start", "message",
+                    "email_status", "webhook_status"]
+    list_filter = ["kind"]
+    list_select_related = ["tenant", "budget"]
+
+    def has_add_permission(self, request, *args):
+        return False
+
     def has_change_permission(self, request, obj=None):
         return False
 
     def has_delete_permission(self, request, obj=None):
         return False
-
-    def save_model(self, request, obj, form, change):
-        from apps.keys.services import audit_record, snapshot
-
-        super().save_model(request, obj, form, change)
-        audit_record(actor=request.user.get_username(), action="create", obj=obj, after=snapshot(obj))

@@ -27,6 +27,8 @@ class Price(models.Model):
     )
     effective_from = models.DateTimeField()
     source = models.CharField(max_length=20, choices=PriceSource.choices, default=PriceSource.CONFIG)
+    # Where the numbers came from, e.g. the genai-prices "provider/model" id the alias was matched to.
+    source_ref = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -34,7 +36,8 @@ class Price(models.Model):
         constraints = [models.UniqueConstraint(fields=["model", "effective_from"], name="uniq_price_version")]
 
     def __str__(self) -> str:
-        return f"{self.model} from {self.effective_from:%Y-%m-%d}: {self.input_usd_per_mtok}/{self.output_usd_per_mtok}"
+        return (f"{self.model} from {self.effective_from:%Y-%m-%d}: "
+                f"in {self.input_usd_per_mtok} out {self.output_usd_per_mtok}")
 
 
 class BudgetScope(models.TextChoices):
@@ -78,3 +81,50 @@ class Budget(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant.slug}/{self.name}"
+
+
+class AlertKind(models.TextChoices):
+    THRESHOLD = "threshold"
+    FORECAST = "forecast"
+    UNPRICED_MODEL = "unpriced_model"
+
+
+class Alert(models.Model):
+    """One alert, stored whether or not a channel delivered it. The database constraints make a
+    threshold fire exactly once per budget, period and threshold, even from many processes; a
+    forecast fires once per budget and period (threshold 1 = "will reach the limit"); an unpriced
+    model alerts once per tenant, model and (tenant-local) day."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="alerts")
+    # SET_NULL: deleting a budget keeps its alert history.
+    budget = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts")
+    kind = models.CharField(max_length=20, choices=AlertKind.choices)
+    threshold = models.DecimalField(max_digits=8, decimal_places=4, default=Decimal("0"),
+                                    help_text="Fraction of the limit, e.g. 0.8.")
+    period_start = models.DateTimeField()
+    model = models.CharField(max_length=200, blank=True, help_text="The unpriced model alias.")
+    spent_usd = models.DecimalField(**MONEY, null=True, blank=True)
+    limit_usd = models.DecimalField(**MONEY, null=True, blank=True)
+    forecast_usd = models.DecimalField(**MONEY, null=True, blank=True)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Per channel: "" (not configured), "pending", "sent", "retrying: <why>", "failed: <why>".
+    email_status = models.CharField(max_length=200, blank=True)
+    webhook_status = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["budget", "kind", "period_start", "threshold"],
+                                    condition=models.Q(budget__isnull=False), name="uniq_budget_alert"),
+            models.UniqueConstraint(fields=["tenant", "kind", "model", "period_start"],
+                                    condition=models.Q(kind="unpriced_model"), name="uniq_unpriced_alert"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.kind} {self.message[:60]}"
+
+    @property
+    def delivery(self) -> dict[str, str]:
+        """The configured channels and how their delivery went."""
+        return {k: v for k, v in (("email", self.email_status), ("webhook", self.webhook_status)) if v}

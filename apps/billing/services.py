@@ -39,7 +39,8 @@ def cost_upper_bound(*, price: PriceInfo, prompt_tokens_max: int, completion_tok
 
 def price_set(*, model: str, input_usd_per_mtok: Decimal, output_usd_per_mtok: Decimal, actor: str,
               cached_input_usd_per_mtok: Decimal | None = None, cache_write_usd_per_mtok: Decimal | None = None,
-              batch_discount: Decimal = Decimal(0), effective_from=None, source: str = "config"):
+              batch_discount: Decimal = Decimal(0), effective_from=None, source: str = "config",
+              source_ref: str = ""):
     """Add a price version when it differs from the one in force. Prices are never edited in place."""
     from django.utils import timezone
 
@@ -59,7 +60,7 @@ def price_set(*, model: str, input_usd_per_mtok: Decimal, output_usd_per_mtok: D
     price = Price.objects.create(
         model=model, input_usd_per_mtok=input_usd_per_mtok, output_usd_per_mtok=output_usd_per_mtok,
         cached_input_usd_per_mtok=cached_input_usd_per_mtok, cache_write_usd_per_mtok=cache_write_usd_per_mtok,
-        batch_discount=batch_discount, effective_from=when, source=source,
+        batch_discount=batch_discount, effective_from=when, source=source, source_ref=source_ref,
     )
     audit_record(actor=actor, action="create", obj=price, after=snapshot(price))
     return price
@@ -73,3 +74,265 @@ def budget_upsert(*, tenant, name: str, actor: str, **values):
     budget, _ = audited_upsert(Budget, actor=actor, lookup={"tenant": tenant, "name": name}, values=values,
                                tenant=tenant)
     return budget
+
+
+def price_version_create(*, model: str, input_usd_per_mtok: Decimal, output_usd_per_mtok: Decimal, actor: str,
+                         effective_from, cached_input_usd_per_mtok: Decimal | None = None,
+                         cache_write_usd_per_mtok: Decimal | None = None, batch_discount: Decimal = Decimal(0),
+                         source: str = "admin", source_ref: str = ""):
+    """Add a price version as given (the admin's "change"): the versions before it stay untouched."""
+    from django.core.exceptions import ValidationError
+
+    from apps.keys.services import audit_record, snapshot
+
+    from .models import Price
+
+    if Price.objects.filter(model=model, effective_from=effective_from).exists():
+        raise ValidationError(f"{model} already has a price version effective from {effective_from.isoformat()}; "
+                              "choose another effective_from.")
+    price = Price.objects.create(
+        model=model, input_usd_per_mtok=input_usd_per_mtok, output_usd_per_mtok=output_usd_per_mtok,
+        cached_input_usd_per_mtok=cached_input_usd_per_mtok, cache_write_usd_per_mtok=cache_write_usd_per_mtok,
+        batch_discount=batch_discount or Decimal(0), effective_from=effective_from, source=source,
+        source_ref=source_ref,
+    )
+    audit_record(actor=actor, action="create", obj=price, after=snapshot(price))
+    return price
+
+
+OVERRIDE_SOURCES = ("config", "admin")
+
+
+def prices_sync(*, actor: str = "cli", at=None) -> dict[str, str]:
+    """Seed and refresh prices from the installed genai-prices package (offline).
+
+    For every model alias, the first match among its deployments' upstream models (in routing
+    order, with the provider kind) and then the alias name itself. A new version is added only
+    when the numbers changed. An alias whose price in force comes from the config file or the
+    admin is an override and is left alone. Returns alias -> "created" | "unchanged" |
+    "override" | "unknown"."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from apps.gateway.selectors import routing_table_invalidate, routing_table_load
+
+    from .genai import genai_price_lookup
+    from .selectors import price_in_force, price_versions_by_model
+
+    when = at or timezone.now()
+    versions = price_versions_by_model()
+    out: dict[str, str] = {}
+    with transaction.atomic():
+        for alias in sorted(routing_table_load().aliases.values(), key=lambda a: a.alias):
+            current = price_in_force(versions.get(alias.alias), when)
+            if current is not None and current.source in OVERRIDE_SOURCES:
+                out[alias.alias] = "override"
+                continue
+            refs = [(d.target.upstream_model, d.target.kind) for d in alias.deployments if d.target.kind != "mock"]
+            first_kind = alias.deployments[0].target.kind if alias.deployments else None
+            refs.append((alias.alias, first_kind if first_kind != "mock" else None))
+            found = genai_price_lookup(refs=refs, at=when)
+            if found is None:
+                out[alias.alias] = "unknown"
+                continue
+            created = price_set(
+                model=alias.alias, input_usd_per_mtok=found.input_usd_per_mtok,
+                output_usd_per_mtok=found.output_usd_per_mtok,
+                cached_input_usd_per_mtok=found.cached_input_usd_per_mtok,
+                cache_write_usd_per_mtok=found.cache_write_usd_per_mtok, batch_discount=found.batch_discount,
+                effective_from=when, source="genai-prices", source_ref=found.ref, actor=actor,
+            )
+            out[alias.alias] = "created" if created is not None else "unchanged"
+        transaction.on_commit(routing_table_invalidate)
+    return out
+
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+class AlertDeliveryError(Exception):
+    """A channel did not take the alert; the delivery task retries with backoff."""
+
+
+def _usd(value: Decimal | None) -> str:
+    return "?" if value is None else f"${value.quantize(Decimal('0.0001'), rounding=ROUND_HALF_UP)}"
+
+
+def _alert_channels(*, budgets) -> dict[str, str]:
+    """Initial delivery state: "pending" for every channel some of these budgets configure."""
+    return {"email_status": "pending" if any(b.alert_emails for b in budgets) else "",
+            "webhook_status": "pending" if any(b.alert_webhook_url for b in budgets) else ""}
+
+
+def _alert_store(**fields):
+    """Insert the alert once. None when it exists already: the unique constraints decide, so two
+    processes (or threads) observing the same crossing store exactly one row."""
+    from django.db import IntegrityError, transaction
+
+    from .models import Alert
+
+    try:
+        with transaction.atomic():
+            alert = Alert.objects.create(**fields)
+    except IntegrityError:
+        return None
+    _alert_deliver_on_commit(alert)
+    return alert
+
+
+def _alert_deliver_on_commit(alert) -> None:
+    from django.db import transaction
+
+    from . import tasks
+
+    if alert.email_status:
+        transaction.on_commit(lambda: tasks.alert_deliver_email.delay(alert.id))
+    if alert.webhook_status:
+        transaction.on_commit(lambda: tasks.alert_deliver_webhook.delay(alert.id))
+
+
+def budget_alert_create(*, budget_id: int, kind: str, period_start, threshold: Decimal = Decimal(0),
+                        spent_usd: Decimal, limit_usd: Decimal, forecast_usd: Decimal | None = None,
+                        period_end=None):
+    """Store a threshold or forecast alert of a budget and queue its deliveries; None when this
+    budget already alerted for this kind, period and threshold (or the budget is gone)."""
+    from zoneinfo import ZoneInfo
+
+    from .models import AlertKind, Budget
+
+    budget = Budget.objects.select_related("tenant").filter(id=budget_id).first()
+    if budget is None:
+        return None
+    zone = ZoneInfo(budget.tenant.timezone)
+    resets = f"; resets {period_end.astimezone(zone):%Y-%m-%d %H:%M %Z}" if period_end else ""
+    if kind == AlertKind.FORECAST:
+        message = (f"Budget '{budget.name}' ({budget.period}) is forecast to reach {_usd(forecast_usd)} by the end "
+                   f"of the period, over its limit of {_usd(limit_usd)}: {_usd(spent_usd)} spent so far{resets}.")
+    else:
+        pct = (threshold * 100).normalize()
+        message = (f"Budget '{budget.name}' ({budget.period}, {budget.enforcement}) reached {pct:f}% of its limit: "
+                   f"{_usd(spent_usd)} of {_usd(limit_usd)} spent{resets}.")
+    return _alert_store(tenant_id=budget.tenant_id, budget=budget, kind=kind, threshold=threshold,
+                        period_start=period_start, spent_usd=spent_usd, limit_usd=limit_usd,
+                        forecast_usd=forecast_usd, message=message, **_alert_channels(budgets=[budget]))
+
+
+def unpriced_model_alert_create(*, tenant_id: int, model: str, period_start):
+    """Store the alert that a tenant used a model without a price (once per tenant, model and
+    day) and queue its delivery to every alert channel of the tenant's budgets."""
+    from .models import AlertKind, Budget
+
+    budgets = list(Budget.objects.filter(tenant_id=tenant_id))
+    message = (f"Model '{model}' has no price: its requests are recorded with their tokens but cost $0 until a "
+               "price is set (config file, admin or prices_sync).")
+    return _alert_store(tenant_id=tenant_id, kind=AlertKind.UNPRICED_MODEL, model=model, period_start=period_start,
+                        message=message, **_alert_channels(budgets=budgets))
+
+
+def _alert_targets(alert) -> tuple[list[str], list[str]]:
+    from .models import Budget
+
+    if alert.kind == "unpriced_model":
+        budgets = list(Budget.objects.filter(tenant_id=alert.tenant_id))
+    else:
+        budgets = [alert.budget] if alert.budget_id else []  # a deleted budget's alert goes nowhere
+    emails = sorted({e for b in budgets for e in (b.alert_emails or ())})
+    hooks = sorted({b.alert_webhook_url for b in budgets if b.alert_webhook_url})
+    return emails, hooks
+
+
+def alert_delivery_mark(*, alert_id: int, channel: str, status: str) -> None:
+    """Record how a channel's delivery went (one UPDATE of that channel's own column)."""
+    from .models import Alert
+
+    Alert.objects.filter(id=alert_id).update(**{f"{channel}_status": status[:200]})
+
+
+def alert_payload(alert) -> dict:
+    from .selectors import money_str
+
+    return {
+        "type": f"budget.alert.{alert.kind}",
+        "alert": {
+            "id": alert.id,
+            "kind": alert.kind,
+            "tenant": alert.tenant.slug,
+            "budget": alert.budget.name if alert.budget_id else None,
+            "model": alert.model or None,
+            "threshold": format(alert.threshold.normalize(), "f"),
+            "period_start": alert.period_start.isoformat(),
+            "spent_usd": money_str(alert.spent_usd),
+            "limit_usd": money_str(alert.limit_usd),
+            "forecast_usd": money_str(alert.forecast_usd),
+            "message": alert.message,
+            "created_at": alert.created_at.isoformat(),
+        },
+    }
+
+
+def webhook_signature(*, body: bytes, secret: str) -> str:
+    """The `X-LLM-Signature` header value: HMAC-SHA256 of the raw body, hex."""
+    import hashlib
+    import hmac
+
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def alert_email_send(*, alert_id: int) -> None:
+    """Send the alert by Django mail to the budget's alert_emails (idempotent: once sent, no-op)."""
+    from django.conf import settings
+    from django.core.mail import send_mail
+
+    from .models import Alert
+
+    alert = Alert.objects.select_related("tenant", "budget").get(id=alert_id)
+    if alert.email_status == "sent":
+        return
+    emails, _ = _alert_targets(alert)
+    if not emails:
+        alert_delivery_mark(alert_id=alert.id, channel="email", status="skipped: no recipients")
+        return
+    subject = f"[LLM Service] {alert.tenant.slug}: {alert.get_kind_display()} alert"
+    try:
+        send_mail(subject, alert.message, settings.DEFAULT_FROM_EMAIL, emails)
+    except Exception as exc:  # SMTP and socket errors alike: the task retries
+        raise AlertDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+    alert_delivery_mark(alert_id=alert.id, channel="email", status="sent")
+
+
+def alert_webhook_send(*, alert_id: int) -> None:
+    """POST the alert as JSON, signed with ALERT_WEBHOOK_SECRET (idempotent: once sent, no-op)."""
+    import httpx
+    import orjson
+    from django.conf import settings
+
+    from .models import Alert
+
+    alert = Alert.objects.select_related("tenant", "budget").get(id=alert_id)
+    if alert.webhook_status == "sent":
+        return
+    _, hooks = _alert_targets(alert)
+    if not hooks:
+        alert_delivery_mark(alert_id=alert.id, channel="webhook", status="skipped: no webhook URL")
+        return
+    body = orjson.dumps(alert_payload(alert))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "llm-service-alerts/1",
+        "X-LLM-Event": f"budget.alert.{alert.kind}",
+        "X-LLM-Delivery": str(alert.id),
+        "X-LLM-Signature": webhook_signature(body=body, secret=settings.ALERT_WEBHOOK_SECRET),
+    }
+    errors = []
+    with httpx.Client(timeout=settings.ALERT_WEBHOOK_TIMEOUT_S) as client:
+        for url in hooks:
+            try:
+                resp = client.post(url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}")
+                continue
+            if resp.status_code >= 300:
+                errors.append(f"HTTP {resp.status_code}")
+    if errors:
+        raise AlertDeliveryError(", ".join(errors))
+    alert_delivery_mark(alert_id=alert.id, channel="webhook", status="sent")

@@ -324,29 +324,34 @@ async def release(ctx: Ctx) -> None:
 
 
 async def budget_usage(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Decimal]]:
-    """budget.id -> (spent_usd, held_usd) for the period containing `at`, from the fast counters
-    (rebuilt from the ledger when missing). `budgets` are Budget rows (with .tenant loaded) or
-    BudgetRefs with a `timezone` attribute."""
-    from apps.billing.selectors import budget_refs_for_tenant
+    """budget.id -> (spent_usd, held_usd) for the period containing `at`, from the fast counters;
+    those missing are rebuilt from the ledger in one query. `budgets` are Budget rows with `tenant`
+    loaded."""
+    from apps.billing.selectors import budgets_spent_from_ledger
 
-    out: dict[int, tuple[Decimal, Decimal]] = {}
-    backend = state()
+    budgets = list(budgets)
+    periods = {}
     for b in budgets:
         tz = b.tenant.timezone
-        ref = next(r for r in await sync_to_async(budget_refs_for_tenant)(tenant_id=b.tenant_id) if r.id == b.id)
-        start, end = period_bounds(period=ref.period, tz=tz, at=at)
-        label = period_key(period=ref.period, tz=tz, at=at)
-        key = f"llms:bud:{ref.id}:{label}"
-        try:
-            [(spent, held)] = await backend.usage(keys=[key])
-            if spent is None:
-                ledger = await sync_to_async(budget_spent_from_ledger)(budget=ref, start=start, end=end)
-                ttl = int((end - at + KEY_GRACE).total_seconds()) if end else 0
-                await backend.set_spent(key=key, micros=micros(ledger), ttl_s=ttl)
-                [(spent, held)] = await backend.usage(keys=[key])
-                spent = spent if spent is not None else micros(ledger)
-        except StateUnavailable:
-            ledger = await sync_to_async(budget_spent_from_ledger)(budget=ref, start=start, end=end)
-            spent, held = micros(ledger), 0
+        start, end = period_bounds(period=b.period, tz=tz, at=at)
+        periods[b.id] = (start, end, f"llms:bud:{b.id}:{period_key(period=b.period, tz=tz, at=at)}")
+    backend = state()
+    try:
+        found = await backend.usage(keys=[periods[b.id][2] for b in budgets])
+    except StateUnavailable:
+        found = [(None, 0)] * len(budgets)
+    missing = [(b, periods[b.id][0], periods[b.id][1]) for b, (spent, _) in zip(budgets, found, strict=True)
+               if spent is None]
+    ledger = await sync_to_async(budgets_spent_from_ledger)(items=missing) if missing else {}
+    out: dict[int, tuple[Decimal, Decimal]] = {}
+    for b, (spent, held) in zip(budgets, found, strict=True):
+        if spent is None:
+            spent = micros(ledger[b.id])
+            start, end, key = periods[b.id]
+            ttl = int((end - at + KEY_GRACE).total_seconds()) if end else 0
+            try:
+                await backend.set_spent(key=key, micros=spent, ttl_s=ttl)
+            except StateUnavailable:
+                pass
         out[b.id] = (Decimal(spent) / 1_000_000, Decimal(held) / 1_000_000)
     return out

@@ -98,3 +98,21 @@ async def models(request: HttpRequest):
         if ctx.auth.may_use_model(alias)
     ]
     return _json({"object": "list", "data": data}, ctx)
+
+
+@api.get("/budget")
+async def budget_status(request: HttpRequest):
+    """Every budget that applies to the calling key: limit, spent, held, remaining, resets_at.
+    `?budget_id=` also includes the budget_id budget a request with that metadata.budget_id would hit."""
+    from django.utils import timezone
+
+    from apps.billing.selectors import budget_statuses_for_key
+
+    ctx = pipeline.Ctx()
+    try:
+        await pipeline.authenticate(ctx, request.headers.get("authorization"))
+    except GatewayError as exc:
+        return _error(exc, ctx)
+    statuses = await budget_statuses_for_key(auth=ctx.auth, budget_id=request.GET.get("budget_id") or None,
+                                             at=timezone.now())
+    return _json({"object": "list", "data": [s.as_json() for s in statuses]}, ctx)

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from apps.analytics.metrics import UNKNOWN_MODEL, usage_observe
 from apps.analytics.services import usage_event_record
+from apps.billing import alerts
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
 from apps.keys import last_used, security
@@ -179,6 +180,9 @@ async def route(ctx: Ctx) -> None:
             f"The model `{ctx.model}` has no price, and this tenant does not allow unpriced models.",
             param="model", code="model_not_priced",
         )
+    if ctx.price is None:  # allowed, so recorded at $0 with its tokens, and the tenant is alerted
+        await alerts.unpriced_model_observed(tenant_id=ctx.auth.tenant_id, tenant_timezone=ctx.auth.tenant_timezone,
+                                             model=ctx.model, at=ctx.timestamp)
 
 
 async def admit(ctx: Ctx) -> None:

@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from apps.billing.services import prices_sync
 from apps.gateway.config_schema import config_parse
 from apps.gateway.services import config_apply
 from apps.keys import crypto
@@ -31,6 +32,8 @@ models:
     output_usd_per_mtok: 0
     supports_embeddings: true
     deployments: [{provider: mock, model: mock-embedding}]
+  - alias: gpt-4o  # no price here: prices_sync takes it from genai-prices
+    deployments: [{provider: mock, model: mock-gpt-4o}]
 tenants:
   - slug: demo
     name: Demo Org
@@ -56,6 +59,7 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         os.environ.setdefault("DEMO_MANAGER_PASSWORD", "manager")
         config_apply(cfg=config_parse(DEMO_CONFIG), actor="demo_setup")
+        prices_sync(actor="demo_setup")
         User = get_user_model()
         if not User.objects.filter(username="admin").exists():
             User.objects.create_superuser("admin", "admin@demo.test", os.environ.get("DEMO_ADMIN_PASSWORD", "admin"))

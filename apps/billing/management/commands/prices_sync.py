@@ -1,0 +1,15 @@
+from django.core.management.base import BaseCommand
+
+from apps.billing.services import prices_sync
+
+
+class Command(BaseCommand):
+    help = ("Seed and refresh model prices from the installed genai-prices package (offline). Idempotent: "
+            "a new price version only when a price changed; config and admin overrides are kept.")
+
+    def handle(self, *args, **opts):
+        results = prices_sync(actor="cli")
+        for alias, outcome in results.items():
+            self.stdout.write(f"{alias}: {outcome}")
+        created = sum(1 for o in results.values() if o == "created")
+        self.stdout.write(self.style.SUCCESS(f"prices_sync: {created} new price versions, {len(results)} aliases"))
