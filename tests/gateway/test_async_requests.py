@@ -17,7 +17,7 @@ from apps.analytics.models import UsageEvent
 from apps.gateway import async_requests
 from apps.gateway.models import AsyncRequest
 from tests import factories as f
-from tests.gateway.worker import wait_for
+from tests.gateway.worker import Worker, broker_reset, wait_for
 
 
 def envelope(alias: str, content: str = "hello", **options) -> dict:
@@ -75,6 +75,32 @@ def test_async_chat_completion_extra_field_fails_cleanly_on_upstream_error(celer
     assert done["status"] == "failed"
     assert done["error"]["status"] == 400
     assert UsageEvent.objects.get(request_id=rid).status == 400
+
+
+def test_async_request_survives_a_worker_killed_mid_call(live_gateway, live_setup):
+    live_setup.deployment.upstream_model = "slow-1500"
+    live_setup.deployment.save()
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+    broker_reset()
+    first = Worker().start()
+    try:
+        rid = httpx.post(f"{live_gateway}/v1/requests", headers=headers, json=envelope(live_setup.alias)).json()["id"]
+        wait_for(lambda: AsyncRequest.objects.get(id=rid).status == "running", what="the worker to take it")
+        first.kill()
+    finally:
+        first.stop()
+    second = Worker().start()
+    try:
+        done = wait_for(lambda: AsyncRequest.objects.filter(id=rid, status__in=("completed", "failed")).first(),
+                        timeout=60, what="the request to finish after the restart")
+    finally:
+        second.stop()
+        first.cleanup()
+        second.cleanup()
+
+    assert done.status == "completed"
+    assert done.attempts == 2
+    assert UsageEvent.objects.filter(request_id=rid).count() == 1
 
 
 # --- without a worker -------------------------------------------------------------------------
