@@ -193,7 +193,7 @@ def batch_view(batch: Batch) -> dict:
         "finalizing_at": _ts(batch.finalizing_at),
         "completed_at": _ts(batch.completed_at),
         "failed_at": _ts(batch.failed_at),
-        "expired_at": None,
+        "expired_at": _ts(batch.expired_at),
         "cancelling_at": _ts(batch.cancelling_at),
         "cancelled_at": _ts(batch.cancelled_at),
         "request_counts": batch_counts(batch),
@@ -269,10 +269,23 @@ def line_requeue(*, line_pk: int) -> None:
     BatchLine.objects.filter(pk=line_pk, status=JobStatus.RUNNING).update(status=JobStatus.QUEUED, lease_until=None)
 
 
-def lines_cancel(*, batch_id: str) -> int:
+def lines_cancel(*, batch_id: str, expired: bool = False) -> int:
+    """Mark the lines not started yet as cancelled (cancel) or expired (past the completion window)."""
+    error = {"code": "batch_expired", "message": "The batch's completion window ended before this line ran."} \
+        if expired else {"code": "batch_cancelled", "message": "The batch was cancelled before this line ran."}
     return BatchLine.objects.filter(batch_id=batch_id, status=JobStatus.QUEUED).update(
-        status=JobStatus.CANCELLED,
-        error={"code": "batch_cancelled", "message": "The batch was cancelled before this line ran."})
+        status=JobStatus.CANCELLED, error=error)
+
+
+def batch_expire_if_due(*, batch_id: str) -> bool:
+    """Past its completion window, a running batch starts no new line. Returns True if expired."""
+    now = timezone.now()
+    Batch.objects.filter(id=batch_id, status=BatchStatus.IN_PROGRESS, expires_at__lt=now,
+                         expired_at__isnull=True).update(expired_at=now)
+    if Batch.objects.filter(id=batch_id, expired_at__isnull=False).exists():
+        lines_cancel(batch_id=batch_id, expired=True)
+        return True
+    return False
 
 
 def batch_status(*, batch_id: str) -> str | None:
@@ -370,7 +383,7 @@ async def lane_run(*, batch_id: str) -> float | None:
         if status == BatchStatus.CANCELLING:
             await sync_to_async(lines_cancel)(batch_id=batch_id)
             return None
-        if status != BatchStatus.IN_PROGRESS:
+        if status != BatchStatus.IN_PROGRESS or await sync_to_async(batch_expire_if_due)(batch_id=batch_id):
             return None
         line = await sync_to_async(line_claim)(batch_id=batch_id)
         if line is None:
@@ -418,6 +431,8 @@ def batch_finalize(*, batch_id: str) -> bool:
         batch.total = sum(counts.values())
         if cancelled:
             batch.status, batch.cancelled_at = BatchStatus.CANCELLED, now
+        elif batch.expired_at:
+            batch.status = BatchStatus.EXPIRED
         else:
             batch.status, batch.completed_at = BatchStatus.COMPLETED, now
         batch.save()

@@ -162,6 +162,7 @@ class Batch(models.Model):
     cancelling_at = models.DateTimeField(null=True, blank=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    expired_at = models.DateTimeField(null=True, blank=True)
     # Last time a worker claimed one of its lines; a resume sweep restarts batches gone quiet.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
 

@@ -228,3 +228,33 @@ def test_batch_create_validates_its_fields(client, setup):
     assert create(endpoint="/v1/completions")["param"] == "endpoint"
     assert create(completion_window="1h")["param"] == "completion_window"
     assert create(input_file_id="file-nope")["param"] == "input_file_id"
+
+
+@pytest.mark.django_db
+def test_a_batch_past_its_completion_window_expires_with_the_remaining_lines_in_the_error_file(setup, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.gateway import batches, tasks
+    from apps.keys.selectors import api_key_auth_by_id
+
+    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: None)
+    upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
+                                 content=jsonl(setup.alias, 3))
+    batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
+                                 endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
+    batches.batch_start(batch_id=batch.id)
+    Batch.objects.filter(id=batch.id).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    tasks.batch_lane.apply(args=[batch.id])
+
+    batch.refresh_from_db()
+    assert batch.status == "expired"
+    assert batch.expired_at is not None
+    assert batches.batch_view(batch)["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    errors = [orjson.loads(line) for line in bytes(batch.error_file.content).splitlines()]
+    assert [e["error"]["code"] for e in errors] == ["batch_expired"] * 3
+    assert batch.output_file is None
+    assert not UsageEvent.objects.exists()
