@@ -119,7 +119,15 @@ async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
         return _error(problem, ctx)
     if hit is not None:
         await pipeline.record(ctx)
-    row = await sync_to_async(async_requests.async_request_create)(ctx=ctx, body=orjson.loads(raw), completion=hit)
+    try:
+        row = await sync_to_async(async_requests.async_request_create)(ctx=ctx, body=orjson.loads(raw),
+                                                                       completion=hit)
+    except Exception:
+        # Not stored, so never run: give back what admission took before reporting the failure.
+        exc = GatewayError(503, "The request could not be queued; try again.", type="api_error", code="not_queued")
+        if not ctx.recorded:
+            await pipeline.fail(ctx, exc)
+        raise
     ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
     return _json({"id": row.id, "object": "request", "status": row.status}, ctx, status=202)
 

@@ -344,7 +344,8 @@ async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> Li
         hit = await pipeline.prepare(ctx, None, _line_body(line, batch.endpoint), auth=auth)
     except GatewayError as exc:
         if exc.status == 429:
-            return LineOutcome("retry", retry_after_s=float(exc.headers.get("retry-after") or 1))
+            after = next((v for k, v in exc.headers.items() if k.lower() == "retry-after"), None)
+            return LineOutcome("retry", retry_after_s=float(after or 1))
         ctx.auth = auth
         await pipeline.fail(ctx, exc)
         ctx.recorded = False

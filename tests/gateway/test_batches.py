@@ -258,3 +258,77 @@ def test_a_batch_past_its_completion_window_expires_with_the_remaining_lines_in_
     assert [e["error"]["code"] for e in errors] == ["batch_expired"] * 3
     assert batch.output_file is None
     assert not UsageEvent.objects.exists()
+
+
+# --- what a line does with admission's answers (admission itself is stood in for here) ---------
+
+
+@pytest.fixture
+def lane(setup, monkeypatch):
+    """A batch of 4 lines, started, whose lanes run in this process when called."""
+    from apps.gateway import batches, tasks
+    from apps.keys.selectors import api_key_auth_by_id
+
+    published = []
+    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: published.append(k))
+    upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
+                                 content=jsonl(setup.alias, 4))
+    batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
+                                 endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
+    batches.batch_start(batch_id=batch.id)
+    return batch, (lambda: tasks.batch_lane.apply(args=[batch.id])), published
+
+
+def _admit_answers(monkeypatch, answers):
+    """admission.admit answers from the list in turn: None admits, a GatewayError refuses."""
+    from apps.gateway.errors import GatewayError
+
+    original = admission.admit
+
+    async def admit(ctx):
+        answer = answers.pop(0) if answers else None
+        if isinstance(answer, GatewayError):
+            raise answer
+        return await original(ctx)
+
+    monkeypatch.setattr(admission, "admit", admit)
+
+
+@pytest.mark.django_db
+def test_lines_refused_by_a_budget_fail_with_budget_exceeded_and_are_in_the_ledger(lane, monkeypatch):
+    from apps.gateway.errors import GatewayError
+
+    batch, run, _ = lane
+    over = GatewayError(402, "Budget 'b' is exhausted.", code="budget_exceeded")
+    _admit_answers(monkeypatch, [None, None, over, over])
+
+    run()
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.completed, batch.failed) == ("completed", 2, 2)
+    errors = [orjson.loads(x) for x in bytes(batch.error_file.content).splitlines()]
+    assert [e["response"]["body"]["error"]["code"] for e in errors] == ["budget_exceeded"] * 2
+    assert sorted(UsageEvent.objects.filter(batch_id=batch.id).values_list("status", flat=True)) == [200, 200, 402, 402]
+
+
+@pytest.mark.django_db
+def test_a_line_our_rate_limiter_turns_away_waits_and_leaves_no_ledger_row(lane, monkeypatch):
+    from apps.gateway.errors import GatewayError
+
+    batch, run, published = lane
+    _admit_answers(monkeypatch, [None, GatewayError(429, "Slow down.", code="rate_limit_exceeded",
+                                                    headers={"Retry-After": "7"})])
+
+    run()
+
+    assert published == [{"args": [batch.id], "countdown": 7.0}]
+    assert list(BatchLine.objects.filter(batch_id=batch.id).values_list("status", flat=True)) == [
+        "completed", "queued", "queued", "queued"]
+    assert UsageEvent.objects.filter(batch_id=batch.id).count() == 1
+
+    run()  # the continuation
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.completed, batch.failed) == ("completed", 4, 0)
+    assert UsageEvent.objects.filter(batch_id=batch.id, status=200).count() == 4
