@@ -189,6 +189,31 @@ async def file_retrieve(request: HttpRequest, file_id: str):
         return _error(exc, ctx)
 
 
+@api.get("/files")
+async def file_list(request: HttpRequest, purpose: str | None = None, after: str | None = None, limit: int = 100):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        rows, more = await sync_to_async(batches.files_list)(tenant_id=ctx.auth.tenant_id, purpose=purpose,
+                                                             after=after, limit=max(1, min(limit, 10_000)))
+        data = [batches.file_view(r) for r in rows]
+        return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.delete("/files/{file_id}")
+async def file_delete(request: HttpRequest, file_id: str):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        await sync_to_async(batches.file_delete)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+        return _json({"id": file_id, "object": "file", "deleted": True}, ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
 @api.get("/files/{file_id}/content")
 async def file_content(request: HttpRequest, file_id: str):
     ctx = pipeline.Ctx()

@@ -87,6 +87,26 @@ def file_content(*, tenant_id: int, file_id: str) -> bytes:
     return bytes(row)
 
 
+def files_list(*, tenant_id: int, purpose: str | None, after: str | None, limit: int) -> tuple[list[File], bool]:
+    qs = File.objects.filter(tenant_id=tenant_id).defer("content").order_by("-created_at", "-id")
+    if purpose:
+        qs = qs.filter(purpose=purpose)
+    if after:
+        anchor = File.objects.filter(id=after, tenant_id=tenant_id).values_list("created_at", flat=True).first()
+        if anchor is not None:
+            qs = qs.filter(Q(created_at__lt=anchor) | Q(created_at=anchor, id__lt=after))
+    rows = list(qs[: limit + 1])
+    return rows[:limit], len(rows) > limit
+
+
+def file_delete(*, tenant_id: int, file_id: str) -> None:
+    """Delete a file; the input file of a batch stays as long as the batch does."""
+    file_get(tenant_id=tenant_id, file_id=file_id)
+    if Batch.objects.filter(input_file_id=file_id).exists():
+        raise invalid_request("The file is the input of a batch and cannot be deleted.", code="file_in_use")
+    File.objects.filter(id=file_id, tenant_id=tenant_id).delete()
+
+
 def file_view(row: File) -> dict:
     return {"id": row.id, "object": "file", "bytes": row.bytes, "created_at": _ts(row.created_at),
             "filename": row.filename, "purpose": row.purpose, "status": "processed", "expires_at": None,

@@ -332,3 +332,20 @@ def test_a_line_our_rate_limiter_turns_away_waits_and_leaves_no_ledger_row(lane,
     batch.refresh_from_db()
     assert (batch.status, batch.completed, batch.failed) == ("completed", 4, 0)
     assert UsageEvent.objects.filter(batch_id=batch.id, status=200).count() == 4
+
+
+def test_sdk_lists_and_deletes_files(sdk, live_setup, monkeypatch):
+    from apps.gateway import tasks
+
+    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    kept = sdk.files.create(file=("a.jsonl", io.BytesIO(jsonl(live_setup.alias, 1))), purpose="batch")
+    used = sdk.files.create(file=("b.jsonl", io.BytesIO(jsonl(live_setup.alias, 1))), purpose="batch")
+    sdk.batches.create(input_file_id=used.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    assert {f.id for f in sdk.files.list(purpose="batch")} == {kept.id, used.id}
+    assert sdk.files.delete(kept.id).deleted
+    with pytest.raises(openai.BadRequestError):
+        sdk.files.delete(used.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(kept.id)
+    assert [f.id for f in sdk.files.list()] == [used.id]
