@@ -117,6 +117,7 @@ else:
 # --- Celery -----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT = "config.kombu_filesystem:Transport"  # atomic message writes
     _queue_dir = VAR_DIR / "celery" / "queue"
     _queue_dir.mkdir(parents=True, exist_ok=True)
     (VAR_DIR / "celery" / "processed").mkdir(parents=True, exist_ok=True)
@@ -209,6 +210,8 @@ GATEWAY_ASYNC_RESULT_TTL_S = env.int("GATEWAY_ASYNC_RESULT_TTL_S", default=7 * 2
 # Seconds a worker owns an async request or batch line it claimed; past it, the resume sweep
 # hands the work to another worker (a worker killed mid-task). Longer than one upstream call.
 GATEWAY_JOB_LEASE_S = env.float("GATEWAY_JOB_LEASE_S", default=600.0)
+# Claims of one request or line before it is given up as failed (`worker_failed`).
+GATEWAY_JOB_MAX_ATTEMPTS = env.int("GATEWAY_JOB_MAX_ATTEMPTS", default=5)
 GATEWAY_JOBS_RESUME_EVERY_S = env.float("GATEWAY_JOBS_RESUME_EVERY_S", default=30.0)
 GATEWAY_JOBS_PURGE_EVERY_S = env.float("GATEWAY_JOBS_PURGE_EVERY_S", default=3600.0)
 # Lines of one batch in flight at once (Celery tasks working through the batch side by side).

@@ -153,6 +153,12 @@ def _usage_of(ctx: pipeline.Ctx) -> dict | None:
     return {**ctx.usage.as_openai(), "cost": str(ctx.cost)}
 
 
+def worker_failed(attempts: int) -> GatewayError:
+    """Work whose worker died or crashed on every attempt: given up, its hold released."""
+    return GatewayError(500, f"Gave up after {attempts} attempts that each ended without an answer.",
+                        type="api_error", code="worker_failed")
+
+
 async def _execute(row: AsyncRequest) -> tuple[str, dict | None, dict | None, dict | None]:
     """Rebuild the request context from the row and run call -> settle -> ledger on it."""
     ctx = pipeline.Ctx(kind=KIND_BY_ENDPOINT.get(row.endpoint, pipeline.CHAT), request_id=row.id,
@@ -161,6 +167,8 @@ async def _execute(row: AsyncRequest) -> tuple[str, dict | None, dict | None, di
     auth = await sync_to_async(api_key_auth_by_id)(key_id=row.api_key_id) if row.api_key_id else None
     ctx.auth = auth
     try:
+        if row.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
+            raise worker_failed(row.attempts - 1)
         if auth is None or auth.revoked:
             raise invalid_api_key("The API key of this request was revoked or deleted before it ran.")
         pipeline.validate(ctx, dict(row.body))

@@ -36,6 +36,7 @@ from apps.analytics.models import UsageEvent
 from apps.keys.selectors import KeyAuth, api_key_auth_by_id
 
 from . import pipeline
+from .async_requests import worker_failed
 from .errors import GatewayError, invalid_api_key, invalid_request, not_found
 from .models import Batch, BatchLine, BatchStatus, File, JobStatus
 
@@ -239,18 +240,21 @@ def batch_start(*, batch_id: str) -> int:
         text = bytes(batch.input_file.content).decode("utf-8", errors="replace")
         lines, seen = [], set()
         for raw in (r for r in text.splitlines() if r.strip()):
+            where = f"Line {len(lines) + 1}"
             try:
                 data = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                data = {"_invalid": "This line is not valid JSON."}
+                data = {"_invalid": f"{where} is not valid JSON."}
             if not isinstance(data, dict):
-                data = {"_invalid": "This line is not a JSON object."}
+                data = {"_invalid": f"{where} is not a JSON object."}
             custom_id = data.get("custom_id") if isinstance(data.get("custom_id"), str) else ""
             if custom_id and custom_id in seen:
-                data = {"_invalid": f"The custom_id '{custom_id}' is used by an earlier line.", "custom_id": custom_id}
+                data = {"_invalid": f"{where}: the custom_id '{custom_id}' is used by an earlier line.",
+                        "custom_id": custom_id}
             seen.add(custom_id)
             lines.append(BatchLine(batch_id=batch_id, index=len(lines), custom_id=custom_id[:200], body=data))
-        BatchLine.objects.bulk_create(lines, batch_size=1000, ignore_conflicts=True)
+        with transaction.atomic():  # all lines or none, so a retry after a crash starts over
+            BatchLine.objects.bulk_create(lines, batch_size=1000, ignore_conflicts=True)
     total = BatchLine.objects.filter(batch_id=batch_id).count()
     now = timezone.now()
     Batch.objects.filter(id=batch_id, status=BatchStatus.VALIDATING).update(
@@ -286,7 +290,9 @@ def line_save(*, line_pk: int, status: str, response: dict | None, error: dict |
 
 
 def line_requeue(*, line_pk: int) -> None:
-    BatchLine.objects.filter(pk=line_pk, status=JobStatus.RUNNING).update(status=JobStatus.QUEUED, lease_until=None)
+    """Back to the queue (the rate limiter asked to wait); the attempt does not count."""
+    BatchLine.objects.filter(pk=line_pk, status=JobStatus.RUNNING).update(
+        status=JobStatus.QUEUED, lease_until=None, attempts=F("attempts") - 1)
 
 
 def lines_cancel(*, batch_id: str, expired: bool = False) -> int:
@@ -359,6 +365,8 @@ async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> Li
     # later under the same request id, so it must not leave a 429 row behind.
     ctx.recorded = True
     try:
+        if line.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
+            raise worker_failed(line.attempts - 1)
         if auth is None or auth.revoked:
             raise invalid_api_key("The API key of this batch was revoked or deleted.")
         hit = await pipeline.prepare(ctx, None, _line_body(line, batch.endpoint), auth=auth)

@@ -17,6 +17,7 @@ def celery_worker(live_gateway):
     worker = Worker().start()
     yield worker
     worker.stop()
+    print(worker.tail())  # shown by pytest only when the test failed
     worker.cleanup()
 
 

@@ -152,6 +152,19 @@ def test_async_request_is_admitted_stored_and_published_with_its_priority(client
     assert not UsageEvent.objects.exists()  # the ledger row comes when the worker has run it
 
 
+@pytest.mark.django_db(transaction=True)
+def test_an_async_request_whose_worker_died_on_every_attempt_is_given_up(client, setup, no_broker):
+    rid = _post(client, setup.secret, envelope(setup.alias)).json()["id"]
+    AsyncRequest.objects.filter(id=rid).update(attempts=settings.GATEWAY_JOB_MAX_ATTEMPTS)
+
+    async_requests.async_request_run(request_id=rid)
+
+    row = AsyncRequest.objects.get(id=rid)
+    assert row.status == "failed"
+    assert row.error["code"] == "worker_failed"
+    assert UsageEvent.objects.get(request_id=rid).status == 500
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize(("options", "param"), [({"stream": True}, "stream"),
                                                 ({"callback_url": "ftp://x"}, "callback_url")])

@@ -349,3 +349,17 @@ def test_sdk_lists_and_deletes_files(sdk, live_setup, monkeypatch):
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve(kept.id)
     assert [f.id for f in sdk.files.list()] == [used.id]
+
+
+@pytest.mark.django_db
+def test_a_line_whose_worker_died_on_every_attempt_is_given_up(lane, settings):
+    batch, run, _ = lane
+    BatchLine.objects.filter(batch_id=batch.id, index=0).update(attempts=settings.GATEWAY_JOB_MAX_ATTEMPTS)
+
+    run()
+
+    line = BatchLine.objects.get(batch_id=batch.id, index=0)
+    assert line.status == "failed"
+    assert line.error["code"] == "worker_failed"
+    assert UsageEvent.objects.get(request_id=f"{batch.id}_0").status == 500
+    assert BatchLine.objects.filter(batch_id=batch.id, status="completed").count() == 3
