@@ -3,6 +3,7 @@ render what it returns; errors become OpenAI-shaped JSON in one place (GatewayEr
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
@@ -124,10 +125,11 @@ async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
                                                                        completion=hit)
     except Exception:
         # Not stored, so never run: give back what admission took before reporting the failure.
+        logging.getLogger(__name__).exception("could not store async request %s", ctx.request_id)
         exc = GatewayError(503, "The request could not be queued; try again.", type="api_error", code="not_queued")
         if not ctx.recorded:
             await pipeline.fail(ctx, exc)
-        raise
+        return _error(exc, ctx)
     ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
     return _json({"id": row.id, "object": "request", "status": row.status}, ctx, status=202)
 
