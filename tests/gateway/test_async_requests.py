@@ -103,6 +103,41 @@ def test_async_request_survives_a_worker_killed_mid_call(live_gateway, live_setu
     assert UsageEvent.objects.filter(request_id=rid).count() == 1
 
 
+@pytest.mark.skipif(not settings.CELERY_BROKER_URL.startswith("redis"), reason="the filesystem broker has no priority")
+def test_more_urgent_requests_run_first(live_gateway, live_setup):
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+    broker_reset()
+    ids = {}
+    for priority in (0, 9, 5):  # queued while no worker runs
+        body = envelope(live_setup.alias)
+        body["request"]["metadata"]["priority"] = priority
+        ids[priority] = httpx.post(f"{live_gateway}/v1/requests", headers=headers, json=body).json()["id"]
+    worker = Worker(concurrency=1).start()
+    try:
+        wait_for(lambda: AsyncRequest.objects.filter(status="completed").count() == 3, what="all three to run")
+    finally:
+        worker.stop()
+        worker.cleanup()
+
+    order = list(AsyncRequest.objects.order_by("started_at").values_list("priority", flat=True))
+    assert order == [9, 5, 0]
+
+
+def test_the_openai_sdk_can_send_an_async_chat_completion(live_gateway, live_setup, monkeypatch):
+    import openai
+
+    from apps.gateway import tasks
+
+    monkeypatch.setattr(tasks.async_request_run, "apply_async", lambda *a, **k: None)
+    client = openai.OpenAI(base_url=f"{live_gateway}/v1", api_key=live_setup.secret, max_retries=0)
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=live_setup.alias, messages=[{"role": "user", "content": "later"}], extra_body={"async": True})
+
+    assert raw.http_response.status_code == 202
+    assert AsyncRequest.objects.get(id=raw.http_response.json()["id"]).status == "queued"
+
+
 # --- without a worker -------------------------------------------------------------------------
 
 def _post(client, secret, body, path="/v1/requests"):

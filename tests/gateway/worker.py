@@ -54,7 +54,8 @@ def broker_reset() -> None:
 
 
 class Worker:
-    def __init__(self, **env):
+    def __init__(self, concurrency: int = 4, **env):
+        self.concurrency = concurrency
         self.dir = Path(tempfile.mkdtemp(prefix="wt6-worker-"))
         self.log = self.dir / "worker.log"
         self.env = {
@@ -72,7 +73,7 @@ class Worker:
 
     def start(self) -> Worker:
         name = f"wt6-{uuid.uuid4().hex[:8]}@%h"
-        cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "threads", "--concurrency", "4",
+        cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "threads", "--concurrency", str(self.concurrency),
                "-Q", "celery,async,batch,alerts,analytics", "-B", "-s", str(self.dir / "beat"), "-n", name,
                "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self._out = open(self.log, "ab")  # noqa: SIM115
