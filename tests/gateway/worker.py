@@ -56,7 +56,7 @@ def broker_reset() -> None:
 class Worker:
     def __init__(self, concurrency: int = 4, **env):
         self.concurrency = concurrency
-        self.dir = Path(tempfile.mkdtemp(prefix="wt6-worker-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="celery-worker-"))
         self.log = self.dir / "worker.log"
         self.env = {
             **os.environ,
@@ -72,8 +72,9 @@ class Worker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Worker:
-        name = f"wt6-{uuid.uuid4().hex[:8]}@%h"
-        cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "threads", "--concurrency", str(self.concurrency),
+        name = f"test-{uuid.uuid4().hex[:8]}@%h"
+        cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "threads",
+               "--concurrency", str(self.concurrency),
                "-Q", "celery,async,batch,alerts,analytics", "-B", "-s", str(self.dir / "beat"), "-n", name,
                "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self._out = open(self.log, "ab")  # noqa: SIM115
