@@ -117,6 +117,7 @@ else:
 # --- Celery -----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT = "config.kombu_filesystem:Transport"  # atomic message writes
     _queue_dir = VAR_DIR / "celery" / "queue"
     _queue_dir.mkdir(parents=True, exist_ok=True)
     (VAR_DIR / "celery" / "processed").mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,15 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_out": str(_queue_dir),
         "processed_folder": str(VAR_DIR / "celery" / "processed"),
         "store_processed": False,
+        "polling_interval": env.float("CELERY_FS_POLLING_INTERVAL_S", default=0.2),
+    }
+else:
+    # Redis: a task a killed worker held comes back after visibility_timeout (the resume sweep below
+    # usually gets there first); ten priority steps so metadata.priority 0..9 each has its own list.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT_S", default=3600),
+        "queue_order_strategy": "priority",
+        "priority_steps": list(range(10)),
     }
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_SERIALIZER = "json"
@@ -261,3 +271,29 @@ ALERT_RETRY_MAX_S = env.int("ALERT_RETRY_MAX_S", default=900)
 BUDGET_FORECAST_MIN_ELAPSED = env.float("BUDGET_FORECAST_MIN_ELAPSED", default=0.1)
 # Seconds the budgets' alert thresholds stay cached in each gateway process.
 BUDGET_ALERT_CONFIG_TTL_S = env.float("BUDGET_ALERT_CONFIG_TTL_S", default=10.0)
+# --- async requests and batches (apps/gateway/async_requests.py, batches.py) --------------------
+# Seconds a finished async request (result, error, usage) is kept before the purge task deletes it.
+GATEWAY_ASYNC_RESULT_TTL_S = env.int("GATEWAY_ASYNC_RESULT_TTL_S", default=7 * 24 * 3600)
+# Seconds a worker owns an async request or batch line it claimed; past it, the resume sweep
+# hands the work to another worker (a worker killed mid-task). Longer than one upstream call.
+GATEWAY_JOB_LEASE_S = env.float("GATEWAY_JOB_LEASE_S", default=600.0)
+# Claims of one request or line before it is given up as failed (`worker_failed`).
+GATEWAY_JOB_MAX_ATTEMPTS = env.int("GATEWAY_JOB_MAX_ATTEMPTS", default=5)
+GATEWAY_JOBS_RESUME_EVERY_S = env.float("GATEWAY_JOBS_RESUME_EVERY_S", default=30.0)
+GATEWAY_JOBS_PURGE_EVERY_S = env.float("GATEWAY_JOBS_PURGE_EVERY_S", default=3600.0)
+# Lines of one batch in flight at once (Celery tasks working through the batch side by side).
+GATEWAY_BATCH_CONCURRENCY = env.int("GATEWAY_BATCH_CONCURRENCY", default=4)
+# Seconds one batch task works before handing over to a fresh task (stays under the time limits).
+GATEWAY_BATCH_TASK_BUDGET_S = env.float("GATEWAY_BATCH_TASK_BUDGET_S", default=60.0)
+GATEWAY_FILE_MAX_BYTES = env.int("GATEWAY_FILE_MAX_BYTES", default=100 * 1024 * 1024)
+GATEWAY_BATCH_MAX_LINES = env.int("GATEWAY_BATCH_MAX_LINES", default=50_000)
+# Webhooks (callback_url) carry `x-llm-signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+GATEWAY_WEBHOOK_SECRET = env("GATEWAY_WEBHOOK_SECRET", default=f"webhook:{SECRET_KEY}")
+GATEWAY_WEBHOOK_TIMEOUT_S = env.float("GATEWAY_WEBHOOK_TIMEOUT_S", default=10.0)
+GATEWAY_WEBHOOK_MAX_RETRIES = env.int("GATEWAY_WEBHOOK_MAX_RETRIES", default=8)
+CELERY_BEAT_SCHEDULE.update({
+    "gateway-jobs-resume": {"task": "apps.gateway.tasks.jobs_resume", "schedule": GATEWAY_JOBS_RESUME_EVERY_S,
+                            "options": {"queue": "async"}},
+    "gateway-async-requests-purge": {"task": "apps.gateway.tasks.async_requests_purge",
+                                     "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
+})

@@ -7,8 +7,7 @@ BIN=.venv/bin
 KEY=$(cat var/demo_key)
 
 $BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING -Q celery,async,batch,alerts,analytics \
-  -B --schedule var/celerybeat-schedule \
-  > var/worker.log 2>&1 &
+  -B -s var/celerybeat-schedule > var/worker.log 2>&1 &
 WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true' EXIT INT TERM
 

@@ -406,3 +406,27 @@ def provider_availability_recent(*, hours: int = 1) -> list[dict]:
 def usage_events_values(qs):
     """The ledger as export dicts (what `seed_usage_event` and `csv_row` take), unevaluated."""
     return qs.values(*_EXPORT_FIELDS)
+def usage_by_batch(*, tenant_ids, batch_id: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None) -> list[dict]:
+    """The ledger grouped by the seed's batch_id (requests without one are left out): per batch the
+    number of requests, of failed ones, tokens, cost, and the first and last timestamp. Newest first."""
+    from django.db.models import Count, Max, Min, Q, Sum
+
+    qs = usage_events(tenant_ids=tenant_ids, since=since, until=until).exclude(batch_id="")
+    if batch_id is not None:
+        qs = qs.filter(batch_id=batch_id)
+    rows = (
+        qs.order_by()
+        .values("tenant_id", "batch_id")
+        .annotate(
+            requests=Count("id"),
+            failed=Count("id", filter=Q(status__gte=400)),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            cost=Sum("cost"),
+            first_at=Min("timestamp"),
+            last_at=Max("timestamp"),
+        )
+        .order_by("-last_at")
+    )
+    return list(rows)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
@@ -69,6 +69,39 @@ class Admission:
     @property
     def hold_usd(self) -> Decimal:
         return sum((Decimal(b.cell.hold_micros) / 1_000_000 for b in self.budgets), Decimal(0))
+
+    def to_dict(self) -> dict:
+        """JSON-safe, so a worker process can settle or release what a web process admitted."""
+        return {
+            "limits": [{"key": c.key, "limit": c.limit, "cost": c.cost, "share": c.share, "kind": kind}
+                       for c, kind in self.limits],
+            "budgets": [{
+                "ref": {**{f.name: getattr(h.ref, f.name) for f in fields(BudgetRef)},
+                        "limit_usd": str(h.ref.limit_usd)},
+                "cell": {f.name: getattr(h.cell, f.name) for f in fields(BudgetCell)},
+                "period_start": h.period_start.isoformat(),
+                "period_end": h.period_end.isoformat() if h.period_end else None,
+            } for h in self.budgets],
+            "token_estimate": self.token_estimate,
+            "headers": self.headers,
+            "settled": self.settled,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Admission:
+        return cls(
+            limits=[(LimitCell(key=d["key"], limit=d["limit"], cost=d["cost"], share=d["share"]), d["kind"])
+                    for d in data.get("limits", ())],
+            budgets=[BudgetHold(
+                ref=BudgetRef(**{**d["ref"], "limit_usd": Decimal(d["ref"]["limit_usd"])}),
+                cell=BudgetCell(**d["cell"]),
+                period_start=datetime.fromisoformat(d["period_start"]),
+                period_end=datetime.fromisoformat(d["period_end"]) if d["period_end"] else None,
+            ) for d in data.get("budgets", ())],
+            token_estimate=data.get("token_estimate", 0),
+            headers=data.get("headers", {}),
+            settled=data.get("settled", False),
+        )
 
 
 def micros(usd: Decimal) -> int:

@@ -3,14 +3,17 @@ render what it returns; errors become OpenAI-shaped JSON in one place (GatewayEr
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import NinjaAPI
 
-from . import pipeline
-from .errors import GatewayError, invalid_request
+from . import async_requests, batches, pipeline, schemas
+from .errors import GatewayError, invalid_request, not_found
 from .selectors import routing_table
 
 api = NinjaAPI(title="LLM Service data plane", version="1", urls_namespace="v1", docs_url="/docs")
@@ -39,7 +42,7 @@ async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) ->
     try:
         hit = await pipeline.prepare(ctx, request.headers.get("authorization"), request.body)
         if ctx.is_async:
-            raise invalid_request("Asynchronous requests are not available yet.", param="async")
+            return await _enqueue(ctx, hit, request.body)
         ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
         if ctx.stream:
             if hit is not None:
@@ -116,3 +119,177 @@ async def budget_status(request: HttpRequest):
     statuses = await budget_statuses_for_key(auth=ctx.auth, budget_id=request.GET.get("budget_id") or None,
                                              at=timezone.now())
     return _json({"object": "list", "data": [s.as_json() for s in statuses]}, ctx)
+# --- async requests ---------------------------------------------------------------------------
+
+
+async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
+    """`async: true`: admitted already (prepare took the rate-limit slots and budget hold); store
+    the request and answer 202. The worker settles or releases the hold."""
+    problem = None
+    if ctx.stream:
+        problem = invalid_request("'stream' cannot be combined with 'async'.", param="stream")
+    url = ctx.options.callback_url
+    if url and not url.startswith(("http://", "https://")):
+        problem = invalid_request("Invalid value for 'callback_url': must be an http(s) URL.", param="callback_url")
+    if problem is not None:
+        await pipeline.fail(ctx, problem)
+        return _error(problem, ctx)
+    if hit is not None:
+        await pipeline.record(ctx)
+    try:
+        row = await sync_to_async(async_requests.async_request_create)(ctx=ctx, body=orjson.loads(raw),
+                                                                       completion=hit)
+    except Exception:
+        # Not stored, so never run: give back what admission took before reporting the failure.
+        logging.getLogger(__name__).exception("could not store async request %s", ctx.request_id)
+        exc = GatewayError(503, "The request could not be queued; try again.", type="api_error", code="not_queued")
+        if not ctx.recorded:
+            await pipeline.fail(ctx, exc)
+        return _error(exc, ctx)
+    ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
+    return _json({"id": row.id, "object": "request", "status": row.status}, ctx, status=202)
+
+
+async def _authenticated(request: HttpRequest) -> pipeline.Ctx:
+    ctx = pipeline.Ctx()
+    await pipeline.authenticate(ctx, request.headers.get("authorization"))
+    return ctx
+
+
+@api.get("/requests/{request_id}")
+async def seed_request_get(request: HttpRequest, request_id: str):
+    """Status of an async request and, once finished, its result or error and usage."""
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        row = await sync_to_async(async_requests.async_request_get)(tenant_id=ctx.auth.tenant_id,
+                                                                   request_id=request_id)
+        if row is None:
+            raise not_found(f"No such request: {request_id}")
+        return _json(async_requests.async_request_view(row), ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+# --- files and batches (OpenAI-compatible) ----------------------------------------------------
+
+
+def _read_upload(request: HttpRequest) -> tuple[str, str, bytes]:
+    upload = request.FILES.get("file")
+    if upload is None:
+        raise invalid_request("Invalid value for 'file': is required (multipart/form-data).", param="file")
+    if upload.size > settings.GATEWAY_FILE_MAX_BYTES:
+        raise invalid_request("The file is too large.", param="file", code="file_too_large")
+    return request.POST.get("purpose", ""), upload.name or "", upload.read()
+
+
+@api.post("/files")
+async def file_upload(request: HttpRequest):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        purpose, name, content = await sync_to_async(_read_upload)(request)
+        row = await sync_to_async(batches.file_create)(tenant_id=ctx.auth.tenant_id, purpose=purpose,
+                                                       filename=name, content=content)
+        return _json(batches.file_view(row), ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.get("/files/{file_id}")
+async def file_retrieve(request: HttpRequest, file_id: str):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        row = await sync_to_async(batches.file_get)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+        return _json(batches.file_view(row), ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.get("/files")
+async def file_list(request: HttpRequest, purpose: str | None = None, after: str | None = None, limit: int = 100):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        rows, more = await sync_to_async(batches.files_list)(tenant_id=ctx.auth.tenant_id, purpose=purpose,
+                                                             after=after, limit=max(1, min(limit, 10_000)))
+        data = [batches.file_view(r) for r in rows]
+        return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.delete("/files/{file_id}")
+async def file_delete(request: HttpRequest, file_id: str):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        await sync_to_async(batches.file_delete)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+        return _json({"id": file_id, "object": "file", "deleted": True}, ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.get("/files/{file_id}/content")
+async def file_content(request: HttpRequest, file_id: str):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        content = await sync_to_async(batches.file_content)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+    resp = HttpResponse(content, content_type="application/jsonl")
+    _decorate(resp, ctx)
+    return resp
+
+
+@api.post("/batches")
+async def batch_create(request: HttpRequest):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        data = schemas.parse_json(request.body)
+        row = await sync_to_async(batches.batch_create)(
+            auth=ctx.auth, input_file_id=str(data.get("input_file_id") or ""), endpoint=str(data.get("endpoint") or ""),
+            completion_window=str(data.get("completion_window") or "24h"), metadata=data.get("metadata"))
+        return _json(await sync_to_async(batches.batch_view)(row), ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.get("/batches")
+async def batch_list(request: HttpRequest, after: str | None = None, limit: int = 20):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        rows, more = await sync_to_async(batches.batches_list)(tenant_id=ctx.auth.tenant_id, after=after,
+                                                               limit=max(1, min(limit, 100)))
+        data = [await sync_to_async(batches.batch_view)(r) for r in rows]
+        return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.get("/batches/{batch_id}")
+async def batch_retrieve(request: HttpRequest, batch_id: str):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        row = await sync_to_async(batches.batch_get)(tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
+        return _json(await sync_to_async(batches.batch_view)(row), ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)
+
+
+@api.post("/batches/{batch_id}/cancel")
+async def batch_cancel(request: HttpRequest, batch_id: str):
+    ctx = pipeline.Ctx()
+    try:
+        ctx = await _authenticated(request)
+        row = await sync_to_async(batches.batch_cancel)(tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
+        return _json(await sync_to_async(batches.batch_view)(row), ctx)
+    except GatewayError as exc:
+        return _error(exc, ctx)

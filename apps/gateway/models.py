@@ -120,6 +120,13 @@ class AsyncRequest(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    # What admission took at enqueue (rate-limit slots, budget hold), for the worker to settle or release.
+    admission = models.JSONField(null=True, blank=True)
+    usage = models.JSONField(null=True, blank=True)
+    # A worker owns the request until lease_until; past it, a resume sweep may run it again.
+    lease_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    webhook_delivered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["status", "created_at"])]
@@ -177,6 +184,9 @@ class Batch(models.Model):
     cancelling_at = models.DateTimeField(null=True, blank=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    expired_at = models.DateTimeField(null=True, blank=True)
+    # Last time a worker claimed one of its lines; a resume sweep restarts batches gone quiet.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -196,6 +206,8 @@ class BatchLine(models.Model):
     status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
     response = models.JSONField(null=True, blank=True)
     error = models.JSONField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ["batch", "index"]

@@ -152,8 +152,9 @@ def validate(ctx: Ctx, data: dict | bytes) -> None:
     ctx.model = body["model"]
     ctx.stream = bool(body.get("stream"))
     ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    ctx.is_async = bool(options.async_)
-    ctx.batch_id = options.batch_id or ""
+    # A worker may have set these already (a Batches API line is async with the batch's id).
+    ctx.is_async = ctx.is_async or bool(options.async_)
+    ctx.batch_id = ctx.batch_id or options.batch_id or ""
 
 
 async def route(ctx: Ctx) -> None:
@@ -270,9 +271,14 @@ async def fail(ctx: Ctx, exc: GatewayError) -> None:
 # --- runs -----------------------------------------------------------------------------------
 
 
-async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes) -> Completion | None:
-    """authenticate -> validate -> route -> cache lookup -> admit. Returns a cache hit, if any."""
-    await authenticate(ctx, authorization)
+async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
+                  auth: KeyAuth | None = None) -> Completion | None:
+    """authenticate -> validate -> route -> cache lookup -> admit. Returns a cache hit, if any.
+    A worker running work accepted earlier passes the key's `auth` (re-read by id) instead."""
+    if auth is None:
+        await authenticate(ctx, authorization)
+    else:
+        ctx.auth = auth
     try:
         validate(ctx, data)
         await route(ctx)

@@ -58,6 +58,17 @@ def api_key_auth_by_digest(*, digest: str) -> KeyAuth | None:
     )
     if key is None:
         return None
+    return _key_auth(key)
+
+
+def api_key_auth_by_id(*, key_id: int) -> KeyAuth | None:
+    """The key by id, for workers running work that was authenticated at enqueue (async, batch).
+    Revocation and expiry are reported on the result, as for a digest lookup."""
+    key = ApiKey.objects.select_related("tenant", "source").filter(id=key_id).first()
+    return _key_auth(key) if key is not None else None
+
+
+def _key_auth(key: ApiKey) -> KeyAuth:
     tenant = key.tenant
     return KeyAuth(
         key_id=key.id,

@@ -1,0 +1,289 @@
+"""Async requests: accepted after authentication and admission (so they can never bypass rate limits
+or budget holds), run later by a Celery worker through the same pipeline, polled at
+GET /v1/requests/{id}, and optionally announced by a signed webhook.
+
+Idempotency: the AsyncRequest id is the pipeline's request id, and the ledger is idempotent on it.
+A worker claims a request with a lease (conditional UPDATE); a worker killed mid-request leaves a
+lapsed lease, and the resume sweep (beat) runs the request again. A run that finds the ledger row
+already written (the worker died between the ledger write and saving the result) does not call the
+provider again: it ends as failed with `result_lost` and the usage of the ledger row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import time
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import httpx
+import orjson
+from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from apps.analytics.models import UsageEvent
+from apps.keys.selectors import api_key_auth_by_id
+
+from . import admission as admission_module
+from . import pipeline
+from .errors import GatewayError, invalid_api_key
+from .models import AsyncRequest, JobStatus
+from .providers import Completion
+
+log = logging.getLogger(__name__)
+
+KIND_BY_ENDPOINT = {path: kind for kind, path in pipeline.ENDPOINT_PATHS.items()}
+FINISHED = (JobStatus.COMPLETED, JobStatus.FAILED)
+
+
+# --- admission, carried from the enqueueing view to the worker --------------------------------
+
+
+def admission_dump(adm) -> dict | None:
+    """The Admission dataclass as JSON (Decimals and datetimes as strings)."""
+    if adm is None:
+        return None
+    if hasattr(adm, "to_dict"):
+        return adm.to_dict()
+    out = {}
+    for f in dataclasses.fields(adm):
+        value = getattr(adm, f.name)
+        if isinstance(value, Decimal | datetime):
+            value = str(value) if isinstance(value, Decimal) else value.isoformat()
+        out[f.name] = value
+    return orjson.loads(orjson.dumps(out, default=str))
+
+
+def admission_load(data: dict | None):
+    """The inverse of admission_dump: an Admission the worker can settle or release."""
+    if data is None:
+        return None
+    cls = admission_module.Admission
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(data)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], str(f.type)
+        if value is not None and "Decimal" in kind:
+            value = Decimal(value)
+        elif value is not None and "datetime" in kind:
+            value = datetime.fromisoformat(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def celery_priority(priority: int) -> int:
+    """metadata.priority 0..9 (9 most urgent) -> Celery's priority on Redis (0 is popped first)."""
+    return 9 - max(0, min(9, priority))
+
+
+# --- enqueue ----------------------------------------------------------------------------------
+
+
+def async_request_create(*, ctx: pipeline.Ctx, body: dict, completion: Completion | None = None) -> AsyncRequest:
+    """Store an admitted request and enqueue it once the row is committed. A cache hit (`completion`)
+    is stored as completed at once. Call after pipeline.prepare (the admission is on ctx)."""
+    now = timezone.now()
+    row = AsyncRequest(
+        id=ctx.request_id,
+        tenant_id=ctx.auth.tenant_id,
+        api_key_id=ctx.auth.key_id,
+        endpoint=pipeline.ENDPOINT_PATHS[ctx.kind],
+        body=body,
+        priority=ctx.priority,
+        callback_url=ctx.options.callback_url or "",
+        admission=admission_dump(ctx.admission),
+    )
+    if completion is not None:
+        row.status, row.result, row.completed_at = JobStatus.COMPLETED, completion.body, now
+        row.usage = {**completion.usage.as_openai(), "cost": "0"}
+    with transaction.atomic():
+        row.save(force_insert=True)
+        transaction.on_commit(lambda: _enqueue(row))
+    return row
+
+
+def _enqueue(row: AsyncRequest) -> None:
+    """Publish the task. A broker that is down loses nothing: the row stays queued and the resume
+    sweep publishes it again."""
+    from . import tasks
+
+    try:
+        if row.status == JobStatus.QUEUED:
+            tasks.async_request_run.apply_async(args=[row.id], priority=celery_priority(row.priority))
+        elif row.callback_url:
+            tasks.async_request_notify.apply_async(args=[row.id])
+    except Exception:
+        log.exception("could not enqueue async request %s; the resume sweep will retry", row.id)
+
+
+# --- run (worker) -----------------------------------------------------------------------------
+
+
+def _claimable(now: datetime) -> Q:
+    return Q(status=JobStatus.QUEUED) | Q(status=JobStatus.RUNNING, lease_until__lt=now) | Q(
+        status=JobStatus.RUNNING, lease_until__isnull=True)
+
+
+def async_request_claim(*, request_id: str) -> AsyncRequest | None:
+    """Take the request for this worker (a lease), or None if it is done or another worker holds it."""
+    now = timezone.now()
+    lease = timedelta(seconds=settings.GATEWAY_JOB_LEASE_S)
+    taken = AsyncRequest.objects.filter(_claimable(now), id=request_id).update(
+        status=JobStatus.RUNNING, lease_until=now + lease, started_at=now, attempts=F("attempts") + 1)
+    return AsyncRequest.objects.filter(id=request_id).first() if taken else None
+
+
+def _finish(row_id: str, *, status: str, result=None, error=None, usage=None) -> None:
+    AsyncRequest.objects.filter(id=row_id, status=JobStatus.RUNNING).update(
+        status=status, result=result, error=error, usage=usage, completed_at=timezone.now(), lease_until=None)
+
+
+def _usage_of(ctx: pipeline.Ctx) -> dict | None:
+    if ctx.usage is None:
+        return None
+    return {**ctx.usage.as_openai(), "cost": str(ctx.cost)}
+
+
+def worker_failed(attempts: int) -> GatewayError:
+    """Work whose worker died or crashed on every attempt: given up, its hold released."""
+    return GatewayError(500, f"Gave up after {attempts} attempts that each ended without an answer.",
+                        type="api_error", code="worker_failed")
+
+
+async def _execute(row: AsyncRequest) -> tuple[str, dict | None, dict | None, dict | None]:
+    """Rebuild the request context from the row and run call -> settle -> ledger on it."""
+    ctx = pipeline.Ctx(kind=KIND_BY_ENDPOINT.get(row.endpoint, pipeline.CHAT), request_id=row.id,
+                       timestamp=row.created_at)
+    ctx.admission = admission_load(row.admission)
+    auth = await sync_to_async(api_key_auth_by_id)(key_id=row.api_key_id) if row.api_key_id else None
+    ctx.auth = auth
+    try:
+        if row.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
+            raise worker_failed(row.attempts - 1)
+        if auth is None or auth.revoked:
+            raise invalid_api_key("The API key of this request was revoked or deleted before it ran.")
+        pipeline.validate(ctx, dict(row.body))
+        await pipeline.route(ctx)
+        completion = await pipeline.execute(ctx)
+    except GatewayError as exc:
+        if not ctx.recorded:  # failed before the call: release the hold and record the failure
+            await pipeline.fail(ctx, exc)
+        return JobStatus.FAILED, None, exc.body()["error"] | {"status": exc.status}, _usage_of(ctx)
+    return JobStatus.COMPLETED, completion.body, None, _usage_of(ctx)
+
+
+def async_request_run(*, request_id: str) -> None:
+    """Run one async request through the pipeline (the Celery task's body). Safe to call twice."""
+    row = async_request_claim(request_id=request_id)
+    if row is None:
+        return
+    event = UsageEvent.objects.filter(request_id=request_id).values(
+        "status", "prompt_tokens", "completion_tokens", "cost").first()
+    if event is not None:
+        usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+                 "total_tokens": event["prompt_tokens"] + event["completion_tokens"], "cost": str(event["cost"])}
+        error = {"message": "A worker stopped after running this request and before saving its result.",
+                 "type": "api_error", "param": None, "code": "result_lost", "status": event["status"]}
+        _finish(request_id, status=JobStatus.FAILED, error=error, usage=usage)
+    else:
+        status, result, error, usage = async_to_sync(_execute)(row)
+        _finish(request_id, status=status, result=result, error=error, usage=usage)
+    if row.callback_url:
+        from . import tasks
+
+        tasks.async_request_notify.apply_async(args=[request_id])
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value else None
+
+
+def async_request_get(*, tenant_id: int, request_id: str) -> AsyncRequest | None:
+    """The request if it belongs to the tenant (anyone else gets None, shown as 404)."""
+    return AsyncRequest.objects.filter(id=request_id, tenant_id=tenant_id).first()
+
+
+def async_request_view(row: AsyncRequest) -> dict:
+    """GET /v1/requests/{id} and the webhook body."""
+    return {
+        "id": row.id,
+        "object": "request",
+        "status": row.status,
+        "model": (row.body.get("request") or row.body).get("model") if isinstance(row.body, dict) else None,
+        "created_at": _ts(row.created_at),
+        "started_at": _ts(row.started_at),
+        "completed_at": _ts(row.completed_at),
+        "result": row.result,
+        "error": row.error,
+        "usage": row.usage,
+    }
+
+
+# --- webhook ----------------------------------------------------------------------------------
+
+
+class WebhookError(Exception):
+    """The receiver did not accept the webhook; Celery retries with backoff."""
+
+
+def webhook_signature(*, payload: bytes, timestamp: int, secret: str | None = None) -> str:
+    """`t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<payload>">`, as the `x-llm-signature` header."""
+    key = (secret or settings.GATEWAY_WEBHOOK_SECRET).encode()
+    digest = hmac.new(key, f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def async_request_notify(*, request_id: str) -> None:
+    """POST the finished request to its callback_url, signed. Raises WebhookError on a non-2xx."""
+    row = AsyncRequest.objects.filter(id=request_id).first()
+    if row is None or not row.callback_url or row.webhook_delivered_at or row.status not in FINISHED:
+        return
+    payload = orjson.dumps(async_request_view(row))
+    headers = {"content-type": "application/json", "user-agent": "llm-service-webhook/1",
+               "x-llm-signature": webhook_signature(payload=payload, timestamp=int(time.time())),
+               "x-llm-request-id": row.id}
+    try:
+        resp = httpx.post(row.callback_url, content=payload, headers=headers,
+                          timeout=settings.GATEWAY_WEBHOOK_TIMEOUT_S, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        raise WebhookError(f"{type(exc).__name__}: {exc}") from exc
+    if not 200 <= resp.status_code < 300:
+        raise WebhookError(f"callback answered {resp.status_code}")
+    AsyncRequest.objects.filter(id=request_id).update(webhook_delivered_at=timezone.now())
+
+
+# --- housekeeping (beat) ----------------------------------------------------------------------
+
+
+def async_requests_purge(*, now: datetime | None = None) -> int:
+    """Delete finished requests older than GATEWAY_ASYNC_RESULT_TTL_S. Returns how many."""
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.GATEWAY_ASYNC_RESULT_TTL_S)
+    deleted, _ = AsyncRequest.objects.filter(status__in=FINISHED, completed_at__lt=cutoff).delete()
+    return deleted
+
+
+def async_requests_resume(*, now: datetime | None = None, limit: int = 500) -> list[str]:
+    """Publish again the requests no worker is on: queued for longer than a lease (the publish was
+    lost) or running with a lapsed lease (the worker died). Claims make a duplicate harmless."""
+    from . import tasks
+
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.GATEWAY_JOB_LEASE_S)
+    rows = list(AsyncRequest.objects.filter(
+        Q(status=JobStatus.QUEUED, created_at__lt=stale) | Q(status=JobStatus.RUNNING, lease_until__lt=now)
+    ).values_list("id", "priority")[:limit])
+    for request_id, priority in rows:
+        tasks.async_request_run.apply_async(args=[request_id], priority=celery_priority(priority))
+    return [r for r, _ in rows]

@@ -1,0 +1,264 @@
+"""Async requests: `async: true` answers 202 after admission; a real Celery worker runs the pipeline;
+GET /v1/requests/{id} polls it; a signed webhook announces it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import timedelta
+
+import httpx
+import orjson
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from apps.analytics.models import UsageEvent
+from apps.gateway import async_requests
+from apps.gateway.models import AsyncRequest
+from tests import factories as f
+from tests.gateway.worker import Worker, broker_reset, wait_for
+
+
+def envelope(alias: str, content: str = "hello", **options) -> dict:
+    return {"request": {"model": alias, "messages": [{"role": "user", "content": content}],
+                        "options": {"async": True, **options}, "metadata": {"priority": 7}}}
+
+
+def test_async_request_end_to_end_with_polling_and_signed_webhook(celery_worker, live_gateway, live_setup, webhook):
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+    resp = httpx.post(f"{live_gateway}/v1/requests", headers=headers,
+                      json=envelope(live_setup.alias, "async hello", callback_url=webhook.url, max_tokens=50))
+
+    assert resp.status_code == 202
+    accepted = resp.json()
+    assert accepted["status"] == "queued"
+    assert accepted["id"] == resp.headers["x-request-id"]
+
+    def finished():
+        body = httpx.get(f"{live_gateway}/v1/requests/{accepted['id']}", headers=headers).json()
+        return body if body["status"] in ("completed", "failed") else None
+
+    done = wait_for(finished, timeout=60, what="the async request to finish")
+    assert done["status"] == "completed", celery_worker.tail()
+    assert done["result"]["choices"][0]["message"]["content"] == "Echo: async hello"
+    event = UsageEvent.objects.get(request_id=accepted["id"])
+    assert event.is_async
+    assert event.priority == 7
+    assert done["usage"]["completion_tokens"] == event.completion_tokens
+    assert done["usage"]["cost"] == str(event.cost)
+
+    # The receiver refuses the first delivery; Celery retries with backoff until it is accepted.
+    wait_for(lambda: len(webhook.calls) >= 2, timeout=60, what="the webhook retry")
+    call = webhook.calls[-1]
+    t, v1 = (part.split("=", 1)[1] for part in call["headers"]["x-llm-signature"].split(","))
+    expected = hmac.new(settings.GATEWAY_WEBHOOK_SECRET.encode(), f"{t}.".encode() + call["body"],
+                        hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(v1, expected)
+    assert orjson.loads(call["body"])["id"] == accepted["id"]
+    assert orjson.loads(call["body"])["status"] == "completed"
+    wait_for(lambda: AsyncRequest.objects.get(id=accepted["id"]).webhook_delivered_at, what="delivery mark")
+    assert UsageEvent.objects.filter(request_id=accepted["id"]).count() == 1
+
+
+def test_async_chat_completion_extra_field_fails_cleanly_on_upstream_error(celery_worker, live_gateway, live_setup):
+    live_setup.deployment.upstream_model = "fail-400"
+    live_setup.deployment.save()
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+    resp = httpx.post(f"{live_gateway}/v1/chat/completions", headers=headers,
+                      json={"model": live_setup.alias, "messages": [{"role": "user", "content": "x"}], "async": True})
+
+    assert resp.status_code == 202
+    rid = resp.json()["id"]
+    done = wait_for(lambda: (b := httpx.get(f"{live_gateway}/v1/requests/{rid}", headers=headers).json())["status"]
+                    in ("completed", "failed") and b, what="the request to fail")
+    assert done["status"] == "failed"
+    assert done["error"]["status"] == 400
+    assert UsageEvent.objects.get(request_id=rid).status == 400
+
+
+def test_async_request_survives_a_worker_killed_mid_call(live_gateway, live_setup):
+    live_setup.deployment.upstream_model = "slow-1500"
+    live_setup.deployment.save()
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+    broker_reset()
+    first = Worker().start()
+    try:
+        rid = httpx.post(f"{live_gateway}/v1/requests", headers=headers, json=envelope(live_setup.alias)).json()["id"]
+        wait_for(lambda: AsyncRequest.objects.get(id=rid).status == "running", what="the worker to take it")
+        first.kill()
+    finally:
+        first.stop()
+    second = Worker().start()
+    try:
+        done = wait_for(lambda: AsyncRequest.objects.filter(id=rid, status__in=("completed", "failed")).first(),
+                        timeout=60, what="the request to finish after the restart")
+    finally:
+        second.stop()
+        first.cleanup()
+        second.cleanup()
+
+    assert done.status == "completed"
+    assert done.attempts == 2
+    assert UsageEvent.objects.filter(request_id=rid).count() == 1
+
+
+@pytest.mark.skipif(not settings.CELERY_BROKER_URL.startswith("redis"), reason="the filesystem broker has no priority")
+def test_more_urgent_requests_run_first(live_gateway, live_setup):
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+    broker_reset()
+    ids = {}
+    for priority in (0, 9, 5):  # queued while no worker runs
+        body = envelope(live_setup.alias)
+        body["request"]["metadata"]["priority"] = priority
+        ids[priority] = httpx.post(f"{live_gateway}/v1/requests", headers=headers, json=body).json()["id"]
+    worker = Worker(concurrency=1).start()
+    try:
+        wait_for(lambda: AsyncRequest.objects.filter(status="completed").count() == 3, what="all three to run")
+    finally:
+        worker.stop()
+        worker.cleanup()
+
+    order = list(AsyncRequest.objects.order_by("started_at").values_list("priority", flat=True))
+    assert order == [9, 5, 0]
+
+
+def test_the_openai_sdk_can_send_an_async_chat_completion(live_gateway, live_setup, monkeypatch):
+    import openai
+
+    from apps.gateway import tasks
+
+    monkeypatch.setattr(tasks.async_request_run, "apply_async", lambda *a, **k: None)
+    client = openai.OpenAI(base_url=f"{live_gateway}/v1", api_key=live_setup.secret, max_retries=0)
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=live_setup.alias, messages=[{"role": "user", "content": "later"}], extra_body={"async": True})
+
+    assert raw.http_response.status_code == 202
+    assert AsyncRequest.objects.get(id=raw.http_response.json()["id"]).status == "queued"
+
+
+# --- without a worker -------------------------------------------------------------------------
+
+def _post(client, secret, body, path="/v1/requests"):
+    return client.post(path, data=orjson.dumps(body), content_type="application/json",
+                       HTTP_AUTHORIZATION=f"Bearer {secret}")
+
+
+@pytest.fixture
+def no_broker(monkeypatch):
+    """Publishing is the broker's business; these tests look at what the gateway stored."""
+    published = []
+    from apps.gateway import tasks
+
+    monkeypatch.setattr(tasks.async_request_run, "apply_async", lambda *a, **k: published.append((a, k)))
+    monkeypatch.setattr(tasks.async_request_notify, "apply_async", lambda *a, **k: published.append((a, k)))
+    return published
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_the_owning_tenant_can_read_an_async_request(client, setup, no_broker):
+    resp = _post(client, setup.secret, envelope(setup.alias))
+    rid = resp.json()["id"]
+    outsider = f.ApiKeyFactory()
+
+    own = client.get(f"/v1/requests/{rid}", HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
+    other = client.get(f"/v1/requests/{rid}", HTTP_AUTHORIZATION=f"Bearer {outsider.secret}")
+
+    assert own.status_code == 200
+    assert own.json()["status"] == "queued"
+    assert own.json()["result"] is None
+    assert other.status_code == 404
+    assert other.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_request_is_admitted_stored_and_published_with_its_priority(client, setup, no_broker):
+    resp = _post(client, setup.secret, envelope(setup.alias))
+
+    assert resp.status_code == 202
+    row = AsyncRequest.objects.get(id=resp.json()["id"])
+    assert row.tenant_id == setup.tenant.id
+    assert row.priority == 7
+    assert row.admission is not None  # what admission took, for the worker to settle or release
+    (args, kwargs), = no_broker
+    assert args == ((row.id,),) or kwargs.get("args") == [row.id]
+    assert kwargs["priority"] == async_requests.celery_priority(7) == 2
+    assert not UsageEvent.objects.exists()  # the ledger row comes when the worker has run it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_async_request_whose_worker_died_on_every_attempt_is_given_up(client, setup, no_broker):
+    rid = _post(client, setup.secret, envelope(setup.alias)).json()["id"]
+    AsyncRequest.objects.filter(id=rid).update(attempts=settings.GATEWAY_JOB_MAX_ATTEMPTS)
+
+    async_requests.async_request_run(request_id=rid)
+
+    row = AsyncRequest.objects.get(id=rid)
+    assert row.status == "failed"
+    assert row.error["code"] == "worker_failed"
+    assert UsageEvent.objects.get(request_id=rid).status == 500
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("options", "param"), [({"stream": True}, "stream"),
+                                                ({"callback_url": "ftp://x"}, "callback_url")])
+def test_async_request_rejects_stream_and_bad_callback(client, setup, no_broker, options, param):
+    resp = _post(client, setup.secret, envelope(setup.alias, **options))
+
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == param
+    assert not AsyncRequest.objects.exists()
+    assert not no_broker
+
+
+@pytest.mark.django_db
+def test_async_request_needs_a_valid_key(client, setup, no_broker):
+    resp = _post(client, "sk-wrong", envelope(setup.alias))
+
+    assert resp.status_code == 401
+    assert not AsyncRequest.objects.exists()
+
+
+@pytest.mark.django_db
+def test_purge_deletes_finished_requests_past_the_retention(setup):
+    now = timezone.now()
+    old = timezone.now() - timedelta(seconds=settings.GATEWAY_ASYNC_RESULT_TTL_S + 60)
+    for rid, status, completed_at in [("req_old", "completed", old), ("req_new", "completed", now),
+                                      ("req_oldfail", "failed", old), ("req_running", "running", None)]:
+        AsyncRequest.objects.create(id=rid, tenant=setup.tenant, body={}, status=status, completed_at=completed_at)
+
+    assert async_requests.async_requests_purge() == 2
+    assert set(AsyncRequest.objects.values_list("id", flat=True)) == {"req_new", "req_running"}
+
+
+def test_priority_maps_to_celery_priority_most_urgent_first():
+    assert [async_requests.celery_priority(p) for p in (0, 5, 9, 42)] == [9, 4, 0, 0]
+
+
+def test_admission_survives_the_trip_through_json():
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from apps.billing.selectors import BudgetRef
+    from apps.gateway.admission import Admission, BudgetHold
+    from apps.gateway.state import BudgetCell, LimitCell
+
+    ref = BudgetRef(id=3, tenant_id=1, name="m", scope="tenant", scope_value="", limit_usd=Decimal("1.5"),
+                    period="monthly", hard=True, shrink_max_tokens=False)
+    adm = Admission(
+        limits=[(LimitCell(key="llms:rl:k1:tpm", limit=1000, cost=42, share=0.8), "tokens")],
+        budgets=[BudgetHold(ref=ref, cell=BudgetCell(key="llms:bud:3:2026-11-01", limit_micros=1_500_000,
+                                                     hold_micros=1234, hard=True, ttl_s=3600),
+                            period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None)],
+        token_estimate=42, headers={"x-ratelimit-limit-requests": "5"})
+    back = async_requests.admission_load(orjson.loads(orjson.dumps(async_requests.admission_dump(adm))))
+
+    assert back == adm
+
+
+def test_webhook_signature_is_hmac_sha256_of_timestamp_and_body():
+    sig = async_requests.webhook_signature(payload=b'{"a":1}', timestamp=1700000000, secret="s3")
+
+    assert sig == "t=1700000000,v1=" + hmac.new(b"s3", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+
