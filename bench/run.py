@@ -193,7 +193,28 @@ def ledger_count(status: int | None = None) -> int:
     return qs.count()
 
 
-def run_wrk(wrk: str, url: str, *, connections: int, duration: float, key: str = "") -> dict:
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of every live process in a process group (uvicorn and its workers)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def run_wrk(wrk: str, url: str, *, connections: int, duration: float, key: str = "", pgid: int | None = None) -> dict:
+    cpu_before = group_cpu_seconds(pgid) if pgid else 0.0
+    load_before = os.getloadavg()[0]
     threads = 1 if connections < 8 else 2
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", str(BENCH / "post.lua"), url]
@@ -203,6 +224,7 @@ def run_wrk(wrk: str, url: str, *, connections: int, duration: float, key: str =
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
     r = json.loads(line.removeprefix("BENCH_JSON "))
+    cpu = group_cpu_seconds(pgid) - cpu_before if pgid else 0.0
     errors = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"] + r["non_2xx"]
     return {
         "connections": connections,
@@ -214,6 +236,10 @@ def run_wrk(wrk: str, url: str, *, connections: int, duration: float, key: str =
         "p90_ms": round(r["p90_us"] / 1000, 3),
         "p99_ms": round(r["p99_us"] / 1000, 3),
         "mean_ms": round(r["mean_us"] / 1000, 3),
+        # CPU time the server under test spent per request: less sensitive to other load on the
+        # machine than requests/s, so the better figure for comparing variants.
+        "server_cpu_ms_per_req": round(cpu * 1000 / r["requests"], 3) if pgid and r["requests"] else None,
+        "loadavg_1m_before": round(load_before, 2),
     }
 
 
@@ -266,13 +292,13 @@ def main() -> int:
     try:
         up_argv = ([PYTHON, str(BENCH / "upstream.py"), "--port", str(up_port)] if args.upstream == "fast"
                    else [PYTHON, "-m", "tests.fakes.openai_server", "--port", str(up_port)])
-        procs.start("upstream", up_argv, child_env, VAR / "bench-upstream.log")
+        up = procs.start("upstream", up_argv, child_env, VAR / "bench-upstream.log")
         wait_for(lambda: socket.create_connection(("127.0.0.1", up_port), 1).close() is None, "upstream")
 
         gw_argv = [str(Path(PYTHON).parent / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1",
                    "--port", str(gw_port), "--workers", str(args.workers), "--loop", args.loop, "--http", args.http,
                    "--no-access-log", "--log-level", "warning", "--lifespan", "off"]
-        procs.start("gateway", gw_argv, child_env, VAR / "bench-gateway.log")
+        gw_proc = procs.start("gateway", gw_argv, child_env, VAR / "bench-gateway.log")
         gw = f"http://127.0.0.1:{gw_port}"
         wait_for(lambda: http_ok(f"{gw}/healthz"), "gateway", timeout=60)
         chat = f"{gw}/v1/chat/completions"
@@ -296,9 +322,11 @@ def main() -> int:
         for c in conns:
             if not args.skip_direct:
                 log(f"direct  c={c:<3} {args.duration:g} s")
-                results["direct"].append(run_wrk(wrk, direct, connections=c, duration=args.duration))
+                results["direct"].append(run_wrk(wrk, direct, connections=c, duration=args.duration,
+                                                 pgid=up.pid))
             log(f"gateway c={c:<3} {args.duration:g} s")
-            results["gateway"].append(run_wrk(wrk, chat, connections=c, duration=args.duration, key=key))
+            results["gateway"].append(run_wrk(wrk, chat, connections=c, duration=args.duration, key=key,
+                                              pgid=gw_proc.pid))
     finally:
         procs.stop_all()
 
@@ -342,12 +370,13 @@ def print_table(report: dict) -> None:
     print(f"\n{report['label']}: {cfg['workers']} uvicorn workers ({cfg['loop']}/{cfg['http']}), "
           f"{cfg['database']}, {cfg['duration_s']:g} s per run, env {cfg['gateway_env'] or '{}'}")
     print(f"{'target':<8} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-          f"{'errors':>6} {'added p50':>9}")
+          f"{'errors':>6} {'added p50':>9} {'cpu ms/req':>10} {'load':>5}")
     for kind in ("direct", "gateway"):
         for r in report[kind]:
             added = f"{r['added_p50_ms']:.3f}" if "added_p50_ms" in r else ""
             print(f"{kind:<8} {r['connections']:>5} {r['rps']:>9.1f} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} "
-                  f"{r['p99_ms']:>8.3f} {r['errors']:>6} {added:>9}")
+                  f"{r['p99_ms']:>8.3f} {r['errors']:>6} {added:>9} {r['server_cpu_ms_per_req'] or 0:>10.3f}"
+                  f" {r['loadavg_1m_before']:>5.2f}")
     t = report["targets"]
     a, rps = t["added_p50_ms_1conn"]["value"], t["gateway_rps_32conn"]["value"]
     if a is not None:

@@ -57,6 +57,13 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# The data plane (/v1) runs only these (config/asgi.py): it authenticates by API key, so it needs no
+# sessions, CSRF, auth or messages. Only natively async middleware: Django's MiddlewareMixin ones
+# run their hooks in a thread (two thread hops per request each).
+GATEWAY_MIDDLEWARE = [
+    "apps.gateway.middleware.RequestIdMiddleware",
+]
+
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"
 ASGI_APPLICATION = "config.asgi.application"
@@ -144,10 +151,18 @@ CELERY_BEAT_SCHEDULE: dict = {}
 GATEWAY_AUTH_CACHE_TTL_S = env.float("GATEWAY_AUTH_CACHE_TTL_S", default=1.0)
 # Seconds the routing table (aliases, deployments, prices) stays cached in process.
 GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0)
-# "aiohttp" (httpx over an aiohttp transport) or "httpx" (plain httpx pool); see README benchmark.
+# "aiohttp" (non-streaming calls on aiohttp directly, streams through httpx over aiohttp; fastest),
+# "httpx-aiohttp" (all through httpx over an aiohttp transport) or "httpx" (plain httpx pool).
+# See apps/gateway/http.py and docs/benchmark.md.
 GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="aiohttp")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
+# The ledger write on PostgreSQL: "auto" inserts through an async psycopg pool in the ASGI server's
+# event loop (measured fastest, see docs/benchmark.md); "orm" uses the ORM in the sync thread.
+GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="auto")
+GATEWAY_PG_POOL_MIN = env.int("GATEWAY_PG_POOL_MIN", default=2)
+GATEWAY_PG_POOL_MAX = env.int("GATEWAY_PG_POOL_MAX", default=16)
+GATEWAY_PG_POOL_TIMEOUT_S = env.float("GATEWAY_PG_POOL_TIMEOUT_S", default=10.0)
 GATEWAY_MAX_BODY_BYTES = env.int("GATEWAY_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(GATEWAY_MAX_BODY_BYTES, 2_621_440)
 
@@ -191,5 +206,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    # httpx logs every upstream request at INFO: a cost on every gateway request.
+    "loggers": {"django.request": {"level": "ERROR"}, "httpx": {"level": "WARNING"}},
 }

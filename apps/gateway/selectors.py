@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from apps.billing.selectors import PriceInfo, price_versions_by_model
 from apps.keys.crypto import decrypt
 
+from .db import db_sync
 from .models import Deployment, ModelAlias
 from .providers.base import Target
 
@@ -90,7 +90,7 @@ async def routing_table() -> RoutingTable:
     """The routing table, reloaded from the database at most every GATEWAY_ROUTES_CACHE_TTL_S."""
     global _table
     if _table is None or time.monotonic() - _table.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
-        _table = await sync_to_async(routing_table_load)()
+        _table = await db_sync(routing_table_load)
     return _table
 
 
