@@ -40,7 +40,7 @@ class _Batcher:
         self.writer: asyncio.Task | None = None
 
     async def write(self, fields: dict) -> None:
-        _sql, columns = _insert_sql(1)
+        _sql, columns = _insert_sql()
         row = [fields[a] if a in fields else default() for a, default in columns]
         future = asyncio.get_running_loop().create_future()
         self.pending.append((row, future))
@@ -69,9 +69,9 @@ class _Batcher:
             self.writer = None
 
     async def _insert(self, rows: list[list]) -> None:
-        sql, _columns = _insert_sql(len(rows))
+        sql, _columns = _insert_sql()
         async with self.pool.connection() as conn:
-            await conn.execute(sql, [v for row in rows for v in row])
+            await conn.execute(sql, [list(column) for column in zip(*rows, strict=True)])
 
 
 _batchers: dict[int, _Batcher] = {}
@@ -85,12 +85,15 @@ def _batcher(pool) -> _Batcher:
 
 
 @cache
-def _insert_sql(rows: int) -> tuple[str, list]:
-    """INSERT of `rows` rows, ON CONFLICT (request_id) DO NOTHING, over every column but the id,
-    with each column's model default for fields the caller leaves out."""
+def _insert_sql() -> tuple[str, list]:
+    """One INSERT for any number of rows, ON CONFLICT (request_id) DO NOTHING: each column is passed
+    as an array and unnested, so the statement text never changes (psycopg parses and PostgreSQL
+    prepares it once). With each column's model default for fields the caller leaves out."""
+    from django.db import connection
+
     fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
     cols = ", ".join(f'"{f.column}"' for f in fields)
-    one = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) VALUES {", ".join([one] * rows)} '  # noqa: S608
+    arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+    sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
            'ON CONFLICT ("request_id") DO NOTHING')
     return sql, [(f.attname, f.get_default) for f in fields]

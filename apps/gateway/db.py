@@ -75,3 +75,11 @@ async def pg_pool():
         await pool.open(wait=False)
         _pool = pool
     return _pool
+
+
+async def pg_pool_close() -> None:
+    """Close the server loop's pool (tests, and a server thread that stops)."""
+    global _pool, _server_loop
+    pool, _pool, _server_loop = _pool, None, None
+    if pool is not None:
+        await pool.close()
