@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-async def drive(app, key: str, n: int, concurrency: int) -> None:
+async def drive(app, key: str, n: int, concurrency: int) -> list[float]:
     body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}],"max_tokens":64}'
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                (b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())]
@@ -53,11 +53,16 @@ async def drive(app, key: str, n: int, concurrency: int) -> None:
 
     sem = asyncio.Semaphore(concurrency)
 
+    latencies: list[float] = []
+
     async def bounded():
         async with sem:
+            t = time.perf_counter()
             await one()
+            latencies.append(time.perf_counter() - t)
 
     await asyncio.gather(*(bounded() for _ in range(n)))
+    return sorted(latencies)
 
 
 def main() -> None:
@@ -84,18 +89,20 @@ def main() -> None:
 
             prof = cProfile.Profile()
             prof.enable()
-            await drive(application, args.key, args.n, args.c)
+            lat = await drive(application, args.key, args.n, args.c)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(35)
         else:
-            await drive(application, args.key, args.n, args.c)
+            lat = await drive(application, args.key, args.n, args.c)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         user, system = (r1.ru_utime - r0.ru_utime) * 1000 / args.n, (r1.ru_stime - r0.ru_stime) * 1000 / args.n
         print(f"user {user:.3f} ms, sys {system:.3f} ms per request; "
               f"{r1.ru_nivcsw - r0.ru_nivcsw} involuntary context switches")
         print(f"{args.n} requests, {args.c} in flight: {args.n / wall:.0f} req/s wall, "
-              f"{cpu * 1000 / args.n:.3f} ms CPU per request (this process)")
+              f"{cpu * 1000 / args.n:.3f} ms CPU per request (this process), "
+              f"p50 {lat[len(lat) // 2] * 1000:.3f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.3f} ms, "
+              f"load {os.getloadavg()[0]:.2f}")
 
     uvloop.run(run())
 

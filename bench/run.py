@@ -184,6 +184,18 @@ def ledger_clear() -> None:
     UsageEvent.objects.filter(tenant__slug=TENANT).delete()
 
 
+def ledger_drain_stream() -> None:
+    """With GATEWAY_LEDGER_WRITER=redis-stream, move the stream's rows to the ledger (the Celery
+    task's job in production) so the ledger check can count them."""
+    from django.conf import settings
+
+    if settings.GATEWAY_LEDGER_WRITER == "redis-stream":
+        from apps.analytics.services import ledger_stream_drain
+
+        while ledger_stream_drain():
+            pass
+
+
 def ledger_count(status: int | None = None) -> int:
     from apps.analytics.models import UsageEvent
 
@@ -317,6 +329,7 @@ def main() -> int:
             if not args.skip_direct:
                 run_wrk(wrk, direct, connections=32, duration=args.warmup)
             run_wrk(wrk, chat, connections=32, duration=args.warmup, key=key)
+        ledger_drain_stream()
         ledger_clear()
 
         for c in conns:
@@ -332,6 +345,7 @@ def main() -> int:
 
     # Ledger check: every 2xx the load generator saw has its row (the gateway may have written rows
     # for a few more requests that wrk cut off at the end of a run).
+    ledger_drain_stream()
     ok_responses = sum(r["ok"] for r in results["gateway"])
     rows_ok = ledger_count(status=200)
     report = {

@@ -110,6 +110,6 @@ data_plane_application = DataPlaneHandler()
 
 
 async def application(scope, receive, send):
-    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+    if scope["type"] == "http" and scope["path"].startswith("/v1/") and settings.GATEWAY_LEAN_DATA_PLANE:
         return await data_plane_application(scope, receive, send)
     return await django_application(scope, receive, send)

@@ -63,6 +63,8 @@ MIDDLEWARE = [
 GATEWAY_MIDDLEWARE = [
     "apps.gateway.middleware.RequestIdMiddleware",
 ]
+# False sends /v1 through Django's standard handler and MIDDLEWARE too (for comparison: bench/).
+GATEWAY_LEAN_DATA_PLANE = env.bool("GATEWAY_LEAN_DATA_PLANE", default=True)
 
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"
@@ -157,9 +159,11 @@ GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0
 GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="aiohttp")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
-# The ledger write on PostgreSQL: "auto" inserts through an async psycopg pool in the ASGI server's
-# event loop (measured fastest, see docs/benchmark.md); "orm" uses the ORM in the sync thread.
-GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="auto")
+# The ledger write (apps/analytics/services.py, figures in docs/benchmark.md): "batch" group-commits
+# rows through an async psycopg pool in the ASGI server on PostgreSQL (fastest durable option),
+# "single" one insert per row on that pool, "orm" the ORM in the sync thread; "redis-stream" is an
+# experiment that is durable only as far as Redis is.
+GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="batch")
 GATEWAY_PG_POOL_MIN = env.int("GATEWAY_PG_POOL_MIN", default=2)
 GATEWAY_PG_POOL_MAX = env.int("GATEWAY_PG_POOL_MAX", default=16)
 GATEWAY_PG_POOL_TIMEOUT_S = env.float("GATEWAY_PG_POOL_TIMEOUT_S", default=10.0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from functools import cache
 
+import orjson
+from django.conf import settings
+
 from apps.gateway.db import db_sync, pg_pool
 
 from .models import UsageEvent
@@ -15,12 +18,26 @@ LEDGER_BATCH_MAX = 64
 
 async def usage_event_record(**fields) -> None:
     """Insert one ledger row; idempotent on request_id (a second insert of the same id is a no-op).
-    Durable when it returns: the row is committed before the response it accounts for is sent."""
-    pool = await pg_pool()
+    Durable when it returns: the row is committed before the response it accounts for is sent.
+
+    How (GATEWAY_LEDGER_WRITER; figures in docs/benchmark.md): on PostgreSQL in the ASGI server,
+    "batch" (the default) group-commits concurrent requests' rows through the async pool, "single"
+    inserts each row on its own; "orm" always uses the ORM in the sync thread (as does every caller
+    outside the server's loop). "redis-stream" is an experiment, not durable beyond Redis: XADD to
+    a stream that `ledger_stream_drain` (Celery task) writes to the database in bulk."""
+    writer = settings.GATEWAY_LEDGER_WRITER
+    if writer == "redis-stream":
+        await _stream_add(fields)
+        return
+    pool = await pg_pool() if writer != "orm" else None
     if pool is None:
         await db_sync(usage_event_record_sync, **fields)
-        return
-    await _batcher(pool).write(fields)
+    elif writer == "single":
+        sql, columns = _insert_sql()
+        async with pool.connection() as conn:
+            await conn.execute(sql, [[fields[a] if a in fields else default()] for a, default in columns])
+    else:
+        await _batcher(pool).write(fields)
 
 
 def usage_event_record_sync(**fields) -> None:
@@ -97,3 +114,47 @@ def _insert_sql() -> tuple[str, list]:
     sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
            'ON CONFLICT ("request_id") DO NOTHING')
     return sql, [(f.attname, f.get_default) for f in fields]
+
+
+# --- experiment: the ledger through a Redis stream --------------------------------------------
+
+LEDGER_STREAM = "llms:ledger"
+LEDGER_GROUP = "ledger-writers"
+_redis_clients: dict[int, object] = {}
+
+
+async def _stream_add(fields: dict) -> None:
+    import redis.asyncio as aioredis
+
+    loop = asyncio.get_running_loop()
+    client = _redis_clients.get(id(loop))
+    if client is None:
+        client = _redis_clients[id(loop)] = aioredis.Redis.from_url(settings.REDIS_URL)
+    await client.xadd(LEDGER_STREAM, {"row": orjson.dumps(fields, default=str)})
+
+
+def ledger_stream_drain(*, batch: int = 1000, consumer: str = "drain") -> int:
+    """Move rows from the Redis stream to the ledger in bulk; returns how many were read. A row is
+    acknowledged only after its INSERT committed, so a crash re-delivers it (the insert is idempotent)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        client.xgroup_create(LEDGER_STREAM, LEDGER_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    total = 0
+    for start in ("0", ">"):  # first what this consumer was given but never acknowledged, then new rows
+        while True:
+            reply = client.xreadgroup(LEDGER_GROUP, consumer, {LEDGER_STREAM: start}, count=batch)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                break
+            UsageEvent.objects.bulk_create([UsageEvent(**orjson.loads(data[b"row"])) for _id, data in entries],
+                                           ignore_conflicts=True)
+            ids = [entry_id for entry_id, _ in entries]
+            client.xack(LEDGER_STREAM, LEDGER_GROUP, *ids)
+            client.xdel(LEDGER_STREAM, *ids)
+            total += len(entries)
+    return total

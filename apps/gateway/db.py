@@ -58,10 +58,10 @@ def _conninfo() -> str:
 
 
 async def pg_pool():
-    """The async psycopg pool of the server's event loop, or None (not PostgreSQL, not the server's
-    loop, or GATEWAY_LEDGER_WRITER=orm)."""
+    """The async psycopg pool of the server's event loop, or None (not PostgreSQL, or not the
+    server's loop)."""
     global _pool
-    if not settings.IS_POSTGRES or settings.GATEWAY_LEDGER_WRITER != "auto":
+    if not settings.IS_POSTGRES:
         return None
     loop = asyncio.get_running_loop()
     if loop is not _server_loop:

@@ -74,3 +74,21 @@ async def test_outside_the_server_loop_the_orm_writes_the_row():
     assert await db.pg_pool() is None
     event = await UsageEvent.objects.aget(request_id="req_orm")
     assert event.prompt_tokens == 0
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the stream lives in Redis")
+@pytest.mark.django_db(transaction=True)
+async def test_redis_stream_rows_reach_the_ledger_when_drained(settings):
+    from apps.analytics.services import ledger_stream_drain
+
+    settings.GATEWAY_LEDGER_WRITER = "redis-stream"
+    tenant = await sync_to_async(f.TenantFactory)()
+    for rid in ("req_s1", "req_s2", "req_s1"):
+        await usage_event_record(**row(tenant, rid))
+    assert await UsageEvent.objects.acount() == 0
+
+    assert await sync_to_async(ledger_stream_drain)() == 3
+
+    assert sorted([e.request_id async for e in UsageEvent.objects.all()]) == ["req_s1", "req_s2"]
+    assert (await UsageEvent.objects.aget(request_id="req_s2")).cost == Decimal("0.0000123400")
+    assert await sync_to_async(ledger_stream_drain)() == 0
