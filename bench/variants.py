@@ -36,12 +36,13 @@ def main() -> int:
     p.add_argument("--only", help="comma-separated variant names (default: all)")
     p.add_argument("--duration", default="10")
     p.add_argument("--connections", default="1,32")
+    p.add_argument("--nice", default="0", help="passed to run.py")
     args = p.parse_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
     rows = []
     for name in names:
         argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--label", name, "--duration", args.duration,
-                "--connections", args.connections, *VARIANTS[name]]
+                "--connections", args.connections, "--nice", args.nice, *VARIANTS[name]]
         if name != "default":
             argv.append("--skip-direct")
         print(f"[variants] {name}", file=sys.stderr, flush=True)
