@@ -31,7 +31,6 @@ from apps.gateway.db import server_loop_mark  # noqa: E402
 class DataPlaneHandler(ASGIHandler):
     """Django's ASGI handler with the data plane's middleware, and no per-request thread."""
 
-    _loop = None
 
     def load_middleware(self, is_async=True):
         self._view_middleware = []
@@ -51,9 +50,6 @@ class DataPlaneHandler(ASGIHandler):
         self._middleware_chain = handler
 
     async def __call__(self, scope, receive, send):
-        if self._loop is not asyncio.get_running_loop():
-            self._loop = asyncio.get_running_loop()
-            server_loop_mark()
         await self.handle(scope, receive, send)
 
     async def handle(self, scope, receive, send):
@@ -110,6 +106,8 @@ data_plane_application = DataPlaneHandler()
 
 
 async def application(scope, receive, send):
-    if scope["type"] == "http" and scope["path"].startswith("/v1/") and settings.GATEWAY_LEAN_DATA_PLANE:
-        return await data_plane_application(scope, receive, send)
+    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        server_loop_mark()  # this loop serves until the process ends: it may keep a DB pool
+        if settings.GATEWAY_LEAN_DATA_PLANE:
+            return await data_plane_application(scope, receive, send)
     return await django_application(scope, receive, send)

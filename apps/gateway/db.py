@@ -39,13 +39,17 @@ async def db_sync(fn: Callable[..., T], /, **kwargs) -> T:
 
 
 _server_loop: asyncio.AbstractEventLoop | None = None
-_pool = None  # psycopg_pool.AsyncConnectionPool bound to _server_loop
+_pool = None  # psycopg_pool.AsyncConnectionPool, bound to _pool_loop
+_pool_loop: asyncio.AbstractEventLoop | None = None
 
 
 def server_loop_mark() -> None:
-    """Called by the ASGI server's data-plane handler: this loop lives as long as the process."""
+    """Called by the ASGI application for each /v1 request: the server's loop lives as long as the
+    process, so it may keep a pool."""
     global _server_loop
-    _server_loop = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
+    if _server_loop is not loop:
+        _server_loop = loop
 
 
 def _conninfo() -> str:
@@ -60,26 +64,19 @@ def _conninfo() -> str:
 async def pg_pool():
     """The async psycopg pool of the server's event loop, or None (not PostgreSQL, or not the
     server's loop)."""
-    global _pool
+    global _pool, _pool_loop
     if not settings.IS_POSTGRES:
         return None
     loop = asyncio.get_running_loop()
     if loop is not _server_loop:
         return None
-    if _pool is None:
+    if _pool is None or _pool_loop is not loop:
         from psycopg_pool import AsyncConnectionPool
 
         pool = AsyncConnectionPool(_conninfo(), min_size=settings.GATEWAY_PG_POOL_MIN,
                                    max_size=settings.GATEWAY_PG_POOL_MAX, kwargs={"autocommit": True},
                                    timeout=settings.GATEWAY_PG_POOL_TIMEOUT_S, open=False, name="data-plane")
         await pool.open(wait=False)
-        _pool = pool
+        _pool, _pool_loop = pool, loop
     return _pool
 
-
-async def pg_pool_close() -> None:
-    """Close the server loop's pool (tests, and a server thread that stops)."""
-    global _pool, _server_loop
-    pool, _pool, _server_loop = _pool, None, None
-    if pool is not None:
-        await pool.close()

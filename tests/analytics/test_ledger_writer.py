@@ -24,11 +24,15 @@ def row(tenant, request_id, **extra):
 
 
 @pytest.fixture
-async def server_loop():
-    """Run the test as the ASGI server's loop would: with the async pool."""
+async def server_loop(monkeypatch):
+    """Run the test as the ASGI server's loop would: with its own async pool (a live gateway thread
+    of the session keeps its own)."""
+    for name in ("_server_loop", "_pool", "_pool_loop"):
+        monkeypatch.setattr(db, name, None)
     db.server_loop_mark()
     yield
-    await db.pg_pool_close()
+    if db._pool is not None:
+        await db._pool.close()
 
 
 @postgres_only
