@@ -57,6 +57,15 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# The data plane (/v1) runs only these (config/asgi.py): it authenticates by API key, so it needs no
+# sessions, CSRF, auth or messages. Only natively async middleware: Django's MiddlewareMixin ones
+# run their hooks in a thread (two thread hops per request each).
+GATEWAY_MIDDLEWARE = [
+    "apps.gateway.middleware.RequestIdMiddleware",
+]
+# False sends /v1 through Django's standard handler and MIDDLEWARE too (for comparison: bench/).
+GATEWAY_LEAN_DATA_PLANE = env.bool("GATEWAY_LEAN_DATA_PLANE", default=True)
+
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"
 ASGI_APPLICATION = "config.asgi.application"
@@ -154,7 +163,9 @@ CELERY_BEAT_SCHEDULE: dict = {}
 GATEWAY_AUTH_CACHE_TTL_S = env.float("GATEWAY_AUTH_CACHE_TTL_S", default=1.0)
 # Seconds the routing table (aliases, deployments, prices) stays cached in process.
 GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0)
-# "aiohttp" (httpx over an aiohttp transport) or "httpx" (plain httpx pool); see README benchmark.
+# "aiohttp" (non-streaming calls on aiohttp directly, streams through httpx over aiohttp; fastest),
+# "httpx-aiohttp" (all through httpx over an aiohttp transport) or "httpx" (plain httpx pool).
+# See apps/gateway/http.py and docs/benchmark.md.
 GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="aiohttp")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
@@ -165,6 +176,14 @@ GATEWAY_HOLD_TTL_S = env.int("GATEWAY_HOLD_TTL_S", default=900)
 # When Redis cannot be reached: "open" admits without the limit, "closed" answers 503.
 GATEWAY_RATE_LIMIT_ON_STATE_ERROR = env("GATEWAY_RATE_LIMIT_ON_STATE_ERROR", default="open")
 GATEWAY_BUDGET_ON_STATE_ERROR = env("GATEWAY_BUDGET_ON_STATE_ERROR", default="closed")
+# The ledger write (apps/analytics/services.py, figures in docs/benchmark.md): "batch" group-commits
+# rows through an async psycopg pool in the ASGI server on PostgreSQL (fastest durable option),
+# "single" one insert per row on that pool, "orm" the ORM in the sync thread; "redis-stream" is an
+# experiment that is durable only as far as Redis is.
+GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="batch")
+GATEWAY_PG_POOL_MIN = env.int("GATEWAY_PG_POOL_MIN", default=2)
+GATEWAY_PG_POOL_MAX = env.int("GATEWAY_PG_POOL_MAX", default=16)
+GATEWAY_PG_POOL_TIMEOUT_S = env.float("GATEWAY_PG_POOL_TIMEOUT_S", default=10.0)
 GATEWAY_MAX_BODY_BYTES = env.int("GATEWAY_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(GATEWAY_MAX_BODY_BYTES, 2_621_440)
 
@@ -208,7 +227,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    # httpx logs every upstream request at INFO: a cost on every gateway request.
+    "loggers": {"django.request": {"level": "ERROR"}, "httpx": {"level": "WARNING"}},
 }
 
 # --- routing (apps/gateway/router.py, cooldown.py; see docs/providers.md) -----------------------

@@ -8,3 +8,9 @@ from . import services
 @shared_task(name="analytics.usage_rollup_recent", ignore_result=True)
 def usage_rollup_recent() -> dict:
     return services.usage_rollup_recent()
+
+
+@shared_task(name="analytics.ledger_stream_drain")
+def ledger_stream_drain_task() -> int:
+    """Only used with GATEWAY_LEDGER_WRITER=redis-stream (an experiment; see docs/benchmark.md)."""
+    return services.ledger_stream_drain()

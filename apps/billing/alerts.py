@@ -15,7 +15,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .models import AlertKind
@@ -34,11 +33,18 @@ _ttl_s = settings.BUDGET_ALERT_CONFIG_TTL_S
 
 
 def _in_worker_thread(fn):
-    """Run sync `fn` from the hot path in the request's own sync thread, so a database query uses
-    the connection that request already holds. (A separate thread would need a second pooled
-    connection while the request keeps its first: under load every request then waits for a
-    connection that only a waiting request can give back.)"""
-    return sync_to_async(fn)
+    """Run sync `fn` from the hot path in the process' sync thread and give its database
+    connection back afterwards (apps.gateway.db.db_sync). Never a thread of its own: it would hold
+    a second pooled connection, and under load every request would wait for a connection only a
+    waiting request can give back."""
+    from functools import partial
+
+    from apps.gateway.db import db_sync
+
+    async def run(*args):
+        return await db_sync(partial(fn, *args))
+
+    return run
 
 
 def _thresholds_load() -> dict[int, tuple[Decimal, ...]]:

@@ -214,9 +214,9 @@ async def budget_statuses(*, budgets, at: datetime) -> list[BudgetStatus]:
 
 async def budget_statuses_for_key(*, auth, budget_id: str | None = None, at: datetime) -> list[BudgetStatus]:
     """`GET /v1/budget`: the status of every budget that applies to the key."""
-    from asgiref.sync import sync_to_async
+    from apps.gateway.db import db_sync
 
-    budgets = await sync_to_async(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))()
+    budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))
     return await budget_statuses(budgets=budgets, at=at)
 
 

@@ -26,13 +26,13 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from apps.billing.periods import period_bounds, period_key
 from apps.billing.selectors import BudgetRef, budget_spent_from_ledger
 from apps.billing.services import cost_upper_bound
 
+from .db import db_sync
 from .errors import GatewayError
 from .selectors import tenant_policy
 from .state import BudgetCell, LimitCell, StateUnavailable, state
@@ -187,8 +187,7 @@ def _token_estimate(ctx: Ctx) -> int:
 
 
 async def _rebuild(hold: BudgetHold) -> None:
-    spent = await sync_to_async(budget_spent_from_ledger)(budget=hold.ref, start=hold.period_start,
-                                                          end=hold.period_end)
+    spent = await db_sync(budget_spent_from_ledger, budget=hold.ref, start=hold.period_start, end=hold.period_end)
     await state().set_spent(key=hold.cell.key, micros=micros(spent), ttl_s=hold.cell.ttl_s)
 
 
@@ -375,7 +374,7 @@ async def budget_usage(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Dec
         found = [(None, 0)] * len(budgets)
     missing = [(b, periods[b.id][0], periods[b.id][1]) for b, (spent, _) in zip(budgets, found, strict=True)
                if spent is None]
-    ledger = await sync_to_async(budgets_spent_from_ledger)(items=missing) if missing else {}
+    ledger = await db_sync(budgets_spent_from_ledger, items=missing) if missing else {}
     out: dict[int, tuple[Decimal, Decimal]] = {}
     for b, (spent, held) in zip(budgets, found, strict=True):
         if spent is None:

@@ -7,12 +7,12 @@ import logging
 import time
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import NinjaAPI
 
 from . import async_requests, batches, pipeline, schemas
+from .db import db_sync
 from .errors import GatewayError, invalid_request, not_found
 from .selectors import routing_table
 
@@ -137,7 +137,7 @@ async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
     if hit is not None:
         await pipeline.record(ctx)
     try:
-        row = await sync_to_async(async_requests.async_request_create)(ctx=ctx, body=orjson.loads(raw),
+        row = await db_sync(async_requests.async_request_create, ctx=ctx, body=orjson.loads(raw),
                                                                        completion=hit)
     except Exception:
         # Not stored, so never run: give back what admission took before reporting the failure.
@@ -162,7 +162,7 @@ async def seed_request_get(request: HttpRequest, request_id: str):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        row = await sync_to_async(async_requests.async_request_get)(tenant_id=ctx.auth.tenant_id,
+        row = await db_sync(async_requests.async_request_get, tenant_id=ctx.auth.tenant_id,
                                                                    request_id=request_id)
         if row is None:
             raise not_found(f"No such request: {request_id}")
@@ -188,8 +188,8 @@ async def file_upload(request: HttpRequest):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        purpose, name, content = await sync_to_async(_read_upload)(request)
-        row = await sync_to_async(batches.file_create)(tenant_id=ctx.auth.tenant_id, purpose=purpose,
+        purpose, name, content = await db_sync(_read_upload, request=request)
+        row = await db_sync(batches.file_create, tenant_id=ctx.auth.tenant_id, purpose=purpose,
                                                        filename=name, content=content)
         return _json(batches.file_view(row), ctx)
     except GatewayError as exc:
@@ -201,7 +201,7 @@ async def file_retrieve(request: HttpRequest, file_id: str):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        row = await sync_to_async(batches.file_get)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+        row = await db_sync(batches.file_get, tenant_id=ctx.auth.tenant_id, file_id=file_id)
         return _json(batches.file_view(row), ctx)
     except GatewayError as exc:
         return _error(exc, ctx)
@@ -212,7 +212,7 @@ async def file_list(request: HttpRequest, purpose: str | None = None, after: str
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        rows, more = await sync_to_async(batches.files_list)(tenant_id=ctx.auth.tenant_id, purpose=purpose,
+        rows, more = await db_sync(batches.files_list, tenant_id=ctx.auth.tenant_id, purpose=purpose,
                                                              after=after, limit=max(1, min(limit, 10_000)))
         data = [batches.file_view(r) for r in rows]
         return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -226,7 +226,7 @@ async def file_delete(request: HttpRequest, file_id: str):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        await sync_to_async(batches.file_delete)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+        await db_sync(batches.file_delete, tenant_id=ctx.auth.tenant_id, file_id=file_id)
         return _json({"id": file_id, "object": "file", "deleted": True}, ctx)
     except GatewayError as exc:
         return _error(exc, ctx)
@@ -237,7 +237,7 @@ async def file_content(request: HttpRequest, file_id: str):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        content = await sync_to_async(batches.file_content)(tenant_id=ctx.auth.tenant_id, file_id=file_id)
+        content = await db_sync(batches.file_content, tenant_id=ctx.auth.tenant_id, file_id=file_id)
     except GatewayError as exc:
         return _error(exc, ctx)
     resp = HttpResponse(content, content_type="application/jsonl")
@@ -251,10 +251,11 @@ async def batch_create(request: HttpRequest):
     try:
         ctx = await _authenticated(request)
         data = schemas.parse_json(request.body)
-        row = await sync_to_async(batches.batch_create)(
+        row = await db_sync(
+            batches.batch_create,
             auth=ctx.auth, input_file_id=str(data.get("input_file_id") or ""), endpoint=str(data.get("endpoint") or ""),
             completion_window=str(data.get("completion_window") or "24h"), metadata=data.get("metadata"))
-        return _json(await sync_to_async(batches.batch_view)(row), ctx)
+        return _json(await db_sync(batches.batch_view, batch=row), ctx)
     except GatewayError as exc:
         return _error(exc, ctx)
 
@@ -264,9 +265,9 @@ async def batch_list(request: HttpRequest, after: str | None = None, limit: int 
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        rows, more = await sync_to_async(batches.batches_list)(tenant_id=ctx.auth.tenant_id, after=after,
+        rows, more = await db_sync(batches.batches_list, tenant_id=ctx.auth.tenant_id, after=after,
                                                                limit=max(1, min(limit, 100)))
-        data = [await sync_to_async(batches.batch_view)(r) for r in rows]
+        data = [await db_sync(batches.batch_view, batch=r) for r in rows]
         return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                       "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx)
     except GatewayError as exc:
@@ -278,8 +279,8 @@ async def batch_retrieve(request: HttpRequest, batch_id: str):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        row = await sync_to_async(batches.batch_get)(tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
-        return _json(await sync_to_async(batches.batch_view)(row), ctx)
+        row = await db_sync(batches.batch_get, tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
+        return _json(await db_sync(batches.batch_view, batch=row), ctx)
     except GatewayError as exc:
         return _error(exc, ctx)
 
@@ -289,7 +290,7 @@ async def batch_cancel(request: HttpRequest, batch_id: str):
     ctx = pipeline.Ctx()
     try:
         ctx = await _authenticated(request)
-        row = await sync_to_async(batches.batch_cancel)(tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
-        return _json(await sync_to_async(batches.batch_view)(row), ctx)
+        row = await db_sync(batches.batch_cancel, tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
+        return _json(await db_sync(batches.batch_view, batch=row), ctx)
     except GatewayError as exc:
         return _error(exc, ctx)

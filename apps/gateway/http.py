@@ -1,7 +1,10 @@
 """One shared async HTTP client per process (and per event loop), pooled, with explicit timeouts.
 
-GATEWAY_HTTP_TRANSPORT picks httpx over an aiohttp transport (default: it measured faster under
-concurrency, see README) or plain httpx.
+GATEWAY_HTTP_TRANSPORT picks how upstream calls are made (figures in docs/benchmark.md):
+- "aiohttp" (default): non-streaming calls go straight to an aiohttp session, streams through
+  httpx over an aiohttp transport sharing that session's connection pool;
+- "httpx-aiohttp": everything through httpx over the aiohttp transport;
+- "httpx": plain httpx (its own pool).
 """
 
 from __future__ import annotations
@@ -10,48 +13,65 @@ import asyncio
 import atexit
 import contextlib
 
+import aiohttp
 import httpx
 from django.conf import settings
 
-_clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+_clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, aiohttp.ClientSession | None]] = {}
+MAX_CONNECTIONS = 512
 
 
-def _build() -> httpx.AsyncClient:
-    timeout = httpx.Timeout(
-        connect=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S,
-        read=settings.GATEWAY_UPSTREAM_READ_TIMEOUT_S,
-        write=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S,
-        pool=settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S,
-    )
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=256, keepalive_expiry=30)
-    if settings.GATEWAY_HTTP_TRANSPORT == "aiohttp":
+def _build() -> tuple[httpx.AsyncClient, aiohttp.ClientSession | None]:
+    connect = settings.GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S
+    timeout = httpx.Timeout(connect=connect, read=settings.GATEWAY_UPSTREAM_READ_TIMEOUT_S, write=connect,
+                            pool=connect)
+    limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=256, keepalive_expiry=30)
+    if settings.GATEWAY_HTTP_TRANSPORT in ("aiohttp", "httpx-aiohttp"):
         from httpx_aiohttp import AiohttpTransport
 
-        return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=timeout, limits=limits)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+        # No cookie jar: one session serves every tenant, and an upstream's cookies are nobody's.
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=30),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
+                                          sock_read=settings.GATEWAY_UPSTREAM_READ_TIMEOUT_S),
+        )
+        client = httpx.AsyncClient(transport=AiohttpTransport(client=session, limits=limits), timeout=timeout,
+                                   limits=limits)
+        return client, session
+    return httpx.AsyncClient(timeout=timeout, limits=limits), None
 
 
 def _prune() -> None:
     """Forget clients whose event loop has closed, closing their sockets (sync code calling
     async views through async_to_sync runs a short-lived loop per call)."""
-    for key, (loop, c) in list(_clients.items()):
+    for key, (loop, _client, session) in list(_clients.items()):
         if loop.is_closed():
-            session = getattr(c._transport, "client", None)
-            connector = getattr(session, "connector", None)
-            if connector is not None:
+            if session is not None and session.connector is not None:
                 with contextlib.suppress(Exception):
-                    connector._close()
+                    session.connector._close()
             del _clients[key]
 
 
-def client() -> httpx.AsyncClient:
-    """The client bound to the running event loop."""
+def _entry() -> tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, aiohttp.ClientSession | None]:
     loop = asyncio.get_running_loop()
     entry = _clients.get(id(loop))
     if entry is None or entry[0] is not loop or entry[1].is_closed:
         _prune()
-        entry = _clients[id(loop)] = (loop, _build())
-    return entry[1]
+        entry = _clients[id(loop)] = (loop, *_build())
+    return entry
+
+
+def client() -> httpx.AsyncClient:
+    """The httpx client bound to the running event loop."""
+    return _entry()[1]
+
+
+def aiohttp_session() -> aiohttp.ClientSession | None:
+    """The aiohttp session for direct non-streaming calls, when GATEWAY_HTTP_TRANSPORT is "aiohttp"."""
+    if settings.GATEWAY_HTTP_TRANSPORT != "aiohttp":
+        return None
+    return _entry()[2]
 
 
 atexit.register(_prune)

@@ -26,6 +26,8 @@ class RequestIdMiddleware:
             response = GatewayError(404, f"Unknown path {request.path}.", code="unknown_url").response()
         if "x-request-id" not in response:
             response["x-request-id"] = new_request_id()
+        # What SecurityMiddleware would add; the data plane runs without it (config/asgi.py).
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
     def __call__(self, request):

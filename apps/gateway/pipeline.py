@@ -18,7 +18,6 @@ from datetime import datetime
 from decimal import Decimal
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
@@ -32,6 +31,7 @@ from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
 from . import admission, cache, router, schemas
+from .db import db_sync
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import Completion, Usage, adapter_for
 from .providers.base import ProviderError
@@ -118,7 +118,7 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
     if hit is not None and hit[0] > now:
         auth = hit[1]
     else:
-        auth = await sync_to_async(api_key_auth_by_digest)(digest=digest)
+        auth = await db_sync(api_key_auth_by_digest, digest=digest)
         if len(_auth_cache) > 10_000:
             _auth_cache.clear()
         _auth_cache[digest] = (now + settings.GATEWAY_AUTH_CACHE_TTL_S, auth)

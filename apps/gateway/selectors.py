@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
@@ -15,6 +14,7 @@ from django.utils import timezone
 from apps.billing.selectors import PriceInfo, price_versions_by_model
 from apps.keys.crypto import decrypt
 
+from .db import db_sync
 from .models import Deployment, DeploymentHealth, ModelAlias
 from .providers.base import Target
 
@@ -108,7 +108,7 @@ async def routing_table() -> RoutingTable:
     """The routing table, reloaded from the database at most every GATEWAY_ROUTES_CACHE_TTL_S."""
     global _table
     if _table is None or time.monotonic() - _table.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
-        _table = await sync_to_async(routing_table_load)()
+        _table = await db_sync(routing_table_load)
     return _table
 
 
@@ -151,7 +151,7 @@ async def tenant_policy(tenant_id: int) -> TenantPolicy:
     """A tenant's rate limits and budgets, reloaded at most every GATEWAY_ROUTES_CACHE_TTL_S."""
     policy = _policies.get(tenant_id)
     if policy is None or time.monotonic() - policy.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
-        policy = _policies[tenant_id] = await sync_to_async(tenant_policy_load)(tenant_id)
+        policy = _policies[tenant_id] = await db_sync(tenant_policy_load, tenant_id=tenant_id)
     return policy
 
 

@@ -15,7 +15,6 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .services import api_key_last_used_write
@@ -50,7 +49,9 @@ def flush() -> int:
 
 async def _flush_async(batch: dict[int, datetime]) -> None:
     try:
-        await sync_to_async(api_key_last_used_write)(seen=batch)
+        from apps.gateway.db import db_sync
+
+        await db_sync(api_key_last_used_write, seen=batch)
     except Exception as exc:  # a hint lost is not worth failing anything for
         log.warning("could not write last_used_at for %d keys (%s)", len(batch), type(exc).__name__)
 

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .services import security_event_record
@@ -47,7 +46,10 @@ async def auth_failure_note(*, prefix: str, ip: str, reason: str, tenant_id: int
     if n != settings.GATEWAY_AUTH_FAILURE_BURST:
         return
     log.warning("authentication failure burst: %d failures for key prefix %r from %s", n, prefix, ip or "?")
-    await sync_to_async(security_event_record)(
+    from apps.gateway.db import db_sync
+
+    await db_sync(
+        security_event_record,
         action="auth_failure_burst", tenant_id=tenant_id, object_id=str(key_id or ""),
         details={"key_prefix": prefix, "client_ip": ip, "failures": n, "window_s": window_s,
                  "window_start": window * window_s, "reasons": dict(reasons)},

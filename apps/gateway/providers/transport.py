@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 import httpx
 import orjson
 
@@ -12,8 +13,7 @@ from .. import http
 from .base import ProviderError
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
+def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
@@ -31,6 +31,10 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
 
 def error_from_response(resp: httpx.Response, content: bytes, secrets: tuple[str, ...] = ()) -> ProviderError:
     """Map an upstream error status to a ProviderError, keeping the upstream's own message."""
+    return _error_from(resp.status_code, resp.headers.get("retry-after"), content, secrets)
+
+
+def _error_from(status: int, retry_after: str | None, content: bytes, secrets: tuple[str, ...]) -> ProviderError:
     message = content.decode(errors="replace")[:500]
     try:
         data = orjson.loads(content)
@@ -43,7 +47,6 @@ def error_from_response(resp: httpx.Response, content: bytes, secrets: tuple[str
             message = err
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         pass
-    status = resp.status_code
     retryable = status in (408, 409, 429) or status >= 500
     if status == 429:
         code, ours = "upstream_rate_limited", 429
@@ -57,14 +60,14 @@ def error_from_response(resp: httpx.Response, content: bytes, secrets: tuple[str
         f"upstream returned {status}: {_scrub(message, secrets)}",
         status=ours,
         retryable=retryable,
-        retry_after=_retry_after(resp),
+        retry_after=_retry_after(retry_after),
         code=code,
         upstream_status=status,
     )
 
 
 def _network_error(exc: Exception) -> ProviderError:
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return ProviderError(f"upstream timed out ({type(exc).__name__})", status=504, retryable=True,
                              code="upstream_timeout")
     return ProviderError(f"upstream unreachable ({type(exc).__name__})", status=502, retryable=True,
@@ -73,14 +76,24 @@ def _network_error(exc: Exception) -> ProviderError:
 
 async def post_json(url: str, *, headers: dict, body: dict, params: dict | None = None,
                     secrets: tuple[str, ...] = ()) -> dict:
+    session = http.aiohttp_session()
+    if session is not None:  # the fast path: no httpx layer (see apps/gateway/http.py)
+        try:
+            async with session.post(url, data=orjson.dumps(body), headers=headers, params=params) as resp:
+                status, content = resp.status, await resp.read()
+                retry_after = resp.headers.get("retry-after")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _network_error(exc)
+    else:
+        try:
+            resp = await http.client().post(url, content=orjson.dumps(body), headers=headers, params=params)
+        except httpx.HTTPError as exc:
+            raise _network_error(exc)
+        status, content, retry_after = resp.status_code, resp.content, resp.headers.get("retry-after")
+    if status >= 400:
+        raise _error_from(status, retry_after, content, secrets)
     try:
-        resp = await http.client().post(url, content=orjson.dumps(body), headers=headers, params=params)
-    except httpx.HTTPError as exc:
-        raise _network_error(exc)
-    if resp.status_code >= 400:
-        raise error_from_response(resp, resp.content, secrets)
-    try:
-        return orjson.loads(resp.content)
+        return orjson.loads(content)
     except orjson.JSONDecodeError:
         raise ProviderError("upstream returned a body that is not JSON", retryable=True, code="upstream_bad_body")
 

@@ -1,0 +1,98 @@
+"""The ledger write: group commit on PostgreSQL's async pool (the ASGI server's loop), the ORM
+everywhere else. Each request's row is committed before its call returns."""
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from apps.analytics.models import UsageEvent
+from apps.analytics.services import usage_event_record
+from apps.gateway import db
+from tests import factories as f
+
+postgres_only = pytest.mark.skipif(not settings.IS_POSTGRES, reason="the async pool is PostgreSQL's")
+
+
+def row(tenant, request_id, **extra):
+    return {"request_id": request_id, "timestamp": timezone.now(), "tenant_id": tenant.id, "api_key_id": None,
+            "source_id": None, "source_type": "application", "source_ref": "app", "model": "m", "status": 200,
+            "cost": Decimal("0.0000123400"), **extra}
+
+
+@pytest.fixture
+async def server_loop(monkeypatch):
+    """Run the test as the ASGI server's loop would: with its own async pool (a live gateway thread
+    of the session keeps its own)."""
+    for name in ("_server_loop", "_pool", "_pool_loop"):
+        monkeypatch.setattr(db, name, None)
+    db.server_loop_mark()
+    yield
+    if db._pool is not None:
+        await db._pool.close()
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+async def test_concurrent_rows_are_each_written_once(server_loop):
+    tenant = await sync_to_async(f.TenantFactory)()
+    ids = [f"req_{i}" for i in range(40)]
+
+    await asyncio.gather(*(usage_event_record(**row(tenant, rid, prompt_tokens=i)) for i, rid in enumerate(ids)),
+                         usage_event_record(**row(tenant, "req_3", prompt_tokens=999)))
+
+    assert await db.pg_pool() is not None
+    events = {e.request_id: e async for e in UsageEvent.objects.filter(tenant=tenant)}
+    assert sorted(events) == sorted(ids)
+    assert events["req_7"].prompt_tokens == 7
+    assert events["req_3"].prompt_tokens in (3, 999)  # whichever came first; never two rows
+    assert events["req_0"].cost == Decimal("0.0000123400")
+    assert events["req_0"].api_key_id is None
+    assert events["req_0"].request_type == "chat"  # the model default for a field left out
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+async def test_a_bad_row_fails_only_its_own_request(server_loop):
+    tenant = await sync_to_async(f.TenantFactory)()
+    good = [usage_event_record(**row(tenant, f"req_ok_{i}")) for i in range(5)]
+    bad = usage_event_record(**row(tenant, "req_bad", tenant_id=tenant.id + 10_000))
+
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+
+    assert results[:5] == [None] * 5
+    assert isinstance(results[5], Exception)
+    assert await UsageEvent.objects.filter(tenant=tenant).acount() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_outside_the_server_loop_the_orm_writes_the_row():
+    tenant = await sync_to_async(f.TenantFactory)()
+
+    await usage_event_record(**row(tenant, "req_orm"))
+    await usage_event_record(**row(tenant, "req_orm", prompt_tokens=5))
+
+    assert await db.pg_pool() is None
+    event = await UsageEvent.objects.aget(request_id="req_orm")
+    assert event.prompt_tokens == 0
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the stream lives in Redis")
+@pytest.mark.django_db(transaction=True)
+async def test_redis_stream_rows_reach_the_ledger_when_drained(settings):
+    from apps.analytics.services import ledger_stream_drain
+
+    settings.GATEWAY_LEDGER_WRITER = "redis-stream"
+    tenant = await sync_to_async(f.TenantFactory)()
+    for rid in ("req_s1", "req_s2", "req_s1"):
+        await usage_event_record(**row(tenant, rid))
+    assert await UsageEvent.objects.acount() == 0
+
+    assert await sync_to_async(ledger_stream_drain)() == 3
+
+    assert sorted([e.request_id async for e in UsageEvent.objects.all()]) == ["req_s1", "req_s2"]
+    assert (await UsageEvent.objects.aget(request_id="req_s2")).cost == Decimal("0.0000123400")
+    assert await sync_to_async(ledger_stream_drain)() == 0

@@ -1,0 +1,63 @@
+"""The ASGI entry point: /v1 runs on the lean data-plane handler, everything else on Django's."""
+
+import httpx
+import orjson
+import pytest
+
+from apps.analytics.models import UsageEvent
+from apps.gateway import http
+
+
+def test_v1_runs_without_sessions_csrf_or_frame_options(live_gateway, live_setup):
+    resp = httpx.post(f"{live_gateway}/v1/chat/completions", headers={"authorization": f"Bearer {live_setup.secret}"},
+                      json={"model": live_setup.alias, "messages": [{"role": "user", "content": "hi"}]})
+
+    assert resp.status_code == 200
+    assert resp.headers["x-content-type-options"] == "nosniff"
+    assert "set-cookie" not in resp.headers
+    assert "x-frame-options" not in resp.headers
+    assert UsageEvent.objects.get().request_id == resp.headers["x-request-id"]
+
+
+def test_other_paths_keep_the_full_middleware_stack(live_gateway):
+    resp = httpx.get(f"{live_gateway}/admin/login/")
+
+    assert resp.status_code == 200
+    assert resp.headers["x-frame-options"] == "DENY"
+    assert "csrftoken" in resp.headers.get("set-cookie", "")
+
+
+def test_unknown_v1_path_answers_in_openai_shape(live_gateway):
+    resp = httpx.get(f"{live_gateway}/v1/nothing-here")
+
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "unknown_url"
+    assert resp.headers["x-request-id"]
+
+
+@pytest.fixture(params=["aiohttp", "httpx-aiohttp", "httpx"])
+def transport(request, settings):
+    settings.GATEWAY_HTTP_TRANSPORT = request.param
+    http._clients.clear()
+    yield request.param
+    http._clients.clear()
+
+
+@pytest.mark.django_db
+def test_every_transport_relays_answers_and_maps_upstream_errors(client, setup, transport):
+    def post(model_alias):
+        return client.post("/v1/chat/completions", content_type="application/json",
+                           HTTP_AUTHORIZATION=f"Bearer {setup.secret}",
+                           data=orjson.dumps({"model": model_alias, "messages": [{"role": "user", "content": "yo"}]}))
+
+    assert post(setup.alias).json()["choices"][0]["message"]["content"] == "Echo: yo"
+
+    setup.deployment.upstream_model = "fail-429"
+    setup.deployment.save()
+    from apps.gateway import selectors
+
+    selectors.routing_table_invalidate()
+    limited = post(setup.alias)
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "upstream_rate_limited"
+    assert limited["retry-after"]
