@@ -138,7 +138,7 @@ class Processes:
         self.procs.clear()
 
 
-def django_setup(env: dict, upstream_base: str) -> str:
+def django_setup(env: dict, upstream_base: str, features: str = "all") -> str:
     """Migrate, apply the bench config, clear the bench ledger, create a key; returns its secret."""
     os.environ.update(env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -149,6 +149,17 @@ def django_setup(env: dict, upstream_base: str) -> str:
     from django.core.management import call_command
 
     call_command("migrate", "--noinput", verbosity=0)
+    if env.get("REDIS_URL") == DEFAULT_ENV["REDIS_URL"]:
+        # The bench's own Redis DB: start without an earlier run's cooldowns, windows or counters.
+        import redis
+
+        redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    from apps.billing.models import Budget
+    from apps.gateway.models import RateLimit
+
+    # gateway_apply adds and updates but never deletes: start from no limits and budgets.
+    Budget.objects.filter(tenant__slug=TENANT).delete()
+    RateLimit.objects.filter(tenant__slug=TENANT).delete()
     config = f"""\
 providers:
   - name: bench-upstream
@@ -166,6 +177,15 @@ tenants:
     name: Benchmark
     sources: [{{name: bench-app, type: application}}]
 """
+    if features == "all":
+        # Every admission feature on, so the one-round-trip admission and settle are measured too:
+        # limits and a hard budget far above what a run uses, and a key with its own RPM.
+        config += """\
+    rate_limits: [{scope: tenant, rpm: 100000000, tpm: 1000000000}, {scope: "source:bench-app", rpm: 100000000}]
+    budgets:
+      - {name: bench-monthly, scope: tenant, limit_usd: 1000000, period: monthly, enforcement: hard,
+         alert_thresholds: [0.5, 0.8, 1.0]}
+"""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=VAR, delete=False) as fh:
         fh.write(config)
     try:
@@ -174,8 +194,9 @@ tenants:
         os.unlink(fh.name)
     ledger_clear()
     out = io.StringIO()
+    key_args = ["--rpm", "100000000", "--tpm", "1000000000"] if features == "all" else []
     call_command("key_create", "--tenant", TENANT, "--source", "bench-app",
-                 "--name", f"bench-{int(time.time() * 1000)}", stdout=out)
+                 "--name", f"bench-{int(time.time() * 1000)}", *key_args, stdout=out)
     return out.getvalue().strip()
 
 
@@ -289,6 +310,9 @@ def main() -> int:
     p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the gateway (repeatable), e.g. GATEWAY_HTTP_TRANSPORT=httpx")
     p.add_argument("--skip-direct", action="store_true", help="measure only through the gateway")
+    p.add_argument("--features", choices=["all", "none"], default="all",
+                   help="all (default): rate limits on key, source and tenant plus a hard budget, so admission "
+                        "runs; none: no limits or budgets")
     p.add_argument("--nice", type=int, default=0,
                    help="niceness of the processes the bench starts (e.g. -10 when other work shares the machine)")
     p.add_argument("--label", default="", help="name of this variant; results go to var/bench-results-LABEL.json")
@@ -307,7 +331,7 @@ def main() -> int:
     upstream_base = f"http://127.0.0.1:{up_port}/v1"
     child_env = {**os.environ, **base_env, UPSTREAM_SECRET_ENV: "sk-bench-upstream", "DEBUG": "false",
                  "LOG_LEVEL": "WARNING", "PYTHONDONTWRITEBYTECODE": "1", **extra}
-    key = django_setup(child_env, upstream_base)
+    key = django_setup(child_env, upstream_base, args.features)
 
     procs = Processes(nice=args.nice)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -365,7 +389,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "config": {"duration_s": args.duration, "nice": args.nice, "workers": args.workers, "loop": args.loop,
                    "http": args.http,
-                   "upstream": args.upstream, "gateway_env": extra,
+                   "upstream": args.upstream, "features": args.features, "gateway_env": extra,
                    "database": base_env["DATABASE_URL"].split("://")[0]},
         "direct": results["direct"],
         "gateway": results["gateway"],
