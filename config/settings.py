@@ -242,6 +242,9 @@ GATEWAY_TOTAL_DEADLINE_S = env.float("GATEWAY_TOTAL_DEADLINE_S", default=60.0)
 GATEWAY_COOLDOWN_FAILURES = env.int("GATEWAY_COOLDOWN_FAILURES", default=3)
 GATEWAY_COOLDOWN_WINDOW_S = env.float("GATEWAY_COOLDOWN_WINDOW_S", default=60.0)
 GATEWAY_COOLDOWN_S = env.float("GATEWAY_COOLDOWN_S", default=30.0)
+# How long an instance trusts its copy of the shared cooldown state before reading Redis again (a
+# cooldown another instance sets is honoured here within this time; 0 reads Redis every request).
+GATEWAY_COOLDOWN_CHECK_CACHE_S = env.float("GATEWAY_COOLDOWN_CHECK_CACHE_S", default=0.5)
 # Seconds between availability probes of every deployment (Celery beat); 0 turns them off.
 GATEWAY_PROBE_INTERVAL_S = env.float("GATEWAY_PROBE_INTERVAL_S", default=300.0)
 if GATEWAY_PROBE_INTERVAL_S > 0:

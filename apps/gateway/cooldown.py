@@ -106,6 +106,7 @@ class RedisBackend:
     def __init__(self, url: str):
         self.url = url
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, object]] = {}
+        self._checked: dict[int, tuple[float, float]] = {}  # id -> (checked at, cooling until), monotonic
 
     def client(self):
         import redis.asyncio as aioredis
@@ -122,19 +123,36 @@ class RedisBackend:
         return entry[1]
 
     async def cooling(self, ids: list[int]) -> dict[int, float]:
+        """Read from Redis at most every GATEWAY_COOLDOWN_CHECK_CACHE_S per deployment: the
+        answers in between come from this process's copy, so the hot path does not pay a Redis
+        round trip per request for a state that changes a few times an hour."""
         if not ids:
             return {}
-        client = self.client()
-        async with client.pipeline(transaction=False) as pipe:
-            for i in ids:
-                pipe.pttl(f"{PREFIX}cool:{i}")
-            ttls = await pipe.execute()
-        return {i: ttl / 1000 for i, ttl in zip(ids, ttls, strict=True) if ttl and ttl > 0}
+        now = time.monotonic()
+        fresh_for = settings.GATEWAY_COOLDOWN_CHECK_CACHE_S
+        stale = [i for i in ids if now - self._checked.get(i, (-1e9, 0.0))[0] >= fresh_for]
+        if stale:
+            client = self.client()
+            async with client.pipeline(transaction=False) as pipe:
+                for i in stale:
+                    pipe.pttl(f"{PREFIX}cool:{i}")
+                ttls = await pipe.execute()
+            for i, ttl in zip(stale, ttls, strict=True):
+                self._checked[i] = (now, now + ttl / 1000 if ttl and ttl > 0 else 0.0)
+        out = {}
+        for i in ids:
+            until = self._checked[i][1]
+            if until > now:
+                out[i] = until - now
+        return out
 
     async def failure_record(self, deployment_id: int) -> bool:
         result = await self.client().eval(
             _FAILURE_LUA, 2, f"{PREFIX}fail:{deployment_id}", f"{PREFIX}cool:{deployment_id}",
             int(_window_s() * 1000), _failures(), int(_cooldown_s() * 1000))
+        if result:
+            now = time.monotonic()
+            self._checked[deployment_id] = (now, now + _cooldown_s())
         return bool(result)
 
     async def quota_take(self, deployment_id: int, minute: int, rpm: int, tpm: int, tokens: int) -> bool:
@@ -211,3 +229,5 @@ def reset_local() -> None:
     """Forget in-process state (tests)."""
     global _local
     _local = LocalBackend()
+    if _redis is not None:
+        _redis._checked.clear()
