@@ -220,6 +220,7 @@ SPECTACULAR_SETTINGS = {
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="llm-service@localhost")
+EMAIL_FILE_PATH = env("EMAIL_FILE_PATH", default=str(BASE_DIR / "var" / "mail"))  # filebased backend
 
 LOGGING = {
     "version": 1,
