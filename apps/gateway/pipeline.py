@@ -10,6 +10,7 @@ before the response completes, so no 2xx ever lacks one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -268,6 +269,13 @@ async def fail(ctx: Ctx, exc: GatewayError) -> None:
     await record(ctx)
 
 
+async def abandoned(ctx: Ctx) -> None:
+    """The client went away (the view was cancelled) before the answer: release the hold at once
+    rather than when it expires, and record the request (499). Re-raise the CancelledError after."""
+    await fail(ctx, GatewayError(499, "The client closed the request before the answer.", type="api_error",
+                                 code="client_disconnected"))
+
+
 # --- runs -----------------------------------------------------------------------------------
 
 
@@ -327,6 +335,9 @@ async def execute(ctx: Ctx) -> Completion:
     except GatewayError as exc:
         await fail(ctx, exc)
         raise
+    except asyncio.CancelledError:
+        await abandoned(ctx)
+        raise
     if completion.usage.estimated:
         text = ""
         if ctx.kind == CHAT:
@@ -375,6 +386,9 @@ async def open_stream(ctx: Ctx) -> tuple[dict | None, AsyncIterator[dict]]:
         return await router.call_with_fallbacks(ctx, invoke)
     except GatewayError as exc:
         await fail(ctx, exc)
+        raise
+    except asyncio.CancelledError:
+        await abandoned(ctx)
         raise
 
 
