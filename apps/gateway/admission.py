@@ -257,6 +257,14 @@ def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:
     return True
 
 
+def _hold_ttl_s(ctx: Ctx) -> int:
+    """A request queued for a worker (`async: true`, not a batch line, which runs as it is admitted)
+    keeps its hold until the worker settles or releases it; the sync TTL would let it expire first."""
+    if ctx.is_async and not ctx.batch_id:
+        return max(settings.GATEWAY_ASYNC_HOLD_TTL_S, settings.GATEWAY_HOLD_TTL_S)
+    return settings.GATEWAY_HOLD_TTL_S
+
+
 async def admit(ctx: Ctx) -> Admission:
     """Take every rate-limit slot and budget hold that applies, or raise a 402/429 GatewayError."""
     policy = await tenant_policy(ctx.auth.tenant_id)
@@ -281,7 +289,7 @@ async def admit(ctx: Ctx) -> Admission:
         try:
             outcome = await backend.admit(request_id=ctx.request_id, limits=[c for c, _, _ in limit_cells],
                                           budgets=[h.cell for h in holds],
-                                          hold_ttl_s=settings.GATEWAY_HOLD_TTL_S)
+                                          hold_ttl_s=_hold_ttl_s(ctx))
         except StateUnavailable:
             admission.headers = _fail_policy(limit_cells, holds)
             admission.limits, admission.budgets = [], []

@@ -215,3 +215,30 @@ def test_state_that_never_answers_does_not_hang_requests(client, setup):
 
     assert resp.status_code == 200 and resp["x-gateway-admission"] == "fail-open"
     assert waited < 5  # bounded by REDIS_TIMEOUT_S, not a hang
+
+
+def test_a_crashed_requests_hold_expires_and_a_late_settle_counts_once(monkeypatch):
+    import asyncio
+    import time
+    import types
+
+    from apps.gateway.state import BudgetCell, state
+
+    backend, key, now = gateway_state.state(), "llms:bud:test:expiry", [time.time()]
+    monkeypatch.setattr(gateway_state, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
+
+    def cell():
+        return BudgetCell(key=key, limit_micros=100, hold_micros=80, hard=True, ttl_s=3600)
+
+    async def scenario():
+        await backend.set_spent(key=key, micros=0, ttl_s=3600)
+        assert (await backend.admit(request_id="a", limits=[], budgets=[cell()], hold_ttl_s=60)).ok
+        assert not (await backend.admit(request_id="b", limits=[], budgets=[cell()], hold_ttl_s=60)).ok
+        now[0] += 61  # a's process is gone: its hold expires
+        assert (await backend.admit(request_id="b", limits=[], budgets=[cell()], hold_ttl_s=60)).ok
+        # a settles late after all: its actual cost counts once, and b's hold is untouched
+        assert await backend.settle(request_id="a", limits=[], budgets=[(cell(), 30)]) == [(0, 30)]
+        return await backend.usage(keys=[key])
+
+    assert state() is backend
+    assert asyncio.run(scenario()) == [(30, 80)]
