@@ -65,6 +65,7 @@ class Admission:
     token_estimate: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    max_tokens: int | None = None  # the completion bound the hold was taken for (a worker sends it too)
 
     @property
     def hold_usd(self) -> Decimal:
@@ -85,6 +86,7 @@ class Admission:
             "token_estimate": self.token_estimate,
             "headers": self.headers,
             "settled": self.settled,
+            "max_tokens": self.max_tokens,
         }
 
     @classmethod
@@ -101,6 +103,7 @@ class Admission:
             token_estimate=data.get("token_estimate", 0),
             headers=data.get("headers", {}),
             settled=data.get("settled", False),
+            max_tokens=data.get("max_tokens"),
         )
 
 
@@ -296,6 +299,8 @@ async def admit(ctx: Ctx) -> Admission:
             return admission
         if outcome.ok:
             admission.headers = _rate_headers(limit_cells, outcome.limits)
+            if holds and ctx.kind == "chat":
+                admission.max_tokens = ctx.body.get("max_tokens")
             return admission
         if outcome.reason == "rebuild":
             try:
@@ -323,6 +328,15 @@ async def admit(ctx: Ctx) -> Admission:
             continue
         raise _budget_error(ctx, hold, outcome.remaining_micros)
     raise GatewayError(503, "Admission could not complete; try again.", type="api_error", code="admission_retry")
+
+
+def admitted_max_tokens_apply(ctx: Ctx) -> None:
+    """A worker re-reads the stored request: give the upstream the max_tokens admission capped or
+    lowered it to, since the hold only covers that bound."""
+    bound = ctx.admission.max_tokens if ctx.admission is not None else None
+    if bound and ctx.kind == "chat" and (ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")) != bound:
+        ctx.body.pop("max_completion_tokens", None)
+        ctx.body["max_tokens"] = bound
 
 
 async def _close(ctx: Ctx, *, actual_tokens: int, actual_usd: Decimal) -> None:
