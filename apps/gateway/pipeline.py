@@ -78,6 +78,7 @@ class Ctx:
     status: int = 200
     error_code: str = ""
     recorded: bool = False
+    cache_key: str = ""  # computed at lookup, before admission may change max_tokens
     headers: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
