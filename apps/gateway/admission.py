@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
 
+import orjson
 from django.conf import settings
 
 from apps.billing.periods import period_bounds, period_key
@@ -164,6 +165,20 @@ def _budget_holds(ctx: Ctx, policy) -> list[BudgetHold]:
     return out
 
 
+_PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
+_MESSAGE_FIELDS = ("tool_calls", "function_call", "name", "tool_call_id")
+
+
+def _prompt_max(ctx: Ctx) -> int:
+    """Upper bound of a chat request's prompt tokens: the messages' text bytes plus the JSON bytes of
+    the rest the provider bills as prompt (tool definitions, tool calls in the history, a schema)."""
+    messages = ctx.body["messages"]
+    extra = sum(len(orjson.dumps(ctx.body[k])) for k in _PROMPT_FIELDS if ctx.body.get(k))
+    extra += sum(len(orjson.dumps(m[k])) for m in messages if isinstance(m, dict) for k in _MESSAGE_FIELDS
+                 if m.get(k))
+    return prompt_bytes(messages) + extra
+
+
 def _completion_bound(ctx: Ctx) -> int:
     asked = ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")
     if asked:
@@ -178,7 +193,7 @@ def _hold_usd(ctx: Ctx) -> Decimal:
         inputs = ctx.body["input"] if isinstance(ctx.body["input"], list) else [ctx.body["input"]]
         prompt_max = sum(len(str(i).encode()) for i in inputs) + 8
         return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_max, completion_tokens_max=0)
-    return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_bytes(ctx.body["messages"]),
+    return cost_upper_bound(price=ctx.price, prompt_tokens_max=_prompt_max(ctx),
                             completion_tokens_max=_completion_bound(ctx))
 
 
@@ -248,7 +263,7 @@ def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:
     price = ctx.price
     if price is None or ctx.kind != "chat" or price.output_usd_per_mtok <= 0:
         return False
-    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=prompt_bytes(ctx.body["messages"]),
+    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=_prompt_max(ctx),
                                    completion_tokens_max=0)
     room = Decimal(remaining_micros) / 1_000_000 - prompt_cost
     tokens = math.floor(room * 1_000_000 / price.output_usd_per_mtok) if room > 0 else 0

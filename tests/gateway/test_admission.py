@@ -242,3 +242,17 @@ def test_a_crashed_requests_hold_expires_and_a_late_settle_counts_once(monkeypat
 
     assert state() is backend
     assert asyncio.run(scenario()) == [(30, 80)]
+
+
+def test_the_hold_covers_tool_definitions_billed_as_prompt(client, setup):
+    """Providers bill tool definitions (and tool calls in the history) as prompt tokens: the hold's
+    prompt bound must include them, or a hard budget could be passed by requests with large tools."""
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.001"))  # room for "hi" (~$0.00004), not 2 KB more
+    tool = {"type": "function", "function": {"name": "lookup", "description": "x " * 1000,
+                                             "parameters": {"type": "object", "properties": {}}}}
+
+    assert post(client, setup.secret, chat(setup.alias, max_tokens=10)).status_code == 200
+    resp = post(client, setup.secret, chat(setup.alias, max_tokens=10, tools=[tool]))
+
+    assert resp.status_code == 402
+    assert resp.json()["error"]["code"] == "budget_exceeded"
