@@ -173,6 +173,9 @@ GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", d
 GATEWAY_LOW_PRIORITY_SHARE = env.float("GATEWAY_LOW_PRIORITY_SHARE", default=0.8)
 # How long a budget hold lives if its request never settles (a crashed process).
 GATEWAY_HOLD_TTL_S = env.int("GATEWAY_HOLD_TTL_S", default=900)
+# An async request's hold waits for a worker (queue, leases, retries): it is settled or released
+# by that worker (or when the work is given up), so it may live much longer.
+GATEWAY_ASYNC_HOLD_TTL_S = env.int("GATEWAY_ASYNC_HOLD_TTL_S", default=86_400)
 # When Redis cannot be reached: "open" admits without the limit, "closed" answers 503.
 GATEWAY_RATE_LIMIT_ON_STATE_ERROR = env("GATEWAY_RATE_LIMIT_ON_STATE_ERROR", default="open")
 GATEWAY_BUDGET_ON_STATE_ERROR = env("GATEWAY_BUDGET_ON_STATE_ERROR", default="closed")
@@ -220,6 +223,7 @@ SPECTACULAR_SETTINGS = {
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="llm-service@localhost")
+EMAIL_FILE_PATH = env("EMAIL_FILE_PATH", default=str(BASE_DIR / "var" / "mail"))  # filebased backend
 
 LOGGING = {
     "version": 1,

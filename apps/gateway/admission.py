@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
 
+import orjson
 from django.conf import settings
 
 from apps.billing.periods import period_bounds, period_key
@@ -65,6 +66,7 @@ class Admission:
     token_estimate: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    max_tokens: int | None = None  # the completion bound the hold was taken for (a worker sends it too)
 
     @property
     def hold_usd(self) -> Decimal:
@@ -85,6 +87,7 @@ class Admission:
             "token_estimate": self.token_estimate,
             "headers": self.headers,
             "settled": self.settled,
+            "max_tokens": self.max_tokens,
         }
 
     @classmethod
@@ -101,6 +104,7 @@ class Admission:
             token_estimate=data.get("token_estimate", 0),
             headers=data.get("headers", {}),
             settled=data.get("settled", False),
+            max_tokens=data.get("max_tokens"),
         )
 
 
@@ -161,6 +165,20 @@ def _budget_holds(ctx: Ctx, policy) -> list[BudgetHold]:
     return out
 
 
+_PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
+_MESSAGE_FIELDS = ("tool_calls", "function_call", "name", "tool_call_id")
+
+
+def _prompt_max(ctx: Ctx) -> int:
+    """Upper bound of a chat request's prompt tokens: the messages' text bytes plus the JSON bytes of
+    the rest the provider bills as prompt (tool definitions, tool calls in the history, a schema)."""
+    messages = ctx.body["messages"]
+    extra = sum(len(orjson.dumps(ctx.body[k])) for k in _PROMPT_FIELDS if ctx.body.get(k))
+    extra += sum(len(orjson.dumps(m[k])) for m in messages if isinstance(m, dict) for k in _MESSAGE_FIELDS
+                 if m.get(k))
+    return prompt_bytes(messages) + extra
+
+
 def _completion_bound(ctx: Ctx) -> int:
     asked = ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")
     if asked:
@@ -175,7 +193,7 @@ def _hold_usd(ctx: Ctx) -> Decimal:
         inputs = ctx.body["input"] if isinstance(ctx.body["input"], list) else [ctx.body["input"]]
         prompt_max = sum(len(str(i).encode()) for i in inputs) + 8
         return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_max, completion_tokens_max=0)
-    return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_bytes(ctx.body["messages"]),
+    return cost_upper_bound(price=ctx.price, prompt_tokens_max=_prompt_max(ctx),
                             completion_tokens_max=_completion_bound(ctx))
 
 
@@ -245,7 +263,7 @@ def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:
     price = ctx.price
     if price is None or ctx.kind != "chat" or price.output_usd_per_mtok <= 0:
         return False
-    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=prompt_bytes(ctx.body["messages"]),
+    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=_prompt_max(ctx),
                                    completion_tokens_max=0)
     room = Decimal(remaining_micros) / 1_000_000 - prompt_cost
     tokens = math.floor(room * 1_000_000 / price.output_usd_per_mtok) if room > 0 else 0
@@ -255,6 +273,14 @@ def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:
     ctx.body["max_tokens"] = min(tokens, _completion_bound(ctx))
     ctx.headers["x-gateway-max-tokens-lowered"] = str(ctx.body["max_tokens"])
     return True
+
+
+def _hold_ttl_s(ctx: Ctx) -> int:
+    """A request queued for a worker (`async: true`, not a batch line, which runs as it is admitted)
+    keeps its hold until the worker settles or releases it; the sync TTL would let it expire first."""
+    if ctx.is_async and not ctx.batch_id:
+        return max(settings.GATEWAY_ASYNC_HOLD_TTL_S, settings.GATEWAY_HOLD_TTL_S)
+    return settings.GATEWAY_HOLD_TTL_S
 
 
 async def admit(ctx: Ctx) -> Admission:
@@ -281,13 +307,15 @@ async def admit(ctx: Ctx) -> Admission:
         try:
             outcome = await backend.admit(request_id=ctx.request_id, limits=[c for c, _, _ in limit_cells],
                                           budgets=[h.cell for h in holds],
-                                          hold_ttl_s=settings.GATEWAY_HOLD_TTL_S)
+                                          hold_ttl_s=_hold_ttl_s(ctx))
         except StateUnavailable:
             admission.headers = _fail_policy(limit_cells, holds)
             admission.limits, admission.budgets = [], []
             return admission
         if outcome.ok:
             admission.headers = _rate_headers(limit_cells, outcome.limits)
+            if holds and ctx.kind == "chat":
+                admission.max_tokens = ctx.body.get("max_tokens")
             return admission
         if outcome.reason == "rebuild":
             try:
@@ -315,6 +343,15 @@ async def admit(ctx: Ctx) -> Admission:
             continue
         raise _budget_error(ctx, hold, outcome.remaining_micros)
     raise GatewayError(503, "Admission could not complete; try again.", type="api_error", code="admission_retry")
+
+
+def admitted_max_tokens_apply(ctx: Ctx) -> None:
+    """A worker re-reads the stored request: give the upstream the max_tokens admission capped or
+    lowered it to, since the hold only covers that bound."""
+    bound = ctx.admission.max_tokens if ctx.admission is not None else None
+    if bound and ctx.kind == "chat" and (ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")) != bound:
+        ctx.body.pop("max_completion_tokens", None)
+        ctx.body["max_tokens"] = bound
 
 
 async def _close(ctx: Ctx, *, actual_tokens: int, actual_usd: Decimal) -> None:

@@ -172,6 +172,7 @@ async def _execute(row: AsyncRequest) -> tuple[str, dict | None, dict | None, di
         if auth is None or auth.revoked:
             raise invalid_api_key("The API key of this request was revoked or deleted before it ran.")
         pipeline.validate(ctx, dict(row.body))
+        admission_module.admitted_max_tokens_apply(ctx)
         await pipeline.route(ctx)
         completion = await pipeline.execute(ctx)
     except GatewayError as exc:

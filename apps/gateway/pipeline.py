@@ -10,6 +10,7 @@ before the response completes, so no 2xx ever lacks one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,6 +78,7 @@ class Ctx:
     status: int = 200
     error_code: str = ""
     recorded: bool = False
+    cache_key: str = ""  # computed at lookup, before admission may change max_tokens
     headers: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
@@ -268,6 +270,13 @@ async def fail(ctx: Ctx, exc: GatewayError) -> None:
     await record(ctx)
 
 
+async def abandoned(ctx: Ctx) -> None:
+    """The client went away (the view was cancelled) before the answer: release the hold at once
+    rather than when it expires, and record the request (499). Re-raise the CancelledError after."""
+    await fail(ctx, GatewayError(499, "The client closed the request before the answer.", type="api_error",
+                                 code="client_disconnected"))
+
+
 # --- runs -----------------------------------------------------------------------------------
 
 
@@ -327,6 +336,9 @@ async def execute(ctx: Ctx) -> Completion:
     except GatewayError as exc:
         await fail(ctx, exc)
         raise
+    except asyncio.CancelledError:
+        await abandoned(ctx)
+        raise
     if completion.usage.estimated:
         text = ""
         if ctx.kind == CHAT:
@@ -375,6 +387,9 @@ async def open_stream(ctx: Ctx) -> tuple[dict | None, AsyncIterator[dict]]:
         return await router.call_with_fallbacks(ctx, invoke)
     except GatewayError as exc:
         await fail(ctx, exc)
+        raise
+    except asyncio.CancelledError:
+        await abandoned(ctx)
         raise
 
 

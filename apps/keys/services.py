@@ -37,6 +37,16 @@ def snapshot(obj) -> dict:
     return out
 
 
+def cli_actor() -> str:
+    """Who runs a management command, for the audit log: `cli:<OS user>` (`cli` if unknown)."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
 def audit_record(*, actor: str, action: str, obj=None, tenant: Tenant | None = None,
                  object_type: str = "", object_id: str = "", before: dict | None = None,
                  after: dict | None = None, via: str = "", tenant_id: int | None = None) -> AuditLog:
@@ -50,7 +60,7 @@ def audit_record(*, actor: str, action: str, obj=None, tenant: Tenant | None = N
     if tenant is not None:
         tenant_id = tenant.pk
     if not via:
-        via = "cli" if actor == "cli" else "system" if actor == "system" else ""
+        via = "cli" if actor.split(":")[0] == "cli" else "system" if actor == "system" else ""
     return AuditLog.objects.create(actor=actor, via=via, action=action, tenant_id=tenant_id,
                                    object_type=object_type, object_id=object_id, before=before, after=after)
 

@@ -113,3 +113,23 @@ def test_unpriced_model_is_refused_when_the_tenant_does_not_allow_it(client, ups
     assert resp.json()["error"]["code"] == "model_not_priced"
     assert "has no price" in resp.json()["error"]["message"]
     assert not Alert.objects.exists()
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_stream_fires_the_threshold_alert_as_a_plain_request_does(live_gateway, upstream, eager_celery, mailoutbox,
+                                                                    settings, include_usage):
+    settings.BUDGET_FORECAST_MIN_ELAPSED = 2  # thresholds only
+    setup = make_setup(upstream)
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd=D("0.00004"), enforcement="soft",
+                             alert_thresholds=["0.5"], alert_emails=["ops@t.test"])
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+
+    chunks = list(sdk_for(live_gateway, setup.secret).chat.completions.create(
+        model=setup.alias, messages=MESSAGES, max_tokens=50, stream=True, **extra))
+
+    assert chunks
+    row = UsageEvent.objects.get()
+    assert row.stream and row.cost == D("0.000021")  # 11 prompt tokens at $1/M + 5 completion at $2/M
+    alert = Alert.objects.get(budget=budget)
+    assert (alert.kind, alert.threshold, alert.email_status) == ("threshold", D("0.5"), "sent")
+    assert len(mailoutbox) == 1

@@ -4,6 +4,7 @@ Behaviour is chosen by the requested model name, so it works across processes:
   `fail-<status>`   answer with that status and an OpenAI error body (429 carries Retry-After: 0)
   `slow-<ms>`       wait that long before answering
   `break-<n>`       stream n content chunks, then drop the connection
+  `drip-<ms>`       stream, waiting that long before each content chunk
   `nousage-...`     leave usage out (streaming and not)
 anything else       a deterministic answer echoing the last user message.
 Every request is recorded (path, headers, JSON body) on `server.requests`.
@@ -105,7 +106,10 @@ class FakeOpenAI:
         await resp.write(chunk({"role": "assistant", "content": ""}))
         words = text.split()
         limit = int(model.split("-")[1]) if model.startswith("break-") else None
+        drip = int(model.split("-")[1]) / 1000 if model.startswith("drip-") else 0
         for i, w in enumerate(words):
+            if drip:
+                await asyncio.sleep(drip)
             if limit is not None and i >= limit:
                 request.transport.close()  # drop the connection mid-stream
                 return resp

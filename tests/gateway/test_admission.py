@@ -215,3 +215,44 @@ def test_state_that_never_answers_does_not_hang_requests(client, setup):
 
     assert resp.status_code == 200 and resp["x-gateway-admission"] == "fail-open"
     assert waited < 5  # bounded by REDIS_TIMEOUT_S, not a hang
+
+
+def test_a_crashed_requests_hold_expires_and_a_late_settle_counts_once(monkeypatch):
+    import asyncio
+    import time
+    import types
+
+    from apps.gateway.state import BudgetCell, state
+
+    backend, key, now = gateway_state.state(), "llms:bud:test:expiry", [time.time()]
+    monkeypatch.setattr(gateway_state, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
+
+    def cell():
+        return BudgetCell(key=key, limit_micros=100, hold_micros=80, hard=True, ttl_s=3600)
+
+    async def scenario():
+        await backend.set_spent(key=key, micros=0, ttl_s=3600)
+        assert (await backend.admit(request_id="a", limits=[], budgets=[cell()], hold_ttl_s=60)).ok
+        assert not (await backend.admit(request_id="b", limits=[], budgets=[cell()], hold_ttl_s=60)).ok
+        now[0] += 61  # a's process is gone: its hold expires
+        assert (await backend.admit(request_id="b", limits=[], budgets=[cell()], hold_ttl_s=60)).ok
+        # a settles late after all: its actual cost counts once, and b's hold is untouched
+        assert await backend.settle(request_id="a", limits=[], budgets=[(cell(), 30)]) == [(0, 30)]
+        return await backend.usage(keys=[key])
+
+    assert state() is backend
+    assert asyncio.run(scenario()) == [(30, 80)]
+
+
+def test_the_hold_covers_tool_definitions_billed_as_prompt(client, setup):
+    """Providers bill tool definitions (and tool calls in the history) as prompt tokens: the hold's
+    prompt bound must include them, or a hard budget could be passed by requests with large tools."""
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.001"))  # room for "hi" (~$0.00004), not 2 KB more
+    tool = {"type": "function", "function": {"name": "lookup", "description": "x " * 1000,
+                                             "parameters": {"type": "object", "properties": {}}}}
+
+    assert post(client, setup.secret, chat(setup.alias, max_tokens=10)).status_code == 200
+    resp = post(client, setup.secret, chat(setup.alias, max_tokens=10, tools=[tool]))
+
+    assert resp.status_code == 402
+    assert resp.json()["error"]["code"] == "budget_exceeded"

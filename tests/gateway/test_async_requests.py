@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from datetime import timedelta
+from decimal import Decimal
 
 import httpx
 import orjson
@@ -262,3 +263,41 @@ def test_webhook_signature_is_hmac_sha256_of_timestamp_and_body():
 
     assert sig == "t=1700000000,v1=" + hmac.new(b"s3", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
 
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_async_requests_hold_outlives_the_sync_hold_ttl(client, setup, no_broker, monkeypatch):
+    """Queued work may wait (backlog, leases, retries) longer than a sync request's hold TTL; its hold
+    must not expire before the worker settles or releases it, or a hard budget could be passed."""
+    import time
+    import types
+
+    from apps.gateway import state as gateway_state
+
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.00015"))  # room for one hold of max_tokens=50
+    assert _post(client, setup.secret, envelope(setup.alias, max_tokens=50)).status_code == 202
+    later = time.time() + settings.GATEWAY_HOLD_TTL_S + 600
+    monkeypatch.setattr(gateway_state, "time", types.SimpleNamespace(time=lambda: later, monotonic=time.monotonic))
+
+    resp = _post(client, setup.secret, {"model": setup.alias, "messages": [{"role": "user", "content": "hello"}],
+                                        "max_tokens": 50}, path="/v1/chat/completions")
+
+    assert resp.status_code == 402
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("shrink", [False, True])
+def test_the_worker_calls_the_upstream_with_the_max_tokens_its_hold_was_taken_for(client, setup, upstream, no_broker,
+                                                                                  shrink):
+    """Admission may cap max_tokens (hard budget, none asked: the model's limit) or lower it to fit
+    (shrink_max_tokens); the hold covers that bound only, so the worker must send it too."""
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.0001") if shrink else Decimal("10"),
+                    shrink_max_tokens=shrink)
+    resp = _post(client, setup.secret, envelope(setup.alias, max_tokens=1000) if shrink else envelope(setup.alias))
+    assert resp.status_code == 202
+    admitted = resp["x-gateway-max-tokens-lowered"] if shrink else str(setup.deployment.alias.max_output_tokens)
+
+    async_requests.async_request_run(request_id=resp.json()["id"])
+
+    assert AsyncRequest.objects.get(id=resp.json()["id"]).status == "completed"
+    assert str(upstream.requests[-1]["body"]["max_tokens"]) == admitted

@@ -199,3 +199,46 @@ def test_embeddings_are_deterministic_and_cached_by_default(client, setup, upstr
     assert (first["x-gateway-cache"], second["x-gateway-cache"]) == ("miss", "hit")
     assert second.json()["data"] == first.json()["data"]
     assert len(upstream.requests) == 1
+
+
+def test_a_hard_budget_does_not_stop_requests_without_max_tokens_from_hitting(client, setup, upstream):
+    """Admission caps max_tokens at the model's limit under a hard budget; the entry must still be
+    stored under the key the request was looked up by."""
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=1000)
+    body = chat(setup.alias, "what is 2+2")
+
+    first, second = post(client, setup.secret, body), post(client, setup.secret, body)
+
+    assert (first["x-gateway-cache"], second["x-gateway-cache"]) == ("miss", "hit")
+    assert len(upstream.requests) == 1
+
+
+def test_a_streamed_miss_under_a_hard_budget_is_replayed_next_time(live_gateway, live_setup, upstream):
+    import httpx
+
+    f.BudgetFactory(tenant=live_setup.tenant, limit_usd=1000)
+    body = chat(live_setup.alias, "what is 2+2", stream=True)
+    headers = {"Authorization": f"Bearer {live_setup.secret}"}
+
+    first = httpx.post(f"{live_gateway}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    second = httpx.post(f"{live_gateway}/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+    assert (first.headers["x-gateway-cache"], second.headers["x-gateway-cache"]) == ("miss", "hit")
+    assert "data: [DONE]" in second.text
+    assert len(upstream.requests) == 1
+
+
+def test_an_answer_shortened_to_fit_a_budget_is_not_cached(client, setup, upstream):
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd="0.0001", shrink_max_tokens=True)
+    body = chat(setup.alias, "what is 2+2", max_tokens=1000)
+    assert post(client, setup.secret, body)["x-gateway-max-tokens-lowered"]
+    budget.limit_usd = 1000
+    budget.save()
+    from apps.gateway.selectors import routing_table_invalidate
+
+    routing_table_invalidate()
+
+    again = post(client, setup.secret, body)
+
+    assert again["x-gateway-cache"] == "miss"
+    assert upstream.requests[-1]["body"]["max_tokens"] == 1000

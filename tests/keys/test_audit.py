@@ -14,7 +14,7 @@ from rest_framework.test import APIRequestFactory, force_authenticate
 from apps.keys import crypto
 from apps.keys.audit import AuditedAdminMixin, AuditedViewSetMixin
 from apps.keys.models import ApiKey, AuditLog, ProviderCredential, Source, Tenant
-from apps.keys.services import api_key_revoke
+from apps.keys.services import api_key_revoke, cli_actor
 from tests import factories as f
 
 pytestmark = pytest.mark.django_db
@@ -210,8 +210,8 @@ tenants: [{slug: initech, name: Initech, sources: [{name: tps, type: service}]}]
     call_command("gateway_apply", str(path))
 
     assert AuditLog.objects.count() == first  # idempotent: nothing changed, nothing audited
-    assert {r.object_type for r in rows(actor="cli")} >= {"tenant", "source", "provider", "providercredential",
-                                                           "modelalias", "deployment"}
+    assert {r.object_type for r in rows(actor=cli_actor(), via="cli")} >= {
+        "tenant", "source", "provider", "providercredential", "modelalias", "deployment"}
     assert "sk-upstream-cli-1234" not in orjson.dumps(list(AuditLog.objects.values("before", "after"))).decode()
 
 

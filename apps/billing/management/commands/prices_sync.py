@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from apps.billing.services import prices_sync
+from apps.keys.services import cli_actor
 
 
 class Command(BaseCommand):
@@ -8,7 +9,7 @@ class Command(BaseCommand):
             "a new price version only when a price changed; config and admin overrides are kept.")
 
     def handle(self, *args, **opts):
-        results = prices_sync(actor="cli")
+        results = prices_sync(actor=cli_actor())
         for alias, outcome in results.items():
             self.stdout.write(f"{alias}: {outcome}")
         created = sum(1 for o in results.values() if o == "created")

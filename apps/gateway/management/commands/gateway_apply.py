@@ -4,6 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from apps.gateway.config_schema import ConfigError, config_parse
 from apps.gateway.services import config_apply
+from apps.keys.services import cli_actor
 
 
 class Command(BaseCommand):
@@ -18,7 +19,7 @@ class Command(BaseCommand):
             raise CommandError(f"{file}: no such file")
         try:
             cfg = config_parse(path.read_text())
-            config_apply(cfg=cfg, actor="cli")
+            config_apply(cfg=cfg, actor=cli_actor())
         except ConfigError as exc:
             raise CommandError("invalid config, nothing changed:\n" + "\n".join(exc.errors))
         self.stdout.write(self.style.SUCCESS(

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.keys.models import Source, Tenant
-from apps.keys.services import api_key_create
+from apps.keys.services import api_key_create, cli_actor
 
 
 class Command(BaseCommand):
@@ -40,7 +40,7 @@ class Command(BaseCommand):
         for e in endpoints:
             if not e.startswith("/v1/"):
                 raise CommandError(f"--endpoints: {e!r} is not a /v1/ path")
-        created = api_key_create(tenant=tenant, source=source, name=name, actor="cli", allowed_models=models,
+        created = api_key_create(tenant=tenant, source=source, name=name, actor=cli_actor(), allowed_models=models,
                                  rpm=o["rpm"], tpm=o["tpm"], expires_days=o["expires_days"],
                                  allowed_endpoints=endpoints, default_budget_id=o["budget_id"],
                                  cache_enabled={"on": True, "off": False}.get(o["cache"]),

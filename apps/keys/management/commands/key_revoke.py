@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from apps.keys.services import api_key_revoke
+from apps.keys.services import api_key_revoke, cli_actor
 
 from ._keyarg import add_key_arguments, key_from_options
 
@@ -14,6 +14,6 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         key = key_from_options(o)
         already = key.revoked_at is not None
-        api_key_revoke(key=key, actor="cli", via="cli")
+        api_key_revoke(key=key, actor=cli_actor(), via="cli")
         self.stderr.write(f"{key.tenant.slug}/{key.name} ({key.prefix}...) "
                           f"{'was already revoked' if already else 'revoked'}")

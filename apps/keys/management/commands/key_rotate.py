@@ -1,7 +1,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.keys.services import api_key_rotate
+from apps.keys.services import api_key_rotate, cli_actor
 
 from ._keyarg import add_key_arguments, key_from_options
 
@@ -20,7 +20,7 @@ class Command(BaseCommand):
             raise CommandError("--grace-seconds: must be zero or more")
         key = key_from_options(o)
         try:
-            created = api_key_rotate(key=key, actor="cli", grace_s=o["grace_seconds"], via="cli")
+            created = api_key_rotate(key=key, actor=cli_actor(), grace_s=o["grace_seconds"], via="cli")
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages))
         self.stdout.write(created.secret)
