@@ -238,7 +238,8 @@ def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayE
         when = f"it resets at {hold.period_end.astimezone(ZoneInfo(ctx.auth.tenant_timezone)).isoformat()}"
     return GatewayError(
         402,
-        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${_usd_limit(ref.limit_usd)} ({ref.period}) remains, "
+        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${_usd_limit(ref.limit_usd)} ({ref.period}) "
+        f"remains, "
         f"and this request may cost up to ${Decimal(hold.cell.hold_micros) / 1_000_000:.6f}; {when}.",
         type="insufficient_quota",
         code="budget_exceeded",
