@@ -85,6 +85,7 @@ def test_manager_reads_dashboard_filters_and_downloads_csv(page, world_with_usag
     page.wait_for_function("() => window.Chart && Chart.getChart(document.getElementById('chart-series'))")
     assert page.text_content("#total-requests").strip() == "3"
     assert sum(chart_points(page, "chart-series")) == pytest.approx(1.6)
+    assert len(chart_points(page, "chart-series")) == 7  # every day of the default week, empty days as 0
     box = page.locator("#chart-series").bounding_box()
     assert box["width"] > 100
     assert box["height"] > 100
