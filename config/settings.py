@@ -321,3 +321,6 @@ CELERY_BEAT_SCHEDULE.update({
     "gateway-async-requests-purge": {"task": "apps.gateway.tasks.async_requests_purge",
                                      "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
 })
+# /metrics names every tenant and budget: with a token, scrapes send `Authorization: Bearer <token>`
+# (Prometheus: `authorization: {credentials: ...}`); without one, only loopback may scrape.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
