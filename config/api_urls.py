@@ -5,7 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from apps.analytics.rest import AnalyticsViewSet, UsageEventViewSet
-from apps.billing.rest import BudgetViewSet, PriceViewSet
+from apps.billing.rest import AlertViewSet, BudgetViewSet, PriceViewSet
 from apps.gateway.rest import DeploymentViewSet, ModelAliasViewSet
 from apps.keys.rest import ApiKeyViewSet, AuditLogViewSet, MemberViewSet, SourceViewSet, TenantViewSet
 
@@ -21,6 +21,7 @@ router.register("prices", PriceViewSet, basename="price")
 router.register("usage-events", UsageEventViewSet, basename="usage-event")
 router.register("analytics", AnalyticsViewSet, basename="analytics")
 router.register("audit-log", AuditLogViewSet, basename="audit-log")
+router.register("alerts", AlertViewSet, basename="alert")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

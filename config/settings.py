@@ -99,7 +99,11 @@ else:
     # Tests run live servers in threads: the test database must be a file they all can open.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+         # Writers take the lock when the transaction begins and wait for it (`timeout`): a deferred
+         # transaction that reads, then writes, fails at once with "database is locked" when another
+         # connection wrote meanwhile (the embedded worker's batch lanes finalizing together did).
+         "transaction_mode": "IMMEDIATE"}
     )
 IS_POSTGRES = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -324,3 +328,6 @@ CELERY_BEAT_SCHEDULE.update({
     "gateway-async-requests-purge": {"task": "apps.gateway.tasks.async_requests_purge",
                                      "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
 })
+# /metrics names every tenant and budget: with a token, scrapes send `Authorization: Bearer <token>`
+# (Prometheus: `authorization: {credentials: ...}`); without one, only loopback may scrape.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

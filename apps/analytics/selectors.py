@@ -329,9 +329,11 @@ def dashboard_data(filters: UsageFilters) -> dict:
 
 def usage_filter_choices(*, tenant_ids, since: date, until: date) -> dict[str, list[str]]:
     base = UsageFilters(tenant_ids=tuple(tenant_ids), since=since, until=until).rollups("day")
+    # Blank values (a batch line that was not JSON has no model) are no choice: an empty option would
+    # match the empty filter and show up selected instead of "all".
     return {
-        "models": sorted(set(base.values_list("model", flat=True).distinct())),
-        "sources": sorted(set(base.values_list("source_ref", flat=True).distinct())),
+        "models": sorted(set(base.values_list("model", flat=True).distinct()) - {""}),
+        "sources": sorted(set(base.values_list("source_ref", flat=True).distinct()) - {""}),
     }
 
 

@@ -150,10 +150,24 @@ def static_file(request, path: str):
 
 
 def metrics(request):
-    """Prometheus exposition. Open like /healthz; restrict by network (or a proxy) in production."""
+    """Prometheus exposition. It names every tenant and budget, and /v1 clients reach this port: with
+    METRICS_TOKEN set a scrape must send it as a bearer token; without, only loopback may scrape."""
+    import hmac
+
+    from django.conf import settings
     from django.http import HttpResponse
 
     from .metrics import metrics_text
+
+    token = settings.METRICS_TOKEN
+    if token:
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(sent.encode(), token.encode()):
+            return HttpResponse("A bearer token (METRICS_TOKEN) is required.\n", status=401,
+                                content_type="text/plain", headers={"WWW-Authenticate": "Bearer"})
+    elif request.META.get("REMOTE_ADDR") not in ("127.0.0.1", "::1"):
+        return HttpResponse("Set METRICS_TOKEN to scrape from another host.\n", status=403,
+                            content_type="text/plain")
 
     body, content_type = metrics_text()
     return HttpResponse(body, content_type=content_type)

@@ -1,4 +1,4 @@
-"""Management API for budgets (tenant-scoped) and prices (global, versioned)."""
+"""Management API for budgets and alerts (tenant-scoped) and prices (global, versioned)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from apps.keys.rest import AdminTenantField, SuperuserWritePermission, TenantScopedViewSetMixin, actor_of
 
-from .models import Budget, Price
+from .models import Alert, Budget, Price
 from .services import price_set
 
 
@@ -68,3 +68,22 @@ class PriceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         if price is None:
             return Response({"detail": "Unchanged: this price is already in force."}, status=status.HTTP_200_OK)
         return Response(PriceSerializer(price).data, status=status.HTTP_201_CREATED)
+
+
+class AlertSerializer(serializers.ModelSerializer):
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    budget = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = Alert
+        fields = ["id", "tenant", "budget", "kind", "threshold", "period_start", "model", "spent_usd", "limit_usd",
+                  "forecast_usd", "message", "email_status", "webhook_status", "created_at"]
+
+
+class AlertViewSet(TenantScopedViewSetMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                   viewsets.GenericViewSet):
+    """Budget alerts (thresholds, forecasts, unpriced models) of the caller's tenants, newest first.
+    Read-only: alerts are fired by the gateway, never written through the API."""
+
+    queryset = Alert.objects.select_related("tenant", "budget")
+    serializer_class = AlertSerializer

@@ -238,6 +238,12 @@ def _rate_headers(cells: list[tuple[LimitCell, str, str]], pairs: list[tuple[int
     return headers
 
 
+def _usd_limit(limit) -> str:
+    """A budget limit as dollars: cents when whole cents, else every significant digit ($0.0003, not $0.00)."""
+    limit = Decimal(limit)
+    return f"{limit:.2f}" if limit == limit.quantize(Decimal("0.01")) else f"{limit.normalize():f}"
+
+
 def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayError:
     ref = hold.ref
     remaining = Decimal(max(remaining_micros, 0)) / 1_000_000
@@ -250,7 +256,8 @@ def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayE
         when = f"it resets at {hold.period_end.astimezone(ZoneInfo(ctx.auth.tenant_timezone)).isoformat()}"
     return GatewayError(
         402,
-        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${ref.limit_usd:.2f} ({ref.period}) remains, "
+        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${_usd_limit(ref.limit_usd)} ({ref.period}) "
+        f"remains, "
         f"and this request may cost up to ${Decimal(hold.cell.hold_micros) / 1_000_000:.6f}; {when}.",
         type="insufficient_quota",
         code="budget_exceeded",

@@ -8,9 +8,26 @@
   }
   var palette = ["#2563eb", "#16a34a", "#ea580c", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#4b5563"];
   var series = read("series-data");
+  // The series leaves empty buckets out; the chart shows every hour or day of the filtered range,
+  // so one day of spend in a week reads as one bar of seven, not as a bar as wide as the week.
+  function withEmptyBuckets(rows, hourly) {
+    var since = document.getElementById("id_since"), until = document.getElementById("id_until");
+    if (!since || !until || !since.value || !until.value) { return rows; }
+    var width = hourly ? 13 : 10, step = hourly ? 3600e3 : 86400e3, byBucket = {}, out = [];
+    rows.forEach(function (r) { byBucket[r.bucket.slice(0, width)] = r; });
+    var t = Date.parse(since.value + "T00:00:00Z"), end = Date.parse(until.value + "T00:00:00Z") + 86400e3;
+    for (; t < end && out.length <= 2000; t += step) {
+      var iso = new Date(t).toISOString();
+      out.push(byBucket[iso.slice(0, width)] || {bucket: iso, cost: "0", requests: 0});
+    }
+    return out.length > 2000 ? rows : out;
+  }
   var breakdowns = read("breakdown-data");
   if (series) {
-    var hourly = series.length && series.some(function (r) { return r.bucket.slice(11, 16) !== "00:00"; });
+    var granularity = document.getElementById("chart-series").dataset.granularity;
+    var hourly = granularity ? granularity === "hour"
+      : series.length && series.some(function (r) { return r.bucket.slice(11, 16) !== "00:00"; });
+    series = withEmptyBuckets(series, hourly);
     new Chart(document.getElementById("chart-series"), {
       type: "bar",
       data: {

@@ -74,6 +74,20 @@ def test_dashboard_filters_by_model_and_source(client, usage):
     assert client.get("/dashboard/", {"source": "nope"}).context["data"]["totals"]["requests"] == 0
 
 
+def test_a_blank_model_in_the_ledger_is_not_a_filter_choice(client, usage):
+    # A batch line that was not JSON is in the ledger without a model: "all" stays the selected choice.
+    now = timezone.now()
+    f.UsageEventFactory(tenant=usage.acme, api_key=usage.acme_key, model="", status=400, timestamp=now)
+    usage_rollup_recompute(since=now - timedelta(hours=1), until=now + timedelta(minutes=1))
+    client.force_login(usage.acme_manager)
+
+    resp = client.get("/dashboard/")
+
+    assert resp.context["choices"]["models"] == ["claude-3-5-haiku", "gpt-4o-mini"]
+    model_select = resp.content.decode().split('id="id_model">')[1].split("</select>")[0]
+    assert model_select.count('value=""') == 1  # only "all"
+
+
 def test_foreign_tenant_filter_selects_nothing(client, usage):
     client.force_login(usage.acme_manager)
     data = client.get("/dashboard/", {"tenant": "globex"}).context["data"]

@@ -86,3 +86,17 @@ def test_unknown_model_names_do_not_become_labels(client, setup):
     text = client.get("/metrics").content.decode()
     assert "made-up-model-123" not in text
     assert 'llm_requests_total{model="(unknown)",status="404"}' in text
+
+
+def test_metrics_name_every_tenant_so_only_loopback_or_the_token_may_scrape(client, settings):
+    f.BudgetFactory(tenant=f.TenantFactory(slug="acme"), name="acme-monthly")
+
+    assert client.get("/metrics", REMOTE_ADDR="203.0.113.7").status_code == 403  # e.g. a /v1 client
+    assert b"acme-monthly" in client.get("/metrics").content  # loopback (the embedded default)
+
+    settings.METRICS_TOKEN = "scrape-secret"
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    scraped = client.get("/metrics", REMOTE_ADDR="203.0.113.7", HTTP_AUTHORIZATION="Bearer scrape-secret")
+    assert scraped.status_code == 200
+    assert b"acme-monthly" in scraped.content

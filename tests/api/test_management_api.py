@@ -198,3 +198,17 @@ def test_api_member_add_attaches_existing_user_without_touching_password(world):
     assert not world.globex_manager.check_password("hijacked-pass")
     owner = Membership.objects.get(user=world.acme_owner)
     assert api(world.acme_admin).delete(f"/api/members/{owner.pk}/").status_code == 403
+
+
+def test_alerts_are_read_only_and_scoped_to_the_callers_tenants(world):
+    mine = f.AlertFactory(budget=world.acme_budget, message="Acme reached 80%.")
+    theirs = f.AlertFactory(budget=world.globex_budget, message="Globex reached 80%.")
+    c = api(world.acme_viewer)
+
+    listed = c.get("/api/alerts/").json()["results"]
+
+    assert [(a["tenant"], a["budget"], a["message"]) for a in listed] == [("acme", "acme-monthly", "Acme reached 80%.")]
+    assert c.get(f"/api/alerts/{mine.pk}/").status_code == 200
+    assert c.get(f"/api/alerts/{theirs.pk}/").status_code == 404
+    assert api(world.acme_admin).delete(f"/api/alerts/{mine.pk}/").status_code == 405
+    assert len(api(world.root).get("/api/alerts/").json()["results"]) == 2

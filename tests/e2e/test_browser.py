@@ -80,15 +80,19 @@ def chart_points(page, canvas_id) -> list:
 
 
 def test_manager_reads_dashboard_filters_and_downloads_csv(page, world_with_usage):
+    console_errors = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
     login(page, "max-manager")
     page.wait_for_url(re.compile(r"/dashboard/$"))
     page.wait_for_function("() => window.Chart && Chart.getChart(document.getElementById('chart-series'))")
     assert page.text_content("#total-requests").strip() == "3"
     assert sum(chart_points(page, "chart-series")) == pytest.approx(1.6)
+    assert len(chart_points(page, "chart-series")) == 7  # every day of the default week, empty days as 0
     box = page.locator("#chart-series").bounding_box()
     assert box["width"] > 100
     assert box["height"] > 100
     page.screenshot(path=str(ARTIFACTS / "dashboard-manager.png"), full_page=True)
+    assert console_errors == []  # no failed resource (e.g. /favicon.ico), no script error
 
     page.select_option("#id_model", "gpt-4o-mini")
     page.click("#filters button[type=submit]")

@@ -361,3 +361,46 @@ def test_a_line_whose_worker_died_on_every_attempt_is_given_up(lane, settings):
     assert line.error["code"] == "worker_failed"
     assert UsageEvent.objects.get(request_id=f"{batch.id}_0").status == 500
     assert BatchLine.objects.filter(batch_id=batch.id, status="completed").count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lanes_finalizing_together_end_the_batch_once_without_a_database_error(setup, monkeypatch):
+    """The last lanes out call batch_finalize at the same moment, each on its own connection. On
+    SQLite (the embedded mode) a transaction that read before writing failed at once with
+    "database is locked"; every finalize must instead wait its turn, and exactly one ends the batch."""
+    import threading
+
+    from django.db import connection
+
+    from apps.gateway import batches, tasks
+    from apps.keys.selectors import api_key_auth_by_id
+
+    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: None)
+    upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
+                                 content=jsonl(setup.alias, 3))
+    batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
+                                 endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
+    batches.batch_start(batch_id=batch.id)
+    BatchLine.objects.filter(batch_id=batch.id).update(status="completed", response={"custom_id": "x"})
+    connection.close()
+    start, results, errors = threading.Barrier(4), [], []
+
+    def finalize():
+        try:
+            start.wait()
+            results.append(batches.batch_finalize(batch_id=batch.id))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=finalize) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert sorted(results) == [False, False, False, True]
+    assert Batch.objects.get(id=batch.id).status == "completed"
