@@ -51,14 +51,16 @@ class ProviderSpec(_Strict):
     @model_validator(mode="after")
     def _needs_base(self):
         if self.kind not in DEFAULT_API_BASES and not self.api_base:
-            raise ValueError(f"api_base is required for kind {self.kind}")
+            raise ValueError(f"api_base: is required for kind {self.kind}")
+        if self.api_base and not re.match(r"^https?://[^/\s]+", self.api_base):
+            raise ValueError("api_base: must be an http:// or https:// URL")
         known = PROVIDER_OPTIONS[self.kind]
         for key, value in self.options.items():
             if key not in known:
                 allowed = ", ".join(sorted(known)) or "none"
-                raise ValueError(f"options.{key} is not an option of kind {self.kind} (options: {allowed})")
+                raise ValueError(f"options.{key}: is not an option of kind {self.kind} (options: {allowed})")
             if not isinstance(value, known[key]) or isinstance(value, bool):
-                raise ValueError(f"options.{key} has the wrong type")
+                raise ValueError(f"options.{key}: has the wrong type")
         return self
 
 
@@ -203,6 +205,18 @@ class GatewayConfig(_Strict):
     tenants: list[TenantSpec] = Field(default_factory=list)
 
 
+# A model validator's message `field.sub: problem` names a field below the validated object.
+_SUBPATH_RE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.S)
+
+
+def _line(err: dict) -> str:
+    path, message = _path(err["loc"]), _message(err)
+    sub = _SUBPATH_RE.match(message) if err["type"] == "value_error" else None
+    if sub:
+        path, message = (f"{path}.{sub[1]}" if path else sub[1]), sub[2]
+    return f"{path}: {message}"
+
+
 def _path(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -260,7 +274,7 @@ def config_parse(text: str) -> GatewayConfig:
     try:
         cfg = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors(include_url=False)])
+        raise ConfigError([_line(e) for e in exc.errors(include_url=False)])
     errors = _cross_check(cfg)
     if errors:
         raise ConfigError(errors)

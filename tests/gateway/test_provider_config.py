@@ -58,11 +58,13 @@ def test_config_sets_provider_options_routing_and_deployment_costs():
 
 
 @pytest.mark.parametrize(("snippet", "error"), [
-    ("- {name: a, kind: azure_openai}", "providers[0]: api_base is required for kind azure_openai"),
+    ("- {name: a, kind: azure_openai}", "providers[0].api_base: is required for kind azure_openai"),
     ("- {name: a, kind: azure_openai, api_base: 'https://x', options: {version: '1'}}",
-     "providers[0]: options.version is not an option of kind azure_openai (options: api_version)"),
+     "providers[0].options.version: is not an option of kind azure_openai (options: api_version)"),
     ("- {name: a, kind: anthropic, options: {default_max_tokens: lots}}",
-     "providers[0]: options.default_max_tokens has the wrong type"),
+     "providers[0].options.default_max_tokens: has the wrong type"),
+    ("- {name: a, kind: openai_compatible, api_base: localhost:8000/v1}",
+     "providers[0].api_base: must be an http:// or https:// URL"),
 ])
 def test_config_rejects_bad_provider_options(snippet, error):
     with pytest.raises(ConfigError) as exc:
