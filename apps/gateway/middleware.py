@@ -9,7 +9,6 @@ from django.core.exceptions import RequestDataTooBig
 from .errors import GatewayError
 from .pipeline import new_request_id
 
-
 # Django's own (HTML) error pages on /v1, answered in OpenAI's error shape instead.
 _HTML_ERRORS = {
     400: ("The request could not be read.", "invalid_request_error", None),

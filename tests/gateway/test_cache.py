@@ -199,3 +199,23 @@ def test_embeddings_are_deterministic_and_cached_by_default(client, setup, upstr
     assert (first["x-gateway-cache"], second["x-gateway-cache"]) == ("miss", "hit")
     assert second.json()["data"] == first.json()["data"]
     assert len(upstream.requests) == 1
+
+
+def test_a_tenant_with_a_hard_budget_hits_too(client, setup, upstream):
+    # Admission sets max_tokens for a hard budget's hold after the lookup; the key must not change.
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=1000)
+    first = post(client, setup.secret, chat(setup.alias, "budgeted"))
+    second = post(client, setup.secret, chat(setup.alias, "budgeted"))
+
+    assert (first["x-gateway-cache"], second["x-gateway-cache"]) == ("miss", "hit")
+    assert len(upstream.requests) == 1
+
+
+def test_an_answer_to_a_request_whose_max_tokens_admission_lowered_is_not_stored(client, setup, upstream):
+    f.BudgetFactory(tenant=setup.tenant, limit_usd="0.0001", shrink_max_tokens=True)
+    first = post(client, setup.secret, chat(setup.alias, "tight", max_tokens=100000))
+    assert first.status_code == 200
+    assert first["x-gateway-max-tokens-lowered"]
+
+    # The answer was cut to fit the budget: replaying it for the same request later would be wrong.
+    assert post(client, setup.secret, chat(setup.alias, "tight", max_tokens=100000)).get("x-gateway-cache") != "hit"
