@@ -250,9 +250,14 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
         if m.alias in aliases:
             errors.append(f"models[{i}].alias: duplicate alias {m.alias!r}")
         aliases.add(m.alias)
+        pairs = set()
         for j, d in enumerate(m.deployments):
             if d.provider not in seen:
                 errors.append(f"models[{i}].deployments[{j}].provider: unknown provider {d.provider!r}")
+            if (d.provider, d.model) in pairs:  # a deployment is stored by (alias, provider, model)
+                errors.append(f"models[{i}].deployments[{j}]: duplicate deployment {d.provider}:{d.model} "
+                              "(one per provider and model within an alias)")
+            pairs.add((d.provider, d.model))
     for i, t in enumerate(cfg.tenants):
         sources = {s.name for s in t.sources}
         for j, rl in enumerate(t.rate_limits):

@@ -141,3 +141,19 @@ def test_probe_records_availability_and_latency(upstream, client):
     assert (health[ok.id].availability, health[down.id].availability) == (1.0, 0.0)
     ready = client.get("/readyz").json()
     assert ready["deployments"] == {"total": 3, "up": 2, "down": 1, "unprobed": 0}
+
+
+def test_config_rejects_the_same_provider_and_model_twice_in_an_alias():
+    text = """
+providers: [{name: p, kind: mock}]
+models:
+  - alias: a
+    deployments:
+      - {provider: p, model: m, region: eu-west}
+      - {provider: p, model: m, region: us-east}
+"""
+    with pytest.raises(ConfigError) as exc:
+        config_parse(text)
+
+    assert exc.value.errors == ["models[0].deployments[1]: duplicate deployment p:m (one per provider and model "
+                                "within an alias)"]
