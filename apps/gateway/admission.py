@@ -232,12 +232,17 @@ def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayE
         when = f"it resets at {hold.period_end.astimezone(ZoneInfo(ctx.auth.tenant_timezone)).isoformat()}"
     return GatewayError(
         402,
-        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${ref.limit_usd:.2f} ({ref.period}) remains, "
+        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${_usd(ref.limit_usd)} ({ref.period}) remains, "
         f"and this request may cost up to ${Decimal(hold.cell.hold_micros) / 1_000_000:.6f}; {when}.",
         type="insufficient_quota",
         code="budget_exceeded",
         headers={"x-gateway-budget": ref.name},
     )
+
+
+def _usd(amount: Decimal) -> str:
+    """Dollars with cents, and every further digit a limit has ($100.00, $0.0001), never rounded."""
+    return f"{amount:.2f}" if amount == amount.quantize(Decimal("0.01")) else f"{amount.normalize():f}"
 
 
 def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:

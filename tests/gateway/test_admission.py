@@ -81,6 +81,7 @@ def test_hard_budget_refuses_with_402_naming_budget_and_reset(client, setup):
     err = resp.json()["error"]
     assert err["code"] == "budget_exceeded"
     assert "Budget 'tiny'" in err["message"] and "resets at" in err["message"] and "+01:00" in err["message"]
+    assert "of $0.0001 (daily)" in err["message"]  # not rounded to $0.00
     assert resp["x-gateway-budget"] == "tiny"
 
 
