@@ -215,3 +215,11 @@ def test_unknown_v1_path_is_an_openai_error_with_request_id(client):
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "unknown_url"
     assert resp["x-request-id"].startswith("req_")
+
+
+def test_wrong_method_is_an_openai_error_under_the_standard_handler_too(client, setup):
+    resp = client.get("/v1/embeddings", HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
+
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp["Allow"] == "POST"
