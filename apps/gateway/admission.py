@@ -175,8 +175,14 @@ def _hold_usd(ctx: Ctx) -> Decimal:
         inputs = ctx.body["input"] if isinstance(ctx.body["input"], list) else [ctx.body["input"]]
         prompt_max = sum(len(str(i).encode()) for i in inputs) + 8
         return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_max, completion_tokens_max=0)
-    return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_bytes(ctx.body["messages"]),
+    return cost_upper_bound(price=ctx.price, prompt_tokens_max=_prompt_max(ctx),
                             completion_tokens_max=_completion_bound(ctx))
+
+
+def _prompt_max(ctx: Ctx) -> int:
+    """Upper bound of a chat request's prompt tokens, definitions the provider counts included."""
+    extra = [ctx.body[k] for k in ("tools", "functions", "response_format") if ctx.body.get(k)]
+    return prompt_bytes(ctx.body["messages"], extra)
 
 
 def _token_estimate(ctx: Ctx) -> int:
@@ -250,8 +256,7 @@ def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:
     price = ctx.price
     if price is None or ctx.kind != "chat" or price.output_usd_per_mtok <= 0:
         return False
-    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=prompt_bytes(ctx.body["messages"]),
-                                   completion_tokens_max=0)
+    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=_prompt_max(ctx), completion_tokens_max=0)
     room = Decimal(remaining_micros) / 1_000_000 - prompt_cost
     tokens = math.floor(room * 1_000_000 / price.output_usd_per_mtok) if room > 0 else 0
     if tokens < 1:
