@@ -26,7 +26,6 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING
 
-import orjson
 from django.conf import settings
 
 from apps.billing.periods import period_bounds, period_key
@@ -165,20 +164,6 @@ def _budget_holds(ctx: Ctx, policy) -> list[BudgetHold]:
     return out
 
 
-_PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
-_MESSAGE_FIELDS = ("tool_calls", "function_call", "name", "tool_call_id")
-
-
-def _prompt_max(ctx: Ctx) -> int:
-    """Upper bound of a chat request's prompt tokens: the messages' text bytes plus the JSON bytes of
-    the rest the provider bills as prompt (tool definitions, tool calls in the history, a schema)."""
-    messages = ctx.body["messages"]
-    extra = sum(len(orjson.dumps(ctx.body[k])) for k in _PROMPT_FIELDS if ctx.body.get(k))
-    extra += sum(len(orjson.dumps(m[k])) for m in messages if isinstance(m, dict) for k in _MESSAGE_FIELDS
-                 if m.get(k))
-    return prompt_bytes(messages) + extra
-
-
 def _completion_bound(ctx: Ctx) -> int:
     asked = ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")
     if asked:
@@ -195,6 +180,12 @@ def _hold_usd(ctx: Ctx) -> Decimal:
         return cost_upper_bound(price=ctx.price, prompt_tokens_max=prompt_max, completion_tokens_max=0)
     return cost_upper_bound(price=ctx.price, prompt_tokens_max=_prompt_max(ctx),
                             completion_tokens_max=_completion_bound(ctx))
+
+
+def _prompt_max(ctx: Ctx) -> int:
+    """Upper bound of a chat request's prompt tokens, definitions the provider counts included."""
+    extra = [ctx.body[k] for k in ("tools", "functions", "response_format") if ctx.body.get(k)]
+    return prompt_bytes(ctx.body["messages"], extra)
 
 
 def _token_estimate(ctx: Ctx) -> int:
@@ -238,12 +229,6 @@ def _rate_headers(cells: list[tuple[LimitCell, str, str]], pairs: list[tuple[int
     return headers
 
 
-def _usd_limit(limit) -> str:
-    """A budget limit as dollars: cents when whole cents, else every significant digit ($0.0003, not $0.00)."""
-    limit = Decimal(limit)
-    return f"{limit:.2f}" if limit == limit.quantize(Decimal("0.01")) else f"{limit.normalize():f}"
-
-
 def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayError:
     ref = hold.ref
     remaining = Decimal(max(remaining_micros, 0)) / 1_000_000
@@ -256,8 +241,7 @@ def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayE
         when = f"it resets at {hold.period_end.astimezone(ZoneInfo(ctx.auth.tenant_timezone)).isoformat()}"
     return GatewayError(
         402,
-        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${_usd_limit(ref.limit_usd)} ({ref.period}) "
-        f"remains, "
+        f"Budget '{ref.name}'{where} is exhausted: ${remaining:.6f} of ${_usd(ref.limit_usd)} ({ref.period}) remains, "
         f"and this request may cost up to ${Decimal(hold.cell.hold_micros) / 1_000_000:.6f}; {when}.",
         type="insufficient_quota",
         code="budget_exceeded",
@@ -265,13 +249,17 @@ def _budget_error(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> GatewayE
     )
 
 
+def _usd(amount: Decimal) -> str:
+    """Dollars with cents, and every further digit a limit has ($100.00, $0.0001), never rounded."""
+    return f"{amount:.2f}" if amount == amount.quantize(Decimal("0.01")) else f"{amount.normalize():f}"
+
+
 def _shrink(ctx: Ctx, hold: BudgetHold, remaining_micros: int) -> bool:
     """Lower max_tokens so the hold fits what remains of the budget. False if nothing fits."""
     price = ctx.price
     if price is None or ctx.kind != "chat" or price.output_usd_per_mtok <= 0:
         return False
-    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=_prompt_max(ctx),
-                                   completion_tokens_max=0)
+    prompt_cost = cost_upper_bound(price=price, prompt_tokens_max=_prompt_max(ctx), completion_tokens_max=0)
     room = Decimal(remaining_micros) / 1_000_000 - prompt_cost
     tokens = math.floor(room * 1_000_000 / price.output_usd_per_mtok) if room > 0 else 0
     if tokens < 1:

@@ -95,10 +95,12 @@ async def models(request: HttpRequest):
         return _error(exc, ctx)
     table = await routing_table()
     created = int(time.time())
+    regions = ctx.auth.allowed_regions
     data = [
         {"id": alias, "object": "model", "created": created, "owned_by": "llm-service"}
-        for alias in sorted(table.aliases)
+        for alias, route in sorted(table.aliases.items())
         if ctx.auth.may_use_model(alias)
+        and (not regions or any(d.region in regions for d in route.deployments))  # servable in its regions
     ]
     return _json({"object": "list", "data": data}, ctx)
 

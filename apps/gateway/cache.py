@@ -203,7 +203,7 @@ async def lookup(ctx: Ctx) -> Completion | None:
     cache that cannot be reached)."""
     if not cacheable(ctx):
         return None
-    ctx.cache_key = cache_key(ctx)
+    ctx.cache_key = cache_key(ctx)  # admission may add or lower max_tokens later: store under this key
     try:
         raw = await backend().get(ctx.cache_key)
     except Exception as exc:  # any failure of the cache is a miss, never a failed request
@@ -221,7 +221,7 @@ async def store(ctx: Ctx, completion: Completion) -> None:
     """Keep a successful completion for the key's (or tenant's) TTL. Never fails the request."""
     if ctx.cached or ctx.status != 200 or not cacheable(ctx) or not _storable(ctx, completion):
         return
-    if "x-gateway-max-tokens-lowered" in ctx.headers:  # shortened to fit a budget: not what was asked
+    if "x-gateway-max-tokens-lowered" in ctx.headers:  # cut to fit a budget: not the answer to this request
         return
     raw = _encode(completion)
     if len(raw) > settings.GATEWAY_CACHE_MAX_ENTRY_BYTES:

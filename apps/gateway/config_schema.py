@@ -51,14 +51,16 @@ class ProviderSpec(_Strict):
     @model_validator(mode="after")
     def _needs_base(self):
         if self.kind not in DEFAULT_API_BASES and not self.api_base:
-            raise ValueError(f"api_base is required for kind {self.kind}")
+            raise ValueError(f"api_base: is required for kind {self.kind}")
+        if self.api_base and not re.match(r"^https?://[^/\s]+", self.api_base):
+            raise ValueError("api_base: must be an http:// or https:// URL")
         known = PROVIDER_OPTIONS[self.kind]
         for key, value in self.options.items():
             if key not in known:
                 allowed = ", ".join(sorted(known)) or "none"
-                raise ValueError(f"options.{key} is not an option of kind {self.kind} (options: {allowed})")
+                raise ValueError(f"options.{key}: is not an option of kind {self.kind} (options: {allowed})")
             if not isinstance(value, known[key]) or isinstance(value, bool):
-                raise ValueError(f"options.{key} has the wrong type")
+                raise ValueError(f"options.{key}: has the wrong type")
         return self
 
 
@@ -203,6 +205,18 @@ class GatewayConfig(_Strict):
     tenants: list[TenantSpec] = Field(default_factory=list)
 
 
+# A model validator's message `field.sub: problem` names a field below the validated object.
+_SUBPATH_RE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.S)
+
+
+def _line(err: dict) -> str:
+    path, message = _path(err["loc"]), _message(err)
+    sub = _SUBPATH_RE.match(message) if err["type"] == "value_error" else None
+    if sub:
+        path, message = (f"{path}.{sub[1]}" if path else sub[1]), sub[2]
+    return f"{path}: {message}"
+
+
 def _path(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -236,9 +250,14 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
         if m.alias in aliases:
             errors.append(f"models[{i}].alias: duplicate alias {m.alias!r}")
         aliases.add(m.alias)
+        pairs = set()
         for j, d in enumerate(m.deployments):
             if d.provider not in seen:
                 errors.append(f"models[{i}].deployments[{j}].provider: unknown provider {d.provider!r}")
+            if (d.provider, d.model) in pairs:  # a deployment is stored by (alias, provider, model)
+                errors.append(f"models[{i}].deployments[{j}]: duplicate deployment {d.provider}:{d.model} "
+                              "(one per provider and model within an alias)")
+            pairs.add((d.provider, d.model))
     for i, t in enumerate(cfg.tenants):
         sources = {s.name for s in t.sources}
         for j, rl in enumerate(t.rate_limits):
@@ -260,7 +279,7 @@ def config_parse(text: str) -> GatewayConfig:
     try:
         cfg = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors(include_url=False)])
+        raise ConfigError([_line(e) for e in exc.errors(include_url=False)])
     errors = _cross_check(cfg)
     if errors:
         raise ConfigError(errors)

@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 
 from .errors import GatewayError
 from .pipeline import new_request_id
 
+# Django's own (HTML) error pages on /v1, answered in OpenAI's error shape instead.
+_HTML_ERRORS = {
+    400: ("The request could not be read.", "invalid_request_error", None),
+    403: ("Forbidden.", "permission_error", None),
+    405: ("Method {method} is not allowed on {path}.", "invalid_request_error", "method_not_allowed"),
+    413: ("The request body is too large.", "invalid_request_error", "request_too_large"),
+    500: ("The server had an error while processing your request.", "api_error", None),
+}
+
+
+def _openai_error(request, response):
+    status = response.status_code
+    if status == 404:
+        return GatewayError(404, f"Unknown path {request.path}.", code="unknown_url").response()
+    message, type_, code = _HTML_ERRORS.get(status, ("The request failed.", "api_error" if status >= 500
+                                                      else "invalid_request_error", None))
+    new = GatewayError(status, message.format(method=request.method, path=request.path), type=type_,
+                       code=code).response()
+    if response.has_header("Allow"):
+        new["Allow"] = response["Allow"]
+    return new
+
 
 class RequestIdMiddleware:
-    """Every response carries `x-request-id`; unknown /v1 paths answer in OpenAI's error shape."""
+    """Every response carries `x-request-id`; /v1 errors that Django or Ninja render themselves
+    (unknown path, method not allowed, body too large, server error) answer in OpenAI's shape."""
 
     async_capable = True
     sync_capable = True
@@ -21,9 +46,9 @@ class RequestIdMiddleware:
             markcoroutinefunction(self)
 
     def _finish(self, request, response):
-        if response.status_code == 404 and request.path.startswith("/v1/") and \
+        if response.status_code >= 400 and request.path.startswith("/v1/") and \
                 response.get("content-type", "").startswith("text/html"):
-            response = GatewayError(404, f"Unknown path {request.path}.", code="unknown_url").response()
+            response = _openai_error(request, response)
         if "x-request-id" not in response:
             response["x-request-id"] = new_request_id()
         # What SecurityMiddleware would add; the data plane runs without it (config/asgi.py).
@@ -37,3 +62,9 @@ class RequestIdMiddleware:
 
     async def _acall(self, request):
         return self._finish(request, await self.get_response(request))
+
+    def process_exception(self, request, exception):
+        if isinstance(exception, RequestDataTooBig) and request.path.startswith("/v1/"):
+            return GatewayError(413, f"The request body is too large (at most {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} "
+                                     "bytes).", code="request_too_large").response()
+        return None

@@ -82,6 +82,7 @@ class Ctx:
     headers: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
+    cache_key: str = ""  # set by the cache lookup, before admission may change the body
 
     @property
     def metadata(self) -> schemas.GatewayMetadata:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import orjson
+
 
 def text_of(content) -> str:
     """The text of an OpenAI message content (a string or a list of parts)."""
@@ -25,6 +27,16 @@ def estimate_messages(messages: list[dict]) -> int:
     return sum(estimate_text(text_of(m.get("content"))) + 3 for m in messages) + 3
 
 
-def prompt_bytes(messages: list[dict]) -> int:
-    """UTF-8 bytes of the prompt: an upper bound of its tokens for every tokenizer in use."""
-    return sum(len(text_of(m.get("content")).encode()) + len(m.get("role", "")) + 4 for m in messages) + 8
+# The most prompt tokens one image part may count: gpt-4o-mini bills a high-detail image as up to
+# about 48,000 tokens (2,833 + 5,667 per 512 px tile); other models count far fewer.
+IMAGE_TOKENS_MAX = 50_000
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+
+
+def prompt_bytes(messages: list[dict], extra: list | None = None) -> int:
+    """An upper bound of the prompt's tokens for every tokenizer in use: the UTF-8 bytes of the
+    messages as JSON (text, tool calls, names), of `extra` (tool and function definitions, a
+    response_format schema), and IMAGE_TOKENS_MAX for each image part (an image URL is short)."""
+    images = sum(1 for m in messages if isinstance(m.get("content"), list)
+                 for p in m["content"] if isinstance(p, dict) and p.get("type") in _IMAGE_PARTS)
+    return len(orjson.dumps(messages)) + (len(orjson.dumps(extra)) if extra else 0) + images * IMAGE_TOKENS_MAX + 8

@@ -257,3 +257,27 @@ def test_the_hold_covers_tool_definitions_billed_as_prompt(client, setup):
 
     assert resp.status_code == 402
     assert resp.json()["error"]["code"] == "budget_exceeded"
+
+
+def test_hold_bounds_an_image_prompt_not_just_its_url(client, setup):
+    # An image URL is a few bytes, but the image counts thousands of prompt tokens: a budget that
+    # cannot take them refuses, instead of letting the actual cost pass the hold.
+    setup.price.input_usd_per_mtok = Decimal("1")
+    setup.price.save()
+    f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.01"))
+    image = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
+
+    assert post(client, setup.secret, chat(setup.alias, max_tokens=10)).status_code == 200
+    assert post(client, setup.secret, {"model": setup.alias, "max_tokens": 10,
+                                       "messages": [{"role": "user", "content": image}]}).status_code == 402
+
+
+def test_hold_counts_tool_definitions():
+    from apps.gateway.tokens import prompt_bytes
+
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object",
+              "properties": {"q": {"type": "string", "description": "x" * 5000}}}}}]
+
+    assert prompt_bytes(messages, [tools]) > prompt_bytes(messages) + 5000

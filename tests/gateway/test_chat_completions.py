@@ -197,9 +197,29 @@ def test_models_lists_only_what_the_key_may_use(client, setup):
     assert [m["id"] for m in scoped_models["data"]] == [setup.alias]
 
 
+def test_models_of_a_region_restricted_tenant_lists_only_what_its_regions_serve(client, setup):
+    setup.tenant.allowed_regions = ["eu-west"]
+    setup.tenant.save()
+    setup.deployment.region = "eu-west"
+    setup.deployment.save()
+    f.DeploymentFactory(alias=f.ModelAliasFactory(alias="us-only"), provider=setup.provider, region="us-east")
+
+    resp = client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
+
+    assert [m["id"] for m in resp.json()["data"]] == [setup.alias]
+
+
 def test_unknown_v1_path_is_an_openai_error_with_request_id(client):
     resp = client.get("/v1/nothing-here")
 
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "unknown_url"
     assert resp["x-request-id"].startswith("req_")
+
+
+def test_wrong_method_is_an_openai_error_under_the_standard_handler_too(client, setup):
+    resp = client.get("/v1/embeddings", HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
+
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp["Allow"] == "POST"

@@ -61,3 +61,25 @@ def test_every_transport_relays_answers_and_maps_upstream_errors(client, setup, 
     assert limited.status_code == 429
     assert limited.json()["error"]["code"] == "upstream_rate_limited"
     assert limited["retry-after"]
+
+
+def test_wrong_method_answers_405_in_openai_shape(live_gateway, live_setup):
+    auth = {"authorization": f"Bearer {live_setup.secret}"}
+    resp = httpx.get(f"{live_gateway}/v1/chat/completions", headers=auth)
+
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp.headers["allow"] == "POST"
+    assert resp.headers["x-request-id"]
+    assert httpx.delete(f"{live_gateway}/v1/models", headers=auth).json()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_over_the_limit_answers_413_in_openai_shape(live_gateway, live_setup, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    big = {"model": live_setup.alias, "messages": [{"role": "user", "content": "a" * 2000}]}
+    resp = httpx.post(f"{live_gateway}/v1/chat/completions", headers={"authorization": f"Bearer {live_setup.secret}"},
+                      json=big)
+
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "request_too_large"
+    assert resp.headers["x-request-id"]

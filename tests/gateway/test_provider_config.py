@@ -58,11 +58,13 @@ def test_config_sets_provider_options_routing_and_deployment_costs():
 
 
 @pytest.mark.parametrize(("snippet", "error"), [
-    ("- {name: a, kind: azure_openai}", "providers[0]: api_base is required for kind azure_openai"),
+    ("- {name: a, kind: azure_openai}", "providers[0].api_base: is required for kind azure_openai"),
     ("- {name: a, kind: azure_openai, api_base: 'https://x', options: {version: '1'}}",
-     "providers[0]: options.version is not an option of kind azure_openai (options: api_version)"),
+     "providers[0].options.version: is not an option of kind azure_openai (options: api_version)"),
     ("- {name: a, kind: anthropic, options: {default_max_tokens: lots}}",
-     "providers[0]: options.default_max_tokens has the wrong type"),
+     "providers[0].options.default_max_tokens: has the wrong type"),
+    ("- {name: a, kind: openai_compatible, api_base: localhost:8000/v1}",
+     "providers[0].api_base: must be an http:// or https:// URL"),
 ])
 def test_config_rejects_bad_provider_options(snippet, error):
     with pytest.raises(ConfigError) as exc:
@@ -139,3 +141,19 @@ def test_probe_records_availability_and_latency(upstream, client):
     assert (health[ok.id].availability, health[down.id].availability) == (1.0, 0.0)
     ready = client.get("/readyz").json()
     assert ready["deployments"] == {"total": 3, "up": 2, "down": 1, "unprobed": 0}
+
+
+def test_config_rejects_the_same_provider_and_model_twice_in_an_alias():
+    text = """
+providers: [{name: p, kind: mock}]
+models:
+  - alias: a
+    deployments:
+      - {provider: p, model: m, region: eu-west}
+      - {provider: p, model: m, region: us-east}
+"""
+    with pytest.raises(ConfigError) as exc:
+        config_parse(text)
+
+    assert exc.value.errors == ["models[0].deployments[1]: duplicate deployment p:m (one per provider and model "
+                                "within an alias)"]
