@@ -183,9 +183,11 @@ class _Batcher:
             self.writer = None
 
     async def _insert(self, rows: list[list]) -> None:
-        sql, _columns = _insert_sql()
         async with self.pool.connection() as conn:
-            await conn.execute(sql, [list(column) for column in zip(*rows, strict=True)])
+            if len(rows) == 1:  # scalars: dumping one-element arrays costs more than the row itself
+                await conn.execute(_insert_one_sql(), rows[0])
+            else:
+                await conn.execute(_insert_sql()[0], [list(column) for column in zip(*rows, strict=True)])
 
 
 _batchers: dict[int, _Batcher] = {}
@@ -211,6 +213,16 @@ def _insert_sql() -> tuple[str, list]:
     sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
            'ON CONFLICT ("request_id") DO NOTHING')
     return sql, [(f.attname, f.get_default) for f in fields]
+
+
+@cache
+def _insert_one_sql() -> str:
+    """The single-row form of _insert_sql: the same columns, as plain parameters."""
+    fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
+    cols = ", ".join(f'"{f.column}"' for f in fields)
+    values = ", ".join("%s" for _ in fields)
+    return (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) VALUES ({values}) '  # noqa: S608
+            'ON CONFLICT ("request_id") DO NOTHING')
 
 
 # --- experiment: the ledger through a Redis stream --------------------------------------------

@@ -212,6 +212,17 @@ async def settle(ctx: Ctx) -> None:
     await admission.settle(ctx)
 
 
+async def settle_and_record(ctx: Ctx) -> None:
+    """settle and usage event at once: the ledger row needs only the cost, not the counters, so
+    the Redis round trip of the settle and the ledger commit overlap instead of adding up. Both
+    always run to the end; the first error, if any, is raised after."""
+    ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
+    results = await asyncio.gather(admission.settle(ctx), record(ctx), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 async def record(ctx: Ctx) -> None:
     """Write the ledger row (once). Needs an authenticated tenant; earlier failures have none."""
     if ctx.recorded or ctx.auth is None:
@@ -346,9 +357,8 @@ async def execute(ctx: Ctx) -> Completion:
             text = "".join(text_of((c.get("message") or {}).get("content")) for c in completion.body.get("choices", []))
         completion.usage = _estimate_usage(ctx, text)
     ctx.usage = completion.usage
-    await settle(ctx)
     await cache.store(ctx, completion)
-    await record(ctx)
+    await settle_and_record(ctx)
     return completion
 
 
@@ -421,9 +431,8 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
             yield sse(chunk)
             chunk = await anext(agen, None)
         ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
-        await settle(ctx)
         await recorder.store(ctx.usage)
-        await record(ctx)
+        await settle_and_record(ctx)
         if ctx.include_usage:
             yield sse(usage_chunk or {"id": first.get("id") if first else ctx.request_id,
                                       "object": "chat.completion.chunk", "created": int(time.time()),
