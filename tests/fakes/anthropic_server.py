@@ -104,6 +104,8 @@ class FakeAnthropic(FakeOpenAI):
         limit = int(model.split("-")[1]) if model.startswith("break-") else None
         for i, w in enumerate(words):
             if limit is not None and i >= limit:
+                # Let the gateway read and relay what was sent before the drop: a break *mid*-stream.
+                await asyncio.sleep(0.05)
                 request.transport.close()
                 return resp
             await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta",

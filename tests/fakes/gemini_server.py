@@ -76,6 +76,8 @@ class FakeGemini(FakeOpenAI):
         pieces = [" ".join(words[i:i + 2]) + (" " if i + 2 < len(words) else "") for i in range(0, len(words), 2)]
         for i, piece in enumerate(pieces):
             if limit is not None and i >= limit:
+                # Let the gateway read and relay what was sent before the drop: a break *mid*-stream.
+                await asyncio.sleep(0.05)
                 request.transport.close()
                 return resp
             event = {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}],

@@ -111,6 +111,8 @@ class FakeOpenAI:
             if drip:
                 await asyncio.sleep(drip)
             if limit is not None and i >= limit:
+                # Let the gateway read and relay what was sent before the drop: a break *mid*-stream.
+                await asyncio.sleep(0.05)
                 request.transport.close()  # drop the connection mid-stream
                 return resp
             await resp.write(chunk({"content": w if i == 0 else " " + w}))
