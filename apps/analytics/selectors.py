@@ -361,7 +361,11 @@ def usage_aggregate_rows(filters: UsageFilters, group: str) -> Iterator[dict]:
         if "source_ref" in r:
             r["source_id"] = r.pop("source_ref")
         out.update(r)
-        out["cost"], out["saved_cost"] = str(out["cost"]), str(out["saved_cost"])
+        # Money as exact decimal strings without trailing zeros, the same on every database.
+        from apps.billing.selectors import money_str
+
+        for money in ("cost", "saved_cost"):
+            out[money] = money_str(out[money] or Decimal(0))
         yield {k: out[k] for k in (*AGGREGATE_GROUPS[group], *AGGREGATE_MEASURES)}
 
 

@@ -139,6 +139,7 @@ def test_aggregated_csv_per_day_and_model_and_per_source(client, usage):
     per_source = rows(client.get("/dashboard/usage-summary.csv", {"group": "source"}))
     assert per_source[0][:3] == ["tenant", "source_type", "source_id"]
     assert [(r[0], r[2], Decimal(r[8])) for r in per_source[1:]] == [("acme", "acme-bot", Decimal("2.25"))]
+    assert per_source[1][8] == "2.25"  # money as a plain decimal, the same on SQLite and PostgreSQL
 
 
 def test_bad_filters_are_a_400(client, usage):
