@@ -121,6 +121,8 @@ async def budget_status(request: HttpRequest):
     statuses = await budget_statuses_for_key(auth=ctx.auth, budget_id=request.GET.get("budget_id") or None,
                                              at=timezone.now())
     return _json({"object": "list", "data": [s.as_json() for s in statuses]}, ctx)
+
+
 # --- async requests ---------------------------------------------------------------------------
 
 
@@ -153,7 +155,8 @@ async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
 
 
 async def _authenticated(request: HttpRequest) -> pipeline.Ctx:
-    ctx = pipeline.Ctx()
+    """Authenticate a non-pipeline /v1 call; the key's endpoint scope is checked against its path."""
+    ctx = pipeline.Ctx(endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
     await pipeline.authenticate(ctx, request.headers.get("authorization"))
     return ctx
 

@@ -404,3 +404,16 @@ def test_lanes_finalizing_together_end_the_batch_once_without_a_database_error(s
     assert errors == []
     assert sorted(results) == [False, False, False, True]
     assert Batch.objects.get(id=batch.id).status == "completed"
+
+
+def test_files_and_batches_check_the_keys_endpoint_scope(client, setup):
+    chat_only = f.ApiKeyFactory(tenant=setup.tenant, source=setup.source, allowed_endpoints=["/v1/chat/completions"])
+    files_too = f.ApiKeyFactory(tenant=setup.tenant, source=setup.source,
+                                allowed_endpoints=["/v1/chat/completions", "/v1/files*", "/v1/batches*"])
+
+    refused = client.get("/v1/files", HTTP_AUTHORIZATION=f"Bearer {chat_only.secret}")
+    allowed = client.get("/v1/files", HTTP_AUTHORIZATION=f"Bearer {files_too.secret}")
+
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "endpoint_not_allowed"
+    assert allowed.status_code == 200
