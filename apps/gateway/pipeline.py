@@ -37,7 +37,7 @@ from .errors import GatewayError, invalid_api_key, invalid_request, model_not_fo
 from .providers import Completion, Usage, adapter_for
 from .providers.base import ProviderError
 from .selectors import AliasRoute, DeploymentRoute, routing_table
-from .tokens import estimate_text, text_of
+from .tokens import estimate_messages, estimate_text, text_of
 
 CHAT = "chat"
 EMBEDDINGS = "embeddings"
@@ -95,13 +95,6 @@ class Ctx:
     @property
     def priority(self) -> int:
         return self.metadata.priority if self.metadata.priority is not None else 5
-
-    @property
-    def max_output_tokens(self) -> int:
-        """What the completion may use at most: the request's own cap or the model's limit."""
-        limit = self.alias.max_output_tokens if self.alias else 16_384
-        asked = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
-        return min(asked, limit) if asked else limit
 
 
 # --- steps ----------------------------------------------------------------------------------
@@ -327,8 +320,6 @@ def _estimate_usage(ctx: Ctx, completion_text: str) -> Usage:
     if ctx.kind == EMBEDDINGS:
         inputs = ctx.body["input"] if isinstance(ctx.body["input"], list) else [ctx.body["input"]]
         return Usage(prompt_tokens=sum(estimate_text(str(i)) for i in inputs), estimated=True)
-    from .tokens import estimate_messages
-
     return Usage(prompt_tokens=estimate_messages(ctx.body["messages"]),
                  completion_tokens=estimate_text(completion_text), estimated=True)
 
