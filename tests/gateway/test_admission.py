@@ -281,3 +281,65 @@ def test_hold_counts_tool_definitions():
               "properties": {"q": {"type": "string", "description": "x" * 5000}}}}}]
 
     assert prompt_bytes(messages, [tools]) > prompt_bytes(messages) + 5000
+
+
+@pytest.fixture
+def private_redis():
+    """A Redis server of this test's own, so the test can stop it while requests run."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    if not shutil.which("redis-server"):
+        pytest.skip("needs redis-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_timeout=0.2).ping()
+            break
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.02)
+    previous = gateway_state._state
+    gateway_state._state = gateway_state.RedisState(url)
+    yield proc
+    gateway_state._state = previous
+    proc.kill()
+    proc.wait()
+
+
+def test_redis_stopped_during_requests_applies_the_policy_and_nobody_waits(client, setup, private_redis):
+    import time
+
+    setup.key.rpm = 100
+    setup.key.save()
+    f.BudgetFactory(tenant=setup.tenant, name="soft-one", limit_usd=Decimal("10"), enforcement="soft")
+
+    before = post(client, setup.secret, chat(setup.alias))
+    private_redis.kill()
+    private_redis.wait()
+    started = time.monotonic()
+    during = post(client, setup.secret, chat(setup.alias))
+    with override_settings(GATEWAY_RATE_LIMIT_ON_STATE_ERROR="closed"):
+        closed = post(client, setup.secret, chat(setup.alias))
+    waited = time.monotonic() - started
+
+    assert before.status_code == 200
+    assert before["x-ratelimit-remaining-requests"] == "99"
+    assert during.status_code == 200
+    assert during["x-gateway-admission"] == "fail-open"  # the answer says what happened
+    assert closed.status_code == 503
+    assert closed["x-gateway-admission"] == "fail-closed"
+    assert waited < 10  # two requests, each bounded by REDIS_TIMEOUT_S: no hang
+    assert UsageEvent.objects.filter(status=200).count() == 2  # nothing lost from the ledger
