@@ -141,8 +141,7 @@ async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
     if hit is not None:
         await pipeline.record(ctx)
     try:
-        row = await db_sync(async_requests.async_request_create, ctx=ctx, body=orjson.loads(raw),
-                                                                       completion=hit)
+        row = await db_sync(async_requests.async_request_create, ctx=ctx, body=orjson.loads(raw), completion=hit)
     except Exception:
         # Not stored, so never run: give back what admission took before reporting the failure.
         logging.getLogger(__name__).exception("could not store async request %s", ctx.request_id)
@@ -164,16 +163,11 @@ async def _authenticated(request: HttpRequest) -> pipeline.Ctx:
 @api.get("/requests/{request_id}")
 async def seed_request_get(request: HttpRequest, request_id: str):
     """Status of an async request and, once finished, its result or error and usage."""
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        row = await db_sync(async_requests.async_request_get, tenant_id=ctx.auth.tenant_id,
-                                                                   request_id=request_id)
-        if row is None:
-            raise not_found(f"No such request: {request_id}")
-        return _json(async_requests.async_request_view(row), ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    row = await db_sync(async_requests.async_request_get, tenant_id=ctx.auth.tenant_id, request_id=request_id)
+    if row is None:
+        raise not_found(f"No such request: {request_id}")
+    return _json(async_requests.async_request_view(row), ctx)
 
 
 # --- files and batches (OpenAI-compatible) ----------------------------------------------------
@@ -188,63 +182,54 @@ def _read_upload(request: HttpRequest) -> tuple[str, str, bytes]:
     return request.POST.get("purpose", ""), upload.name or "", upload.read()
 
 
+@api.exception_handler(GatewayError)
+def _gateway_error(request: HttpRequest, exc: GatewayError) -> HttpResponse:
+    """Views outside the pipeline (files, batches) raise GatewayError; it is rendered here, once.
+    (RequestIdMiddleware gives these answers their x-request-id.)"""
+    return exc.response()
+
+
+def _page(data: list[dict], more: bool) -> dict:
+    """OpenAI's list envelope."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
 @api.post("/files")
 async def file_upload(request: HttpRequest):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        purpose, name, content = await db_sync(_read_upload, request=request)
-        row = await db_sync(batches.file_create, tenant_id=ctx.auth.tenant_id, purpose=purpose,
-                                                       filename=name, content=content)
-        return _json(batches.file_view(row), ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    purpose, name, content = await db_sync(_read_upload, request=request)
+    row = await db_sync(batches.file_create, tenant_id=ctx.auth.tenant_id, purpose=purpose, filename=name,
+                        content=content)
+    return _json(batches.file_view(row), ctx)
 
 
 @api.get("/files/{file_id}")
 async def file_retrieve(request: HttpRequest, file_id: str):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        row = await db_sync(batches.file_get, tenant_id=ctx.auth.tenant_id, file_id=file_id)
-        return _json(batches.file_view(row), ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    row = await db_sync(batches.file_get, tenant_id=ctx.auth.tenant_id, file_id=file_id)
+    return _json(batches.file_view(row), ctx)
 
 
 @api.get("/files")
 async def file_list(request: HttpRequest, purpose: str | None = None, after: str | None = None, limit: int = 100):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        rows, more = await db_sync(batches.files_list, tenant_id=ctx.auth.tenant_id, purpose=purpose,
-                                                             after=after, limit=max(1, min(limit, 10_000)))
-        data = [batches.file_view(r) for r in rows]
-        return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                      "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    rows, more = await db_sync(batches.files_list, tenant_id=ctx.auth.tenant_id, purpose=purpose, after=after,
+                               limit=max(1, min(limit, 10_000)))
+    return _json(_page([batches.file_view(r) for r in rows], more), ctx)
 
 
 @api.delete("/files/{file_id}")
 async def file_delete(request: HttpRequest, file_id: str):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        await db_sync(batches.file_delete, tenant_id=ctx.auth.tenant_id, file_id=file_id)
-        return _json({"id": file_id, "object": "file", "deleted": True}, ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    await db_sync(batches.file_delete, tenant_id=ctx.auth.tenant_id, file_id=file_id)
+    return _json({"id": file_id, "object": "file", "deleted": True}, ctx)
 
 
 @api.get("/files/{file_id}/content")
 async def file_content(request: HttpRequest, file_id: str):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        content = await db_sync(batches.file_content, tenant_id=ctx.auth.tenant_id, file_id=file_id)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    content = await db_sync(batches.file_content, tenant_id=ctx.auth.tenant_id, file_id=file_id)
     resp = HttpResponse(content, content_type="application/jsonl")
     _decorate(resp, ctx)
     return resp
@@ -252,50 +237,39 @@ async def file_content(request: HttpRequest, file_id: str):
 
 @api.post("/batches")
 async def batch_create(request: HttpRequest):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        data = schemas.parse_json(request.body)
-        row = await db_sync(
-            batches.batch_create,
-            auth=ctx.auth, input_file_id=str(data.get("input_file_id") or ""), endpoint=str(data.get("endpoint") or ""),
-            completion_window=str(data.get("completion_window") or "24h"), metadata=data.get("metadata"))
-        return _json(await db_sync(batches.batch_view, batch=row), ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    data = schemas.parse_json(request.body)
+
+    def create() -> dict:
+        row = batches.batch_create(
+            auth=ctx.auth, input_file_id=str(data.get("input_file_id") or ""),
+            endpoint=str(data.get("endpoint") or ""), completion_window=str(data.get("completion_window") or "24h"),
+            metadata=data.get("metadata"))
+        return batches.batch_view(row)
+
+    return _json(await db_sync(create), ctx)
 
 
 @api.get("/batches")
 async def batch_list(request: HttpRequest, after: str | None = None, limit: int = 20):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        rows, more = await db_sync(batches.batches_list, tenant_id=ctx.auth.tenant_id, after=after,
-                                                               limit=max(1, min(limit, 100)))
-        data = [await db_sync(batches.batch_view, batch=r) for r in rows]
-        return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                      "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+
+    def page() -> dict:
+        rows, more = batches.batches_list(tenant_id=ctx.auth.tenant_id, after=after, limit=max(1, min(limit, 100)))
+        return _page([batches.batch_view(r) for r in rows], more)
+
+    return _json(await db_sync(page), ctx)
 
 
 @api.get("/batches/{batch_id}")
 async def batch_retrieve(request: HttpRequest, batch_id: str):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        row = await db_sync(batches.batch_get, tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
-        return _json(await db_sync(batches.batch_view, batch=row), ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    return _json(await db_sync(lambda: batches.batch_view(
+        batches.batch_get(tenant_id=ctx.auth.tenant_id, batch_id=batch_id))), ctx)
 
 
 @api.post("/batches/{batch_id}/cancel")
 async def batch_cancel(request: HttpRequest, batch_id: str):
-    ctx = pipeline.Ctx()
-    try:
-        ctx = await _authenticated(request)
-        row = await db_sync(batches.batch_cancel, tenant_id=ctx.auth.tenant_id, batch_id=batch_id)
-        return _json(await db_sync(batches.batch_view, batch=row), ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
+    ctx = await _authenticated(request)
+    return _json(await db_sync(lambda: batches.batch_view(
+        batches.batch_cancel(tenant_id=ctx.auth.tenant_id, batch_id=batch_id))), ctx)
