@@ -3,11 +3,10 @@ Credentials are never exposed: a deployment names its provider only."""
 
 from __future__ import annotations
 
-from django.db import transaction
 from rest_framework import serializers, viewsets
 
-from apps.keys import services as audit
-from apps.keys.rest import SuperuserWritePermission, actor_of
+from apps.keys.audit import AuditedViewSetMixin
+from apps.keys.rest import SuperuserWritePermission
 
 from .models import Deployment, ModelAlias, Provider
 
@@ -31,26 +30,8 @@ class ModelAliasSerializer(serializers.ModelSerializer):
                   "supports_embeddings", "deployments", "created_at"]
 
 
-class _AuditedGlobalViewSet(viewsets.ModelViewSet):
+class _AuditedGlobalViewSet(AuditedViewSetMixin, viewsets.ModelViewSet):
     permission_classes = [SuperuserWritePermission]
-
-    def perform_create(self, serializer):
-        with transaction.atomic():
-            obj = serializer.save()
-            audit.audit_record(actor=actor_of(self.request), action="create", obj=obj, after=audit.snapshot(obj))
-
-    def perform_update(self, serializer):
-        with transaction.atomic():
-            before = audit.snapshot(serializer.instance)
-            obj = serializer.save()
-            audit.audit_record(actor=actor_of(self.request), action="update", obj=obj, before=before,
-                               after=audit.snapshot(obj))
-
-    def perform_destroy(self, instance):
-        with transaction.atomic():
-            audit.audit_record(actor=actor_of(self.request), action="delete", obj=instance,
-                               before=audit.snapshot(instance))
-            instance.delete()
 
 
 class ModelAliasViewSet(_AuditedGlobalViewSet):

@@ -6,7 +6,6 @@ Rules: every queryset is limited to the caller's tenants (superusers: all). Any 
 
 from __future__ import annotations
 
-from django.db import transaction
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -14,6 +13,7 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
 from . import services
+from .audit import AuditedViewSetMixin
 from .models import ApiKey, AuditLog, Membership, Role, Source, Tenant
 from .selectors import ADMIN_ROLES, READ_ROLES, tenant_ids_for_user, user_may
 
@@ -48,8 +48,9 @@ def actor_of(request) -> str:
     return request.user.get_username()
 
 
-class TenantScopedViewSetMixin:
-    """Limits the queryset to the caller's tenants and audits creates, updates and deletes."""
+class TenantScopedViewSetMixin(AuditedViewSetMixin):
+    """Limits the queryset to the caller's tenants; creates, updates and deletes are audited
+    (AuditedViewSetMixin)."""
 
     tenant_path = "tenant"  # ORM path from the model to its Tenant
     read_roles: tuple[str, ...] | None = READ_ROLES
@@ -69,25 +70,6 @@ class TenantScopedViewSetMixin:
         for part in self.tenant_path.split("__"):
             target = getattr(target, part, None)
         return target.pk if target is not None else None
-
-    def perform_create(self, serializer):
-        with transaction.atomic():
-            obj = serializer.save()
-            services.audit_record(actor=actor_of(self.request), action="create", obj=obj,
-                                  after=services.snapshot(obj))
-
-    def perform_update(self, serializer):
-        with transaction.atomic():
-            before = services.snapshot(serializer.instance)
-            obj = serializer.save()
-            services.audit_record(actor=actor_of(self.request), action="update", obj=obj, before=before,
-                                  after=services.snapshot(obj))
-
-    def perform_destroy(self, instance):
-        with transaction.atomic():
-            services.audit_record(actor=actor_of(self.request), action="delete", obj=instance,
-                                  before=services.snapshot(instance))
-            instance.delete()
 
 
 class AdminTenantField(serializers.SlugRelatedField):
@@ -262,11 +244,8 @@ class ApiKeyViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
             tenant=d["tenant"], source=d["source"], name=d["name"], actor=actor_of(request),
             allowed_models=d.get("allowed_models"), rpm=d.get("rpm"), tpm=d.get("tpm"),
             expires_days=d.get("expires_days"), default_budget_id=d.get("default_budget_id", ""),
+            allowed_endpoints=d.get("allowed_endpoints"), cache_enabled=d.get("cache_enabled"), via="api",
         )
-        extra = {k: d[k] for k in ("allowed_endpoints", "cache_enabled") if k in d}
-        if extra:
-            ApiKey.objects.filter(pk=created.key.pk).update(**extra)
-            created.key.refresh_from_db()
         out = ApiKeyCreatedSerializer(created.key, context=self.get_serializer_context()).data
         out["secret"] = created.secret
         return Response(out, status=status.HTTP_201_CREATED)
@@ -275,7 +254,7 @@ class ApiKeyViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None):
         key = self.get_object()
-        services.api_key_revoke(key=key, actor=actor_of(request))
+        services.api_key_revoke(key=key, actor=actor_of(request), via="api")
         return Response(self.get_serializer(key).data)
 
 

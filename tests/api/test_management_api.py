@@ -55,14 +55,18 @@ def test_foreign_objects_are_404(world):
 def test_admin_creates_key_and_gets_secret_once(world):
     c = api(world.acme_admin)
     resp = c.post("/api/keys/", {"tenant": "acme", "source": world.acme_source.pk, "name": "api-made",
-                                 "allowed_models": ["gpt-4o-mini"], "rpm": 10}, format="json")
+                                 "allowed_models": ["gpt-4o-mini"], "rpm": 10,
+                                 "allowed_endpoints": ["/v1/chat/completions"]}, format="json")
     assert resp.status_code == 201, resp.content
     secret = resp.json()["secret"]
     key = ApiKey.objects.get(name="api-made")
     assert key.digest == crypto.api_key_digest(secret)
     assert key.allowed_models == ["gpt-4o-mini"]
+    assert key.allowed_endpoints == ["/v1/chat/completions"]
     assert "secret" not in c.get(f"/api/keys/{key.pk}/").json()
-    assert AuditLog.objects.filter(object_type="apikey", object_id=str(key.pk), actor="ada-admin").exists()
+    row = AuditLog.objects.get(object_type="apikey", object_id=str(key.pk), actor="ada-admin")
+    assert row.via == "api"
+    assert row.after["allowed_endpoints"] == ["/v1/chat/completions"]  # the whole key, in one audited write
 
 
 def test_key_cannot_be_created_in_or_with_another_tenants_objects(world):
