@@ -25,7 +25,7 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.urls import set_script_prefix  # noqa: E402
 from django.utils.module_loading import import_string  # noqa: E402
 
-from apps.gateway.db import server_loop_mark  # noqa: E402
+from apps.core.db import server_loop_mark  # noqa: E402
 
 
 class DataPlaneHandler(ASGIHandler):

@@ -112,6 +112,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env("REDIS_URL", default="")
 # How long a Redis call on the hot path may take before the configured policy applies.
 REDIS_TIMEOUT_S = env.float("REDIS_TIMEOUT_S", default=1.0)
+# After a Redis failure, calls fail fast this long (one timeout per outage, not one per request).
+REDIS_RETRY_AFTER_S = env.float("REDIS_RETRY_AFTER_S", default=1.0)
 if REDIS_URL:
     CACHES = {
         "default": {

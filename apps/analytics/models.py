@@ -2,7 +2,7 @@
 
 from django.db import models
 
-from apps.billing.models import MONEY
+from apps.core.money import MONEY
 
 
 class UsageEvent(models.Model):

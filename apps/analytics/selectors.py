@@ -11,6 +11,8 @@ from decimal import Decimal
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
+from apps.core.money import money_str
+
 from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
 
 CSV_COLUMNS = [
@@ -362,8 +364,6 @@ def usage_aggregate_rows(filters: UsageFilters, group: str) -> Iterator[dict]:
             r["source_id"] = r.pop("source_ref")
         out.update(r)
         # Money as exact decimal strings without trailing zeros, the same on every database.
-        from apps.billing.selectors import money_str
-
         for money in ("cost", "saved_cost"):
             out[money] = money_str(out[money] or Decimal(0))
         yield {k: out[k] for k in (*AGGREGATE_GROUPS[group], *AGGREGATE_MEASURES)}

@@ -13,7 +13,7 @@ from django.db.models import Case, Count, F, IntegerField, Q, Sum, Value, When
 from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.utils import timezone
 
-from apps.gateway.db import db_sync, pg_pool
+from apps.core.db import db_sync, pg_pool
 
 from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
 

@@ -34,12 +34,12 @@ _ttl_s = settings.BUDGET_ALERT_CONFIG_TTL_S
 
 def _in_worker_thread(fn):
     """Run sync `fn` from the hot path in the process' sync thread and give its database
-    connection back afterwards (apps.gateway.db.db_sync). Never a thread of its own: it would hold
+    connection back afterwards (apps.core.db.db_sync). Never a thread of its own: it would hold
     a second pooled connection, and under load every request would wait for a connection only a
     waiting request can give back."""
     from functools import partial
 
-    from apps.gateway.db import db_sync
+    from apps.core.db import db_sync
 
     async def run(*args):
         return await db_sync(partial(fn, *args))

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from django.db import models
 
-MONEY = {"max_digits": 20, "decimal_places": 10}
+from apps.core.money import MONEY
 
 
 class PriceSource(models.TextChoices):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from apps.core.money import money_str
+
 from .models import Price
 
 
@@ -153,14 +155,6 @@ async def budget_usage(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Dec
     return await admission_budget_usage(budgets=budgets, at=at)
 
 
-def money_str(value: Decimal | None) -> str | None:
-    """Exact USD as a decimal string, the same on every database: at most 10 places, no trailing
-    zeros (Decimal("8.5000000000") -> "8.5")."""
-    if value is None:
-        return None
-    return format(value.quantize(Decimal("0.0000000001")).normalize(), "f")
-
-
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     id: int
@@ -214,7 +208,7 @@ async def budget_statuses(*, budgets, at: datetime) -> list[BudgetStatus]:
 
 async def budget_statuses_for_key(*, auth, budget_id: str | None = None, at: datetime) -> list[BudgetStatus]:
     """`GET /v1/budget`: the status of every budget that applies to the key."""
-    from apps.gateway.db import db_sync
+    from apps.core.db import db_sync
 
     budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))
     return await budget_statuses(budgets=budgets, at=at)

@@ -249,7 +249,7 @@ def alert_delivery_mark(*, alert_id: int, channel: str, status: str) -> None:
 
 
 def alert_payload(alert) -> dict:
-    from .selectors import money_str
+    from apps.core.money import money_str
 
     return {
         "type": f"budget.alert.{alert.kind}",

@@ -31,8 +31,8 @@ from django.conf import settings
 from apps.billing.periods import period_bounds, period_key
 from apps.billing.selectors import BudgetRef, budget_spent_from_ledger
 from apps.billing.services import cost_upper_bound
+from apps.core.db import db_sync
 
-from .db import db_sync
 from .errors import GatewayError
 from .selectors import tenant_policy
 from .state import BudgetCell, LimitCell, StateUnavailable, state

@@ -11,8 +11,9 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import NinjaAPI
 
+from apps.core.db import db_sync
+
 from . import async_requests, batches, pipeline, schemas
-from .db import db_sync
 from .errors import GatewayError, invalid_request, not_found
 from .selectors import routing_table
 

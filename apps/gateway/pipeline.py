@@ -27,12 +27,12 @@ from apps.analytics.services import usage_event_record
 from apps.billing import alerts
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
+from apps.core.db import db_sync
 from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
 from . import admission, cache, router, schemas
-from .db import db_sync
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import Completion, Usage, adapter_for
 from .providers.base import ProviderError

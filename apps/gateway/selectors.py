@@ -12,9 +12,9 @@ from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from apps.billing.selectors import PriceInfo, price_versions_by_model
+from apps.core.db import db_sync
 from apps.keys.crypto import decrypt
 
-from .db import db_sync
 from .models import Deployment, DeploymentHealth, ModelAlias
 from .providers.base import Target
 

@@ -49,7 +49,7 @@ def flush() -> int:
 
 async def _flush_async(batch: dict[int, datetime]) -> None:
     try:
-        from apps.gateway.db import db_sync
+        from apps.core.db import db_sync
 
         await db_sync(api_key_last_used_write, seen=batch)
     except Exception as exc:  # a hint lost is not worth failing anything for

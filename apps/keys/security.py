@@ -46,7 +46,7 @@ async def auth_failure_note(*, prefix: str, ip: str, reason: str, tenant_id: int
     if n != settings.GATEWAY_AUTH_FAILURE_BURST:
         return
     log.warning("authentication failure burst: %d failures for key prefix %r from %s", n, prefix, ip or "?")
-    from apps.gateway.db import db_sync
+    from apps.core.db import db_sync
 
     await db_sync(
         security_event_record,

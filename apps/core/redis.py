@@ -1,0 +1,165 @@
+"""The one Redis client of the process, with one timeout policy.
+
+- One async client per event loop (redis.asyncio connections belong to the loop that opened them),
+  no retries inside redis-py: a failure is reported at once.
+- Every call goes through `run`, which bounds it by REDIS_TIMEOUT_S and raises `StateUnavailable`
+  on any Redis error or timeout.
+- A request never waits more than REDIS_TIMEOUT_S in total on Redis: `request_begin()` opens a
+  wait budget for the current task, and every call spends from it.
+- After a failure, calls fail fast for REDIS_RETRY_AFTER_S (a breaker shared by the process), so
+  a Redis that is down costs one timeout, not one per request and per step.
+- A new connection checks the server's run id: a restarted server, a failover to a replica or a
+  restore from an old snapshot has another run id, and whatever counters it holds are suspect.
+  Listeners registered with `on_new_server` are told (the budget counters rebuild themselves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from django.conf import settings
+
+from . import caches
+
+log = logging.getLogger(__name__)
+
+
+class StateUnavailable(Exception):
+    """The shared state (Redis) could not be reached in time."""
+
+
+_clients: dict[int, tuple[asyncio.AbstractEventLoop, object]] = {}
+_down_until = 0.0
+_budget: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("redis_wait_budget", default=None)
+
+
+def configured() -> bool:
+    return bool(settings.REDIS_URL)
+
+
+def client():
+    """The async client of the running loop."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    loop = asyncio.get_running_loop()
+    entry = _clients.get(id(loop))
+    if entry is None or entry[0] is not loop:
+        for key, (old, _c) in list(_clients.items()):
+            if old.is_closed():
+                del _clients[key]
+        timeout = settings.REDIS_TIMEOUT_S
+        pool = aioredis.ConnectionPool.from_url(
+            settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), connection_class=_ServerCheckedConnection)
+        entry = _clients[id(loop)] = (loop, aioredis.Redis(connection_pool=pool))
+    return entry[1]
+
+
+def sync_client():
+    """A blocking client, for management commands, beat tasks and tests (never the hot path)."""
+    import redis
+
+    timeout = settings.REDIS_TIMEOUT_S
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def request_begin() -> None:
+    """Open a fresh wait budget (REDIS_TIMEOUT_S) for the current request's task."""
+    _budget.set([settings.REDIS_TIMEOUT_S])
+
+
+async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None):
+    """Await `make()` within the policy; raise StateUnavailable when Redis cannot answer in time."""
+    global _down_until
+    import redis
+
+    now = time.monotonic()
+    if now < _down_until:
+        raise StateUnavailable("recently unreachable")
+    budget = _budget.get()
+    limit = min(timeout_s or settings.REDIS_TIMEOUT_S, settings.REDIS_TIMEOUT_S)
+    if budget is not None:
+        if budget[0] <= 0:
+            raise StateUnavailable("this request's wait on Redis is spent")
+        limit = min(limit, budget[0])
+    try:
+        async with asyncio.timeout(limit):
+            return await make()
+    except (redis.RedisError, OSError, TimeoutError) as exc:
+        if not isinstance(exc, redis.ResponseError) or isinstance(exc, NewServer):
+            _down_until = time.monotonic() + settings.REDIS_RETRY_AFTER_S
+        raise StateUnavailable(type(exc).__name__) from exc
+    finally:
+        if budget is not None:
+            budget[0] -= time.monotonic() - now
+
+
+# --- the server behind the URL ------------------------------------------------------------------
+
+_known_run_id: str | None = None
+_listeners: list[Callable[..., Awaitable[None]]] = []
+
+
+async def conn_command(conn, *args):
+    """One command on one raw connection (listeners run inside a connection's handshake)."""
+    await conn.send_command(*args, check_health=False)
+    return await conn.read_response()
+
+
+def on_new_server(fn: Callable[..., Awaitable[None]]) -> None:
+    """`await fn(run_id, previous_run_id, conn)` when a connection finds a server this process has not
+    validated yet (first contact, restart, failover, restore). It runs before that connection
+    serves any command (use `conn_command(conn, ...)`); while it fails, the connection is refused."""
+    if fn not in _listeners:
+        _listeners.append(fn)
+
+
+class NewServer(ConnectionError):
+    pass
+
+
+def _reset() -> None:
+    global _known_run_id, _down_until
+    _known_run_id = None
+    _down_until = 0.0
+    _clients.clear()
+
+
+caches.on_reset(_reset)
+
+
+def _connection_base():
+    from redis.asyncio.connection import Connection
+
+    return Connection
+
+
+class _ServerCheckedConnection(_connection_base()):
+    async def on_connect(self) -> None:
+        global _known_run_id
+        await super().on_connect()
+        info = await conn_command(self, "INFO", "server")
+        if isinstance(info, bytes):
+            info = info.decode()
+        run_id = ""
+        for line in str(info).splitlines():
+            if line.startswith("run_id:"):
+                run_id = line.split(":", 1)[1].strip()
+                break
+        if run_id == _known_run_id:
+            return
+        previous = _known_run_id
+        for fn in _listeners:
+            try:
+                await fn(run_id, previous, self)
+            except Exception as exc:
+                log.warning("redis: new server %s not validated yet (%s)", run_id, exc)
+                await self.disconnect()
+                raise NewServer(f"Redis server {run_id} is being validated") from exc
+        _known_run_id = run_id
