@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
 from apps.analytics.services import usage_event_record
-from apps.gateway import db
+from apps.core import db
 from tests import factories as f
 
 postgres_only = pytest.mark.skipif(not settings.IS_POSTGRES, reason="the async pool is PostgreSQL's")
