@@ -175,6 +175,13 @@ GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0
 GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="aiohttp")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
+# A stream whose upstream sends nothing for this long ends with an error event (a stalled stream).
+GATEWAY_STREAM_IDLE_TIMEOUT_S = env.float("GATEWAY_STREAM_IDLE_TIMEOUT_S", default=30.0)
+# Embedded mode (no REDIS_URL): the admission counters live in this SQLite file, shared by the web
+# and worker processes.
+GATEWAY_STATE_PATH = env("GATEWAY_STATE_PATH", default=str(VAR_DIR / "state.sqlite3"))
+# Beat: how often the budget counters are reconciled with the ledger.
+BUDGET_RECONCILE_INTERVAL_S = env.float("BUDGET_RECONCILE_INTERVAL_S", default=300.0)
 # Admission. Requests with metadata.priority below 5 may use only this share of each rate limit.
 GATEWAY_LOW_PRIORITY_SHARE = env.float("GATEWAY_LOW_PRIORITY_SHARE", default=0.8)
 # How long a budget hold lives if its request never settles (a crashed process).
@@ -333,3 +340,5 @@ CELERY_BEAT_SCHEDULE.update({
 # /metrics names every tenant and budget: with a token, scrapes send `Authorization: Bearer <token>`
 # (Prometheus: `authorization: {credentials: ...}`); without one, only loopback may scrape.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+CELERY_BEAT_SCHEDULE["billing-budget-counters-reconcile"] = {
+    "task": "billing.budget_counters_reconcile", "schedule": BUDGET_RECONCILE_INTERVAL_S}

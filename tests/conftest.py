@@ -6,7 +6,9 @@ Against PostgreSQL and Redis when DATABASE_URL / REDIS_URL are set (CI), SQLite 
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -16,27 +18,38 @@ import pytest
 from django.conf import settings
 
 from apps.billing import alerts
+from apps.core import caches
+from apps.core.state import EPOCH_KEY
 from apps.gateway import cooldown, pipeline, router, selectors
-from apps.gateway import state as gateway_state
 from tests import factories as f
 from tests.fakes.openai_server import FakeOpenAI
+
+# The embedded admission state of this test session (and of the workers and gateways it starts),
+# never the demo's var/state.sqlite3.
+_STATE_PATH = os.path.join(tempfile.mkdtemp(prefix="llms-state-"), "state.sqlite3")
+os.environ["GATEWAY_STATE_PATH"] = settings.GATEWAY_STATE_PATH = _STATE_PATH
+
+
+def redis_flush() -> None:
+    """Empty the test Redis database, and mark the counters as kept on this server (as a gateway
+    that validated it would), so a process started later does not rebuild them mid-test."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    client.set(EPOCH_KEY, client.info("server")["run_id"])
 
 
 @pytest.fixture(autouse=True)
 def _fresh_process_state():
     """In-process caches must not carry one test's keys or routes into the next."""
     pipeline._auth_cache.clear()
-    selectors.routing_table_invalidate()
-    backend = gateway_state.state()
-    if hasattr(backend, "reset"):
-        backend.reset()
+    caches.reset_all()
     cooldown.reset_local()
     router.latency_reset()
     alerts.alerts_state_reset()
     if settings.REDIS_URL:
-        import redis
-
-        redis.Redis.from_url(settings.REDIS_URL).flushdb()
+        redis_flush()
     yield
     pipeline._auth_cache.clear()
     selectors.routing_table_invalidate()
@@ -355,3 +368,24 @@ def world(db):
 def _fast_password_hasher(settings):
     """Factories set passwords for every persona: a cheap hasher keeps the suite fast."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def shared_state_at():
+    """`with shared_state_at(url):` points this process's shared state (admission, cooldowns,
+    cache) at another Redis, e.g. one the test stops or that never answers."""
+    from contextlib import contextmanager
+
+    from django.test import override_settings
+
+    @contextmanager
+    def use(url: str):
+        with override_settings(REDIS_URL=url):
+            caches.reset_all()
+            try:
+                yield
+            finally:
+                caches.reset_all()
+        caches.reset_all()
+
+    return use

@@ -1,7 +1,7 @@
 """Prometheus metrics of the gateway, fed by the pipeline's record step (`usage_observe`).
 
 Cheap by design: a few labelled counter/histogram increments per request, in process, no I/O.
-Budget utilisation is computed when Prometheus scrapes (one query per budget, from rollups).
+Budget spend and utilisation are computed when Prometheus scrapes, by a collector billing registers.
 
 Multi-process servers (gunicorn/uvicorn workers): set PROMETHEUS_MULTIPROC_DIR to an empty,
 writable folder before the workers start; /metrics then merges every worker's samples
@@ -14,7 +14,6 @@ import os
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
 
@@ -72,25 +71,13 @@ def usage_observe(*, model: str, status: int, latency_ms: int, prompt_tokens: in
             PROVIDER_ERRORS.labels(provider, error_code or str(status)).inc()
 
 
-class BudgetCollector:
-    """llm_budget_utilisation{tenant,budget} (spend / limit in the current period) and
-    llm_budget_spend_usd, computed at scrape time from the hourly rollups."""
+_scrape_collectors: list = []
 
-    def collect(self):
-        from apps.keys.models import Tenant
 
-        from .selectors import budget_status
-
-        util = GaugeMetricFamily("llm_budget_utilisation", "Budget spend / limit in the current period.",
-                                 labels=["tenant", "budget", "period"])
-        spend = GaugeMetricFamily("llm_budget_spend_usd", "Budget spend in the current period (USD).",
-                                  labels=["tenant", "budget", "period"])
-        for b in budget_status(tenant_ids=Tenant.objects.values("id")):
-            labels = [b["tenant"], b["name"], b["period"]]
-            util.add_metric(labels, b["utilisation"] or 0.0)
-            spend.add_metric(labels, float(b["spend_period"]))
-        yield util
-        yield spend
+def scrape_collector_register(factory) -> None:
+    """Another app adds gauges computed at scrape time (billing: budget spend and utilisation)."""
+    if factory not in _scrape_collectors:
+        _scrape_collectors.append(factory)
 
 
 def metrics_text() -> tuple[bytes, str]:
@@ -105,6 +92,7 @@ def metrics_text() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY  # this process's metrics, plus process/platform/gc collectors
-    budgets = CollectorRegistry()
-    budgets.register(BudgetCollector())
-    return generate_latest(registry) + generate_latest(budgets), CONTENT_TYPE_LATEST
+    scraped = CollectorRegistry()
+    for factory in _scrape_collectors:
+        scraped.register(factory())
+    return generate_latest(registry) + generate_latest(scraped), CONTENT_TYPE_LATEST

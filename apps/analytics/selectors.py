@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -20,6 +19,31 @@ CSV_COLUMNS = [
     "prompt_tokens", "completion_tokens", "cost", "async", "cached", "batch_id", "budget_id", "status",
     "latency_ms",
 ]
+
+
+def ledger_cost_sums(*, items) -> dict:
+    """What the ledger says each (key, tenant_id, scope, scope_value, start, end) spent: the sum of
+    `cost` of the tenant's rows in [start, end) (end None: open), narrowed by the scope (`tenant`,
+    `source` by source name, `key` by key name, `budget_id`). One query for all. Budget spend
+    (apps.billing.budgets) is rebuilt and reconciled from this read."""
+    items = list(items)
+    if not items:
+        return {}
+    sums = {}
+    for _key, tenant_id, scope, scope_value, start, end in items:
+        q = Q(tenant_id=tenant_id, timestamp__gte=start)
+        if end is not None:
+            q &= Q(timestamp__lt=end)
+        if scope == "source":
+            q &= Q(source__name=scope_value)
+        elif scope == "key":
+            q &= Q(api_key__name=scope_value)
+        elif scope == "budget_id":
+            q &= Q(budget_id=scope_value)
+        sums[f"s{len(sums)}"] = Sum("cost", filter=q)
+    row = UsageEvent.objects.filter(tenant_id__in={i[1] for i in items},
+                                    timestamp__gte=min(i[4] for i in items)).aggregate(**sums)
+    return {item[0]: row[f"s{n}"] or Decimal(0) for n, item in enumerate(items)}
 
 
 def usage_events(*, tenant_ids, since: datetime | None = None, until: datetime | None = None, **filters):
@@ -246,75 +270,6 @@ def provider_availability(filters: UsageFilters) -> list[dict]:
     return out
 
 
-def budget_period_start(*, period: str, now: datetime, tz_name: str) -> datetime | None:
-    """Start of the budget's current period, calendar-aligned in the tenant's time zone."""
-    local = now.astimezone(zoneinfo.ZoneInfo(tz_name))
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "daily":
-        return midnight
-    if period == "weekly":
-        return midnight - timedelta(days=midnight.weekday())
-    if period == "monthly":
-        return midnight.replace(day=1)
-    return None
-
-
-def _spend_since(scope: Q, start: datetime | None, now: datetime) -> Decimal:
-    """Spend matching `scope` from `start` (None: ever) until now, reading daily rollups for whole
-    UTC days and hourly rollups only for the partial days at either end."""
-    first_full_day = None if start is None else _day_ceil(start)
-    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if start is not None and first_full_day >= today:
-        return UsageRollupHourly.objects.filter(scope, bucket__gte=start).aggregate(s=Sum("cost"))["s"] or Decimal(0)
-    daily = UsageRollupDaily.objects.filter(scope, bucket__lt=today)
-    hourly = UsageRollupHourly.objects.filter(scope).filter(
-        Q(bucket__gte=today) | (Q(bucket__gte=start, bucket__lt=first_full_day) if start is not None else Q(pk=None)))
-    if first_full_day is not None:
-        daily = daily.filter(bucket__gte=first_full_day)
-    return (daily.aggregate(s=Sum("cost"))["s"] or Decimal(0)) + (hourly.aggregate(s=Sum("cost"))["s"] or Decimal(0))
-
-
-def _day_ceil(at: datetime) -> datetime:
-    day = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return day if day == at else day + timedelta(days=1)
-
-
-def budget_status(*, tenant_ids, now: datetime | None = None) -> list[dict]:
-    """Every budget of the tenants with its spend today and in its current period (from rollups;
-    a time zone with a non-whole-hour offset rounds to the hour)."""
-    from apps.billing.models import Budget
-    from apps.keys.models import ApiKey, Source
-
-    now = now or timezone.now()
-    budgets = list(Budget.objects.filter(tenant_id__in=tenant_ids).select_related("tenant"))
-    sources = {(t, n): i for i, t, n in Source.objects.filter(tenant_id__in=tenant_ids)
-               .values_list("id", "tenant_id", "name")} if any(b.scope == "source" for b in budgets) else {}
-    keys = {(t, n): i for i, t, n in ApiKey.objects.filter(tenant_id__in=tenant_ids)
-            .values_list("id", "tenant_id", "name")} if any(b.scope == "key" for b in budgets) else {}
-    out = []
-    for b in budgets:
-        today = budget_period_start(period="daily", now=now, tz_name=b.tenant.timezone)
-        start = budget_period_start(period=b.period, now=now, tz_name=b.tenant.timezone)
-        scope = Q(tenant_id=b.tenant_id)
-        if b.scope == "source":
-            scope &= Q(source_id=sources.get((b.tenant_id, b.scope_value), -1))
-        elif b.scope == "key":
-            scope &= Q(api_key_id=keys.get((b.tenant_id, b.scope_value), -1))
-        elif b.scope == "budget_id":
-            scope &= Q(budget_id=b.scope_value)
-        spend_today = UsageRollupHourly.objects.filter(scope, bucket__gte=today).aggregate(s=Sum("cost"))["s"] \
-            or Decimal(0)
-        period_spend = spend_today if b.period == "daily" else _spend_since(scope, start, now)
-        out.append({
-            "id": b.id, "tenant": b.tenant.slug, "name": b.name, "scope": b.scope, "scope_value": b.scope_value,
-            "period": b.period, "enforcement": b.enforcement, "limit_usd": b.limit_usd,
-            "spend_today": spend_today, "spend_period": period_spend,
-            "period_start": start.isoformat() if start else None,
-            "utilisation": float(period_spend / b.limit_usd) if b.limit_usd else None,
-        })
-    return out
-
-
 def dashboard_data(filters: UsageFilters) -> dict:
     """Everything the dashboard shows; the analytics API returns the same dict."""
     return {
@@ -322,7 +277,6 @@ def dashboard_data(filters: UsageFilters) -> dict:
                     "source": filters.source, "model": filters.model,
                     "granularity": filters.resolved_granularity},
         "totals": usage_totals(filters),
-        "budgets": budget_status(tenant_ids=filters.tenant_ids),
         "series": usage_series(filters),
         "breakdowns": {by: usage_breakdown(filters, by) for by in ("model", "source", "key", "budget_id")},
         "providers": provider_availability(filters),
@@ -436,3 +390,10 @@ def usage_by_batch(*, tenant_ids, batch_id: str | None = None, since: datetime |
         .order_by("-last_at")
     )
     return list(rows)
+
+
+def usage_event_summary(*, request_id: str) -> dict | None:
+    """The ledger row of a request (status, tokens, cost), or None: a worker that finds one knows
+    the request already ran and was billed."""
+    return UsageEvent.objects.filter(request_id=request_id).values(
+        "status", "prompt_tokens", "completion_tokens", "cost").first()

@@ -38,14 +38,19 @@ def readyz(request):
     ok = all(v == "ok" for v in checks.values())
     body = {"status": "ok" if ok else "unavailable", "checks": checks}
     if checks["database"] == "ok":  # upstream availability is reported, not a readiness condition
-        from apps.gateway.selectors import deployment_health
-
-        health = deployment_health()
-        body["deployments"] = {"total": len(health), "up": sum(h.ok is True for h in health),
-                               "down": sum(h.ok is False for h in health),
-                               "unprobed": sum(h.ok is None for h in health)}
+        for part in _readyz_parts:
+            body.update(part())
         body["providers"] = selectors.provider_availability_recent()
     return JsonResponse(body, status=200 if ok else 503)
+
+
+_readyz_parts: list = []
+
+
+def readyz_part_register(fn) -> None:
+    """Another app adds to the /readyz body (gateway: its deployments' probe results)."""
+    if fn not in _readyz_parts:
+        _readyz_parts.append(fn)
 
 
 def _readable_tenants(user, roles=None):
@@ -60,6 +65,7 @@ def dashboard(request):
                                                                                         roles=EXPORT_ROLES))}
     if filters is not None:
         context["data"] = selectors.dashboard_data(filters)
+        context["tenant_ids"] = filters.tenant_ids
         context["choices"] = selectors.usage_filter_choices(tenant_ids=filters.tenant_ids, since=filters.since,
                                                             until=filters.until)
         context["query"] = request.GET.urlencode()

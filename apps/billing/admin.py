@@ -6,7 +6,8 @@ from django.utils import timezone
 
 from apps.keys.admin import AuditedAdminMixin, TenantScopedAdminMixin
 
-from . import selectors, services
+from . import services
+from .budgets import budget_statuses_sync
 from .models import Alert, Budget, Price, PriceSource
 
 
@@ -81,7 +82,7 @@ class BudgetAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         """Fetch the live numbers of the page's budgets in one call, not one per row."""
         cl = super().get_changelist_instance(request)
         page = list(cl.result_list)
-        statuses = {s.id: s for s in selectors.budget_statuses_sync(budgets=page)}
+        statuses = {s.id: s for s in budget_statuses_sync(budgets=page)}
         for b in page:
             b.status = statuses.get(b.id)
         return cl

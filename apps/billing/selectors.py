@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from apps.core.money import money_str
-
 from .models import Price
 
 
@@ -68,6 +66,8 @@ class BudgetRef:
     period: str
     hard: bool
     shrink_max_tokens: bool
+    timezone: str = "UTC"  # the tenant's: periods are calendar-aligned there
+    budget_id: str = ""  # the string a client sends as metadata.budget_id (scope budget_id)
 
     def applies(self, *, source_name: str, key_name: str, budget_id: str) -> bool:
         if self.scope == "tenant":
@@ -85,11 +85,16 @@ def budget_refs_for_tenant(*, tenant_id: int) -> list[BudgetRef]:
     from .models import Budget
 
     return [
-        BudgetRef(id=b.id, tenant_id=b.tenant_id, name=b.name, scope=b.scope, scope_value=b.scope_value,
-                  limit_usd=b.limit_usd, period=b.period, hard=b.enforcement == "hard",
-                  shrink_max_tokens=b.shrink_max_tokens)
-        for b in Budget.objects.filter(tenant_id=tenant_id)
+        budget_ref(b) for b in Budget.objects.filter(tenant_id=tenant_id).select_related("tenant")
     ]
+
+
+def budget_ref(b) -> BudgetRef:
+    """A Budget row (with its tenant loaded) as admission and budget_spend take it."""
+    return BudgetRef(id=b.id, tenant_id=b.tenant_id, name=b.name, scope=b.scope, scope_value=b.scope_value,
+                     limit_usd=b.limit_usd, period=b.period, hard=b.enforcement == "hard",
+                     shrink_max_tokens=b.shrink_max_tokens, timezone=b.tenant.timezone,
+                     budget_id=b.scope_value if b.scope == "budget_id" else "")
 
 
 # --- budgets ----------------------------------------------------------------------------------
@@ -107,120 +112,6 @@ def budgets_for_key(*, auth, budget_id: str | None = None):
              | Q(scope=BudgetScope.KEY, scope_value=auth.key_name)
              | Q(scope=BudgetScope.BUDGET_ID, scope_value__in=ids))
     return Budget.objects.filter(match, tenant_id=auth.tenant_id).select_related("tenant").order_by("name", "id")
-
-
-def budget_spent_from_ledger(*, budget, start: datetime, end: datetime | None) -> Decimal:
-    """What the ledger says the budget's scope spent in [start, end): the truth the fast counters
-    are a copy of."""
-    from django.db.models import Sum
-
-    from apps.analytics.selectors import usage_events
-
-    filters = {"source": {"source__name": budget.scope_value}, "key": {"api_key__name": budget.scope_value},
-               "budget_id": {"budget_id": budget.scope_value}}.get(budget.scope, {})
-    qs = usage_events(tenant_ids=[budget.tenant_id], since=start, until=end, **filters)
-    return qs.aggregate(total=Sum("cost"))["total"] or Decimal(0)
-
-
-def budgets_spent_from_ledger(*, items) -> dict[int, Decimal]:
-    """budget id -> what the ledger says it spent, for many (budget, start, end) at once: one query."""
-    from django.db.models import Q, Sum
-
-    from apps.analytics.models import UsageEvent
-
-    items = list(items)
-    if not items:
-        return {}
-    sums = {}
-    for b, start, end in items:
-        q = Q(tenant_id=b.tenant_id, timestamp__gte=start)
-        if end is not None:
-            q &= Q(timestamp__lt=end)
-        if b.scope == "source":
-            q &= Q(source__name=b.scope_value)
-        elif b.scope == "key":
-            q &= Q(api_key__name=b.scope_value)
-        elif b.scope == "budget_id":
-            q &= Q(budget_id=b.scope_value)
-        sums[f"b{b.id}"] = Sum("cost", filter=q)
-    row = UsageEvent.objects.filter(tenant_id__in={b.tenant_id for b, _, _ in items},
-                                    timestamp__gte=min(start for _, start, _ in items)).aggregate(**sums)
-    return {b.id: row[f"b{b.id}"] or Decimal(0) for b, _, _ in items}
-
-
-async def budget_usage(*, budgets, at: datetime) -> dict[int, tuple[Decimal, Decimal]]:
-    """budget id -> (spent, held) in the period containing `at`, from admission's counters."""
-    from apps.gateway.admission import budget_usage as admission_budget_usage
-
-    return await admission_budget_usage(budgets=budgets, at=at)
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetStatus:
-    id: int
-    name: str
-    scope: str
-    scope_value: str
-    period: str
-    enforcement: str
-    limit_usd: Decimal
-    spent_usd: Decimal
-    held_usd: Decimal
-    remaining_usd: Decimal
-    period_start: datetime  # in the tenant's time zone
-    resets_at: datetime | None  # None: a `total` budget never resets
-    timezone: str
-
-    def as_json(self) -> dict:
-        """Money as decimal strings (exact), datetimes ISO 8601 with the tenant's UTC offset."""
-        return {
-            "id": self.id, "object": "budget", "name": self.name, "scope": self.scope,
-            "scope_value": self.scope_value or None, "period": self.period, "enforcement": self.enforcement,
-            "currency": "USD", "limit_usd": money_str(self.limit_usd), "spent_usd": money_str(self.spent_usd),
-            "held_usd": money_str(self.held_usd), "remaining_usd": money_str(self.remaining_usd),
-            "period_start": self.period_start.isoformat() if self.period != "total" else None,
-            "resets_at": self.resets_at.isoformat() if self.resets_at else None, "timezone": self.timezone,
-        }
-
-
-async def budget_statuses(*, budgets, at: datetime) -> list[BudgetStatus]:
-    """Limit, spent, held, remaining and reset time of each budget (tenants select_related)."""
-    from zoneinfo import ZoneInfo
-
-    from .periods import period_bounds
-
-    budgets = list(budgets)
-    usage = await budget_usage(budgets=budgets, at=at) if budgets else {}
-    out = []
-    for b in budgets:
-        tz = b.tenant.timezone
-        zone = ZoneInfo(tz)
-        start, end = period_bounds(period=b.period, tz=tz, at=at)
-        spent, held = usage.get(b.id, (Decimal(0), Decimal(0)))
-        out.append(BudgetStatus(
-            id=b.id, name=b.name, scope=b.scope, scope_value=b.scope_value, period=b.period,
-            enforcement=b.enforcement, limit_usd=b.limit_usd, spent_usd=spent, held_usd=held,
-            remaining_usd=max(Decimal(0), b.limit_usd - spent - held), period_start=start.astimezone(zone),
-            resets_at=end.astimezone(zone) if end else None, timezone=tz,
-        ))
-    return out
-
-
-async def budget_statuses_for_key(*, auth, budget_id: str | None = None, at: datetime) -> list[BudgetStatus]:
-    """`GET /v1/budget`: the status of every budget that applies to the key."""
-    from apps.core.db import db_sync
-
-    budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))
-    return await budget_statuses(budgets=budgets, at=at)
-
-
-def budget_statuses_sync(*, budgets, at: datetime | None = None) -> list[BudgetStatus]:
-    """The same numbers for sync callers (admin, management API)."""
-    from asgiref.sync import async_to_sync
-    from django.utils import timezone
-
-    budgets = list(budgets.select_related("tenant") if hasattr(budgets, "select_related") else budgets)
-    return async_to_sync(budget_statuses)(budgets=budgets, at=at or timezone.now())
 
 
 # --- alerts -----------------------------------------------------------------------------------

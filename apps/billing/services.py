@@ -103,18 +103,19 @@ def price_version_create(*, model: str, input_usd_per_mtok: Decimal, output_usd_
 OVERRIDE_SOURCES = ("config", "admin")
 
 
-def prices_sync(*, actor: str = "cli", at=None) -> dict[str, str]:
+def prices_sync(*, aliases: dict[str, list[tuple[str, str | None]]], actor: str = "cli", at=None) -> dict[str, str]:
     """Seed and refresh prices from the installed genai-prices package (offline).
 
-    For every model alias, the first match among its deployments' upstream models (in routing
-    order, with the provider kind) and then the alias name itself. A new version is added only
+    `aliases`: alias -> the (model name, provider kind) references to look up, in order (the
+    gateway gives its deployments' upstream models in routing order, then the alias itself); the
+    first match is taken. A new version is added only
     when the numbers changed. An alias whose price in force comes from the config file or the
     admin is an override and is left alone. Returns alias -> "created" | "unchanged" |
     "override" | "unknown"."""
     from django.db import transaction
     from django.utils import timezone
 
-    from apps.gateway.selectors import routing_table_invalidate, routing_table_load
+    from apps.core import caches
 
     from .genai import genai_price_lookup
     from .selectors import price_in_force, price_versions_by_model
@@ -123,27 +124,24 @@ def prices_sync(*, actor: str = "cli", at=None) -> dict[str, str]:
     versions = price_versions_by_model()
     out: dict[str, str] = {}
     with transaction.atomic():
-        for alias in sorted(routing_table_load().aliases.values(), key=lambda a: a.alias):
-            current = price_in_force(versions.get(alias.alias), when)
+        for alias, refs in sorted(aliases.items()):
+            current = price_in_force(versions.get(alias), when)
             if current is not None and current.source in OVERRIDE_SOURCES:
-                out[alias.alias] = "override"
+                out[alias] = "override"
                 continue
-            refs = [(d.target.upstream_model, d.target.kind) for d in alias.deployments if d.target.kind != "mock"]
-            first_kind = alias.deployments[0].target.kind if alias.deployments else None
-            refs.append((alias.alias, first_kind if first_kind != "mock" else None))
             found = genai_price_lookup(refs=refs, at=when)
             if found is None:
-                out[alias.alias] = "unknown"
+                out[alias] = "unknown"
                 continue
             created = price_set(
-                model=alias.alias, input_usd_per_mtok=found.input_usd_per_mtok,
+                model=alias, input_usd_per_mtok=found.input_usd_per_mtok,
                 output_usd_per_mtok=found.output_usd_per_mtok,
                 cached_input_usd_per_mtok=found.cached_input_usd_per_mtok,
                 cache_write_usd_per_mtok=found.cache_write_usd_per_mtok, batch_discount=found.batch_discount,
                 effective_from=when, source="genai-prices", source_ref=found.ref, actor=actor,
             )
-            out[alias.alias] = "created" if created is not None else "unchanged"
-        transaction.on_commit(routing_table_invalidate)
+            out[alias] = "created" if created is not None else "unchanged"
+        transaction.on_commit(lambda: caches.invalidate(caches.ROUTING))
     return out
 
 

@@ -60,3 +60,18 @@ def alert_deliver_email(self, alert_id: int) -> None:
 @shared_task(bind=True, name="billing.alert_deliver_webhook", max_retries=8)
 def alert_deliver_webhook(self, alert_id: int) -> None:
     _deliver(self, alert_id, "webhook", services.alert_webhook_send)
+
+
+@shared_task(name="billing.budget_counters_reconcile", ignore_result=True)
+def budget_counters_reconcile() -> int:
+    """Beat: raise every budget counter the ledger shows to be low (lost Redis state, a settle that
+    never reached it). Returns how many were raised."""
+    from asgiref.sync import async_to_sync
+    from django.utils import timezone
+
+    from .budgets import budget_counters_reconcile as reconcile
+    from .models import Budget
+    from .selectors import budget_ref
+
+    refs = [budget_ref(b) for b in Budget.objects.select_related("tenant")]
+    return len(async_to_sync(reconcile)(budgets=refs, at=timezone.now()))

@@ -34,7 +34,10 @@ class StateUnavailable(Exception):
 
 _clients: dict[int, tuple[asyncio.AbstractEventLoop, object]] = {}
 _down_until = 0.0
-_budget: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("redis_wait_budget", default=None)
+# (the request's task, seconds left): a budget is spent only by the task that opened it (a context
+# copied elsewhere, as asgiref's bridges copy it back to their caller, does not inherit it).
+_budget: contextvars.ContextVar[tuple[object, list[float]] | None] = contextvars.ContextVar("redis_wait_budget",
+                                                                                            default=None)
 
 
 def configured() -> bool:
@@ -71,7 +74,7 @@ def sync_client():
 
 def request_begin() -> None:
     """Open a fresh wait budget (REDIS_TIMEOUT_S) for the current request's task."""
-    _budget.set([settings.REDIS_TIMEOUT_S])
+    _budget.set((asyncio.current_task(), [settings.REDIS_TIMEOUT_S]))
 
 
 async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None):
@@ -82,7 +85,8 @@ async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None):
     now = time.monotonic()
     if now < _down_until:
         raise StateUnavailable("recently unreachable")
-    budget = _budget.get()
+    opened = _budget.get()
+    budget = opened[1] if opened is not None and opened[0] is asyncio.current_task() else None
     limit = min(timeout_s or settings.REDIS_TIMEOUT_S, settings.REDIS_TIMEOUT_S)
     if budget is not None:
         if budget[0] <= 0:

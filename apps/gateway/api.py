@@ -9,8 +9,10 @@ import time
 import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.utils import timezone
 from ninja import NinjaAPI
 
+from apps.billing.budgets import Hold, budget_statuses_for_key
 from apps.core.db import db_sync
 
 from . import async_requests, batches, pipeline, schemas
@@ -38,26 +40,34 @@ def _error(exc: GatewayError, ctx: pipeline.Ctx) -> HttpResponse:
     return resp
 
 
+def _internal_error(ctx: pipeline.Ctx) -> HttpResponse:
+    """Anything but a GatewayError: the pipeline has already ended the request (hold, ledger row)."""
+    logging.getLogger(__name__).exception("request %s failed", ctx.request_id)
+    return _error(GatewayError(500, "The gateway failed to answer this request.", type="api_error",
+                               code="internal_error"), ctx)
+
+
 async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) -> HttpResponse:
     ctx = pipeline.Ctx(kind=kind, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
+    raw = request.body  # Django answers a body over its limit (413) itself
     try:
-        hit = await pipeline.prepare(ctx, request.headers.get("authorization"), request.body)
+        hit = await pipeline.prepare(ctx, request.headers.get("authorization"), raw)
         if ctx.is_async:
-            return await _enqueue(ctx, hit, request.body)
+            return await _enqueue(ctx, hit)
         ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
         if ctx.stream:
             if hit is not None:
-                events = pipeline.replay_events(ctx, hit)
+                events = pipeline.EventStream(ctx, pipeline.replay_events(ctx, hit))
             else:
                 first, agen = await pipeline.open_stream(ctx)
-                events = pipeline.stream_events(ctx, first, agen)
+                events = pipeline.EventStream(ctx, pipeline.stream_events(ctx, first, agen), agen)
             resp = StreamingHttpResponse(events, content_type="text/event-stream")
             resp["cache-control"] = "no-cache"
             resp["x-accel-buffering"] = "no"
             _decorate(resp, ctx)
             return resp
         if hit is not None:
-            await pipeline.record(ctx)
+            await pipeline.end(ctx)
             completion = hit
         else:
             completion = await pipeline.execute(ctx)
@@ -68,6 +78,8 @@ async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) ->
         return _json(body, ctx)
     except GatewayError as exc:
         return _error(exc, ctx)
+    except Exception:
+        return _internal_error(ctx)
 
 
 @api.post("/chat/completions", include_in_schema=True)
@@ -108,13 +120,10 @@ async def models(request: HttpRequest):
 
 @api.get("/budget")
 async def budget_status(request: HttpRequest):
-    """Every budget that applies to the calling key: limit, spent, held, remaining, resets_at.
-    `?budget_id=` also includes the budget_id budget a request with that metadata.budget_id would hit."""
-    from django.utils import timezone
-
-    from apps.billing.selectors import budget_statuses_for_key
-
-    ctx = pipeline.Ctx()
+    """Every budget that applies to the calling key: limit, spent, held, remaining, resets_at, and the
+    `budget_id` a client sends as metadata.budget_id to book on it. `?budget_id=` also includes
+    the budget_id budget a request with that metadata.budget_id would hit."""
+    ctx = pipeline.Ctx(endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
     try:
         await pipeline.authenticate(ctx, request.headers.get("authorization"))
     except GatewayError as exc:
@@ -127,9 +136,9 @@ async def budget_status(request: HttpRequest):
 # --- async requests ---------------------------------------------------------------------------
 
 
-async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
+async def _enqueue(ctx: pipeline.Ctx, hit) -> HttpResponse:
     """`async: true`: admitted already (prepare took the rate-limit slots and budget hold); store
-    the request and answer 202. The worker settles or releases the hold."""
+    the request with its plan and answer 202. The worker takes the hold over and ends it."""
     problem = None
     if ctx.stream:
         problem = invalid_request("'stream' cannot be combined with 'async'.", param="stream")
@@ -137,18 +146,20 @@ async def _enqueue(ctx: pipeline.Ctx, hit, raw: bytes) -> HttpResponse:
     if url and not url.startswith(("http://", "https://")):
         problem = invalid_request("Invalid value for 'callback_url': must be an http(s) URL.", param="callback_url")
     if problem is not None:
-        await pipeline.fail(ctx, problem)
+        await pipeline.end(ctx, problem)
         return _error(problem, ctx)
     if hit is not None:
-        await pipeline.record(ctx)
+        await pipeline.end(ctx)
+    plan = ctx.plan()  # hands the hold over: from here the stored request owns its exit
     try:
-        row = await db_sync(async_requests.async_request_create, ctx=ctx, body=orjson.loads(raw), completion=hit)
+        row = await db_sync(async_requests.async_request_create, ctx=ctx, plan=plan, completion=hit)
     except Exception:
-        # Not stored, so never run: give back what admission took before reporting the failure.
+        # Not stored, so never run: take the hold back and end the request before reporting it.
         logging.getLogger(__name__).exception("could not store async request %s", ctx.request_id)
         exc = GatewayError(503, "The request could not be queued; try again.", type="api_error", code="not_queued")
-        if not ctx.recorded:
-            await pipeline.fail(ctx, exc)
+        if plan.get("hold"):
+            ctx.hold = Hold.from_dict(plan["hold"])
+        await pipeline.end(ctx, exc)
         return _error(exc, ctx)
     ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
     return _json({"id": row.id, "object": "request", "status": row.status}, ctx, status=202)

@@ -11,13 +11,11 @@ provider again: it ends as failed with `result_lost` and the usage of the ledger
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import logging
 import time
 from datetime import datetime, timedelta
-from decimal import Decimal
 
 import httpx
 import orjson
@@ -27,11 +25,10 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from apps.analytics.models import UsageEvent
+from apps.analytics.selectors import usage_event_summary
 from apps.keys.selectors import api_key_auth_by_id
 
-from . import admission as admission_module
-from . import pipeline
+from . import pipeline, queues
 from .errors import GatewayError, invalid_api_key
 from .models import AsyncRequest, JobStatus
 from .providers import Completion
@@ -42,44 +39,6 @@ KIND_BY_ENDPOINT = {path: kind for kind, path in pipeline.ENDPOINT_PATHS.items()
 FINISHED = (JobStatus.COMPLETED, JobStatus.FAILED)
 
 
-# --- admission, carried from the enqueueing view to the worker --------------------------------
-
-
-def admission_dump(adm) -> dict | None:
-    """The Admission dataclass as JSON (Decimals and datetimes as strings)."""
-    if adm is None:
-        return None
-    if hasattr(adm, "to_dict"):
-        return adm.to_dict()
-    out = {}
-    for f in dataclasses.fields(adm):
-        value = getattr(adm, f.name)
-        if isinstance(value, Decimal | datetime):
-            value = str(value) if isinstance(value, Decimal) else value.isoformat()
-        out[f.name] = value
-    return orjson.loads(orjson.dumps(out, default=str))
-
-
-def admission_load(data: dict | None):
-    """The inverse of admission_dump: an Admission the worker can settle or release."""
-    if data is None:
-        return None
-    cls = admission_module.Admission
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(data)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value, kind = data[f.name], str(f.type)
-        if value is not None and "Decimal" in kind:
-            value = Decimal(value)
-        elif value is not None and "datetime" in kind:
-            value = datetime.fromisoformat(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
 def celery_priority(priority: int) -> int:
     """metadata.priority 0..9 (9 most urgent) -> Celery's priority on Redis (0 is popped first)."""
     return 9 - max(0, min(9, priority))
@@ -88,19 +47,20 @@ def celery_priority(priority: int) -> int:
 # --- enqueue ----------------------------------------------------------------------------------
 
 
-def async_request_create(*, ctx: pipeline.Ctx, body: dict, completion: Completion | None = None) -> AsyncRequest:
-    """Store an admitted request and enqueue it once the row is committed. A cache hit (`completion`)
-    is stored as completed at once. Call after pipeline.prepare (the admission is on ctx)."""
+def async_request_create(*, ctx: pipeline.Ctx, plan: dict, completion: Completion | None = None) -> AsyncRequest:
+    """Store an admitted request with its plan (`Ctx.plan()`: the parsed request, the hold handed
+    over, the bounds and cache key) and enqueue it once the row is committed. A cache hit
+    (`completion`) is stored as completed at once."""
     now = timezone.now()
     row = AsyncRequest(
         id=ctx.request_id,
         tenant_id=ctx.auth.tenant_id,
         api_key_id=ctx.auth.key_id,
         endpoint=pipeline.ENDPOINT_PATHS[ctx.kind],
-        body=body,
+        body=plan["request"]["body"],
         priority=ctx.priority,
         callback_url=ctx.options.callback_url or "",
-        admission=admission_dump(ctx.admission),
+        admission=plan if completion is None else None,
     )
     if completion is not None:
         row.status, row.result, row.completed_at = JobStatus.COMPLETED, completion.body, now
@@ -114,13 +74,11 @@ def async_request_create(*, ctx: pipeline.Ctx, body: dict, completion: Completio
 def _enqueue(row: AsyncRequest) -> None:
     """Publish the task. A broker that is down loses nothing: the row stays queued and the resume
     sweep publishes it again."""
-    from . import tasks
-
     try:
         if row.status == JobStatus.QUEUED:
-            tasks.async_request_run.apply_async(args=[row.id], priority=celery_priority(row.priority))
+            queues.publish(queues.ASYNC_RUN, row.id, priority=celery_priority(row.priority))
         elif row.callback_url:
-            tasks.async_request_notify.apply_async(args=[row.id])
+            queues.publish(queues.ASYNC_NOTIFY, row.id)
     except Exception:
         log.exception("could not enqueue async request %s; the resume sweep will retry", row.id)
 
@@ -160,25 +118,34 @@ def worker_failed(attempts: int) -> GatewayError:
 
 
 async def _execute(row: AsyncRequest) -> tuple[str, dict | None, dict | None, dict | None]:
-    """Rebuild the request context from the row and run call -> settle -> ledger on it."""
+    """Run call -> settle -> ledger on the stored plan: the parsed request, the hold (taken over:
+    this worker ends it), the bounds and the cache key are used as they are."""
     ctx = pipeline.Ctx(kind=KIND_BY_ENDPOINT.get(row.endpoint, pipeline.CHAT), request_id=row.id,
                        timestamp=row.created_at)
-    ctx.admission = admission_load(row.admission)
     auth = await sync_to_async(api_key_auth_by_id)(key_id=row.api_key_id) if row.api_key_id else None
     ctx.auth = auth
     try:
+        if not isinstance(row.admission, dict) or "request" not in row.admission:
+            raise GatewayError(500, "This request was stored without its plan and cannot run.", type="api_error",
+                               code="plan_missing")
+        ctx.resume(row.admission)
         if row.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
             raise worker_failed(row.attempts - 1)
         if auth is None or auth.revoked:
             raise invalid_api_key("The API key of this request was revoked or deleted before it ran.")
-        pipeline.validate(ctx, dict(row.body))
-        admission_module.admitted_max_tokens_apply(ctx)
+        if auth.expires_at is not None and auth.expires_at <= timezone.now():
+            raise invalid_api_key("The API key of this request expired before it ran.")
         await pipeline.route(ctx)
         completion = await pipeline.execute(ctx)
     except GatewayError as exc:
-        if not ctx.recorded:  # failed before the call: release the hold and record the failure
-            await pipeline.fail(ctx, exc)
+        await pipeline.end(ctx, exc)  # a no-op when execute already ended it
         return JobStatus.FAILED, None, exc.body()["error"] | {"status": exc.status}, _usage_of(ctx)
+    except Exception as exc:
+        await pipeline.end(ctx, exc)
+        log.exception("async request %s failed", row.id)
+        error = {"message": "The gateway failed to run this request.", "type": "api_error", "param": None,
+                 "code": "internal_error", "status": 500}
+        return JobStatus.FAILED, None, error, _usage_of(ctx)
     return JobStatus.COMPLETED, completion.body, None, _usage_of(ctx)
 
 
@@ -187,8 +154,7 @@ def async_request_run(*, request_id: str) -> None:
     row = async_request_claim(request_id=request_id)
     if row is None:
         return
-    event = UsageEvent.objects.filter(request_id=request_id).values(
-        "status", "prompt_tokens", "completion_tokens", "cost").first()
+    event = usage_event_summary(request_id=request_id)
     if event is not None:
         usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
                  "total_tokens": event["prompt_tokens"] + event["completion_tokens"], "cost": str(event["cost"])}
@@ -199,9 +165,7 @@ def async_request_run(*, request_id: str) -> None:
         status, result, error, usage = async_to_sync(_execute)(row)
         _finish(request_id, status=status, result=result, error=error, usage=usage)
     if row.callback_url:
-        from . import tasks
-
-        tasks.async_request_notify.apply_async(args=[request_id])
+        queues.publish(queues.ASYNC_NOTIFY, request_id)
 
 
 # --- reads ------------------------------------------------------------------------------------
@@ -278,13 +242,11 @@ def async_requests_purge(*, now: datetime | None = None) -> int:
 def async_requests_resume(*, now: datetime | None = None, limit: int = 500) -> list[str]:
     """Publish again the requests no worker is on: queued for longer than a lease (the publish was
     lost) or running with a lapsed lease (the worker died). Claims make a duplicate harmless."""
-    from . import tasks
-
     now = now or timezone.now()
     stale = now - timedelta(seconds=settings.GATEWAY_JOB_LEASE_S)
     rows = list(AsyncRequest.objects.filter(
         Q(status=JobStatus.QUEUED, created_at__lt=stale) | Q(status=JobStatus.RUNNING, lease_until__lt=now)
     ).values_list("id", "priority")[:limit])
     for request_id, priority in rows:
-        tasks.async_request_run.apply_async(args=[request_id], priority=celery_priority(priority))
+        queues.publish(queues.ASYNC_RUN, request_id, priority=celery_priority(priority))
     return [r for r, _ in rows]

@@ -32,10 +32,10 @@ from django.db import transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from apps.analytics.models import UsageEvent
+from apps.analytics.selectors import usage_event_summary
 from apps.keys.selectors import KeyAuth, api_key_auth_by_id
 
-from . import pipeline
+from . import pipeline, queues
 from .async_requests import worker_failed
 from .errors import GatewayError, invalid_api_key, invalid_request, not_found
 from .models import Batch, BatchLine, BatchStatus, File, JobStatus
@@ -146,10 +146,8 @@ def batch_create(*, auth: KeyAuth, input_file_id: str, endpoint: str, completion
 
 
 def _publish_start(batch_id: str) -> None:
-    from . import tasks
-
     try:
-        tasks.batch_start.apply_async(args=[batch_id])
+        queues.publish(queues.BATCH_START, batch_id)
     except Exception:  # the broker is down: the resume sweep starts the batch later
         import logging
 
@@ -179,9 +177,7 @@ def batch_cancel(*, tenant_id: int, batch_id: str) -> Batch:
     if batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
         Batch.objects.filter(id=batch_id, status__in=(BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)).update(
             status=BatchStatus.CANCELLING, cancelling_at=timezone.now())
-        from . import tasks
-
-        transaction.on_commit(lambda: tasks.batch_lane.apply_async(args=[batch_id]))
+        transaction.on_commit(lambda: queues.publish(queues.BATCH_LANE, batch_id))
     elif batch.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
         raise GatewayError(409, f"Cannot cancel a batch with status '{batch.status}'.", code="batch_not_cancellable")
     batch.refresh_from_db()
@@ -349,45 +345,47 @@ def _line_body(line: BatchLine, endpoint: str) -> dict:
 
 
 def _ledger_has(request_id: str) -> bool:
-    return UsageEvent.objects.filter(request_id=request_id).exists()
+    return usage_event_summary(request_id=request_id) is not None
 
 
 async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> LineOutcome:
-    """One line through the pipeline as an async request of the batch (batch discount applies)."""
+    """One line through the pipeline as an async request of the batch. Its request id is derived
+    from the batch and the line, so a line run again (its worker died) is admitted once: the same
+    hold and rate-limit slots, not a second set."""
     rid = line_request_id(batch.id, line.index)
     envelope = {"id": "batch_req_" + rid.removeprefix("batch_"), "custom_id": line.custom_id}
     if line.attempts > 1 and await sync_to_async(_ledger_has)(rid):
         error = {"code": "result_lost", "message": "A worker stopped after running this line and before saving "
                                                    "its answer; its cost is in the ledger."}
         return LineOutcome(JobStatus.FAILED, {**envelope, "response": None, "error": error}, error)
-    ctx = pipeline.Ctx(kind=BATCH_ENDPOINTS[batch.endpoint], request_id=rid, is_async=True, batch_id=batch.id)
-    # Hold the ledger write until the outcome is known: a line our rate limiter turns away is retried
-    # later under the same request id, so it must not leave a 429 row behind.
-    ctx.recorded = True
+    # A line our rate limiter turns away is retried later under the same request id: no 429 row.
+    ctx = pipeline.Ctx(kind=BATCH_ENDPOINTS[batch.endpoint], request_id=rid, is_async=True, batch_id=batch.id,
+                       retry_rate_limited=True)
     try:
         if line.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
             raise worker_failed(line.attempts - 1)
         if auth is None or auth.revoked:
             raise invalid_api_key("The API key of this batch was revoked or deleted.")
+        if auth.expires_at is not None and auth.expires_at <= timezone.now():
+            raise invalid_api_key("The API key of this batch expired.")
         hit = await pipeline.prepare(ctx, None, _line_body(line, batch.endpoint), auth=auth)
-    except GatewayError as exc:
-        if exc.status == 429:
-            after = next((v for k, v in exc.headers.items() if k.lower() == "retry-after"), None)
-            return LineOutcome("retry", retry_after_s=float(after or 1))
-        ctx.auth = auth
-        await pipeline.fail(ctx, exc)
-        ctx.recorded = False
-        await pipeline.record(ctx)
-        return _failed(envelope, rid, exc)
-    ctx.recorded = False
-    try:
         if hit is not None:
-            await pipeline.record(ctx)
+            await pipeline.end(ctx)
             completion = hit
         else:
             completion = await pipeline.execute(ctx)
     except GatewayError as exc:
+        if exc.status == 429 and not ctx.ended:
+            after = next((v for k, v in exc.headers.items() if k.lower() == "retry-after"), None)
+            return LineOutcome("retry", retry_after_s=float(after or 1))
+        ctx.auth = ctx.auth or auth
+        await pipeline.end(ctx, exc)  # a no-op when the pipeline already ended it
         return _failed(envelope, rid, exc)
+    except Exception as exc:
+        ctx.auth = ctx.auth or auth
+        await pipeline.end(ctx, exc)
+        return _failed(envelope, rid, GatewayError(500, "The gateway failed to run this line.", type="api_error",
+                                                   code="internal_error"))
     response = {**envelope, "response": {"status_code": 200, "request_id": rid, "body": completion.body},
                 "error": None}
     return LineOutcome(JobStatus.COMPLETED, response)

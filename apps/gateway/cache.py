@@ -16,18 +16,19 @@ only reproduces plain text.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import orjson
 from django.conf import settings
+
+from apps.core import caches
+from apps.core import redis as core_redis
 
 from .providers.base import Completion, Usage
 
@@ -78,39 +79,22 @@ class MemoryBackend:
 
 
 class RedisBackend:
-    """Redis with a hard deadline on every call. One client per event loop (redis.asyncio
-    connections belong to the loop that opened them)."""
+    """Redis through the process's one client (apps.core.redis: its timeout policy and breaker),
+    with GATEWAY_CACHE_TIMEOUT_S as this cache's own, shorter, deadline."""
 
-    def __init__(self, url: str, timeout_s: float):
-        self.url = url
+    def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def _client(self):
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aioredis.Redis.from_url(
-                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0,
-            )
-            self._clients[loop] = client
-        return client
 
     async def get(self, key: str) -> bytes | None:
-        async with asyncio.timeout(self.timeout_s):
-            return await self._client().get(key)
+        client = core_redis.client()
+        return await core_redis.run(lambda: client.get(key), timeout_s=self.timeout_s)
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        async with asyncio.timeout(self.timeout_s):
-            await self._client().set(key, value, ex=ttl_s)
+        client = core_redis.client()
+        await core_redis.run(lambda: client.set(key, value, ex=ttl_s), timeout_s=self.timeout_s)
 
     def clear(self) -> None:
-        self._clients = weakref.WeakKeyDictionary()
+        pass
 
 
 _backend: MemoryBackend | RedisBackend | None = None
@@ -120,7 +104,7 @@ def backend() -> MemoryBackend | RedisBackend:
     global _backend
     if _backend is None:
         if settings.GATEWAY_CACHE_BACKEND == "redis" and settings.REDIS_URL:
-            _backend = RedisBackend(settings.REDIS_URL, settings.GATEWAY_CACHE_TIMEOUT_S)
+            _backend = RedisBackend(settings.GATEWAY_CACHE_TIMEOUT_S)
         else:
             _backend = MemoryBackend(settings.GATEWAY_CACHE_MAX_ENTRIES)
     return _backend
@@ -132,6 +116,9 @@ def cache_reset() -> None:
     if _backend is not None:
         _backend.clear()
     _backend = None
+
+
+caches.on_reset(cache_reset)
 
 
 # --- policy and key -------------------------------------------------------------------------

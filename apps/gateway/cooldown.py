@@ -13,12 +13,13 @@ per-instance state and never hangs on Redis.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
 
 from django.conf import settings
+
+from apps.core import redis as core_redis
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +102,13 @@ return 1
 
 
 class RedisBackend:
-    """State in Redis, shared by every instance. One client per event loop (clients bind to one)."""
+    """State in Redis, shared by every instance, through the process's one client (apps.core.redis)."""
 
-    def __init__(self, url: str):
-        self.url = url
-        self._clients: dict[int, tuple[asyncio.AbstractEventLoop, object]] = {}
+    def __init__(self):
         self._checked: dict[int, tuple[float, float]] = {}  # id -> (checked at, cooling until), monotonic
 
     def client(self):
-        import redis.asyncio as aioredis
-
-        loop = asyncio.get_running_loop()
-        entry = self._clients.get(id(loop))
-        if entry is None or entry[0] is not loop:
-            for key, (old, _c) in list(self._clients.items()):
-                if old.is_closed():
-                    del self._clients[key]
-            timeout = settings.REDIS_TIMEOUT_S
-            entry = self._clients[id(loop)] = (loop, aioredis.Redis.from_url(
-                self.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False))
-        return entry[1]
+        return core_redis.client()
 
     async def cooling(self, ids: list[int]) -> dict[int, float]:
         """Read from Redis at most every GATEWAY_COOLDOWN_CHECK_CACHE_S per deployment: the
@@ -133,10 +121,21 @@ class RedisBackend:
         stale = [i for i in ids if now - self._checked.get(i, (-1e9, 0.0))[0] >= fresh_for]
         if stale:
             client = self.client()
-            async with client.pipeline(transaction=False) as pipe:
+
+            async def read():
+                async with client.pipeline(transaction=False) as pipe:
+                    for i in stale:
+                        pipe.pttl(f"{PREFIX}cool:{i}")
+                    return await pipe.execute()
+
+            try:
+                ttls = await core_redis.run(read)
+            except core_redis.StateUnavailable:
+                # Unreachable: the last known answers stand until the next check, so a Redis that
+                # is down costs this process one timeout per check period, not one per request.
                 for i in stale:
-                    pipe.pttl(f"{PREFIX}cool:{i}")
-                ttls = await pipe.execute()
+                    self._checked[i] = (now, self._checked.get(i, (0.0, 0.0))[1])
+                raise
             for i, ttl in zip(stale, ttls, strict=True):
                 self._checked[i] = (now, now + ttl / 1000 if ttl and ttl > 0 else 0.0)
         out = {}
@@ -147,20 +146,24 @@ class RedisBackend:
         return out
 
     async def failure_record(self, deployment_id: int) -> bool:
-        result = await self.client().eval(
+        client = self.client()
+        result = await core_redis.run(lambda: client.eval(
             _FAILURE_LUA, 2, f"{PREFIX}fail:{deployment_id}", f"{PREFIX}cool:{deployment_id}",
-            int(_window_s() * 1000), _failures(), int(_cooldown_s() * 1000))
+            int(_window_s() * 1000), _failures(), int(_cooldown_s() * 1000)))
         if result:
             now = time.monotonic()
             self._checked[deployment_id] = (now, now + _cooldown_s())
         return bool(result)
 
     async def quota_take(self, deployment_id: int, minute: int, rpm: int, tpm: int, tokens: int) -> bool:
-        result = await self.client().eval(_QUOTA_LUA, 1, f"{PREFIX}quota:{deployment_id}:{minute}", rpm, tpm, tokens)
+        client = self.client()
+        result = await core_redis.run(lambda: client.eval(_QUOTA_LUA, 1, f"{PREFIX}quota:{deployment_id}:{minute}",
+                                                          rpm, tpm, tokens))
         return bool(result)
 
     async def quota_adjust(self, deployment_id: int, minute: int, tokens: int) -> None:
-        await self.client().hincrby(f"{PREFIX}quota:{deployment_id}:{minute}", "t", tokens)
+        client = self.client()
+        await core_redis.run(lambda: client.hincrby(f"{PREFIX}quota:{deployment_id}:{minute}", "t", tokens))
 
 
 _local = LocalBackend()
@@ -172,8 +175,8 @@ def _backend() -> LocalBackend | RedisBackend:
     global _redis
     if not settings.REDIS_URL:
         return _local
-    if _redis is None or _redis.url != settings.REDIS_URL:
-        _redis = RedisBackend(settings.REDIS_URL)
+    if _redis is None:
+        _redis = RedisBackend()
     return _redis
 
 
@@ -182,11 +185,9 @@ async def _call(method: str, *args):
     backend = _backend()
     if backend is _local:
         return await getattr(_local, method)(*args)
-    import redis
-
     try:
         return await getattr(backend, method)(*args)
-    except (TimeoutError, redis.RedisError, OSError) as exc:
+    except core_redis.StateUnavailable as exc:
         global _warned_at
         if time.monotonic() - _warned_at > 60:
             _warned_at = time.monotonic()

@@ -1,16 +1,20 @@
 """The request pipeline: one explicit, ordered path shared by sync, streaming, async and batch.
 
-    authenticate -> validate -> route -> cache lookup -> admit -> call -> settle -> usage event -> respond
+    authenticate -> validate -> attribute -> route -> cache lookup -> admit
+        -> call -> settle -> usage event -> respond
 
 Each step is a small function over a request context (`Ctx`). `prepare` runs the steps up to and
-including admission; `execute` calls the provider and settles; `finish` writes the ledger row.
-A request that fails after authentication still gets its ledger row, and the row is written
-before the response completes, so no 2xx ever lacks one.
+including admission; `execute` and `stream_events` call the provider. Whatever happens after
+authentication, a request ends in exactly one place, `end`: its budget hold (apps.billing.budgets)
+is settled with the actual cost or released, and its ledger row is written, concurrently, before
+the response completes (a stream's `[DONE]` is sent only after its row is durable). Provider
+errors, any other exception, a cancelled view and a client that goes away all end there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,8 +29,10 @@ from django.utils import timezone
 from apps.analytics.metrics import UNKNOWN_MODEL, usage_observe
 from apps.analytics.services import usage_event_record
 from apps.billing import alerts
+from apps.billing.budgets import Hold
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
+from apps.core import redis as core_redis
 from apps.core.db import db_sync
 from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
@@ -36,11 +42,13 @@ from . import admission, cache, router, schemas
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import Completion, Usage, adapter_for
 from .providers.base import ProviderError
-from .selectors import AliasRoute, DeploymentRoute, routing_table
-from .tokens import estimate_messages, estimate_text, text_of
+from .selectors import AliasRoute, DeploymentRoute, TenantPolicy, routing_table, tenant_policy
+from .tokens import estimate_text, text_of
 
-CHAT = "chat"
-EMBEDDINGS = "embeddings"
+log = logging.getLogger(__name__)
+
+CHAT = schemas.CHAT
+EMBEDDINGS = schemas.EMBEDDINGS
 MODELS = "models"
 ENDPOINT_PATHS = {CHAT: "/v1/chat/completions", EMBEDDINGS: "/v1/embeddings", MODELS: "/v1/models"}
 
@@ -58,17 +66,22 @@ class Ctx:
     timestamp: datetime = field(default_factory=timezone.now)
     started: float = field(default_factory=time.perf_counter)
     auth: KeyAuth | None = None
-    body: dict = field(default_factory=dict)
-    options: schemas.GatewayOptions = field(default_factory=schemas.GatewayOptions)
-    model: str = ""
-    stream: bool = False
-    include_usage: bool = False
+    request: schemas.GatewayRequest | None = None
     is_async: bool = False
     batch_id: str = ""
+    # attribution: the source the request books on (the key's, or the one a tenant-wide key named)
+    source_id: int | None = None
+    source_name: str = ""
+    source_type: str = ""
+    budget_id: str = ""
     alias: AliasRoute | None = None
     candidates: list[DeploymentRoute] = field(default_factory=list)
     price: PriceInfo | None = None
-    admission: admission.Admission | None = None
+    policy: TenantPolicy | None = None
+    completion_bound: int = 0
+    send_max_tokens: int | None = None  # the max_tokens the upstream is sent, when admission set one
+    cache_key: str = ""  # computed at lookup
+    hold: Hold | None = None
     deployment: DeploymentRoute | None = None
     attempts: int = 0
     cached: bool = False
@@ -77,24 +90,61 @@ class Ctx:
     saved_cost: Decimal = Decimal(0)
     status: int = 200
     error_code: str = ""
+    ended: bool = False
     recorded: bool = False
-    cache_key: str = ""  # computed at lookup, before admission may change max_tokens
     headers: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
-    cache_key: str = ""  # set by the cache lookup, before admission may change the body
+    retry_rate_limited: bool = False  # a batch line: a 429 of our limiter is retried later, not recorded
+
+    @property
+    def body(self) -> dict:
+        return self.request.body
+
+    @property
+    def options(self) -> schemas.GatewayOptions:
+        return self.request.options if self.request else schemas.GatewayOptions()
+
+    @property
+    def model(self) -> str:
+        return self.alias.alias if self.alias else (self.request.model if self.request else "")
+
+    @property
+    def stream(self) -> bool:
+        return self.request is not None and self.request.stream
+
+    @property
+    def include_usage(self) -> bool:
+        return self.request is not None and self.request.include_usage
 
     @property
     def metadata(self) -> schemas.GatewayMetadata:
         return self.options.metadata or schemas.GatewayMetadata()
 
     @property
-    def budget_id(self) -> str:
-        return self.metadata.budget_id or (self.auth.default_budget_id if self.auth else "")
-
-    @property
     def priority(self) -> int:
         return self.metadata.priority if self.metadata.priority is not None else 5
+
+    def plan(self) -> dict:
+        """What admission decided, for the worker that runs this request later (async): it takes
+        these as they are and derives nothing again."""
+        return {"request": self.request.to_dict(), "hold": self.hold.hand_over() if self.hold else None,
+                "timestamp": self.timestamp.isoformat(), "completion_bound": self.completion_bound,
+                "send_max_tokens": self.send_max_tokens, "cache_key": self.cache_key,
+                "source": [self.source_id, self.source_name, self.source_type], "budget_id": self.budget_id,
+                "headers": self.headers}
+
+    def resume(self, plan: dict) -> None:
+        """The inverse of `plan`, in the worker (the hold is taken over, not taken again)."""
+        self.request = schemas.GatewayRequest.from_dict(plan["request"])
+        self.hold = Hold.from_dict(plan["hold"]) if plan.get("hold") else None
+        self.timestamp = datetime.fromisoformat(plan["timestamp"])
+        self.completion_bound = plan["completion_bound"]
+        self.send_max_tokens = plan["send_max_tokens"]
+        self.cache_key = plan["cache_key"]
+        self.source_id, self.source_name, self.source_type = plan["source"]
+        self.budget_id = plan["budget_id"]
+        self.is_async = True
 
 
 # --- steps ----------------------------------------------------------------------------------
@@ -135,59 +185,77 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
 
 
 def validate(ctx: Ctx, data: dict | bytes) -> None:
-    """Validate and normalise the body (raw JSON or parsed, in OpenAI's or the seed's shape)."""
-    if isinstance(data, bytes | bytearray):
-        data = schemas.parse_json(data)
-    if ctx.kind == EMBEDDINGS:
-        body, options = schemas.embeddings_body(data)
-    elif "request" in data and "messages" not in data:
-        body, options = schemas.seed_envelope(data)
-    else:
-        body, options = schemas.chat_body(data)
-    ctx.body, ctx.options = body, options
-    ctx.model = body["model"]
-    ctx.stream = bool(body.get("stream"))
-    ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    """Parse the body once into the typed request (raw JSON or parsed, OpenAI's or the seed's shape)."""
+    ctx.request = schemas.parse_request(ctx.kind, data)
     # A worker may have set these already (a Batches API line is async with the batch's id).
-    ctx.is_async = ctx.is_async or bool(options.async_)
-    ctx.batch_id = ctx.batch_id or options.batch_id or ""
+    ctx.is_async = ctx.is_async or bool(ctx.options.async_)
+    ctx.batch_id = ctx.batch_id or ctx.options.batch_id or ""
+
+
+def attribute(ctx: Ctx, policy: TenantPolicy) -> None:
+    """Who the request books on. A key bound to a source may name only that source; a tenant-wide
+    key may name any declared source of its tenant (whose limits and budgets then apply). A
+    `metadata.budget_id` must name a declared budget unless the tenant allows free-form ids, and a
+    key whose default budget id is binding may name no other."""
+    auth, meta = ctx.auth, ctx.metadata
+    named, named_type = meta.source_id, meta.source_type
+    if auth.source_id is not None:
+        if (named and named != auth.source_name) or (named_type and named_type != auth.source_type):
+            raise permission_denied(
+                f"This API key books on the {auth.source_type} '{auth.source_name}' and may not name "
+                f"{'the source ' + repr(named) if named and named != auth.source_name else 'another source type'}.",
+                code="source_mismatch", param="metadata.source_id")
+        ctx.source_id, ctx.source_name, ctx.source_type = auth.source_id, auth.source_name, auth.source_type
+    elif named:
+        found = policy.sources.get(named)
+        if found is None or (named_type and named_type != found[1]):
+            raise permission_denied(f"'{named}' is not a declared {named_type or 'source'} of this tenant.",
+                                    code="source_mismatch", param="metadata.source_id")
+        ctx.source_id, ctx.source_name, ctx.source_type = found[0], named, found[1]
+    else:
+        ctx.source_type = named_type or "application"
+    asked = meta.budget_id
+    if asked and auth.budget_id_binding and auth.default_budget_id and asked != auth.default_budget_id:
+        raise permission_denied(f"This API key books on budget id '{auth.default_budget_id}' only.",
+                                code="budget_id_not_allowed", param="metadata.budget_id")
+    if asked and not auth.allow_freeform_budget_ids and asked not in policy.budget_ids:
+        raise invalid_request(f"Unknown budget_id '{asked}': this tenant declares no such budget (ask an admin to "
+                              "add it, or to allow free-form budget ids).", param="metadata.budget_id",
+                              code="unknown_budget_id")
+    ctx.budget_id = asked or auth.default_budget_id
 
 
 async def route(ctx: Ctx) -> None:
     """Alias -> deployments in the order to try them, and the price in force."""
     table = await routing_table()
-    alias = table.aliases.get(ctx.model)
-    auto = alias is None and ctx.model == router.AUTO
+    model = ctx.request.model
+    alias = table.aliases.get(model)
+    auto = alias is None and model == router.AUTO
     if auto:
         alias = await router.auto_alias(ctx, table)
-        ctx.model = alias.alias
         ctx.headers["x-gateway-model"] = alias.alias
     if alias is None:
-        raise model_not_found(ctx.model)
-    if not ctx.auth.may_use_model(ctx.model):
-        raise permission_denied(f"This API key may not use the model `{ctx.model}`.", param="model")
+        raise model_not_found(model)
+    if not ctx.auth.may_use_model(alias.alias):
+        raise permission_denied(f"This API key may not use the model `{alias.alias}`.", param="model")
     if ctx.kind == EMBEDDINGS and not alias.supports_embeddings:
-        raise invalid_request(f"The model `{ctx.model}` does not offer embeddings.", param="model",
+        raise invalid_request(f"The model `{alias.alias}` does not offer embeddings.", param="model",
                               code="model_not_embedding")
     ctx.alias = alias
     ctx.candidates = await router.candidates(ctx, alias, strategy="cheapest" if auto else None)
     ctx.price = price_in_force(list(alias.prices), ctx.timestamp)
     if ctx.price is None and not ctx.auth.allow_unpriced_models:
         raise invalid_request(
-            f"The model `{ctx.model}` has no price, and this tenant does not allow unpriced models.",
+            f"The model `{alias.alias}` has no price, and this tenant does not allow unpriced models.",
             param="model", code="model_not_priced",
         )
     if ctx.price is None:  # allowed, so recorded at $0 with its tokens, and the tenant is alerted
         await alerts.unpriced_model_observed(tenant_id=ctx.auth.tenant_id, tenant_timezone=ctx.auth.tenant_timezone,
-                                             model=ctx.model, at=ctx.timestamp)
-
-
-async def admit(ctx: Ctx) -> None:
-    ctx.admission = await admission.admit(ctx)
-    ctx.headers.update(ctx.admission.headers)
+                                             model=alias.alias, at=ctx.timestamp)
 
 
 def _cost(ctx: Ctx, usage: Usage) -> Decimal:
+    """The provider-billed cost: a batch price only where the provider billed one."""
     if ctx.price is None:
         return Decimal(0)
     return cost_compute(
@@ -196,31 +264,55 @@ def _cost(ctx: Ctx, usage: Usage) -> Decimal:
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
         cache_write_tokens=usage.cache_write_tokens,
-        batch=bool(ctx.batch_id) and ctx.is_async,
+        batch=getattr(usage, "batch_priced", False),
     )
 
 
-async def settle(ctx: Ctx) -> None:
-    ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
-    await admission.settle(ctx)
+def _error_of(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, GatewayError):
+        return exc.status, exc.code or exc.type
+    if isinstance(exc, asyncio.CancelledError):
+        return 499, "client_disconnected"
+    if isinstance(exc, ProviderError):
+        return 502, exc.code
+    return 500, "internal_error"
 
 
-async def settle_and_record(ctx: Ctx) -> None:
-    """settle and usage event at once: the ledger row needs only the cost, not the counters, so
-    the Redis round trip of the settle and the ledger commit overlap instead of adding up. Both
-    always run to the end; the first error, if any, is raised after."""
-    ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
-    results = await asyncio.gather(admission.settle(ctx), record(ctx), return_exceptions=True)
+async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
+    """The one place a request ends: its hold is settled with the actual cost (anything produced,
+    a partial stream included, is billed) or released, and its ledger row is written, at once.
+    Both always run to the end; then a failure to make the row durable is raised (the caller must
+    not answer 2xx without it). Safe to call again: only the first call acts."""
+    if ctx.ended or ctx.auth is None:
+        return
+    if ctx.retry_rate_limited and isinstance(exc, GatewayError) and exc.code == "rate_limit_exceeded" \
+            and ctx.hold is None:
+        return  # nothing was taken, and the same request id runs again later
+    ctx.ended = True
+    if exc is not None:
+        ctx.status, ctx.error_code = _error_of(exc)
+        if ctx.status == 500:
+            log.error("request %s failed", ctx.request_id, exc_info=(type(exc), exc, exc.__traceback__))
+    if not ctx.cached:
+        ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
+    hold, ctx.hold = ctx.hold, None
+    if hold is None:
+        await record(ctx)
+        return
+    if ctx.usage is not None and not ctx.cached:
+        tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
+        exit_ = hold.settle(cost_usd=ctx.cost, tokens=tokens)
+    else:
+        exit_ = hold.release()
+    results = await asyncio.gather(exit_, record(ctx), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
 
 
 async def record(ctx: Ctx) -> None:
-    """Write the ledger row (once). Needs an authenticated tenant; earlier failures have none."""
-    if ctx.recorded or ctx.auth is None:
-        return
-    ctx.recorded = True
+    """Write the ledger row; `ctx.recorded` only once usage_event_record says it is durable
+    (committed, or journaled on local disk while the database is away)."""
     usage = ctx.usage or Usage()
     meta = ctx.metadata
     d = ctx.deployment
@@ -230,11 +322,11 @@ async def record(ctx: Ctx) -> None:
         timestamp=ctx.timestamp,
         tenant_id=ctx.auth.tenant_id,
         api_key_id=ctx.auth.key_id,
-        source_id=ctx.auth.source_id,
-        source_type=meta.source_type or ctx.auth.source_type,
-        source_ref=meta.source_id or ctx.auth.source_name,
+        source_id=ctx.source_id if ctx.request is not None else ctx.auth.source_id,
+        source_type=ctx.source_type or meta.source_type or ctx.auth.source_type or "application",
+        source_ref=ctx.source_name or ctx.auth.source_name,
         request_type=ctx.kind,
-        model=ctx.model,
+        model=ctx.model if ctx.alias else (ctx.request.model if ctx.request else ""),
         deployment_id=d.id if d else None,
         provider=d.provider_name if d else "",
         upstream_model=d.target.upstream_model if d else "",
@@ -259,27 +351,11 @@ async def record(ctx: Ctx) -> None:
         priority=ctx.priority,
         estimated=usage.estimated,
     )
+    ctx.recorded = True
     usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms,
                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=ctx.cost,
                   saved_cost=ctx.saved_cost, cached=ctx.cached, provider=d.provider_name if d else "",
                   error_code=ctx.error_code)
-
-
-async def fail(ctx: Ctx, exc: GatewayError) -> None:
-    """A request that ends in an error: release its hold and record it."""
-    ctx.status = exc.status
-    ctx.error_code = exc.code or exc.type
-    if ctx.admission is not None:
-        await admission.release(ctx)
-        ctx.admission = None
-    await record(ctx)
-
-
-async def abandoned(ctx: Ctx) -> None:
-    """The client went away (the view was cancelled) before the answer: release the hold at once
-    rather than when it expires, and record the request (499). Re-raise the CancelledError after."""
-    await fail(ctx, GatewayError(499, "The client closed the request before the answer.", type="api_error",
-                                 code="client_disconnected"))
 
 
 # --- runs -----------------------------------------------------------------------------------
@@ -287,29 +363,37 @@ async def abandoned(ctx: Ctx) -> None:
 
 async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
                   auth: KeyAuth | None = None) -> Completion | None:
-    """authenticate -> validate -> route -> cache lookup -> admit. Returns a cache hit, if any.
-    A worker running work accepted earlier passes the key's `auth` (re-read by id) instead."""
+    """authenticate -> validate -> attribute -> route -> cache lookup -> admit. Returns a cache hit,
+    if any (not yet recorded: `end` records it). A worker running work accepted earlier passes the
+    key's `auth` (re-read by id) instead of a header. A failure after authentication ends the
+    request (its ledger row) before it is raised."""
+    core_redis.request_begin()
     if auth is None:
         await authenticate(ctx, authorization)
     else:
         ctx.auth = auth
     try:
         validate(ctx, data)
+        policy = await tenant_policy(ctx.auth.tenant_id)
+        attribute(ctx, policy)
         await route(ctx)
         hit = await cache.lookup(ctx)
         if hit is not None:
             ctx.cached, ctx.usage = True, hit.usage
             ctx.saved_cost = _cost(ctx, hit.usage)
             return hit
-        await admit(ctx)
-    except GatewayError as exc:
-        await fail(ctx, exc)
+        ctx.hold = await admission.admit(ctx, policy)
+    except BaseException as exc:
+        await end(ctx, exc)
         raise
     return None
 
 
 def _upstream_body(ctx: Ctx, deployment: DeploymentRoute) -> dict:
     body = {**ctx.body, "model": deployment.target.upstream_model}
+    if ctx.send_max_tokens is not None and ctx.kind == CHAT:
+        body.pop("max_completion_tokens", None)
+        body["max_tokens"] = ctx.send_max_tokens
     if not ctx.stream:
         body.pop("stream", None)
         body.pop("stream_options", None)
@@ -318,10 +402,9 @@ def _upstream_body(ctx: Ctx, deployment: DeploymentRoute) -> dict:
 
 def _estimate_usage(ctx: Ctx, completion_text: str) -> Usage:
     if ctx.kind == EMBEDDINGS:
-        inputs = ctx.body["input"] if isinstance(ctx.body["input"], list) else [ctx.body["input"]]
-        return Usage(prompt_tokens=sum(estimate_text(str(i)) for i in inputs), estimated=True)
-    return Usage(prompt_tokens=estimate_messages(ctx.body["messages"]),
-                 completion_tokens=estimate_text(completion_text), estimated=True)
+        return Usage(prompt_tokens=ctx.request.token_estimate, estimated=True)
+    return Usage(prompt_tokens=ctx.request.token_estimate, completion_tokens=estimate_text(completion_text),
+                 estimated=True)
 
 
 async def execute(ctx: Ctx) -> Completion:
@@ -336,20 +419,18 @@ async def execute(ctx: Ctx) -> Completion:
 
     try:
         completion = await router.call_with_fallbacks(ctx, invoke)
-    except GatewayError as exc:
-        await fail(ctx, exc)
+        if completion.usage.estimated:
+            text = ""
+            if ctx.kind == CHAT:
+                text = "".join(text_of((c.get("message") or {}).get("content"))
+                               for c in completion.body.get("choices", []))
+            completion.usage = _estimate_usage(ctx, text)
+        ctx.usage = completion.usage
+        await cache.store(ctx, completion)
+    except BaseException as exc:
+        await end(ctx, exc)
         raise
-    except asyncio.CancelledError:
-        await abandoned(ctx)
-        raise
-    if completion.usage.estimated:
-        text = ""
-        if ctx.kind == CHAT:
-            text = "".join(text_of((c.get("message") or {}).get("content")) for c in completion.body.get("choices", []))
-        completion.usage = _estimate_usage(ctx, text)
-    ctx.usage = completion.usage
-    await cache.store(ctx, completion)
-    await settle_and_record(ctx)
+    await end(ctx)
     return completion
 
 
@@ -357,7 +438,7 @@ async def run(ctx: Ctx, authorization: str | None, data: dict | bytes) -> Comple
     """The whole pipeline for a non-streaming request (sync view, async worker, batch line)."""
     hit = await prepare(ctx, authorization, data)
     if hit is not None:
-        await record(ctx)
+        await end(ctx)
         return hit
     return await execute(ctx)
 
@@ -387,12 +468,65 @@ async def open_stream(ctx: Ctx) -> tuple[dict | None, AsyncIterator[dict]]:
 
     try:
         return await router.call_with_fallbacks(ctx, invoke)
-    except GatewayError as exc:
-        await fail(ctx, exc)
+    except BaseException as exc:
+        await end(ctx, exc)
         raise
-    except asyncio.CancelledError:
-        await abandoned(ctx)
-        raise
+
+
+def _chunk_usage(chunk: dict) -> Usage | None:
+    """The usage an adapter parsed for this chunk (`_gateway_usage`, its own parser), else the
+    OpenAI-shaped `usage` of an OpenAI-style stream."""
+    parsed = chunk.pop("_gateway_usage", None)
+    if parsed is not None:
+        return parsed
+    return Usage.from_openai(chunk.get("usage")) if chunk.get("usage") else None
+
+
+class StreamStalled(ProviderError):
+    pass
+
+
+async def _next_chunk(agen: AsyncIterator[dict]) -> dict | None:
+    """The next upstream chunk, or None at the end; a stream silent for GATEWAY_STREAM_IDLE_TIMEOUT_S
+    between chunks has stalled."""
+    try:
+        async with asyncio.timeout(settings.GATEWAY_STREAM_IDLE_TIMEOUT_S):
+            return await anext(agen, None)
+    except TimeoutError:
+        raise StreamStalled(f"The upstream sent nothing for {settings.GATEWAY_STREAM_IDLE_TIMEOUT_S:g}s; the stream "
+                            "was ended.", code="upstream_stream_stalled")
+
+
+class EventStream:
+    """The SSE body of a streamed response. Its generator ends the request (`end`) before `[DONE]`;
+    `close()` (Django closes every response) ends a request whose body was never iterated, or
+    stops one the client left mid-way, so the hold and the ledger row never wait on luck."""
+
+    _pending: set = set()
+
+    def __init__(self, ctx: Ctx, events: AsyncIterator[bytes], upstream: AsyncIterator[dict] | None = None):
+        self.ctx = ctx
+        self._events = events
+        self._upstream = upstream
+
+    def __aiter__(self):
+        return self._events.__aiter__()
+
+    def close(self) -> None:
+        if self.ctx.ended:
+            return
+        task = asyncio.get_running_loop().create_task(self._abandon())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _abandon(self) -> None:
+        await self._events.aclose()  # a started generator ends the request in its `finally`
+        if not self.ctx.ended:
+            try:
+                await end(self.ctx, asyncio.CancelledError())
+            finally:
+                if self._upstream is not None:
+                    await self._upstream.aclose()
 
 
 async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict]) -> AsyncIterator[bytes]:
@@ -406,12 +540,13 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
     recorder = cache.StreamRecorder(ctx)
     try:
         while chunk is not None:
+            found = _chunk_usage(chunk)
             recorder.add(chunk)
-            if chunk.get("usage"):
-                usage = Usage.from_openai(chunk["usage"])
+            if found is not None:
+                usage = found
                 if not chunk.get("choices"):
                     usage_chunk = chunk
-                    chunk = await anext(agen, None)
+                    chunk = await _next_chunk(agen)
                     continue
                 if not ctx.include_usage:
                     chunk = {k: v for k, v in chunk.items() if k != "usage"}
@@ -420,27 +555,32 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
                 if piece:
                     produced.append(piece)
             yield sse(chunk)
-            chunk = await anext(agen, None)
+            chunk = await _next_chunk(agen)
         ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
         await recorder.store(ctx.usage)
-        await settle_and_record(ctx)
+        await end(ctx)
         if ctx.include_usage:
             yield sse(usage_chunk or {"id": first.get("id") if first else ctx.request_id,
                                       "object": "chat.completion.chunk", "created": int(time.time()),
                                       "model": ctx.model, "choices": [], "usage": ctx.usage.as_openai()})
         yield sse("[DONE]")
     except ProviderError as exc:
-        ctx.status, ctx.error_code = 502, exc.code
         ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
-        await settle(ctx)
-        await record(ctx)
+        await end(ctx, GatewayError(502, exc.message, type="api_error", code=exc.code))
         yield sse({"error": {"message": exc.message, "type": "api_error", "param": None, "code": exc.code}})
-    finally:
-        if not ctx.recorded:  # the client went away mid-stream: bill what was produced
-            ctx.status, ctx.error_code = 499, "client_disconnected"
+    except Exception as exc:
+        # Not the provider's doing (our own failure, or a ledger row that could not be made durable):
+        # bill what was produced, and end without [DONE] so the client knows the answer is incomplete.
+        if not ctx.ended:
             ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
-            await settle(ctx)
-            await record(ctx)
+            await end(ctx, exc)
+        log.error("stream %s failed", ctx.request_id, exc_info=True)
+        yield sse({"error": {"message": "The gateway failed while streaming this answer.", "type": "api_error",
+                             "param": None, "code": "internal_error"}})
+    finally:
+        if not ctx.ended:  # the client went away mid-stream: bill what was produced
+            ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
+            await end(ctx, asyncio.CancelledError())
         await agen.aclose()
 
 
@@ -458,7 +598,7 @@ async def replay_events(ctx: Ctx, completion: Completion) -> AsyncIterator[bytes
             yield sse({**base, "choices": [{"index": idx, "delta": {"content": message["content"]},
                                             "finish_reason": None}]})
         yield sse({**base, "choices": [{"index": idx, "delta": {}, "finish_reason": choice.get("finish_reason")}]})
-    await record(ctx)
+    await end(ctx)
     if ctx.include_usage:
         yield sse({**base, "choices": [], "usage": completion.usage.as_openai()})
     yield sse("[DONE]")

@@ -33,8 +33,8 @@ from . import cooldown
 from .errors import GatewayError, invalid_request, permission_denied, upstream_error
 from .providers import Completion
 from .providers.base import ProviderError, offers_embeddings
+from .schemas import EMBEDDINGS
 from .selectors import AliasRoute, DeploymentRoute, RoutingTable
-from .tokens import estimate_messages, estimate_text
 
 if TYPE_CHECKING:
     from .pipeline import Ctx
@@ -71,15 +71,11 @@ def _latency_of(d: DeploymentRoute) -> float:
 
 
 def prompt_tokens_estimate(ctx: Ctx) -> int:
-    if "messages" in ctx.body:
-        return estimate_messages(ctx.body["messages"])
-    inputs = ctx.body.get("input")
-    inputs = inputs if isinstance(inputs, list) else [inputs]
-    return sum(estimate_text(str(i)) for i in inputs)
+    return ctx.request.token_estimate
 
 
 def _asked_output(ctx: Ctx) -> int:
-    return int(ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or 0)
+    return int(ctx.send_max_tokens or ctx.request.asked_max_tokens or 0)
 
 
 def _rates(d: DeploymentRoute, alias: AliasRoute, now) -> tuple[Decimal, Decimal] | None:
@@ -174,8 +170,6 @@ async def candidates(ctx: Ctx, alias: AliasRoute, *, strategy: str | None = None
 async def auto_alias(ctx: Ctx, table: RoutingTable) -> AliasRoute:
     """`model: "auto"`: the alias of the cheapest healthy deployment whose context window fits the
     prompt and whose capabilities (chat or embeddings, streaming) fit the request."""
-    from .pipeline import EMBEDDINGS
-
     prompt = prompt_tokens_estimate(ctx)
     asked = _asked_output(ctx)
     output = asked or OUTPUT_ESTIMATE_TOKENS

@@ -1,18 +1,35 @@
 """Request validation: the OpenAI chat-completions and embeddings bodies with our extra fields, and
-the seed's `{"request": {...}}` envelope, normalised to one shape. Errors name the bad field."""
+the seed's `{"request": {...}}` envelope, parsed once into one typed object (`GatewayRequest`).
+Types are strict (`"max_tokens": "5"` or `"stream": "false"` are 400, never passed on as strings),
+strings of ours carry no control characters, and nesting is bounded. Errors name the bad field."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import GatewayError, invalid_request
+from .tokens import estimate_messages, estimate_text, prompt_bytes
+
+MAX_DEPTH = 64  # nesting of objects and arrays in a body; deeper is refused (400)
+CHAT = "chat"
+EMBEDDINGS = "embeddings"
+
+
+def _no_control(value: str | None) -> str | None:
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Label = Annotated[str, AfterValidator(_no_control)]
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
 
 class Message(_Open):
@@ -27,25 +44,25 @@ class StreamOptions(_Open):
 class GatewayMetadata(_Open):
     """The seed's metadata. Other keys are allowed and ignored."""
 
-    source_id: str | None = Field(default=None, max_length=100)
+    source_id: Label | None = Field(default=None, max_length=100)
     source_type: Literal["application", "service"] | None = None
     priority: int | None = Field(default=None, ge=0, le=9)
-    budget_id: str | None = Field(default=None, max_length=100)
+    budget_id: Label | None = Field(default=None, max_length=100)
 
 
 class GatewayOptions(BaseModel):
     """Fields of ours that ride along an OpenAI body; removed before the body goes upstream."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
     metadata: GatewayMetadata | None = None
     cache: bool | None = None
     async_: bool | None = Field(default=None, alias="async")
-    batch_id: str | None = Field(default=None, max_length=100)
-    callback_url: str | None = Field(default=None, max_length=1000)
+    batch_id: Label | None = Field(default=None, max_length=100)
+    callback_url: Label | None = Field(default=None, max_length=1000)
 
 
 class ChatBody(_Open):
-    model: str = Field(min_length=1, max_length=200)
+    model: Label = Field(min_length=1, max_length=200)
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -62,8 +79,8 @@ class ChatBody(_Open):
 
 
 class EmbeddingsBody(_Open):
-    model: str = Field(min_length=1, max_length=200)
-    input: str | list[str] | list[int] | list[list[int]]
+    model: Label = Field(min_length=1, max_length=200)
+    input: str | list[str]
     dimensions: int | None = Field(default=None, ge=1)
     encoding_format: Literal["float", "base64"] | None = None
     user: str | None = None
@@ -101,13 +118,30 @@ def _raise_validation(exc: ValidationError, prefix: str = "") -> None:
 def parse_json(raw: bytes) -> dict:
     if not raw:
         raise invalid_request("The request body is empty; expected a JSON object.")
+    if b"\\u0000" in raw:
+        raise invalid_request("The request body contains a NUL character (\\u0000), which is not allowed.")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise invalid_request(f"The request body is not valid JSON: {exc}.")
     if not isinstance(data, dict):
         raise invalid_request("The request body must be a JSON object.")
+    check_depth(data)
     return data
+
+
+def check_depth(data: Any) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (a body of 1,000 nested lists is an attack, not a prompt)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise invalid_request(f"The request body is nested more than {MAX_DEPTH} levels deep.",
+                                  code="too_deeply_nested")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
 
 
 def split_options(data: dict) -> tuple[dict, GatewayOptions]:
@@ -180,3 +214,72 @@ def seed_envelope(data: dict) -> tuple[dict, GatewayOptions]:
             exc.param = f"{where}.{exc.param}"
             exc.message = exc.message.replace("'", "'" + where + ".", 1)
         raise
+
+
+# --- the one typed request ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class GatewayRequest:
+    """A request parsed once: the upstream body (our fields removed), our options, and the bounds
+    admission needs, computed here and carried as they are into async and batch work."""
+
+    kind: str
+    body: dict
+    options: GatewayOptions = field(default_factory=GatewayOptions)
+    prompt_bound: int = 0  # upper bound of the prompt's tokens (UTF-8 bytes, images counted at most)
+    token_estimate: int = 0  # estimate of the prompt's tokens (TPM limits, fallback usage)
+
+    @property
+    def model(self) -> str:
+        return self.body["model"]
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.body.get("stream_options") or {}).get("include_usage"))
+
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+
+    @property
+    def inputs(self) -> list:
+        value = self.body.get("input")
+        return value if isinstance(value, list) else [value]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "body": self.body, "options": self.options.model_dump(by_alias=True,
+                                                                                          exclude_none=True),
+                "prompt_bound": self.prompt_bound, "token_estimate": self.token_estimate}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GatewayRequest:
+        """A request parsed earlier (stored with async work): nothing is validated or derived again."""
+        return cls(kind=data["kind"], body=data["body"], options=GatewayOptions.model_validate(data["options"]),
+                   prompt_bound=data["prompt_bound"], token_estimate=data["token_estimate"])
+
+
+def parse_request(kind: str, data: dict | bytes) -> GatewayRequest:
+    """Validate a body (raw JSON or parsed, in OpenAI's or the seed's shape) into a GatewayRequest."""
+    if isinstance(data, bytes | bytearray):
+        data = parse_json(data)
+    else:
+        check_depth(data)
+    if kind == EMBEDDINGS:
+        body, options = embeddings_body(data)
+        texts = [str(i) for i in (body["input"] if isinstance(body["input"], list) else [body["input"]])]
+        return GatewayRequest(kind=kind, body=body, options=options,
+                              prompt_bound=sum(len(t.encode()) for t in texts) + 8,
+                              token_estimate=sum(estimate_text(t) for t in texts))
+    if "request" in data and "messages" not in data:
+        body, options = seed_envelope(data)
+    else:
+        body, options = chat_body(data)
+    extra = [body[k] for k in ("tools", "functions", "response_format") if body.get(k)]
+    return GatewayRequest(kind=kind, body=body, options=options,
+                          prompt_bound=prompt_bytes(body["messages"], extra),
+                          token_estimate=estimate_messages(body["messages"]))

@@ -11,9 +11,10 @@ from django.conf import settings
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
-from apps.billing.selectors import PriceInfo, price_versions_by_model
+from apps.billing.selectors import PriceInfo, budget_refs_for_tenant, price_versions_by_model
 from apps.core.db import db_sync
 from apps.keys.crypto import decrypt
+from apps.keys.models import Source
 
 from .models import Deployment, DeploymentHealth, ModelAlias
 from .providers.base import Target
@@ -131,17 +132,20 @@ class TenantPolicy:
     rate_limits: tuple[RateLimitRef, ...]
     budgets: tuple  # of apps.billing.selectors.BudgetRef
     loaded_at: float
+    sources: dict = field(default_factory=dict)  # declared source name -> (id, type)
+    budget_ids: frozenset = frozenset()  # the metadata.budget_id values its budgets declare
 
 
 def tenant_policy_load(tenant_id: int) -> TenantPolicy:
-    from apps.billing.selectors import budget_refs_for_tenant
-
     from .models import RateLimit
 
     limits = tuple(RateLimitRef(scope=r.scope, scope_value=r.scope_value, rpm=r.rpm, tpm=r.tpm)
                    for r in RateLimit.objects.filter(tenant_id=tenant_id))
-    return TenantPolicy(rate_limits=limits, budgets=tuple(budget_refs_for_tenant(tenant_id=tenant_id)),
-                        loaded_at=time.monotonic())
+    budgets = tuple(budget_refs_for_tenant(tenant_id=tenant_id))
+    sources = {name: (sid, kind) for sid, name, kind in
+               Source.objects.filter(tenant_id=tenant_id).values_list("id", "name", "type")}
+    return TenantPolicy(rate_limits=limits, budgets=budgets, loaded_at=time.monotonic(), sources=sources,
+                        budget_ids=frozenset(b.budget_id for b in budgets if b.budget_id))
 
 
 _policies: dict[int, TenantPolicy] = {}
@@ -191,3 +195,25 @@ def deployment_health(*, window: timedelta = timedelta(hours=24)) -> list[Deploy
         )
         for d in rows
     ]
+
+
+def deployments_readiness() -> dict:
+    """The deployments part of /readyz: how many are up, down or never probed."""
+    health = deployment_health()
+    return {"deployments": {"total": len(health), "up": sum(h.ok is True for h in health),
+                            "down": sum(h.ok is False for h in health),
+                            "unprobed": sum(h.ok is None for h in health)}}
+
+
+def model_aliases() -> list[str]:
+    return list(ModelAlias.objects.order_by("alias").values_list("alias", flat=True))
+
+
+def queued_holds() -> list[dict]:
+    """The budget holds stored with async requests no worker has finished (billing puts them back
+    when the budget counters are rebuilt)."""
+    from .models import AsyncRequest, JobStatus
+
+    rows = AsyncRequest.objects.filter(status__in=(JobStatus.QUEUED, JobStatus.RUNNING),
+                                       admission__isnull=False).values_list("admission", flat=True)
+    return [plan["hold"] for plan in rows if isinstance(plan, dict) and plan.get("hold")]

@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.billing.services import budget_upsert, price_set
+from apps.billing.services import prices_sync as billing_prices_sync
 from apps.keys.services import (
     audit_record,
     audited_upsert,
@@ -177,3 +178,14 @@ def deployments_probe(*, timeout_s: float = 20.0) -> list[DeploymentHealth]:
     DeploymentHealth.objects.filter(checked_at__lt=now - PROBE_RETENTION).delete()
     transaction.on_commit(routing_table_invalidate)
     return rows
+
+
+def prices_sync(*, actor: str = "cli", at=None) -> dict[str, str]:
+    """Seed and refresh every alias's price from genai-prices: the references looked up are its
+    deployments' upstream models in routing order (with their provider kind), then the alias."""
+    refs: dict[str, list[tuple[str, str | None]]] = {}
+    for alias in routing_table_load().aliases.values():
+        found = [(d.target.upstream_model, d.target.kind) for d in alias.deployments if d.target.kind != "mock"]
+        first_kind = alias.deployments[0].target.kind if alias.deployments else None
+        refs[alias.alias] = [*found, (alias.alias, first_kind if first_kind != "mock" else None)]
+    return billing_prices_sync(aliases=refs, actor=actor, at=at)

@@ -1,5 +1,6 @@
 """Celery entry points of the data plane: async requests, batches, webhooks and housekeeping.
-Each takes ids, is idempotent, and calls the services in async_requests.py and batches.py."""
+Each takes ids, is idempotent, and calls the services in async_requests.py and batches.py. Those
+modules publish work by name (queues.py) and never import this one."""
 
 from __future__ import annotations
 
@@ -8,28 +9,29 @@ from asgiref.sync import async_to_sync
 from celery import shared_task
 from django.conf import settings
 
-from . import async_requests, batches
+from . import async_requests, batches, queues
 
 
-@shared_task(queue="async", acks_late=True)
+@shared_task(name=queues.ASYNC_RUN, queue="async", acks_late=True)
 def async_request_run(request_id: str) -> None:
     async_requests.async_request_run(request_id=request_id)
 
 
-@shared_task(queue="async", acks_late=True, autoretry_for=(async_requests.WebhookError, httpx.HTTPError),
+@shared_task(name=queues.ASYNC_NOTIFY, queue="async", acks_late=True,
+             autoretry_for=(async_requests.WebhookError, httpx.HTTPError),
              retry_backoff=2, retry_backoff_max=600, retry_jitter=True,
              max_retries=settings.GATEWAY_WEBHOOK_MAX_RETRIES)
 def async_request_notify(request_id: str) -> None:
     async_requests.async_request_notify(request_id=request_id)
 
 
-@shared_task(queue="batch", acks_late=True)
+@shared_task(name=queues.BATCH_START, queue="batch", acks_late=True)
 def batch_start(batch_id: str) -> None:
     for _ in range(batches.batch_start(batch_id=batch_id)):
         batch_lane.apply_async(args=[batch_id])
 
 
-@shared_task(queue="batch", acks_late=True)
+@shared_task(name=queues.BATCH_LANE, queue="batch", acks_late=True)
 def batch_lane(batch_id: str) -> None:
     """One lane of a batch: runs lines one after another; hands over to a fresh task when its time
     budget is spent or the rate limiter asks it to wait; the last lane out finalizes."""
@@ -40,7 +42,7 @@ def batch_lane(batch_id: str) -> None:
     batches.batch_finalize(batch_id=batch_id)
 
 
-@shared_task(queue="batch", acks_late=True)
+@shared_task(name=queues.BATCH_FINALIZE, queue="batch", acks_late=True)
 def batch_finalize(batch_id: str) -> None:
     batches.batch_finalize(batch_id=batch_id)
 

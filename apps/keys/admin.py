@@ -228,10 +228,17 @@ class SourceAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
 # --- keys -----------------------------------------------------------------------------------
 
-def _model_choices():
-    from apps.gateway.models import ModelAlias
+_model_names = None  # set by the gateway app (keys does not know where models come from)
 
-    return [(a, a) for a in ModelAlias.objects.values_list("alias", flat=True)]
+
+def model_names_provider(fn) -> None:
+    """`fn() -> [alias, ...]`: the models a key's access can be limited to."""
+    global _model_names
+    _model_names = fn
+
+
+def _model_choices():
+    return [(a, a) for a in (_model_names() if _model_names else ())]
 
 
 class ApiKeyForm(forms.ModelForm):

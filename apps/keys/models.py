@@ -22,6 +22,9 @@ class Tenant(models.Model):
     # Data residency: when non-empty, requests are only routed to deployments in these regions.
     allowed_regions = models.JSONField(default=list, blank=True)
     allow_unpriced_models = models.BooleanField(default=False)
+    # Off: a request's metadata.budget_id must name a declared budget (scope budget_id), so a typo
+    # cannot escape its budget (400 unknown_budget_id). On: any id is booked as sent.
+    allow_freeform_budget_ids = models.BooleanField(default=False)
     cache_enabled = models.BooleanField(default=True)
     cache_ttl_s = models.PositiveIntegerField(default=3600)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -77,7 +80,9 @@ class ApiKey(models.Model):
     """An API key. Only the HMAC-SHA256 digest of the secret is stored; the secret is shown once."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
-    source = models.ForeignKey(Source, on_delete=models.PROTECT, related_name="api_keys")
+    # The source the key books on; empty: a tenant-wide key, which may name any declared source of
+    # its tenant in metadata.source_id (a bound key may name only its own).
+    source = models.ForeignKey(Source, null=True, blank=True, on_delete=models.PROTECT, related_name="api_keys")
     name = models.CharField(max_length=100)
     digest = models.CharField(max_length=64, unique=True)
     prefix = models.CharField(max_length=16)
@@ -86,6 +91,8 @@ class ApiKey(models.Model):
     rpm = models.PositiveIntegerField(null=True, blank=True)
     tpm = models.PositiveIntegerField(null=True, blank=True)
     default_budget_id = models.CharField(max_length=100, blank=True)
+    budget_id_binding = models.BooleanField(
+        default=False, help_text="The key books on its default budget id only: a request naming another is refused.")
     cache_enabled = models.BooleanField(null=True, blank=True, help_text="Empty: the tenant's default.")
     cache_ttl_s = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the tenant's TTL.")
     expires_at = models.DateTimeField(null=True, blank=True)

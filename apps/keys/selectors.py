@@ -20,7 +20,7 @@ class KeyAuth:
     tenant_id: int
     tenant_slug: str
     tenant_timezone: str
-    source_id: int
+    source_id: int | None  # None: a tenant-wide key
     source_name: str
     source_type: str
     allowed_models: tuple[str, ...]
@@ -28,6 +28,8 @@ class KeyAuth:
     rpm: int | None
     tpm: int | None
     default_budget_id: str
+    budget_id_binding: bool
+    allow_freeform_budget_ids: bool
     cache_enabled: bool
     cache_ttl_s: int
     allowed_regions: tuple[str, ...]
@@ -78,13 +80,15 @@ def _key_auth(key: ApiKey) -> KeyAuth:
         tenant_slug=tenant.slug,
         tenant_timezone=tenant.timezone,
         source_id=key.source_id,
-        source_name=key.source.name,
-        source_type=key.source.type,
+        source_name=key.source.name if key.source_id else "",
+        source_type=key.source.type if key.source_id else "",
         allowed_models=tuple(key.allowed_models or ()),
         allowed_endpoints=tuple(key.allowed_endpoints or ()),
         rpm=key.rpm,
         tpm=key.tpm,
         default_budget_id=key.default_budget_id,
+        budget_id_binding=key.budget_id_binding,
+        allow_freeform_budget_ids=tenant.allow_freeform_budget_ids,
         cache_enabled=tenant.cache_enabled if key.cache_enabled is None else key.cache_enabled,
         cache_ttl_s=key.cache_ttl_s or tenant.cache_ttl_s,
         allowed_regions=tuple(tenant.allowed_regions or ()),

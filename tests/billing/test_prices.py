@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from apps.billing import genai, services
 from apps.billing.models import Price
-from apps.billing.services import prices_sync
+from apps.gateway.services import prices_sync
 from apps.keys.models import AuditLog
 from tests import factories as f
 

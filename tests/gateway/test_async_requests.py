@@ -15,7 +15,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
-from apps.gateway import async_requests
+from apps.gateway import async_requests, queues
 from apps.gateway.models import AsyncRequest
 from tests import factories as f
 from tests.gateway.worker import Worker, broker_reset, wait_for
@@ -127,9 +127,9 @@ def test_more_urgent_requests_run_first(live_gateway, live_setup):
 def test_the_openai_sdk_can_send_an_async_chat_completion(live_gateway, live_setup, monkeypatch):
     import openai
 
-    from apps.gateway import tasks
+    from apps.gateway import queues
 
-    monkeypatch.setattr(tasks.async_request_run, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     client = openai.OpenAI(base_url=f"{live_gateway}/v1", api_key=live_setup.secret, max_retries=0)
 
     raw = client.chat.completions.with_raw_response.create(
@@ -150,10 +150,9 @@ def _post(client, secret, body, path="/v1/requests"):
 def no_broker(monkeypatch):
     """Publishing is the broker's business; these tests look at what the gateway stored."""
     published = []
-    from apps.gateway import tasks
+    from apps.gateway import queues
 
-    monkeypatch.setattr(tasks.async_request_run, "apply_async", lambda *a, **k: published.append((a, k)))
-    monkeypatch.setattr(tasks.async_request_notify, "apply_async", lambda *a, **k: published.append((a, k)))
+    monkeypatch.setattr(queues, "publish", lambda name, *a, **k: published.append((name, a, k)))
     return published
 
 
@@ -182,8 +181,8 @@ def test_async_request_is_admitted_stored_and_published_with_its_priority(client
     assert row.tenant_id == setup.tenant.id
     assert row.priority == 7
     assert row.admission is not None  # what admission took, for the worker to settle or release
-    (args, kwargs), = no_broker
-    assert args == ((row.id,),) or kwargs.get("args") == [row.id]
+    (name, args, kwargs), = no_broker
+    assert (name, args) == (queues.ASYNC_RUN, (row.id,))
     assert kwargs["priority"] == async_requests.celery_priority(7) == 2
     assert not UsageEvent.objects.exists()  # the ledger row comes when the worker has run it
 
@@ -237,25 +236,26 @@ def test_priority_maps_to_celery_priority_most_urgent_first():
     assert [async_requests.celery_priority(p) for p in (0, 5, 9, 42)] == [9, 4, 0, 0]
 
 
-def test_admission_survives_the_trip_through_json():
+def test_a_hold_survives_the_trip_through_json_to_the_worker():
     from datetime import UTC, datetime
     from decimal import Decimal
 
+    from apps.billing.budgets import Hold, HoldPeriod, open_holds
     from apps.billing.selectors import BudgetRef
-    from apps.gateway.admission import Admission, BudgetHold
-    from apps.gateway.state import BudgetCell, LimitCell
+    from apps.core.state import BudgetCell, LimitCell
 
     ref = BudgetRef(id=3, tenant_id=1, name="m", scope="tenant", scope_value="", limit_usd=Decimal("1.5"),
-                    period="monthly", hard=True, shrink_max_tokens=False)
-    adm = Admission(
-        limits=[(LimitCell(key="llms:rl:k1:tpm", limit=1000, cost=42, share=0.8), "tokens")],
-        budgets=[BudgetHold(ref=ref, cell=BudgetCell(key="llms:bud:3:2026-11-01", limit_micros=1_500_000,
-                                                     hold_micros=1234, hard=True, ttl_s=3600),
-                            period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None)],
-        token_estimate=42, headers={"x-ratelimit-limit-requests": "5"})
-    back = async_requests.admission_load(orjson.loads(orjson.dumps(async_requests.admission_dump(adm))))
+                    period="monthly", hard=True, shrink_max_tokens=False, timezone="Europe/Berlin")
+    hold = Hold(request_id="req_x",
+                limits=[LimitCell(key="llms:rl:k1:tpm", limit=1000, cost=42, share=0.8, kind="tokens")],
+                budgets=[HoldPeriod(ref=ref, cell=BudgetCell(key="llms:bud:3:2026-11", limit_micros=1_500_000,
+                                                             hold_micros=1234, hard=True, ttl_s=3600),
+                                    period_start=datetime(2026, 11, 1, tzinfo=UTC), period_end=None)],
+                token_estimate=42, ttl_s=86400)
+    back = Hold.from_dict(orjson.loads(orjson.dumps(hold.to_dict())))
 
-    assert back == adm
+    assert back.to_dict() == hold.to_dict()
+    assert back in open_holds()  # the worker took it over: it owns the exit now
 
 
 def test_webhook_signature_is_hmac_sha256_of_timestamp_and_body():
@@ -272,7 +272,7 @@ def test_an_async_requests_hold_outlives_the_sync_hold_ttl(client, setup, no_bro
     import time
     import types
 
-    from apps.gateway import state as gateway_state
+    from apps.core import state as gateway_state
 
     f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("0.00015"))  # room for one hold of max_tokens=50
     assert _post(client, setup.secret, envelope(setup.alias, max_tokens=50)).status_code == 202

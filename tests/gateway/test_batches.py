@@ -75,7 +75,9 @@ def test_batch_through_the_sdk_completes_with_output_and_error_files(celery_work
     assert set(errors) == {"", "no-messages", "line-0"}  # unparseable, invalid body, duplicate id
     assert errors["no-messages"]["response"]["status_code"] == 400
     assert errors["no-messages"]["response"]["body"]["error"]["param"] == "messages"
-    # Every line is in the ledger, once, under the batch id, async, at the batch discount.
+    # Every line is in the ledger, once, under the batch id, async, at the price the provider billed:
+    # the lines ran as ordinary calls (no provider batch API), so the price's batch discount does not
+    # apply (it did before: spend recorded at half, a hard budget stretched twofold).
     events = UsageEvent.objects.filter(batch_id=batch.id)
     assert events.count() == 27
     assert events.values("request_id").distinct().count() == 27
@@ -83,7 +85,7 @@ def test_batch_through_the_sdk_completes_with_output_and_error_files(celery_work
     assert ok.count() == 24
     assert all(e.is_async for e in events)
     e = ok.first()
-    assert e.cost == (Decimal(e.prompt_tokens * 1 + e.completion_tokens * 2) / 1_000_000 / 2).quantize(e.cost)
+    assert e.cost == (Decimal(e.prompt_tokens * 1 + e.completion_tokens * 2) / 1_000_000).quantize(e.cost)
     assert sdk.batches.list().data[0].id == batch.id
 
 
@@ -193,9 +195,9 @@ def test_upload_rejects_files_over_the_size_and_line_limits(client, setup, setti
 
 @pytest.mark.django_db
 def test_files_and_batches_belong_to_their_tenant(client, setup, monkeypatch):
-    from apps.gateway import tasks
+    from apps.gateway import queues
 
-    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     uploaded = _upload(client, setup.secret, jsonl(setup.alias, 2)).json()
     auth = {"HTTP_AUTHORIZATION": f"Bearer {setup.secret}"}
     created = client.post("/v1/batches", data={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions",
@@ -234,10 +236,10 @@ def test_a_batch_past_its_completion_window_expires_with_the_remaining_lines_in_
 
     from django.utils import timezone
 
-    from apps.gateway import batches, tasks
+    from apps.gateway import batches, queues, tasks
     from apps.keys.selectors import api_key_auth_by_id
 
-    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: None)
     upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
                                  content=jsonl(setup.alias, 3))
@@ -264,11 +266,11 @@ def test_a_batch_past_its_completion_window_expires_with_the_remaining_lines_in_
 @pytest.fixture
 def lane(setup, monkeypatch):
     """A batch of 4 lines, started, whose lanes run in this process when called."""
-    from apps.gateway import batches, tasks
+    from apps.gateway import batches, queues, tasks
     from apps.keys.selectors import api_key_auth_by_id
 
     published = []
-    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: published.append(k))
     upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
                                  content=jsonl(setup.alias, 4))
@@ -284,11 +286,11 @@ def _admit_answers(monkeypatch, answers):
 
     original = admission.admit
 
-    async def admit(ctx):
+    async def admit(ctx, policy):
         answer = answers.pop(0) if answers else None
         if isinstance(answer, GatewayError):
             raise answer
-        return await original(ctx)
+        return await original(ctx, policy)
 
     monkeypatch.setattr(admission, "admit", admit)
 
@@ -333,9 +335,9 @@ def test_a_line_our_rate_limiter_turns_away_waits_and_leaves_no_ledger_row(lane,
 
 
 def test_sdk_lists_and_deletes_files(sdk, live_setup, monkeypatch):
-    from apps.gateway import tasks
+    from apps.gateway import queues
 
-    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     kept = sdk.files.create(file=("a.jsonl", io.BytesIO(jsonl(live_setup.alias, 1))), purpose="batch")
     used = sdk.files.create(file=("b.jsonl", io.BytesIO(jsonl(live_setup.alias, 1))), purpose="batch")
     sdk.batches.create(input_file_id=used.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -372,10 +374,10 @@ def test_lanes_finalizing_together_end_the_batch_once_without_a_database_error(s
 
     from django.db import connection
 
-    from apps.gateway import batches, tasks
+    from apps.gateway import batches, queues, tasks
     from apps.keys.selectors import api_key_auth_by_id
 
-    monkeypatch.setattr(tasks.batch_start, "apply_async", lambda *a, **k: None)
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: None)
     upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
                                  content=jsonl(setup.alias, 3))

@@ -63,7 +63,7 @@ def test_spent_comes_from_the_ledger_of_the_period_and_scope(client, berlin):
         data = get(client, berlin.secret).json()["data"]
 
     assert data == [{
-        "id": budget.id, "object": "budget", "name": "src-monthly", "scope": "source",
+        "id": budget.id, "object": "budget", "name": "src-monthly", "budget_id": None, "scope": "source",
         "scope_value": berlin.source.name, "period": "monthly", "enforcement": "hard", "currency": "USD",
         # admission's counters are whole micro-dollars, rounded up (never below the ledger)
         "limit_usd": "1", "spent_usd": "0.300001", "held_usd": "0",
@@ -90,8 +90,8 @@ def test_needs_a_valid_key(client, berlin):
 
 
 def test_the_same_numbers_for_the_admin_and_the_management_api(berlin):
+    from apps.billing.budgets import budget_statuses_sync
     from apps.billing.models import Budget
-    from apps.billing.selectors import budget_statuses_sync
 
     f.BudgetFactory(tenant=berlin.tenant, name="t", limit_usd=D("2"))
     f.UsageEventFactory(tenant=berlin.tenant, cost=D("0.5"))
@@ -102,8 +102,8 @@ def test_the_same_numbers_for_the_admin_and_the_management_api(berlin):
 
 
 def test_ledger_spend_follows_each_scope(berlin):
+    from apps.analytics.selectors import ledger_cost_sums
     from apps.billing.periods import EPOCH
-    from apps.billing.selectors import budget_spent_from_ledger
 
     t = berlin.tenant
     other_key = f.ApiKeyFactory(tenant=t, source=berlin.source)
@@ -114,9 +114,26 @@ def test_ledger_spend_follows_each_scope(berlin):
 
     def spent(scope, value=""):
         budget = f.BudgetFactory(tenant=t, scope=scope, scope_value=value, period="total")
-        return budget_spent_from_ledger(budget=budget, start=EPOCH, end=None)
+        return ledger_cost_sums(items=[(budget.id, t.id, scope, value, EPOCH, None)])[budget.id]
 
     assert spent("tenant") == D("7")
     assert spent("source", berlin.source.name) == D("3")
     assert spent("key", berlin.key.name) == D("1")
     assert spent("budget_id", "team-red") == D("5")
+
+
+def test_a_budget_id_budget_shows_the_string_a_client_sends(client, berlin):
+    """`GET /v1/budget` names each budget_id budget by the value to send as metadata.budget_id (the
+    integer `id` is not it: sending it back was a 400)."""
+    f.BudgetFactory(tenant=berlin.tenant, name="red team", scope="budget_id", scope_value="team-red")
+    berlin.key.default_budget_id = "team-red"
+    berlin.key.save()
+
+    (item,) = [b for b in get(client, berlin.secret).json()["data"] if b["scope"] == "budget_id"]
+
+    assert item["budget_id"] == "team-red"
+    ok = client.post("/v1/chat/completions", content_type="application/json",
+                     HTTP_AUTHORIZATION=f"Bearer {berlin.secret}",
+                     data={"model": "nope", "messages": [{"role": "user", "content": "x"}],
+                           "metadata": {"budget_id": item["budget_id"]}})
+    assert ok.json()["error"]["code"] == "model_not_found"  # the budget id was accepted; the model is not

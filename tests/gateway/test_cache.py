@@ -157,14 +157,16 @@ def test_memory_backend_evicts_the_least_recently_used():
     assert asyncio.run(run()) == [b"1", None, b"3"]
 
 
-def test_unreachable_redis_is_a_miss_and_the_request_succeeds_fast(client, setup, upstream, monkeypatch):
+def test_unreachable_redis_is_a_miss_and_the_request_succeeds_fast(client, setup, upstream, shared_state_at,
+                                                                   settings):
     port = _free_port()  # nothing listens there
-    monkeypatch.setattr(cache, "_backend", cache.RedisBackend(f"redis://127.0.0.1:{port}/0", timeout_s=0.2))
+    settings.GATEWAY_CACHE_BACKEND, settings.GATEWAY_CACHE_TIMEOUT_S = "redis", 0.2
 
-    started = time.monotonic()
-    first = post(client, setup.secret, chat(setup.alias))
-    second = post(client, setup.secret, chat(setup.alias))
-    elapsed = time.monotonic() - started
+    with shared_state_at(f"redis://127.0.0.1:{port}/0"):
+        started = time.monotonic()
+        first = post(client, setup.secret, chat(setup.alias))
+        second = post(client, setup.secret, chat(setup.alias))
+        elapsed = time.monotonic() - started
 
     assert (first.status_code, second.status_code) == (200, 200)
     assert (first["x-gateway-cache"], second["x-gateway-cache"]) == ("miss", "miss")

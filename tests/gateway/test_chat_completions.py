@@ -39,7 +39,16 @@ def test_chat_completion_relays_upstream_answer_and_records_cost(client, setup, 
     assert event.tenant_id == setup.tenant.id and event.status == 200
 
 
+def _tenant_wide_key_with_crm(setup):
+    """The key books on no source of its own, so it may name the tenant's declared ones."""
+    f.SourceFactory(tenant=setup.tenant, name="crm", type="service")
+    setup.key.source = None
+    setup.key.save()
+
+
 def test_our_fields_are_not_sent_upstream(client, setup, upstream):
+    _tenant_wide_key_with_crm(setup)
+    f.BudgetFactory(tenant=setup.tenant, scope="budget_id", scope_value="b-7", enforcement="soft")
     body = chat(setup.alias, metadata={"budget_id": "b-7", "source_id": "crm"}, cache=False, batch_id="nightly")
     resp = post(client, setup.secret, body)
 
@@ -163,6 +172,8 @@ def test_unpriced_model_is_refused_unless_tenant_allows(client, setup):
 
 
 def test_seed_envelope_runs_the_same_pipeline(client, setup, upstream):
+    _tenant_wide_key_with_crm(setup)
+    f.BudgetFactory(tenant=setup.tenant, scope="budget_id", scope_value="q4", enforcement="soft")
     body = {"request": {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}],
                         "options": {"temperature": 0, "max_tokens": 50},
                         "metadata": {"source_id": "crm", "source_type": "service", "budget_id": "q4"}}}

@@ -7,9 +7,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from apps.billing.services import prices_sync
 from apps.gateway.config_schema import config_parse
-from apps.gateway.services import config_apply
+from apps.gateway.services import config_apply, prices_sync
 from apps.keys import crypto
 from apps.keys.models import ApiKey, Source, Tenant
 from apps.keys.services import audit_record, snapshot

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from apps.billing.services import prices_sync
+from apps.gateway.services import prices_sync
 from apps.keys.services import cli_actor
 
 

@@ -1,0 +1,441 @@
+"""Budgets at run time: their counters, the hold a request takes against them, its one exit
+(settle or release), and `budget_spend`, the one read of what a budget spent and holds that
+admission, `GET /v1/budget`, the dashboard and `/metrics` all use.
+
+The counters (apps.core.state: Redis in production, a shared SQLite file in the embedded mode) are
+a fast copy of the ledger: a counter that is missing is rebuilt from the ledger; a Redis server
+that is not the one the counters were kept on (restarted, failed over, restored from an older
+snapshot) has its budget counters dropped and rebuilt, with the open holds put back, before it
+admits again; and a beat task raises any counter the ledger shows to be low.
+
+A `Hold` is taken once (`hold_take`) and ends exactly once: `settle` (the actual cost) or
+`release` (nothing spent). A second exit raises `HoldEnded`; a hold that is never ended stays in
+`open_holds()` (tests assert it is empty) and expires from the counters after its TTL. A hold can
+be handed to another process (`to_dict` / `Hold.from_dict`: an async request's worker), which
+then owns its exit.
+
+This module takes plain values (tenant time zone, the budgets that apply, request id, the upper
+bound, the TTL); it knows nothing of requests. Rate-limit cells ride along (`limits`) only so
+that every limit and hold is taken in one round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from asgiref.sync import async_to_sync
+from django.utils import timezone
+
+from apps.analytics.selectors import ledger_cost_sums
+from apps.core import caches
+from apps.core import redis as core_redis
+from apps.core.db import db_sync
+from apps.core.money import micros, money_str, usd
+from apps.core.state import (
+    BUDGET_PREFIX,
+    EPOCH_KEY,
+    REBUILD_LOCK,
+    AdmitOutcome,
+    BudgetCell,
+    LimitCell,
+    StateUnavailable,
+    state,
+)
+
+from . import alerts
+from .periods import period_bounds, period_key
+from .selectors import BudgetRef, budget_ref, budgets_for_key
+
+log = logging.getLogger(__name__)
+
+KEY_GRACE = timedelta(days=7)  # a period's counters outlive it this long (late settles)
+
+__all__ = ["Hold", "HoldEnded", "HoldPeriod", "StateUnavailable", "budget_spend", "hold_take", "open_holds"]
+
+
+class HoldEnded(RuntimeError):
+    """A hold was settled or released a second time: a bug in the caller."""
+
+
+@dataclass(slots=True)
+class HoldPeriod:
+    """One budget a hold is taken against, in the period that contains the request."""
+
+    ref: BudgetRef
+    cell: BudgetCell
+    period_start: datetime
+    period_end: datetime | None
+
+
+@dataclass(slots=True)
+class Refusal:
+    """Why `hold_take` did not admit: a rate limit (`index` into `limits`) or a budget (into `budgets`)."""
+
+    reason: str  # rate | budget
+    index: int
+    retry_after_ms: int = 0
+    remaining_micros: int = 0
+    period: HoldPeriod | None = None
+
+
+def budget_periods(*, budgets: list[BudgetRef], at: datetime, hold_micros: int = 0) -> list[HoldPeriod]:
+    out = []
+    for ref in budgets:
+        start, end = period_bounds(period=ref.period, tz=ref.timezone, at=at)
+        ttl = int((end - at + KEY_GRACE).total_seconds()) if end else 0
+        label = period_key(period=ref.period, tz=ref.timezone, at=at)
+        cell = BudgetCell(key=f"{BUDGET_PREFIX}{ref.id}:{label}", limit_micros=micros(ref.limit_usd),
+                          hold_micros=hold_micros, hard=ref.hard, ttl_s=ttl)
+        out.append(HoldPeriod(ref=ref, cell=cell, period_start=start, period_end=end))
+    return out
+
+
+_open: dict[str, Hold] = {}
+
+
+def open_holds() -> list[Hold]:
+    """The holds this process took or took over and has not ended yet."""
+    return list(_open.values())
+
+
+@dataclass(slots=True, eq=False)
+class Hold:
+    request_id: str
+    budgets: list[HoldPeriod] = field(default_factory=list)
+    limits: list[LimitCell] = field(default_factory=list)
+    token_estimate: int = 0
+    ttl_s: int = 900
+    backed: bool = True  # False: admitted without the shared state (a fail-open policy); nothing to end there
+    limit_outcome: list[tuple[int, int]] = field(default_factory=list)  # (remaining, reset_ms) per limit
+    ended: str = ""  # "" while open, then "settled" | "released"
+
+    @property
+    def amount_usd(self) -> Decimal:
+        return usd(max((b.cell.hold_micros for b in self.budgets), default=0))
+
+    def _end(self, how: str) -> bool:
+        """Mark the one exit. False when there is nothing in the shared state to end."""
+        if self.ended:
+            raise HoldEnded(f"hold {self.request_id} was already {self.ended}")
+        self.ended = how
+        _open.pop(self.request_id, None)
+        return self.backed and bool(self.limits or self.budgets)
+
+    async def settle(self, *, cost_usd: Decimal, tokens: int) -> None:
+        """Replace the hold with the actual cost (and the token limits' estimate with `tokens`)."""
+        if not self._end("settled"):
+            return
+        await _close(self, actual_micros=micros(cost_usd) if cost_usd > 0 else 0, tokens=tokens)
+
+    async def release(self) -> None:
+        """Give the whole hold back (and the token estimate): the request cost nothing."""
+        if not self._end("released"):
+            return
+        await _close(self, actual_micros=0, tokens=0)
+
+    def to_dict(self) -> dict:
+        """JSON-safe, so another process (a worker) can take over the exit."""
+        return {
+            "request_id": self.request_id,
+            "budgets": [{
+                "ref": {**{f.name: getattr(h.ref, f.name) for f in fields(BudgetRef)},
+                        "limit_usd": str(h.ref.limit_usd)},
+                "cell": {f.name: getattr(h.cell, f.name) for f in fields(BudgetCell)},
+                "period_start": h.period_start.isoformat(),
+                "period_end": h.period_end.isoformat() if h.period_end else None,
+            } for h in self.budgets],
+            "limits": [{f.name: getattr(c, f.name) for f in fields(LimitCell)} for c in self.limits],
+            "token_estimate": self.token_estimate,
+            "ttl_s": self.ttl_s,
+            "backed": self.backed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Hold:
+        """Take over a hold another process took (it must not end it itself)."""
+        hold = cls(
+            request_id=data["request_id"],
+            budgets=[HoldPeriod(
+                ref=BudgetRef(**{**d["ref"], "limit_usd": Decimal(d["ref"]["limit_usd"])}),
+                cell=BudgetCell(**d["cell"]),
+                period_start=datetime.fromisoformat(d["period_start"]),
+                period_end=datetime.fromisoformat(d["period_end"]) if d["period_end"] else None,
+            ) for d in data.get("budgets", ())],
+            limits=[LimitCell(**d) for d in data.get("limits", ())],
+            token_estimate=data.get("token_estimate", 0),
+            ttl_s=data.get("ttl_s", 900),
+            backed=data.get("backed", True),
+        )
+        _open[hold.request_id] = hold
+        return hold
+
+    def hand_over(self) -> dict:
+        """Give the exit to another process (the dict goes with the work): this one forgets it."""
+        _open.pop(self.request_id, None)
+        return self.to_dict()
+
+
+async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
+    limit_deltas = [(c, tokens - hold.token_estimate) for c in hold.limits if c.kind == "tokens"]
+    try:
+        results = await state().settle(request_id=hold.request_id, limits=limit_deltas,
+                                       budgets=[(h.cell, actual_micros) for h in hold.budgets])
+    except StateUnavailable:
+        # The hold expires by itself; the spend reaches the counter when it is rebuilt or reconciled.
+        log.warning("settle of %s could not reach the shared state; the ledger reconcile will catch up",
+                    hold.request_id)
+        return
+    if actual_micros <= 0:
+        return
+    for period, (before, after) in zip(hold.budgets, results, strict=True):
+        if before < 0:
+            continue
+        await alerts.budget_spend_observed(
+            budget_id=period.ref.id, tenant_id=period.ref.tenant_id, period_start=period.period_start,
+            period_end=period.period_end, limit_usd=period.ref.limit_usd,
+            spent_before=usd(before), spent_after=usd(after),
+        )
+
+
+async def _rebuild(period: HoldPeriod) -> None:
+    spent = await ledger_spend(periods=[period])
+    await state().set_spent(key=period.cell.key, micros=micros(spent[period.ref.id]), ttl_s=period.cell.ttl_s)
+
+
+async def ledger_spend(*, periods: list[HoldPeriod]) -> dict[int, Decimal]:
+    """What the ledger says each budget spent in its period: the truth the counters copy."""
+    items = [(p.ref.id, p.ref.tenant_id, p.ref.scope, p.ref.scope_value, p.period_start, p.period_end)
+             for p in periods]
+    return await db_sync(ledger_cost_sums, items=items)
+
+
+async def hold_take(*, request_id: str, budgets: list[BudgetRef], amount_usd: Decimal, at: datetime,
+                    ttl_s: int, limits: list[LimitCell] = (), token_estimate: int = 0) -> Hold | Refusal:
+    """Take every rate-limit cell and a hold of `amount_usd` on every budget, atomically (one
+    round trip), or nothing. Idempotent by request id. Raises StateUnavailable when the shared
+    state cannot be reached (the caller applies its policy, then may use `hold_unbacked`)."""
+    if request_id in _open:
+        return _open[request_id]
+    periods = budget_periods(budgets=budgets, at=at, hold_micros=micros(amount_usd) if amount_usd > 0 else 0)
+    hold = Hold(request_id=request_id, budgets=periods, limits=list(limits), token_estimate=token_estimate,
+                ttl_s=ttl_s)
+    if not periods and not limits:
+        _open[request_id] = hold
+        return hold
+    backend = state()
+    for _attempt in range(3):
+        outcome: AdmitOutcome = await backend.admit(request_id=request_id, limits=list(limits),
+                                                    budgets=[p.cell for p in periods], hold_ttl_s=ttl_s)
+        if outcome.ok:
+            hold.limit_outcome = outcome.limits
+            _open[request_id] = hold
+            return hold
+        if outcome.reason == "rebuild":
+            await _rebuild(periods[outcome.index])
+            continue
+        period = periods[outcome.index] if outcome.reason == "budget" else None
+        return Refusal(reason=outcome.reason, index=outcome.index, retry_after_ms=outcome.retry_after_ms,
+                       remaining_micros=outcome.remaining_micros, period=period)
+    raise StateUnavailable("budget counters could not be rebuilt")
+
+
+def hold_unbacked(*, request_id: str, ttl_s: int) -> Hold:
+    """A hold for a request admitted without the shared state (fail-open): it still has its one
+    exit, which has nothing to give back."""
+    hold = Hold(request_id=request_id, ttl_s=ttl_s, backed=False)
+    _open[request_id] = hold
+    return hold
+
+
+# --- the one read of spend ------------------------------------------------------------------------
+
+
+async def budget_spend(*, budgets: list[BudgetRef], at: datetime) -> dict[int, tuple[Decimal, Decimal]]:
+    """budget id -> (spent, held) in the period containing `at`, from the counters; the missing
+    ones are rebuilt from the ledger in one query. Without the shared state, the ledger alone."""
+    periods = budget_periods(budgets=budgets, at=at)
+    if not periods:
+        return {}
+    backend = state()
+    try:
+        found = await backend.usage(keys=[p.cell.key for p in periods])
+    except StateUnavailable:
+        found = [(None, 0)] * len(periods)
+    missing = [p for p, (spent, _) in zip(periods, found, strict=True) if spent is None]
+    ledger = await ledger_spend(periods=missing) if missing else {}
+    out: dict[int, tuple[Decimal, Decimal]] = {}
+    for p, (spent, held) in zip(periods, found, strict=True):
+        if spent is None:
+            spent = micros(ledger[p.ref.id])
+            try:
+                await backend.set_spent(key=p.cell.key, micros=spent, ttl_s=p.cell.ttl_s)
+            except StateUnavailable:
+                pass
+        out[p.ref.id] = (usd(spent), usd(held))
+    return out
+
+
+async def budget_counters_reconcile(*, budgets: list[BudgetRef], at: datetime) -> list[tuple[int, Decimal, Decimal]]:
+    """Raise every counter the ledger shows to be low (lost state, a settle that never reached the
+    counters). Returns (budget id, counter, ledger) for each one raised."""
+    periods = budget_periods(budgets=budgets, at=at)
+    if not periods:
+        return []
+    ledger = await ledger_spend(periods=periods)
+    backend = state()
+    raised = []
+    for p in periods:
+        want = micros(ledger[p.ref.id])
+        before = await backend.raise_spent(key=p.cell.key, micros=want, ttl_s=p.cell.ttl_s)
+        if before < 0:
+            raised.append((p.ref.id, Decimal(0), ledger[p.ref.id]))
+    for budget_id, _, amount in raised:
+        log.warning("budget %s: counter below the ledger, raised to %s", budget_id, amount)
+    return raised
+
+
+# --- a Redis server the counters were not kept on ----------------------------------------------------
+
+_durable_sources: list[Callable[[], list[dict]]] = []
+
+
+def durable_holds_source(fn: Callable[[], list[dict]]) -> None:
+    """Register `fn() -> [Hold.to_dict(), ...]`: holds stored with queued work (no process has
+    them open yet); they are put back when the counters are rebuilt."""
+    if fn not in _durable_sources:
+        _durable_sources.append(fn)
+
+
+async def _restore(conn, holds: list[dict]) -> None:
+    backend = state()
+    for data in holds:
+        if not data.get("budgets") or not data.get("backed", True):
+            continue
+        cells = [BudgetCell(**d["cell"]) for d in data["budgets"]]
+        await backend.admit_on(conn, request_id=data["request_id"], budgets=cells, hold_ttl_s=data.get("ttl_s", 900))
+
+
+async def on_new_server(run_id: str, previous: str | None, conn) -> None:
+    """A connection reached a Redis server this process has not validated (apps.core.redis). If
+    the budget counters were not kept on this very server, drop them (they are rebuilt from the
+    ledger as admission needs them) and put back the open holds; every process puts back its own."""
+    cmd = core_redis.conn_command
+    epoch = await cmd(conn, "GET", EPOCH_KEY)
+    epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
+    rebuilt = False
+    if epoch != run_id:
+        token = uuid.uuid4().hex
+        if not await cmd(conn, "SET", REBUILD_LOCK, token, "NX", "PX", "15000"):
+            raise core_redis.NewServer("another process is rebuilding the budget counters")
+        log.warning("redis: budget counters were kept on %s, this server is %s: rebuilding from the ledger",
+                    epoch or "(none)", run_id)
+        cursor = b"0"
+        while True:
+            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_PREFIX}*", "COUNT", "1000")
+            if keys:
+                await cmd(conn, "DEL", *keys)
+            if cursor in (b"0", 0, "0"):
+                break
+        durable = []
+        for source in _durable_sources:
+            durable += await db_sync(source)
+        await _restore(conn, durable)
+        await cmd(conn, "SET", EPOCH_KEY, run_id)
+        await cmd(conn, "DEL", REBUILD_LOCK)
+        rebuilt = True
+    if rebuilt or previous is not None:
+        await _restore(conn, [h.to_dict() for h in _open.values()])
+
+
+def _reset() -> None:
+    _open.clear()
+
+
+caches.on_reset(_reset)
+
+
+# --- status: GET /v1/budget, the admin, the management API and the dashboard --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    id: int
+    name: str
+    scope: str
+    scope_value: str
+    period: str
+    enforcement: str
+    limit_usd: Decimal
+    spent_usd: Decimal
+    held_usd: Decimal
+    remaining_usd: Decimal
+    period_start: datetime  # in the tenant's time zone
+    resets_at: datetime | None  # None: a `total` budget never resets
+    timezone: str
+    tenant_id: int = 0
+
+    @property
+    def budget_id(self) -> str | None:
+        """The value a client sends as `metadata.budget_id` to book on this budget."""
+        return self.scope_value if self.scope == "budget_id" else None
+
+    @property
+    def utilisation(self) -> Decimal:
+        return (self.spent_usd / self.limit_usd) if self.limit_usd > 0 else Decimal(0)
+
+    def as_json(self) -> dict:
+        """Money as decimal strings (exact), datetimes ISO 8601 with the tenant's UTC offset."""
+        return {
+            "id": self.id, "object": "budget", "name": self.name, "budget_id": self.budget_id,
+            "scope": self.scope, "scope_value": self.scope_value or None, "period": self.period,
+            "enforcement": self.enforcement, "currency": "USD", "limit_usd": money_str(self.limit_usd),
+            "spent_usd": money_str(self.spent_usd), "held_usd": money_str(self.held_usd),
+            "remaining_usd": money_str(self.remaining_usd),
+            "period_start": self.period_start.isoformat() if self.period != "total" else None,
+            "resets_at": self.resets_at.isoformat() if self.resets_at else None, "timezone": self.timezone,
+        }
+
+
+async def budget_statuses(*, budgets, at: datetime) -> list[BudgetStatus]:
+    """Limit, spent, held, remaining and reset time of each budget (Budget rows, tenants loaded)."""
+    budgets = list(budgets)
+    refs = [budget_ref(b) for b in budgets]
+    spend = await budget_spend(budgets=refs, at=at)
+    out = []
+    for ref in refs:
+        zone = ZoneInfo(ref.timezone)
+        start, end = period_bounds(period=ref.period, tz=ref.timezone, at=at)
+        spent, held = spend.get(ref.id, (Decimal(0), Decimal(0)))
+        out.append(BudgetStatus(
+            id=ref.id, name=ref.name, scope=ref.scope, scope_value=ref.scope_value, period=ref.period,
+            enforcement="hard" if ref.hard else "soft", limit_usd=ref.limit_usd, spent_usd=spent, held_usd=held,
+            remaining_usd=max(Decimal(0), ref.limit_usd - spent - held), period_start=start.astimezone(zone),
+            resets_at=end.astimezone(zone) if end else None, timezone=ref.timezone, tenant_id=ref.tenant_id,
+        ))
+    return out
+
+
+async def budget_statuses_for_key(*, auth, budget_id: str | None = None, at: datetime) -> list[BudgetStatus]:
+    """`GET /v1/budget`: the status of every budget that applies to the key."""
+    budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))
+    return await budget_statuses(budgets=budgets, at=at)
+
+
+def budget_statuses_sync(*, budgets, at: datetime | None = None) -> list[BudgetStatus]:
+    """The same numbers for sync callers (admin, management API, dashboard, /metrics)."""
+    budgets = list(budgets.select_related("tenant") if hasattr(budgets, "select_related") else budgets)
+    return async_to_sync(budget_statuses)(budgets=budgets, at=at or timezone.now())
+
+
+def budget_statuses_for_tenants(*, tenant_ids, at: datetime | None = None) -> list[BudgetStatus]:
+    """Every budget of these tenants (dashboard, /metrics)."""
+    from .models import Budget
+
+    return budget_statuses_sync(budgets=Budget.objects.filter(tenant_id__in=tenant_ids).order_by("tenant_id", "name"),
+                                at=at)

@@ -1,0 +1,475 @@
+"""Shared admission state: rate-limit cells and budget counters, with one Redis backend (atomic
+Lua scripts: admission is one round trip, settle is one) and one SQLite backend with the same
+semantics for the embedded default, shared by the web and worker processes through one file.
+
+Rate limits are sliding-window logs: each admitted request (or its tokens) is an entry that
+counts for exactly 60 s, so no 60-second window ever admits more than the limit.
+
+Budgets are integer micro-dollars: `spent` (settled cost, rebuilt from the ledger when missing),
+`held` (sum of open holds) and the open holds themselves, each with an expiry so the hold of a
+crashed request is given back.
+
+Admission is idempotent by request id: a cell that already has an entry for the request id (the
+same request admitted again, e.g. a batch line run again after its worker died) is not charged a
+second time.
+
+This module knows cells and counters, not what they mean: gateway names the rate limits, billing
+the budgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from . import caches
+from . import redis as core_redis
+from .redis import StateUnavailable
+
+__all__ = ["AdmitOutcome", "BudgetCell", "LimitCell", "StateUnavailable", "state"]
+
+WINDOW_MS = 60_000.0
+BUDGET_PREFIX = "llms:bud:"
+EPOCH_KEY = "llms:state:epoch"  # the Redis run id the budget counters were last validated for
+REBUILD_LOCK = "llms:state:rebuilding"
+
+
+@dataclass(slots=True)
+class LimitCell:
+    key: str
+    limit: int
+    cost: int
+    share: float = 1.0
+    kind: str = "requests"  # requests | tokens
+
+
+@dataclass(slots=True)
+class BudgetCell:
+    key: str
+    limit_micros: int
+    hold_micros: int
+    hard: bool
+    ttl_s: int  # how long the period's keys live (0: forever)
+
+
+@dataclass(slots=True)
+class AdmitOutcome:
+    ok: bool
+    reason: str = ""  # rate | budget | rebuild
+    index: int = -1  # which limit or budget (0-based)
+    retry_after_ms: int = 0
+    remaining_micros: int = 0
+    limits: list[tuple[int, int]] = field(default_factory=list)  # (remaining, reset_ms) per limit
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+_ADMIT = """
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local hold_ttl = tonumber(ARGV[3])
+local nl = tonumber(ARGV[4])
+local nb = tonumber(ARGV[5])
+local force = ARGV[6] == '1'
+local function purge(zkey, hkey, skey, upto)
+  local stale = redis.call('ZRANGEBYSCORE', zkey, '-inf', upto, 'LIMIT', 0, 4000)
+  if #stale > 0 then
+    local amounts = redis.call('HMGET', hkey, unpack(stale))
+    local sum = 0
+    for _, v in ipairs(amounts) do sum = sum + tonumber(v or '0') end
+    redis.call('DECRBY', skey, sum)
+    redis.call('ZREM', zkey, unpack(stale))
+    redis.call('HDEL', hkey, unpack(stale))
+  end
+end
+local a = 7
+local used = {}
+local again = {}
+for i = 1, nl do
+  local k = (i - 1) * 3
+  local limit = tonumber(ARGV[a]); local cost = tonumber(ARGV[a + 1]); local share = tonumber(ARGV[a + 2])
+  a = a + 3
+  purge(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], now - 60000)
+  local u = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+  again[i] = redis.call('HEXISTS', KEYS[k + 2], rid) == 1
+  if again[i] then u = u - cost end
+  if not force and not again[i] and u + cost > math.floor(limit * share + 0.000001) then
+    local oldest = redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')
+    local retry = 1000
+    if oldest[2] then retry = math.max(1, math.ceil(tonumber(oldest[2]) + 60000 - now)) end
+    return {0, 'rate', i, retry, 0}
+  end
+  used[i] = u
+end
+for j = 1, nb do
+  local k = nl * 3 + (j - 1) * 4
+  local limit = tonumber(ARGV[a]); local hold = tonumber(ARGV[a + 1]); local hard = ARGV[a + 2]
+  a = a + 4
+  local spent = redis.call('GET', KEYS[k + 1])
+  if not spent then return {0, 'rebuild', j, 0, 0} end
+  spent = tonumber(spent)
+  purge(KEYS[k + 3], KEYS[k + 4], KEYS[k + 2], now)
+  local held = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
+  local taken = redis.call('HEXISTS', KEYS[k + 4], rid) == 1
+  if not force and not taken and hard == '1' and spent + held + hold > limit then
+    return {0, 'budget', j, 0, limit - spent - held}
+  end
+end
+local out = {1, '', 0, 0, 0}
+a = 7
+for i = 1, nl do
+  local k = (i - 1) * 3
+  local limit = tonumber(ARGV[a]); local cost = tonumber(ARGV[a + 1])
+  a = a + 3
+  if not again[i] then
+    redis.call('ZADD', KEYS[k + 1], now, rid)
+    redis.call('HSET', KEYS[k + 2], rid, cost)
+    redis.call('INCRBY', KEYS[k + 3], cost)
+  end
+  for n = 1, 3 do redis.call('PEXPIRE', KEYS[k + n], 61000) end
+  local oldest = redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')
+  table.insert(out, limit - used[i] - cost)
+  table.insert(out, math.ceil(tonumber(oldest[2]) + 60000 - now))
+end
+for j = 1, nb do
+  local k = nl * 3 + (j - 1) * 4
+  local hold = tonumber(ARGV[a + 1]); local ttl = tonumber(ARGV[a + 3])
+  a = a + 4
+  if hold > 0 and redis.call('HEXISTS', KEYS[k + 4], rid) == 0 then
+    redis.call('INCRBY', KEYS[k + 2], hold)
+    redis.call('ZADD', KEYS[k + 3], now + hold_ttl, rid)
+    redis.call('HSET', KEYS[k + 4], rid, hold)
+  end
+  if ttl > 0 then
+    for n = 1, 4 do redis.call('EXPIRE', KEYS[k + n], ttl) end
+  end
+end
+return out
+"""
+
+_SETTLE = """
+local rid = ARGV[2]
+local nl = tonumber(ARGV[3])
+local nb = tonumber(ARGV[4])
+local a = 5
+for i = 1, nl do
+  local k = (i - 1) * 3
+  local delta = tonumber(ARGV[a])
+  a = a + 2
+  if delta ~= 0 and redis.call('HEXISTS', KEYS[k + 2], rid) == 1 then
+    redis.call('HINCRBY', KEYS[k + 2], rid, delta)
+    redis.call('INCRBY', KEYS[k + 3], delta)
+  end
+end
+local out = {}
+for j = 1, nb do
+  local k = nl * 3 + (j - 1) * 4
+  local actual = tonumber(ARGV[a]); a = a + 1
+  local amount = redis.call('HGET', KEYS[k + 4], rid)
+  if amount then
+    redis.call('DECRBY', KEYS[k + 2], tonumber(amount))
+    redis.call('HDEL', KEYS[k + 4], rid)
+    redis.call('ZREM', KEYS[k + 3], rid)
+  end
+  local before = redis.call('GET', KEYS[k + 1])
+  if before then
+    table.insert(out, tonumber(before))
+    if actual > 0 then
+      table.insert(out, redis.call('INCRBY', KEYS[k + 1], actual))
+    else
+      table.insert(out, tonumber(before))
+    end
+  else
+    table.insert(out, -1)
+    table.insert(out, -1)
+  end
+end
+return out
+"""
+
+
+def _limit_keys(key: str) -> list[str]:
+    return [f"{key}:log", f"{key}:amounts", f"{key}:used"]
+
+
+def _budget_keys(key: str) -> list[str]:
+    return [f"{key}:spent", f"{key}:held", f"{key}:holds", f"{key}:amounts"]
+
+
+_RECONCILE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return tonumber(cur) end
+if cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+elseif tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return -1
+"""
+
+
+def _admit_args(request_id: str, limits: list[LimitCell], budgets: list[BudgetCell], hold_ttl_s: int,
+                force: bool) -> tuple[list[str], list]:
+    keys = [k for c in limits for k in _limit_keys(c.key)] + [k for b in budgets for k in _budget_keys(b.key)]
+    args: list = [time.time() * 1000, request_id, hold_ttl_s * 1000, len(limits), len(budgets), "1" if force else "0"]
+    for c in limits:
+        args += [c.limit, c.cost, c.share]
+    for b in budgets:
+        args += [b.limit_micros, b.hold_micros, "1" if b.hard else "0", b.ttl_s]
+    return keys, args
+
+
+def _outcome(raw) -> AdmitOutcome:
+    ok, reason, index, retry_ms, remaining = int(raw[0]), raw[1], int(raw[2]), int(raw[3]), int(raw[4])
+    if not ok:
+        reason = reason.decode() if isinstance(reason, bytes) else reason
+        return AdmitOutcome(ok=False, reason=reason, index=index - 1, retry_after_ms=retry_ms,
+                            remaining_micros=remaining)
+    return AdmitOutcome(ok=True, limits=[(int(raw[i]), int(raw[i + 1])) for i in range(5, len(raw), 2)])
+
+
+class RedisState:
+    """Every call is one round trip through the process's one Redis client (apps.core.redis)."""
+
+    def __init__(self):
+        self._scripts: dict[int, tuple] = {}
+
+    def _s(self):
+        client = core_redis.client()
+        entry = self._scripts.get(id(client))
+        if entry is None:
+            self._scripts = {id(client): (client, client.register_script(_ADMIT), client.register_script(_SETTLE),
+                                          client.register_script(_RECONCILE))}
+            entry = self._scripts[id(client)]
+        return entry
+
+    async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
+                    hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
+        _, admit_script, _, _ = self._s()
+        keys, args = _admit_args(request_id, limits, budgets, hold_ttl_s, force)
+        return _outcome(await core_redis.run(lambda: admit_script(keys=keys, args=args)))
+
+    async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> None:
+        """Put back an open hold on one raw connection (while a new server is being validated)."""
+        keys, args = _admit_args(request_id, [], budgets, hold_ttl_s, True)
+        await core_redis.conn_command(conn, "EVAL", _ADMIT, len(keys), *keys, *args)
+
+    async def settle(self, *, request_id: str, limits: list[tuple[LimitCell, int]],
+                     budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
+        """Correct token limits by their delta, swap each budget's hold for the actual micros.
+        Returns (spent_before, spent_after) per budget (-1 when its counter is missing)."""
+        _, _, settle_script, _ = self._s()
+        keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
+        args: list = [time.time() * 1000, request_id, len(limits), len(budgets)]
+        for c, delta in limits:
+            args += [delta, c.limit]
+        for _, actual in budgets:
+            args.append(actual)
+        raw = await core_redis.run(lambda: settle_script(keys=keys, args=args))
+        return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
+        client = core_redis.client()
+        await core_redis.run(lambda: client.set(f"{key}:spent", micros, nx=True, ex=ttl_s or None))
+
+    async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
+        """Raise `spent` to at least `micros` (a reconcile with the ledger). Returns the value it
+        had when it was already at least that high, else -1."""
+        _, _, _, reconcile = self._s()
+        return int(await core_redis.run(lambda: reconcile(keys=[f"{key}:spent"], args=[micros, ttl_s])))
+
+    async def usage(self, *, keys: list[str]) -> list[tuple[int | None, int]]:
+        client = core_redis.client()
+
+        async def read():
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(f"{key}:spent")
+                pipe.get(f"{key}:held")
+            return await pipe.execute()
+
+        raw = await core_redis.run(read)
+        return [(int(raw[i]) if raw[i] is not None else None, int(raw[i + 1] or 0)) for i in range(0, len(raw), 2)]
+
+    def reset(self) -> None:
+        self._scripts.clear()
+
+
+# --- embedded: one SQLite file shared by the web and worker processes ---------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS limit_log (key TEXT NOT NULL, rid TEXT NOT NULL, at_ms REAL NOT NULL,
+    cost INTEGER NOT NULL, PRIMARY KEY (key, rid));
+CREATE TABLE IF NOT EXISTS spent (key TEXT PRIMARY KEY, micros INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, rid TEXT NOT NULL, amount INTEGER NOT NULL,
+    expires_ms REAL NOT NULL, PRIMARY KEY (key, rid));
+"""
+
+
+class SqliteState:
+    """The same semantics in a SQLite file (GATEWAY_STATE_PATH) that every process of the embedded
+    mode opens: the web process admits, the worker settles, and both see one set of counters. Each
+    step is one IMMEDIATE transaction (atomic across processes and threads), run off the event loop."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _tx(self, fn):
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return out
+
+    async def _run(self, fn):
+        try:
+            return await asyncio.to_thread(self._tx, fn)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"sqlite: {exc}") from exc
+
+    @staticmethod
+    def _held(db, key: str, now_ms: float) -> int:
+        db.execute("DELETE FROM holds WHERE key = ? AND expires_ms <= ?", (key, now_ms))
+        return db.execute("SELECT COALESCE(SUM(amount), 0) FROM holds WHERE key = ?", (key,)).fetchone()[0]
+
+    async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
+                    hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
+        now = time.time() * 1000
+
+        def step(db) -> AdmitOutcome:
+            used, again = [], []
+            for i, c in enumerate(limits):
+                db.execute("DELETE FROM limit_log WHERE key = ? AND at_ms <= ?", (c.key, now - WINDOW_MS))
+                u = db.execute("SELECT COALESCE(SUM(cost), 0) FROM limit_log WHERE key = ?", (c.key,)).fetchone()[0]
+                mine = db.execute("SELECT cost FROM limit_log WHERE key = ? AND rid = ?",
+                                  (c.key, request_id)).fetchone()
+                again.append(mine is not None)
+                if mine is not None:
+                    u -= mine[0]
+                elif not force and u + c.cost > math.floor(c.limit * c.share + 1e-6):
+                    oldest = db.execute("SELECT MIN(at_ms) FROM limit_log WHERE key = ?", (c.key,)).fetchone()[0]
+                    retry = max(1, math.ceil(oldest + WINDOW_MS - now)) if oldest is not None else 1000
+                    return AdmitOutcome(ok=False, reason="rate", index=i, retry_after_ms=retry)
+                used.append(u)
+            for j, b in enumerate(budgets):
+                row = db.execute("SELECT micros FROM spent WHERE key = ?", (b.key,)).fetchone()
+                if row is None:
+                    return AdmitOutcome(ok=False, reason="rebuild", index=j)
+                held = self._held(db, b.key, now)
+                taken = db.execute("SELECT 1 FROM holds WHERE key = ? AND rid = ?", (b.key, request_id)).fetchone()
+                if not force and not taken and b.hard and row[0] + held + b.hold_micros > b.limit_micros:
+                    return AdmitOutcome(ok=False, reason="budget", index=j,
+                                        remaining_micros=b.limit_micros - row[0] - held)
+            pairs = []
+            for c, u, was in zip(limits, used, again, strict=True):
+                if not was:
+                    db.execute("INSERT INTO limit_log (key, rid, at_ms, cost) VALUES (?, ?, ?, ?)",
+                               (c.key, request_id, now, c.cost))
+                oldest = db.execute("SELECT MIN(at_ms) FROM limit_log WHERE key = ?", (c.key,)).fetchone()[0]
+                pairs.append((c.limit - u - c.cost, math.ceil(oldest + WINDOW_MS - now)))
+            for b in budgets:
+                if b.hold_micros > 0:
+                    db.execute("INSERT OR IGNORE INTO holds (key, rid, amount, expires_ms) VALUES (?, ?, ?, ?)",
+                               (b.key, request_id, b.hold_micros, now + hold_ttl_s * 1000))
+            return AdmitOutcome(ok=True, limits=pairs)
+
+        return await self._run(step)
+
+    async def settle(self, *, request_id: str, limits: list[tuple[LimitCell, int]],
+                     budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
+        def step(db) -> list[tuple[int, int]]:
+            for c, delta in limits:
+                if delta:
+                    db.execute("UPDATE limit_log SET cost = cost + ? WHERE key = ? AND rid = ?",
+                               (delta, c.key, request_id))
+            out = []
+            for b, actual in budgets:
+                db.execute("DELETE FROM holds WHERE key = ? AND rid = ?", (b.key, request_id))
+                row = db.execute("SELECT micros FROM spent WHERE key = ?", (b.key,)).fetchone()
+                if row is None:
+                    out.append((-1, -1))
+                    continue
+                db.execute("UPDATE spent SET micros = micros + ? WHERE key = ?", (actual, b.key))
+                out.append((row[0], row[0] + actual))
+            return out
+
+        return await self._run(step)
+
+    async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
+        await self._run(lambda db: db.execute("INSERT OR IGNORE INTO spent (key, micros) VALUES (?, ?)", (key, micros)))
+
+    async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
+        def step(db) -> int:
+            row = db.execute("SELECT micros FROM spent WHERE key = ?", (key,)).fetchone()
+            if row is not None and row[0] >= micros:
+                return row[0]
+            db.execute("INSERT OR REPLACE INTO spent (key, micros) VALUES (?, ?)", (key, micros))
+            return -1
+
+        return await self._run(step)
+
+    async def usage(self, *, keys: list[str]) -> list[tuple[int | None, int]]:
+        now = time.time() * 1000
+
+        def step(db):
+            out = []
+            for key in keys:
+                row = db.execute("SELECT micros FROM spent WHERE key = ?", (key,)).fetchone()
+                out.append((row[0] if row else None, self._held(db, key, now)))
+            return out
+
+        return await self._run(step)
+
+    def reset(self) -> None:
+        def step(db):
+            for table in ("limit_log", "spent", "holds"):
+                db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+
+        self._tx(step)
+
+
+_state: RedisState | SqliteState | None = None
+
+
+def state() -> RedisState | SqliteState:
+    global _state
+    if _state is None:
+        _state = RedisState() if settings.REDIS_URL else SqliteState(settings.GATEWAY_STATE_PATH)
+    return _state
+
+
+def _reset() -> None:
+    global _state
+    if _state is not None:
+        _state.reset()
+    _state = None
+
+
+caches.on_reset(_reset)
