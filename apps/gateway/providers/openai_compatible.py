@@ -5,10 +5,11 @@ Usage (`usage_of`, also the parser of the OpenAI and Azure OpenAI adapters): `pr
 includes cached tokens; the cached part is `prompt_tokens_details.cached_tokens`, or DeepSeek's
 `prompt_cache_hit_tokens` (with `prompt_cache_miss_tokens`, the rest) when that is all the
 server reports; `completion_tokens_details.reasoning_tokens` is part of `completion_tokens`.
-`prompt_tokens_details.cache_write_tokens` (not OpenAI's; what this gateway relays from providers
-that bill cache writes, and what Azure reports for them) is read too. Streams carry usage on a
-final chunk without choices (OpenAI, with `stream_options.include_usage`) or on the chunk with
-the finish reason (DeepSeek); either way that chunk gets `GATEWAY_USAGE`.
+`prompt_tokens_details.cache_write_tokens` (not in OpenAI's docs; this gateway writes it for
+providers that bill cache writes, so a gateway behind another keeps them) is read too.
+Streams carry usage on a final chunk without choices (OpenAI, with
+`stream_options.include_usage`) or on the chunk with the finish reason (DeepSeek); either way
+that chunk gets `GATEWAY_USAGE`.
 """
 
 from __future__ import annotations
