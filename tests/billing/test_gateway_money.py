@@ -1,5 +1,6 @@
 """Money through a live gateway with the OpenAI SDK: a streamed request costs exactly what the
-same request costs unstreamed; a provider that reports no usage is counted and flagged estimated;
+same request costs unstreamed; DeepSeek's cache hits are billed at the cached rate; a provider
+that reports no usage is counted and flagged estimated;
 an unpriced model (when the tenant allows it) is recorded and alerted, never silently $0."""
 
 from decimal import Decimal
@@ -78,6 +79,34 @@ def test_provider_without_usage_is_counted_and_flagged_estimated(live_gateway, u
     assert len({(r.prompt_tokens, r.completion_tokens, r.cost) for r in rows}) == 1
     assert rows[0].cost > 0
     assert chunks[-1].usage.completion_tokens == rows[1].completion_tokens  # the counted usage is reported
+
+
+DEEPSEEK_USAGE = {"prompt_tokens": 1200, "completion_tokens": 350, "total_tokens": 1550,
+                  "prompt_cache_hit_tokens": 1000, "prompt_cache_miss_tokens": 200}
+
+
+@pytest.fixture
+def deepseek_upstream(upstream):
+    """The fake upstream answering `deepseek-live` with DeepSeek's usage (cache hits under its own
+    names, on the finish chunk when streaming)."""
+    model = upstream.script_usage("deepseek-live", DEEPSEEK_USAGE, on_finish_chunk=True)
+    yield upstream
+    upstream.scripts.pop(model, None)
+
+
+def test_deepseek_cache_hits_are_billed_at_the_cached_rate_streamed_or_not(live_gateway, deepseek_upstream):
+    setup = make_setup(deepseek_upstream, alias="deepseek-chat", upstream_model="deepseek-live")
+    setup.price.input_usd_per_mtok, setup.price.output_usd_per_mtok = D("0.27"), D("1.10")
+    setup.price.cached_input_usd_per_mtok = D("0.07")
+    setup.price.save()
+
+    plain, chunks, rows = run_three_ways(sdk_for(live_gateway, setup.secret), setup.alias)
+
+    # 200 * 0.27 + 1000 * 0.07 + 350 * 1.10 = 509 micro-dollars, not 709 (every prompt token at 0.27)
+    assert [r.cost for r in rows] == [D("0.000509")] * 3
+    assert [(r.prompt_tokens, r.cached_tokens, r.completion_tokens) for r in rows] == [(1200, 1000, 350)] * 3
+    assert plain.parse().usage.prompt_tokens_details.cached_tokens == 1000
+    assert [c.usage.prompt_tokens_details.cached_tokens for c in chunks if c.usage][-1] == 1000
 
 
 def test_unpriced_model_is_recorded_and_alerted_once(live_gateway, upstream, eager_celery, mailoutbox):

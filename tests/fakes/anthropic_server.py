@@ -7,6 +7,11 @@ Behaviour by model name, as in the OpenAI fake: `fail-<status>`, `break-<n>`, `s
 `limited-<s>` (429 with Retry-After: s), `tool-...` (answers with a tool_use block), `cache-...`
 (reports cache read/write tokens), `streamerror-...` (an `error` event after the first delta),
 `badkey-model` (a 401 whose message echoes the key).
+
+A scripted usage (`script_usage(model, usage)`, Anthropic's shape) is the message's usage; in a
+stream, message_start carries its input side (input_tokens and the cache fields) with
+output_tokens 1, and message_delta carries output_tokens alone or, with `delta="full"` (as newer
+API versions send), every field again.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class FakeAnthropic(FakeOpenAI):
         return app
 
     def _usage(self, body: dict, text: str, model: str) -> dict:
+        if model in self.scripts:
+            return self.scripts[model]["usage"]
         prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + 3
         usage = {"input_tokens": prompt, "output_tokens": len(text.split()),
                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
@@ -95,6 +102,9 @@ class FakeAnthropic(FakeOpenAI):
                              + b"\n\n")
 
         start_usage = {**usage, "output_tokens": 1}
+        delta_usage = {"output_tokens": usage["output_tokens"]}
+        if self.scripts.get(model, {}).get("delta") == "full":
+            delta_usage = usage
         await send("message_start", {"message": {"id": "msg_fake01", "type": "message", "role": "assistant",
                                                  "model": model, "content": [], "stop_reason": None,
                                                  "stop_sequence": None, "usage": start_usage}})
@@ -123,7 +133,7 @@ class FakeAnthropic(FakeOpenAI):
                                                                          "partial_json": piece}})
             await send("content_block_stop", {"index": 1})
         await send("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                     "usage": {"output_tokens": usage["output_tokens"]}})
+                                     "usage": delta_usage})
         await send("message_stop", {})
         await resp.write_eof()
         return resp

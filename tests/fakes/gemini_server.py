@@ -4,6 +4,8 @@ GenerateContentResponse, usageMetadata on the last) and `:batchEmbedContents`; `
 required; errors `{"error": {"code", "message", "status"}}`.
 
 Behaviour by model name: `fail-<status>`, `break-<n>`, `slow-<ms>`, `tool-...` (a functionCall).
+A scripted usage (`script_usage(model, usageMetadata)`) is the response's usageMetadata; in a
+stream, the events before the last carry its prompt side only, the last one all of it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class FakeGemini(FakeOpenAI):
         prompt = sum(len(p.get("text", "").split()) for c in body["contents"] for p in c["parts"]) + 2
         usage = {"promptTokenCount": prompt, "candidatesTokenCount": len(text.split()),
                  "totalTokenCount": prompt + len(text.split())}
+        if model in self.scripts:
+            usage = self.scripts[model]["usage"]
+        partial = {k: v for k, v in usage.items() if k in ("promptTokenCount", "cachedContentTokenCount")}
+        partial["totalTokenCount"] = usage.get("promptTokenCount", 0)
         if model.startswith("tool-"):
             parts = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]
         else:
@@ -81,7 +87,7 @@ class FakeGemini(FakeOpenAI):
                 request.transport.close()
                 return resp
             event = {"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}],
-                     "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt},
+                     "usageMetadata": partial,
                      "modelVersion": model, "responseId": "resp-fake01"}
             await resp.write(b"data: " + orjson.dumps(event) + b"\r\n\r\n")
         last_parts = parts if model.startswith("tool-") else [{"text": ""}]

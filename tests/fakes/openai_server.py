@@ -9,6 +9,12 @@ Behaviour is chosen by the requested model name, so it works across processes:
 anything else       a deterministic answer echoing the last user message.
 Every request is recorded (path, headers, JSON body) on `server.requests`.
 
+`server.script_usage(model, usage)` makes the server report that usage object, verbatim, for
+that model (each fake in its provider's shape and at its provider's place in a stream): golden
+cost tests send real providers' usage through the adapters. Here, with `on_finish_chunk=True`,
+a stream carries it on the chunk with the finish reason, as DeepSeek does; otherwise, as OpenAI
+does, every chunk has `"usage": null` and a last chunk without choices has the usage.
+
 Run standalone for benchmarks: `python -m tests.fakes.openai_server --port 9100`.
 """
 
@@ -43,6 +49,7 @@ def _usage(body: dict, text: str) -> dict:
 class FakeOpenAI:
     def __init__(self):
         self.requests: collections.deque[dict] = collections.deque(maxlen=100_000)
+        self.scripts: dict[str, dict] = {}  # model -> {"usage": provider-shaped usage, **how to stream it}
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -51,6 +58,11 @@ class FakeOpenAI:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def script_usage(self, model: str, usage: dict, **how) -> str:
+        """Report `usage` (in this provider's own shape) for requests to `model`; returns the model."""
+        self.scripts[model] = {"usage": usage, **how}
+        return model
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -83,7 +95,10 @@ class FakeOpenAI:
         if model.startswith("slow-"):
             await asyncio.sleep(int(model.split("-")[1]) / 1000)
         text = _answer(body)
+        script = self.scripts.get(model)
         usage = None if model.startswith("nousage") else _usage(body, text)
+        if script:
+            usage = script["usage"]
         created = int(time.time())
         if not body.get("stream"):
             data = {"id": "chatcmpl-fake", "object": "chat.completion", "created": created, "model": model,
@@ -95,9 +110,16 @@ class FakeOpenAI:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
 
-        def chunk(delta: dict, finish=None) -> bytes:
+        include = (body.get("stream_options") or {}).get("include_usage")
+        on_finish = bool(script and script.get("on_finish_chunk"))
+
+        def chunk(delta: dict, finish=None, usage_here=None) -> bytes:
             c = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if usage_here is not None:
+                c["usage"] = usage_here
+            elif script and include and not on_finish:
+                c["usage"] = None  # OpenAI's chunks say so when usage was asked for
             return b"data: " + orjson.dumps(c) + b"\n\n"
 
         if prefilter:
@@ -116,9 +138,8 @@ class FakeOpenAI:
                 request.transport.close()  # drop the connection mid-stream
                 return resp
             await resp.write(chunk({"content": w if i == 0 else " " + w}))
-        await resp.write(chunk({}, "stop"))
-        include = (body.get("stream_options") or {}).get("include_usage")
-        if include and usage:
+        await resp.write(chunk({}, "stop", usage if on_finish else None))
+        if include and usage and not on_finish:
             final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], "usage": usage}
             await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")

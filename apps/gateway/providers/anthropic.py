@@ -3,10 +3,15 @@
 Request: system (and developer) messages are lifted into the top-level `system`; `max_tokens` is
 required there, so the request's own cap or the provider option `default_max_tokens` is sent; tool
 calls and tool results become `tool_use` / `tool_result` blocks; images become image blocks.
-Response: stop reasons are mapped (end_turn -> stop, max_tokens -> length, tool_use -> tool_calls);
-usage counts cache reads and writes into prompt_tokens as OpenAI does, and reports them apart.
+Response: stop reasons are mapped (end_turn -> stop, max_tokens -> length, tool_use -> tool_calls).
+Usage (`usage_of`): Anthropic's `input_tokens` excludes the prompt cache, so our prompt_tokens is
+input_tokens + cache_creation_input_tokens + cache_read_input_tokens, with cached_tokens = the
+cache reads and cache_write_tokens = the cache writes (each billed at its own rate);
+output_tokens (thinking included) is completion_tokens.
 Streams: message_start / content_block_* / message_delta / message_stop events become OpenAI
-chunks; an `error` event mid-stream raises. Anthropic has no embeddings API.
+chunks; usage comes in message_start (input side) and message_delta (output_tokens, and in newer
+API versions the input side again), merged field by field; the usage chunk follows the finish
+chunk. An `error` event mid-stream raises. Anthropic has no embeddings API.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 
 import orjson
 
-from .base import Completion, ProviderAdapter, ProviderError, Target, Usage, register
+from .base import GATEWAY_USAGE, Completion, ProviderAdapter, ProviderError, Target, Usage, register
 from .transport import open_stream, post_json, sse_events
 
 DEFAULT_API_BASE = "https://api.anthropic.com"
@@ -142,8 +147,10 @@ def to_request(target: Target, body: dict) -> dict:
     return req
 
 
-def usage_of(data: dict | None) -> Usage:
-    data = data or {}
+def usage_of(data: dict | None) -> Usage | None:
+    """An Anthropic `usage` object (or the merged usage of a stream) in our convention."""
+    if not isinstance(data, dict) or not data:
+        return None
     read = int(data.get("cache_read_input_tokens") or 0)
     write = int(data.get("cache_creation_input_tokens") or 0)
     return Usage(prompt_tokens=int(data.get("input_tokens") or 0) + read + write,
@@ -162,7 +169,7 @@ def from_response(data: dict) -> Completion:
     message: dict = {"role": "assistant", "content": "".join(text) if text or not calls else None}
     if calls:
         message["tool_calls"] = calls
-    usage = usage_of(data.get("usage"))
+    usage = usage_of(data.get("usage")) or Usage(estimated=True)
     body = {
         "id": data.get("id", ""),
         "object": "chat.completion",
@@ -203,11 +210,17 @@ class AnthropicAdapter(ProviderAdapter):
                                secrets=(target.secret,)) as resp:
             cid, model, created = "", target.upstream_model, int(time.time())
             usage: dict = {}
+            usage_sent = False
             tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
 
             def chunk(delta: dict, finish: str | None = None) -> dict:
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+            def usage_chunk() -> dict:
+                parsed = usage_of(usage)
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": parsed.as_openai(), GATEWAY_USAGE: parsed}
 
             async for event, data in sse_events(resp):
                 try:
@@ -240,9 +253,12 @@ class AnthropicAdapter(ProviderAdapter):
                     usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
                     reason = (payload.get("delta") or {}).get("stop_reason")
                     yield chunk({}, STOP_REASONS.get(reason or "", "stop"))
+                    if usage:  # message_delta's usage is the final count
+                        usage_sent = True
+                        yield usage_chunk()
                 elif kind == "message_stop":
-                    yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": usage_of(usage).as_openai()}
+                    if usage and not usage_sent:
+                        yield usage_chunk()
                     return
                 elif kind == "error":
                     err = payload.get("error") or {}

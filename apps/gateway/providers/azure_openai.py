@@ -3,7 +3,8 @@ the `api-version` query parameter and the `api-key` header. The deployment's ups
 the Azure *deployment name*; the body carries no `model`.
 
 Azure streams may open with a chunk that has no choices (only `prompt_filter_results`); it is
-dropped, since it carries nothing the OpenAI shape knows.
+dropped, since it carries nothing the OpenAI shape knows. Usage is OpenAI's, parsed by the OpenAI
+wire format's parser (`openai_compatible.usage_of`).
 """
 
 from __future__ import annotations

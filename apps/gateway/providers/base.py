@@ -4,6 +4,10 @@ whether a retry can help, and a registry from kind to adapter.
 Adapters speak their provider's wire format and translate to and from the OpenAI shape our
 clients use. Bodies given to an adapter are already OpenAI-shaped, with `model` set to the
 deployment's upstream model.
+
+Each adapter owns its provider's usage parser: the only place where that provider's usage fields
+become our `Usage`. `Completion.usage` (non-streaming) and the `GATEWAY_USAGE` entry of a stream
+chunk (streaming) are what billing costs; the OpenAI-shaped `usage` next to them is for clients.
 """
 
 from __future__ import annotations
@@ -12,15 +16,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+GATEWAY_USAGE = "_gateway_usage"
+"""Key of the parsed `Usage` on a stream chunk that carries usage. Private to the gateway: the
+pipeline pops it before the chunk is relayed."""
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Token counts under the one convention cost_compute relies on, whatever the provider:
+
+    - `prompt_tokens` counts every input token, including those read from and written to the
+      provider's prompt cache; `cached_tokens` and `cache_write_tokens` are the parts of it billed
+      at their own rates (so a cached token is never billed twice, nor missed);
+    - `completion_tokens` counts every output token, including reasoning ("thinking") tokens;
+      `reasoning_tokens` is the part of it that was reasoning (billed at the output rate).
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens read from the provider's prompt cache
     cache_write_tokens: int = 0  # prompt tokens written to the provider's prompt cache
     reasoning_tokens: int = 0  # part of completion_tokens
     estimated: bool = False  # counted by us because the provider reported none
+    batch_priced: bool = False  # the provider billed this call at its batch price (no adapter reports it yet)
 
     def as_openai(self) -> dict:
         data: dict[str, Any] = {
@@ -38,17 +56,11 @@ class Usage:
 
     @classmethod
     def from_openai(cls, data: dict | None) -> Usage | None:
-        if not data:
-            return None
-        details = data.get("prompt_tokens_details") or {}
-        out_details = data.get("completion_tokens_details") or {}
-        return cls(
-            prompt_tokens=int(data.get("prompt_tokens") or 0),
-            completion_tokens=int(data.get("completion_tokens") or 0),
-            cached_tokens=int(details.get("cached_tokens") or 0),
-            cache_write_tokens=int(details.get("cache_write_tokens") or 0),
-            reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
-        )
+        """A usage object in the OpenAI wire format (what `as_openai` writes, and what OpenAI-style
+        upstreams send). The parser is the OpenAI-compatible adapter's; this is a shortcut to it."""
+        from .openai_compatible import usage_of
+
+        return usage_of(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +110,10 @@ class ProviderAdapter:
         raise NotImplementedError
 
     def stream(self, target: Target, body: dict) -> AsyncIterator[dict]:
-        """Yields OpenAI chat.completion.chunk objects; the last one carries `usage` when known."""
+        """Yields OpenAI chat.completion.chunk objects. A chunk that carries usage has it twice:
+        `usage` in the OpenAI shape for the client, and `chunk[GATEWAY_USAGE]`, the `Usage` this
+        adapter parsed from the provider's own fields, for billing. When several chunks carry
+        usage, the last one's is the call's."""
         raise NotImplementedError
 
     async def embed(self, target: Target, body: dict) -> Completion:

@@ -4,8 +4,13 @@
 Request: system messages become `systemInstruction`; roles user/assistant become user/model;
 tool calls and results become functionCall / functionResponse parts; sampling parameters go to
 `generationConfig`. Response: finishReason is mapped (STOP -> stop, MAX_TOKENS -> length, safety
-reasons -> content_filter); usageMetadata becomes usage (cachedContentTokenCount as cached
-tokens, thoughtsTokenCount as reasoning tokens, counted in completion tokens).
+reasons -> content_filter).
+Usage (`usage_of`, from usageMetadata): promptTokenCount already includes the cached content, so
+it is our prompt_tokens (plus toolUsePromptTokenCount, the input of built-in tools, billed as
+input), with cachedContentTokenCount as cached_tokens; thoughtsTokenCount is billed as output and
+is outside candidatesTokenCount, so completion_tokens = candidates + thoughts, with the thoughts
+as reasoning_tokens. Streams repeat usageMetadata on their events (the last one is complete);
+the usage chunk comes after the last event.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from urllib.parse import quote
 
 import orjson
 
-from .base import Completion, ProviderAdapter, ProviderError, Target, Usage, register
+from .base import GATEWAY_USAGE, Completion, ProviderAdapter, ProviderError, Target, Usage, register
 from .transport import open_stream, post_json, sse_events
 
 DEFAULT_API_BASE = "https://generativelanguage.googleapis.com"
@@ -151,10 +156,11 @@ def to_request(body: dict) -> dict:
 
 
 def usage_of(meta: dict | None) -> Usage | None:
-    if not meta:
+    """A Gemini `usageMetadata` object in our convention; None when there is none."""
+    if not isinstance(meta, dict) or not meta:
         return None
     thoughts = int(meta.get("thoughtsTokenCount") or 0)
-    return Usage(prompt_tokens=int(meta.get("promptTokenCount") or 0),
+    return Usage(prompt_tokens=int(meta.get("promptTokenCount") or 0) + int(meta.get("toolUsePromptTokenCount") or 0),
                  completion_tokens=int(meta.get("candidatesTokenCount") or 0) + thoughts,
                  cached_tokens=int(meta.get("cachedContentTokenCount") or 0), reasoning_tokens=thoughts)
 
@@ -263,7 +269,7 @@ class GeminiAdapter(ProviderAdapter):
                         yield chunk({}, finish)
         if usage is not None:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": usage.as_openai()}
+                   "choices": [], "usage": usage.as_openai(), GATEWAY_USAGE: usage}
 
     async def embed(self, target: Target, body: dict) -> Completion:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]

@@ -1,7 +1,9 @@
 """The built-in mock provider: deterministic, instant, streams too. The demo uses it.
 
 It answers with a fixed sentence that echoes the last user message, cut to max_tokens words (a
-word is a token here). Upstream models named `fail-<status>` fail with that status, for tests and
+word is a token here). Its usage is counted, not parsed: prompt tokens estimated from the
+messages, one completion token a word; streams end with a usage chunk that carries it as
+`GATEWAY_USAGE` too, like every adapter's. Upstream models named `fail-<status>` fail with that status, for tests and
 demos of fallbacks.
 """
 
@@ -11,7 +13,7 @@ import hashlib
 import time
 
 from ..tokens import estimate_messages, text_of
-from .base import Completion, ProviderAdapter, ProviderError, Target, Usage, register
+from .base import GATEWAY_USAGE, Completion, ProviderAdapter, ProviderError, Target, Usage, register
 
 
 def _answer_words(body: dict) -> list[str]:
@@ -89,6 +91,7 @@ class MockAdapter(ProviderAdapter):
             "model": target.upstream_model,
             "choices": [],
             "usage": usage.as_openai(),
+            GATEWAY_USAGE: usage,
         }
 
     async def embed(self, target: Target, body: dict) -> Completion:

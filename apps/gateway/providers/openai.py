@@ -1,5 +1,6 @@
 """OpenAI itself (api.openai.com conventions): the OpenAI wire format, bearer auth, and the
-optional `OpenAI-Organization` / `OpenAI-Project` headers from the provider's options."""
+optional `OpenAI-Organization` / `OpenAI-Project` headers from the provider's options. Usage is
+parsed by the OpenAI wire format's parser (`openai_compatible.usage_of`)."""
 
 from __future__ import annotations
 
