@@ -281,9 +281,15 @@ def _insert(rows: list[dict], rejected: list[bytes]) -> list:
             objs.append((row, _typed(row, fields)))
         except (ValidationError, TypeError, ValueError, KeyError):
             rejected.append(orjson.dumps(row))
-    try:
+    def insert(batch):
         with transaction.atomic():
-            UsageEvent.objects.bulk_create([o for _, o in objs], ignore_conflicts=True, batch_size=500)
+            if connection.vendor == "postgresql":  # a bad foreign key fails here, not at COMMIT
+                with connection.cursor() as cur:
+                    cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            UsageEvent.objects.bulk_create(batch, ignore_conflicts=True, batch_size=500)
+
+    try:
+        insert([o for _, o in objs])
         return [o for _, o in objs]
     except DB_UNAVAILABLE:
         raise
@@ -291,8 +297,7 @@ def _insert(rows: list[dict], rejected: list[bytes]) -> list:
         kept = []
         for row, obj in objs:
             try:
-                with transaction.atomic():
-                    UsageEvent.objects.bulk_create([obj], ignore_conflicts=True)
+                insert([obj])
                 kept.append(obj)
             except DB_UNAVAILABLE:
                 raise
