@@ -146,6 +146,18 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_others_go_in(db, journa
     assert journal.segments() == []
 
 
+def test_beat_replays_the_journal(db, journal_dir):
+    from apps.analytics.tasks import ledger_replay_task
+
+    assert settings.CELERY_BEAT_SCHEDULE["analytics-ledger-replay"]["task"] == ledger_replay_task.name
+    tenant = f.TenantFactory()
+    journal.journal_append([row(tenant, "req_beat")])
+
+    assert ledger_replay_task.apply().get()["rows"] == 1
+    assert UsageEvent.objects.filter(request_id="req_beat").count() == 1
+    assert journal.segments() == []
+
+
 def test_replayed_rows_reach_the_rollups_whatever_their_age(db, journal_dir):
     tenant = f.TenantFactory()
     old = timezone.now() - timedelta(hours=settings.ANALYTICS_ROLLUP_LOOKBACK_H + 5)
@@ -222,4 +234,17 @@ async def test_the_group_commit_journals_a_batch_when_the_pool_cannot_connect(jo
         await db._pool.close()
 
     assert sorted([e.request_id async for e in UsageEvent.objects.filter(tenant=tenant)]) == sorted(ids)
+    assert journal.segments() == []
+
+
+def test_start_up_replays_the_journal_in_a_thread(transactional_db, journal_dir):
+    assert journal.replay_in_background("test") is None  # nothing journaled: no thread
+    tenant = f.TenantFactory()
+    journal.journal_append([row(tenant, "req_boot")])
+
+    thread = journal.replay_in_background("test")
+    thread.join(30)
+
+    assert not thread.is_alive()
+    assert UsageEvent.objects.filter(request_id="req_boot").count() == 1
     assert journal.segments() == []

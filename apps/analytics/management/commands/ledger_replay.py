@@ -19,7 +19,7 @@ class Command(BaseCommand):
         directory = Path(opts["dir"]) if opts["dir"] else journal_dir()
         total = {"segments": 0, "rows": 0, "rejected": 0, "left": 0}
         try:
-            while True:
+            for _ in range(1000):  # bounded: rows journaled meanwhile are for the next run
                 result = ledger_replay(directory=directory, rollups=not opts["no_rollups"])
                 for k in ("segments", "rows", "rejected"):
                     total[k] += result[k]
