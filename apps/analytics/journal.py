@@ -282,11 +282,15 @@ def _insert(rows: list[dict], rejected: list[bytes]) -> list:
         except (ValidationError, TypeError, ValueError, KeyError):
             rejected.append(orjson.dumps(row))
     def insert(batch):
+        # A bad foreign key must fail here, not at a COMMIT that an enclosing transaction delays.
+        nested = connection.in_atomic_block
         with transaction.atomic():
-            if connection.vendor == "postgresql":  # a bad foreign key fails here, not at COMMIT
+            if connection.vendor == "postgresql":
                 with connection.cursor() as cur:
                     cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
             UsageEvent.objects.bulk_create(batch, ignore_conflicts=True, batch_size=500)
+            if nested and connection.vendor == "sqlite":
+                connection.check_constraints(table_names=[UsageEvent._meta.db_table])
 
     try:
         insert([o for _, o in objs])
