@@ -25,7 +25,10 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.urls import set_script_prefix  # noqa: E402
 from django.utils.module_loading import import_string  # noqa: E402
 
+from apps.analytics.journal import replay_in_background  # noqa: E402
 from apps.core.db import server_loop_mark  # noqa: E402
+
+replay_in_background("web start-up")  # ledger rows journaled while the database was down
 
 
 class DataPlaneHandler(ASGIHandler):

@@ -197,6 +197,22 @@ GATEWAY_BUDGET_ON_STATE_ERROR = env("GATEWAY_BUDGET_ON_STATE_ERROR", default="cl
 # "single" one insert per row on that pool, "orm" the ORM in the sync thread; "redis-stream" is an
 # experiment that is durable only as far as Redis is.
 GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="batch")
+# A ledger row the database cannot take (unreachable, shut down, pool timeout) is appended to a
+# local journal (fsync'ed) and replayed when the database is back (apps/analytics/journal.py).
+LEDGER_JOURNAL_DIR = env("LEDGER_JOURNAL_DIR", default=str(VAR_DIR / "ledger-journal"))
+LEDGER_JOURNAL_SEGMENT_BYTES = env.int("LEDGER_JOURNAL_SEGMENT_BYTES", default=16 * 1024 * 1024)
+# After a failed write, rows go straight to the journal for this long (nobody waits on a dead database).
+LEDGER_JOURNAL_SKIP_DB_S = env.float("LEDGER_JOURNAL_SKIP_DB_S", default=2.0)
+# The gateway's background replay: first try after this delay, doubling up to the max, this many tries.
+LEDGER_REPLAY_BACKOFF_S = env.float("LEDGER_REPLAY_BACKOFF_S", default=1.0)
+LEDGER_REPLAY_BACKOFF_MAX_S = env.float("LEDGER_REPLAY_BACKOFF_MAX_S", default=30.0)
+LEDGER_REPLAY_ATTEMPTS = env.int("LEDGER_REPLAY_ATTEMPTS", default=30)
+# Celery beat replays the journal of the worker's host this often (0: never).
+LEDGER_REPLAY_EVERY_S = env.float("LEDGER_REPLAY_EVERY_S", default=30.0)
+if LEDGER_REPLAY_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["analytics-ledger-replay"] = {
+        "task": "analytics.ledger_replay", "schedule": LEDGER_REPLAY_EVERY_S,
+        "options": {"queue": "analytics", "expires": LEDGER_REPLAY_EVERY_S}}
 GATEWAY_PG_POOL_MIN = env.int("GATEWAY_PG_POOL_MIN", default=2)
 GATEWAY_PG_POOL_MAX = env.int("GATEWAY_PG_POOL_MAX", default=16)
 GATEWAY_PG_POOL_TIMEOUT_S = env.float("GATEWAY_PG_POOL_TIMEOUT_S", default=10.0)

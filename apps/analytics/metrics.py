@@ -30,6 +30,11 @@ PROVIDER_ERRORS = Counter("llm_provider_errors_total", "Requests that ended in a
 PROVIDER_LATENCY = Histogram("llm_provider_request_duration_seconds",
                              "Latency of requests served by a provider (not cache hits).", ["provider"],
                              buckets=LATENCY_BUCKETS_S)
+LEDGER_JOURNALED = Counter("llm_ledger_journaled_rows_total",
+                           "Ledger rows written to the local journal because the database was unavailable.")
+LEDGER_REPLAYED = Counter("llm_ledger_replayed_rows_total", "Journaled ledger rows replayed into the database.")
+LEDGER_REJECTED = Counter("llm_ledger_rejected_rows_total",
+                          "Journaled ledger rows the database refused on replay (kept under rejected/).")
 
 
 UNKNOWN_MODEL = "(unknown)"

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from apps.core.db import db_sync, pg_pool
 
+from . import journal
 from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
 
 # Rows per INSERT when concurrent requests' rows are written together (see _Batcher).
@@ -23,26 +24,40 @@ LEDGER_BATCH_MAX = 64
 
 async def usage_event_record(**fields) -> None:
     """Insert one ledger row; idempotent on request_id (a second insert of the same id is a no-op).
-    Durable when it returns: the row is committed before the response it accounts for is sent.
+
+    Contract: returns only once the row is durable, i.e. committed to the ledger or, when the
+    database is unavailable (one of `journal.DB_UNAVAILABLE`: connection refused, shut down, pool
+    timeout...), appended and fsync'ed to the local ledger journal, from which it is replayed into
+    the ledger when the database is back (apps/analytics/journal.py). Raises otherwise (a row the
+    database refuses, or a journal write that failed too): the caller must not treat the row as
+    recorded then. Once the database failed, this process journals without trying it for
+    LEDGER_JOURNAL_SKIP_DB_S.
 
     How (GATEWAY_LEDGER_WRITER; figures in docs/benchmark.md): on PostgreSQL in the ASGI server,
     "batch" (the default) group-commits concurrent requests' rows through the async pool, "single"
     inserts each row on its own; "orm" always uses the ORM in the sync thread (as does every caller
     outside the server's loop). "redis-stream" is an experiment, not durable beyond Redis: XADD to
-    a stream that `ledger_stream_drain` (Celery task) writes to the database in bulk."""
+    a stream that `ledger_stream_drain` (Celery task) writes to the database in bulk (no journal)."""
     writer = settings.GATEWAY_LEDGER_WRITER
     if writer == "redis-stream":
         await _stream_add(fields)
         return
-    pool = await pg_pool() if writer != "orm" else None
-    if pool is None:
-        await db_sync(usage_event_record_sync, **fields)
-    elif writer == "single":
-        sql, columns = _insert_sql()
-        async with pool.connection() as conn:
-            await conn.execute(sql, [[fields[a] if a in fields else default()] for a, default in columns])
-    else:
-        await _batcher(pool).write(fields)
+    if journal.db_skipped():
+        await journal.journal_rows([fields], "database down a moment ago")
+        return
+    try:
+        pool = await pg_pool() if writer != "orm" else None
+        if pool is None:
+            await db_sync(usage_event_record_sync, **fields)
+        elif writer == "single":
+            sql, columns = _insert_sql()
+            async with pool.connection() as conn:
+                await conn.execute(sql, [[fields[a] if a in fields else default()] for a, default in columns])
+        else:
+            await _batcher(pool).write(fields)  # journals the rows itself when the database is down
+    except journal.DB_UNAVAILABLE as exc:
+        journal.db_down()
+        await journal.journal_rows([fields], exc)
 
 
 def usage_event_record_sync(**fields) -> None:
@@ -166,12 +181,21 @@ class _Batcher:
         try:
             while self.pending:
                 batch, self.pending = self.pending[:LEDGER_BATCH_MAX], self.pending[LEDGER_BATCH_MAX:]
+                if journal.db_skipped():  # down a moment ago: no waiting on it
+                    await self._journal(batch, "database down a moment ago")
+                    continue
                 try:
                     await self._insert([row for row, _ in batch])
+                except journal.DB_UNAVAILABLE as exc:  # the rows are fine, the database is not
+                    journal.db_down()
+                    await self._journal(batch, exc)
                 except Exception:  # noqa: BLE001 - retried one by one: each request gets its own outcome
                     for row, future in batch:
                         try:
                             await self._insert([row])
+                        except journal.DB_UNAVAILABLE as exc:
+                            journal.db_down()
+                            await self._journal([(row, future)], exc)
                         except Exception as exc:  # noqa: BLE001 - handed to the request that owns the row
                             future.set_exception(exc)
                         else:
@@ -181,6 +205,19 @@ class _Batcher:
                         future.set_result(None)
         finally:
             self.writer = None
+
+    @staticmethod
+    async def _journal(batch: list[tuple[list, asyncio.Future]], reason) -> None:
+        """Journal the batch's rows (one append, one fsync); each request gets the outcome."""
+        names = [a for a, _default in _insert_sql()[1]]
+        try:
+            await journal.journal_rows([dict(zip(names, row, strict=True)) for row, _ in batch], reason)
+        except Exception as exc:  # noqa: BLE001 - neither the database nor the journal: the requests fail
+            for _row, future in batch:
+                future.set_exception(exc)
+        else:
+            for _row, future in batch:
+                future.set_result(None)
 
     async def _insert(self, rows: list[list]) -> None:
         async with self.pool.connection() as conn:

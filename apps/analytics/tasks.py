@@ -14,3 +14,11 @@ def usage_rollup_recent() -> dict:
 def ledger_stream_drain_task() -> int:
     """Only used with GATEWAY_LEDGER_WRITER=redis-stream (an experiment; see docs/benchmark.md)."""
     return services.ledger_stream_drain()
+
+
+@shared_task(name="analytics.ledger_replay", ignore_result=True)
+def ledger_replay_task() -> dict:
+    """Replay the ledger journal of this worker's host into the ledger (apps/analytics/journal.py)."""
+    from .journal import ledger_replay
+
+    return ledger_replay()
