@@ -296,7 +296,7 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     # httpx logs every upstream request at INFO: a cost on every gateway request.
-    "loggers": {"django.request": {"level": "ERROR"}, "httpx": {"level": "WARNING"}},
+    "loggers": {"django.request": {"level": "ERROR"}, "httpx": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }
 
 # --- routing (apps/gateway/router.py, cooldown.py; see docs/providers.md) -----------------------
