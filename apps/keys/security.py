@@ -21,6 +21,7 @@ import time
 
 from django.conf import settings
 
+from apps.core import caches
 from apps.core import redis as shared
 
 from .services import security_event_record
@@ -100,3 +101,6 @@ async def auth_failure_note(*, prefix: str, ip: str, reason: str, tenant_id: int
 def reset() -> None:
     with _lock:
         _counts.clear()
+
+
+caches.on_reset(reset)
