@@ -253,10 +253,8 @@ AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 # Attempts during a lockout do not extend it: the cool-off always lets the owner back in.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_COOLOFF_MESSAGE = "Too many failed logins for this account or from this address. Try again later."
-# The client address: REMOTE_ADDR, unless the proxy in front sets a header it overwrites
-# (e.g. AXES_IPWARE_META_PRECEDENCE_ORDER=HTTP_X_FORWARDED_FOR with AXES_IPWARE_PROXY_COUNT=1).
-AXES_IPWARE_META_PRECEDENCE_ORDER = tuple(env.list("AXES_IPWARE_META_PRECEDENCE_ORDER", default=["REMOTE_ADDR"]))
-AXES_IPWARE_PROXY_COUNT = env.int("AXES_IPWARE_PROXY_COUNT", default=None)
+# The client address is REMOTE_ADDR (as for /v1's failure counts and /metrics): behind a proxy, the
+# ASGI server sets it from X-Forwarded-For (uvicorn --forwarded-allow-ips; README "Running in production").
 AXES_VERBOSE = False
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/dashboard/"
