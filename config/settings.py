@@ -1,7 +1,8 @@
 """Settings. Everything is read from the environment here and nowhere else.
 
-With no environment at all the service runs in its embedded default: a SQLite file, in-process
-cache and counters, and Celery on a filesystem broker under var/. Setting DATABASE_URL, REDIS_URL
+With nothing but LLMS_DEMO=1 (which `make run` sets) the service runs in its embedded default: a
+SQLite file, in-process cache and counters, and Celery on a filesystem broker under var/. Without
+LLMS_DEMO (or DEBUG) it refuses to start until SECRET_KEY is set. Setting DATABASE_URL, REDIS_URL
 and CELERY_BROKER_URL switches to PostgreSQL, Redis and Celery on Redis.
 """
 

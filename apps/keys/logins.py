@@ -36,7 +36,10 @@ class BasicAuthentication(authentication.BasicAuthentication):
             return super().authenticate_credentials(userid, password, request)
         except exceptions.AuthenticationFailed:
             if request is not None and getattr(request, "axes_locked_out", False):
-                raise LoginLockedOut(str(get_lockout_message())) from None
+                locked = LoginLockedOut(str(get_lockout_message()))
+                cool_off = get_cool_off(request)
+                locked.wait = int(cool_off.total_seconds()) if cool_off else None  # DRF: Retry-After (at most)
+                raise locked from None
             raise
 
 

@@ -137,6 +137,7 @@ def test_http_basic_on_the_api_is_throttled_with_a_clear_answer(client):
 
     assert resp.status_code == 429
     assert "Too many failed logins" in resp.json()["detail"]
+    assert resp["Retry-After"] == "900"
     [row] = lockouts()
     assert row.after["path"] == "/api/tenants/"
 
