@@ -7,6 +7,10 @@ HOST ?= 127.0.0.1
 
 .PHONY: install run test lint bench migrate demo clean
 
+# The embedded demo, the suite and the benchmark may use the published demo SECRET_KEY (only when
+# SECRET_KEY is unset); anything else refuses to start without one (config/settings.py).
+migrate demo run test bench: export LLMS_DEMO = 1
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -1,15 +1,18 @@
 """Settings. Everything is read from the environment here and nowhere else.
 
-With no environment at all the service runs in its embedded default: a SQLite file, in-process
-cache and counters, and Celery on a filesystem broker under var/. Setting DATABASE_URL, REDIS_URL
+With nothing but LLMS_DEMO=1 (which `make run` sets) the service runs in its embedded default: a
+SQLite file, in-process cache and counters, and Celery on a filesystem broker under var/. Without
+LLMS_DEMO (or DEBUG) it refuses to start until SECRET_KEY is set. Setting DATABASE_URL, REDIS_URL
 and CELERY_BROKER_URL switches to PostgreSQL, Redis and Celery on Redis.
 """
 
 import base64
 import hashlib
+from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -19,9 +22,43 @@ if (BASE_DIR / ".env").exists():
     environ.Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env("SECRET_KEY", default="embedded-demo-secret-key-change-me-in-production-0123456789")
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
+# "production" turns on every transport protection below (HSTS, HTTPS redirect, secure cookies, the
+# proxy's X-Forwarded-Proto) and never accepts the demo SECRET_KEY; each stays switchable on its own.
+DJANGO_PROFILE = env("DJANGO_PROFILE", default="embedded")
+if DJANGO_PROFILE not in ("embedded", "production"):
+    raise ImproperlyConfigured(f"DJANGO_PROFILE={DJANGO_PROFILE!r}: must be 'embedded' or 'production'.")
+PRODUCTION = DJANGO_PROFILE == "production"
+# The embedded demo (`make run`, CI's smoke test, the test suite) asks for the published demo key
+# explicitly; anything else must set SECRET_KEY (or run with DEBUG=true).
+LLMS_DEMO = env.bool("LLMS_DEMO", default=False) and not PRODUCTION
+DEMO_SECRET_KEY = "embedded-demo-secret-key-change-me-in-production-0123456789"
+SECRET_KEY = env("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not ((DEBUG and not PRODUCTION) or LLMS_DEMO):
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set SECRET_KEY (and API_KEY_HMAC_SECRET, FERNET_KEYS) in the environment; "
+            "the published demo key is used only with DEBUG=true or LLMS_DEMO=1 (the embedded demo, `make run`).")
+    SECRET_KEY = DEMO_SECRET_KEY
+# Loopback names only by default: production lists its public host names (a Host header naming any
+# other host gets 400, so links in mails, e.g. password resets, never point elsewhere).
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- transport (behind a TLS-terminating proxy in production; see README "Running in production") --
+# The proxy must set (overwrite) this header: "HTTP_X_FORWARDED_PROTO,https" trusts X-Forwarded-Proto.
+_proxy_ssl_header = env.list("SECURE_PROXY_SSL_HEADER",
+                             default=["HTTP_X_FORWARDED_PROTO", "https"] if PRODUCTION else [])
+if _proxy_ssl_header and len(_proxy_ssl_header) != 2:
+    raise ImproperlyConfigured("SECURE_PROXY_SSL_HEADER must be 'HEADER,value', e.g. HTTP_X_FORWARDED_PROTO,https")
+SECURE_PROXY_SSL_HEADER = tuple(_proxy_ssl_header) if _proxy_ssl_header else None
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=PRODUCTION)
+# Load balancers probe these over plain HTTP (paths without the leading slash, as Django matches them).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if PRODUCTION else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=PRODUCTION)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=PRODUCTION)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=PRODUCTION)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=PRODUCTION)
 
 # Secrets for API key digests and provider credential encryption. Derived from SECRET_KEY when not
 # set, so the embedded default works; production sets both explicitly.
@@ -40,6 +77,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "ninja",  # its Swagger UI page (/v1/docs) then loads its scripts from /static/, not from a CDN
+    "axes",
     "apps.keys",
     "apps.gateway",
     "apps.billing",
@@ -55,6 +94,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: turns a locked-out login into the lockout answer
 ]
 
 # The data plane (/v1) runs only these (config/asgi.py): it authenticates by API key, so it needs no
@@ -223,6 +263,23 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = max(GATEWAY_MAX_BODY_BYTES, 2_621_440)
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# Password guessing: django-axes counts failed logins on every path that calls Django's authenticate()
+# (admin, /accounts/login/, HTTP Basic on /api/) by username and by client address; after
+# AXES_FAILURE_LIMIT failures either one is refused, even with the right password, for AXES_COOLOFF_S
+# seconds after its last counted failure. Attempts live in the database: every instance shares them.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=10)
+AXES_COOLOFF_TIME = timedelta(seconds=env.int("AXES_COOLOFF_S", default=900))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+# Attempts during a lockout do not extend it: the cool-off always lets the owner back in.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_COOLOFF_MESSAGE = "Too many failed logins for this account or from this address. Try again later."
+# The client address is REMOTE_ADDR (as for /v1's failure counts and /metrics): behind a proxy, the
+# ASGI server sets it from X-Forwarded-For (uvicorn --forwarded-allow-ips; README "Running in production").
+AXES_VERBOSE = False
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/dashboard/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -238,7 +295,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
+        "apps.keys.logins.BasicAuthentication",  # DRF's, answering 429 while axes locks the login out
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
@@ -261,7 +318,7 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     # httpx logs every upstream request at INFO: a cost on every gateway request.
-    "loggers": {"django.request": {"level": "ERROR"}, "httpx": {"level": "WARNING"}},
+    "loggers": {"django.request": {"level": "ERROR"}, "httpx": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }
 
 # --- routing (apps/gateway/router.py, cooldown.py; see docs/providers.md) -----------------------
@@ -293,8 +350,9 @@ GATEWAY_CACHE_MAX_ENTRIES = env.int("GATEWAY_CACHE_MAX_ENTRIES", default=10_000)
 GATEWAY_CACHE_MAX_ENTRY_BYTES = env.int("GATEWAY_CACHE_MAX_ENTRY_BYTES", default=256 * 1024)
 # last_used_at is collected in process and written in bulk at most this often (never per request).
 GATEWAY_LAST_USED_FLUSH_S = env.float("GATEWAY_LAST_USED_FLUSH_S", default=30.0)
-# Failed authentications from one key prefix and client address: one audit row per window once
-# the count reaches the threshold.
+# Failed API-key authentications, counted per (key prefix, client address) and per client address
+# whatever the prefix (in Redis when REDIS_URL is set, shared by every instance): one audit row
+# (`auth_failure_burst`) per window once a count reaches the threshold.
 GATEWAY_AUTH_FAILURE_BURST = env.int("GATEWAY_AUTH_FAILURE_BURST", default=5)
 GATEWAY_AUTH_FAILURE_WINDOW_S = env.int("GATEWAY_AUTH_FAILURE_WINDOW_S", default=60)
 # --- analytics, dashboards, metrics (issue 7) -------------------------------------------------

@@ -5,6 +5,8 @@ HOST=${1:-127.0.0.1}
 PORT=${2:-8000}
 BIN=.venv/bin
 KEY=$(cat var/demo_key)
+# The demo may run on the published demo SECRET_KEY (ignored when SECRET_KEY is set).
+export LLMS_DEMO=${LLMS_DEMO:-1}
 
 $BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING -Q celery,async,batch,alerts,analytics \
   -B -s var/celerybeat-schedule > var/worker.log 2>&1 &

@@ -24,9 +24,24 @@ def healthz(request):
     return JsonResponse({"status": "ok"})
 
 
+def monitoring_client(request) -> bool:
+    """May this client read monitoring details (/metrics, /readyz's checks)? With METRICS_TOKEN set,
+    one that sends it as a bearer token; without, a client on loopback."""
+    import hmac
+
+    from django.conf import settings
+
+    token = settings.METRICS_TOKEN
+    if token:
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(sent.encode(), token.encode())
+    return request.META.get("REMOTE_ADDR") in ("127.0.0.1", "::1")
+
+
 def readyz(request):
     """Ready when the database, Redis (if configured) and the Celery broker answer. Provider
-    availability is reported from the recent ledger but never fails readiness."""
+    availability is reported from the recent ledger but never fails readiness. The checks, providers
+    and counts go only to monitoring clients (as /metrics); others get the status alone."""
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cur:
@@ -36,12 +51,15 @@ def readyz(request):
         checks["database"] = f"error: {type(exc).__name__}"
     checks.update(selectors.redis_checks())
     ok = all(v == "ok" for v in checks.values())
+    status = 200 if ok else 503
     body = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if not monitoring_client(request):
+        return JsonResponse({"status": body["status"]}, status=status)
     if checks["database"] == "ok":  # upstream availability is reported, not a readiness condition
         for part in _readyz_parts:
             body.update(part())
         body["providers"] = selectors.provider_availability_recent()
-    return JsonResponse(body, status=200 if ok else 503)
+    return JsonResponse(body, status=status)
 
 
 _readyz_parts: list = []
@@ -158,20 +176,15 @@ def static_file(request, path: str):
 def metrics(request):
     """Prometheus exposition. It names every tenant and budget, and /v1 clients reach this port: with
     METRICS_TOKEN set a scrape must send it as a bearer token; without, only loopback may scrape."""
-    import hmac
-
     from django.conf import settings
     from django.http import HttpResponse
 
     from .metrics import metrics_text
 
-    token = settings.METRICS_TOKEN
-    if token:
-        sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(sent.encode(), token.encode()):
+    if not monitoring_client(request):
+        if settings.METRICS_TOKEN:
             return HttpResponse("A bearer token (METRICS_TOKEN) is required.\n", status=401,
                                 content_type="text/plain", headers={"WWW-Authenticate": "Bearer"})
-    elif request.META.get("REMOTE_ADDR") not in ("127.0.0.1", "::1"):
         return HttpResponse("Set METRICS_TOKEN to scrape from another host.\n", status=403,
                             content_type="text/plain")
 

@@ -100,3 +100,35 @@ def test_metrics_name_every_tenant_so_only_loopback_or_the_token_may_scrape(clie
     scraped = client.get("/metrics", REMOTE_ADDR="203.0.113.7", HTTP_AUTHORIZATION="Bearer scrape-secret")
     assert scraped.status_code == 200
     assert b"acme-monthly" in scraped.content
+
+
+def test_readyz_tells_other_hosts_the_status_alone(client, setup, settings):
+    body = {"model": setup.alias, "messages": [{"role": "user", "content": "x"}]}
+    assert client.post("/v1/chat/completions", data=orjson.dumps(body), content_type="application/json",
+                       HTTP_AUTHORIZATION=f"Bearer {setup.secret}").status_code == 200
+    usage_rollup_recent()
+    details = client.get("/readyz").json()  # loopback: the details
+    assert [p["provider"] for p in details["providers"]] == [setup.provider.name]
+
+    resp = client.get("/readyz", REMOTE_ADDR="203.0.113.7")  # e.g. a /v1 client or the internet
+
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok"}
+    assert setup.provider.name.encode() not in resp.content
+
+
+def test_readyz_details_need_the_metrics_token_when_one_is_set(client, db, settings):
+    settings.METRICS_TOKEN = "scrape-secret"
+    assert client.get("/readyz").json() == {"status": "ok"}  # loopback too, as for /metrics
+    assert client.get("/readyz", HTTP_AUTHORIZATION="Bearer wrong").json() == {"status": "ok"}
+
+    body = client.get("/readyz", REMOTE_ADDR="203.0.113.7", HTTP_AUTHORIZATION="Bearer scrape-secret").json()
+
+    assert body["checks"]["database"] == "ok"
+
+
+def test_readyz_status_code_holds_without_the_details(client, db, settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    resp = client.get("/readyz", REMOTE_ADDR="203.0.113.7")
+    assert resp.status_code == 503
+    assert resp.json() == {"status": "unavailable"}
