@@ -149,7 +149,7 @@ def _refuse_address(host: str, ip: IPAddress, *, literal: bool) -> DestinationRe
     is not, since this message may reach whoever typed the URL."""
     what = (f"{ip}" if str(ip) == host.strip("[]") else f"'{host}' ({ip})") if literal else f"'{host}' resolves to"
     return DestinationRefused(f"{what} {'is not' if literal else 'an address that is not'} a public address "
-                              "(operators may allow internal receivers with WEBHOOK_ALLOWED_HOSTS)")
+                              "(webhooks go to public addresses unless the operator allows the host)")
 
 
 def destination_addresses(host: str, port: int) -> list[IPAddress]:
