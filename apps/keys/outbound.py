@@ -139,6 +139,10 @@ def _resolve(host: str, port: int) -> list[str]:
 
 def _check_name(host: str) -> str:
     name = host.lower().rstrip(".")
+    try:
+        name = name.encode("idna").decode("ascii")  # what httpx sends to DNS for a Unicode name
+    except UnicodeError:
+        raise DestinationRefused(f"'{host}' is not a valid host name") from None
     if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
         raise DestinationRefused(f"'{host}' is not a valid host name")
     return name
