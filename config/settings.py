@@ -374,9 +374,13 @@ SPECTACULAR_SETTINGS.update({
 # Serve /static/ from the app itself (finders, no collectstatic needed) so the embedded mode
 # works offline under uvicorn; behind a CDN or nginx in production set this False.
 SERVE_STATIC = env.bool("SERVE_STATIC", default=True)
+# --- outbound webhooks (budget alerts, callback_url; apps/keys/outbound.py) ----------------------
+# Webhooks only go to public addresses. Internal receivers an operator trusts: host names (exact)
+# or CIDRs, comma-separated, e.g. "hooks.internal,10.20.0.0/16". Every webhook carries
+# `X-LLM-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` keyed with the tenant's
+# webhook secret (Tenant.webhook_secret_encrypted).
+WEBHOOK_ALLOWED_HOSTS = env.list("WEBHOOK_ALLOWED_HOSTS", default=[])
 # --- budget alerts ------------------------------------------------------------------------------
-# Webhook alerts carry `X-LLM-Signature: sha256=<hex HMAC-SHA256 of the raw body>` with this secret.
-ALERT_WEBHOOK_SECRET = env("ALERT_WEBHOOK_SECRET", default=f"alert-webhook:{SECRET_KEY}")
 ALERT_WEBHOOK_TIMEOUT_S = env.float("ALERT_WEBHOOK_TIMEOUT_S", default=10.0)
 # Delivery retries: base * 2**attempt seconds, capped.
 ALERT_RETRY_BASE_S = env.int("ALERT_RETRY_BASE_S", default=10)
@@ -401,8 +405,6 @@ GATEWAY_BATCH_CONCURRENCY = env.int("GATEWAY_BATCH_CONCURRENCY", default=4)
 GATEWAY_BATCH_TASK_BUDGET_S = env.float("GATEWAY_BATCH_TASK_BUDGET_S", default=60.0)
 GATEWAY_FILE_MAX_BYTES = env.int("GATEWAY_FILE_MAX_BYTES", default=100 * 1024 * 1024)
 GATEWAY_BATCH_MAX_LINES = env.int("GATEWAY_BATCH_MAX_LINES", default=50_000)
-# Webhooks (callback_url) carry `x-llm-signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
-GATEWAY_WEBHOOK_SECRET = env("GATEWAY_WEBHOOK_SECRET", default=f"webhook:{SECRET_KEY}")
 GATEWAY_WEBHOOK_TIMEOUT_S = env.float("GATEWAY_WEBHOOK_TIMEOUT_S", default=10.0)
 GATEWAY_WEBHOOK_MAX_RETRIES = env.int("GATEWAY_WEBHOOK_MAX_RETRIES", default=8)
 CELERY_BEAT_SCHEDULE.update({

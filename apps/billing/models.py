@@ -5,6 +5,7 @@ from decimal import Decimal
 from django.db import models
 
 from apps.core.money import MONEY
+from apps.keys.outbound import webhook_url_validator
 
 
 class PriceSource(models.TextChoices):
@@ -72,7 +73,8 @@ class Budget(models.Model):
     # Instead of refusing a request whose hold does not fit, lower its max_tokens to fit.
     shrink_max_tokens = models.BooleanField(default=False)
     alert_emails = models.JSONField(default=list, blank=True)
-    alert_webhook_url = models.URLField(max_length=1000, blank=True)
+    # Public addresses only (or WEBHOOK_ALLOWED_HOSTS); checked here and again at every delivery.
+    alert_webhook_url = models.URLField(max_length=1000, blank=True, validators=[webhook_url_validator])
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -87,6 +89,18 @@ class AlertKind(models.TextChoices):
     THRESHOLD = "threshold"
     FORECAST = "forecast"
     UNPRICED_MODEL = "unpriced_model"
+
+
+class DeliveryStatus:
+    """What tenants see of an alert's delivery on a channel."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    RETRYING = "failed (will retry)"
+    FAILED = "failed"
+    REFUSED = "refused: destination not allowed"
+    NO_RECIPIENTS = "skipped: no recipients"
+    NO_WEBHOOK = "skipped: no webhook URL"
 
 
 class Alert(models.Model):
@@ -108,7 +122,8 @@ class Alert(models.Model):
     forecast_usd = models.DecimalField(**MONEY, null=True, blank=True)
     message = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    # Per channel: "" (not configured), "pending", "sent", "retrying: <why>", "failed: <why>".
+    # Per channel: "" (not configured), or one of DeliveryStatus. Tenants see these: they never
+    # carry network detail (that is an address and port scanner); the server log has it.
     email_status = models.CharField(max_length=200, blank=True)
     webhook_status = models.CharField(max_length=200, blank=True)
 

@@ -268,14 +268,6 @@ def alert_payload(alert) -> dict:
     }
 
 
-def webhook_signature(*, body: bytes, secret: str) -> str:
-    """The `X-LLM-Signature` header value: HMAC-SHA256 of the raw body, hex."""
-    import hashlib
-    import hmac
-
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 def alert_email_send(*, alert_id: int) -> None:
     """Send the alert by Django mail to the budget's alert_emails (idempotent: once sent, no-op)."""
     from django.conf import settings
@@ -296,41 +288,3 @@ def alert_email_send(*, alert_id: int) -> None:
     except Exception as exc:  # SMTP and socket errors alike: the task retries
         raise AlertDeliveryError(f"{type(exc).__name__}: {exc}") from exc
     alert_delivery_mark(alert_id=alert.id, channel="email", status="sent")
-
-
-def alert_webhook_send(*, alert_id: int) -> None:
-    """POST the alert as JSON, signed with ALERT_WEBHOOK_SECRET (idempotent: once sent, no-op)."""
-    import httpx
-    import orjson
-    from django.conf import settings
-
-    from .models import Alert
-
-    alert = Alert.objects.select_related("tenant", "budget").get(id=alert_id)
-    if alert.webhook_status == "sent":
-        return
-    _, hooks = _alert_targets(alert)
-    if not hooks:
-        alert_delivery_mark(alert_id=alert.id, channel="webhook", status="skipped: no webhook URL")
-        return
-    body = orjson.dumps(alert_payload(alert))
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": "llm-service-alerts/1",
-        "X-LLM-Event": f"budget.alert.{alert.kind}",
-        "X-LLM-Delivery": str(alert.id),
-        "X-LLM-Signature": webhook_signature(body=body, secret=settings.ALERT_WEBHOOK_SECRET),
-    }
-    errors = []
-    with httpx.Client(timeout=settings.ALERT_WEBHOOK_TIMEOUT_S) as client:
-        for url in hooks:
-            try:
-                resp = client.post(url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
-                errors.append(f"{type(exc).__name__}")
-                continue
-            if resp.status_code >= 300:
-                errors.append(f"HTTP {resp.status_code}")
-    if errors:
-        raise AlertDeliveryError(", ".join(errors))
-    alert_delivery_mark(alert_id=alert.id, channel="webhook", status="sent")

@@ -3,13 +3,19 @@ Tasks take ids and JSON-safe values and are idempotent."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from decimal import Decimal
 
 from celery import shared_task
 from django.conf import settings
 
-from . import services
+from apps.keys.outbound import DestinationRefused
+
+from . import delivery, services
+from .models import DeliveryStatus
+
+log = logging.getLogger(__name__)
 
 
 def _backoff_s(retries: int) -> int:
@@ -42,12 +48,19 @@ def unpriced_model_alert_fire(*, tenant_id: int, model: str, period_start: str) 
 
 
 def _deliver(task, alert_id: int, channel: str, send) -> None:
+    """Run one channel's delivery. The tenant-visible status says only the outcome; why it failed
+    (addresses, ports, HTTP statuses, error texts) goes to the log, for the operator."""
     try:
         send(alert_id=alert_id)
+    except DestinationRefused as exc:
+        log.warning("alert %s: %s delivery refused, not retried: %s", alert_id, channel, exc)
+        services.alert_delivery_mark(alert_id=alert_id, channel=channel, status=DeliveryStatus.REFUSED)
     except services.AlertDeliveryError as exc:
         final = task.request.retries >= task.max_retries
+        log.warning("alert %s: %s delivery failed (attempt %d%s): %s", alert_id, channel, task.request.retries + 1,
+                    ", giving up" if final else ", will retry", exc)
         services.alert_delivery_mark(alert_id=alert_id, channel=channel,
-                                     status=f"failed: {exc}" if final else f"retrying: {exc}")
+                                     status=DeliveryStatus.FAILED if final else DeliveryStatus.RETRYING)
         if not final:
             raise task.retry(exc=exc, countdown=_backoff_s(task.request.retries))
 
@@ -59,7 +72,7 @@ def alert_deliver_email(self, alert_id: int) -> None:
 
 @shared_task(bind=True, name="billing.alert_deliver_webhook", max_retries=8)
 def alert_deliver_webhook(self, alert_id: int) -> None:
-    _deliver(self, alert_id, "webhook", services.alert_webhook_send)
+    _deliver(self, alert_id, "webhook", delivery.alert_webhook_send)
 
 
 @shared_task(name="billing.budget_counters_reconcile", ignore_result=True)

@@ -142,9 +142,6 @@ async def _enqueue(ctx: pipeline.Ctx, hit) -> HttpResponse:
     problem = None
     if ctx.stream:
         problem = invalid_request("'stream' cannot be combined with 'async'.", param="stream")
-    url = ctx.options.callback_url
-    if url and not url.startswith(("http://", "https://")):
-        problem = invalid_request("Invalid value for 'callback_url': must be an http(s) URL.", param="callback_url")
     if problem is not None:
         await pipeline.end(ctx, problem)
         return _error(problem, ctx)

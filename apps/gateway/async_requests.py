@@ -11,10 +11,7 @@ provider again: it ends as failed with `result_lost` and the usage of the ledger
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import time
 from datetime import datetime, timedelta
 
 import httpx
@@ -203,25 +200,27 @@ class WebhookError(Exception):
     """The receiver did not accept the webhook; Celery retries with backoff."""
 
 
-def webhook_signature(*, payload: bytes, timestamp: int, secret: str | None = None) -> str:
-    """`t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<payload>">`, as the `x-llm-signature` header."""
-    key = (secret or settings.GATEWAY_WEBHOOK_SECRET).encode()
-    digest = hmac.new(key, f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
-
-
 def async_request_notify(*, request_id: str) -> None:
-    """POST the finished request to its callback_url, signed. Raises WebhookError on a non-2xx."""
+    """POST the finished request to its callback_url, signed with the tenant's webhook secret,
+    through the guarded client (public addresses only). Raises WebhookError on a non-2xx; a
+    destination that is not allowed is logged and dropped (a retry cannot help)."""
+    from apps.keys import outbound
+    from apps.keys.services import tenant_webhook_secret
+
     row = AsyncRequest.objects.filter(id=request_id).first()
     if row is None or not row.callback_url or row.webhook_delivered_at or row.status not in FINISHED:
         return
     payload = orjson.dumps(async_request_view(row))
     headers = {"content-type": "application/json", "user-agent": "llm-service-webhook/1",
-               "x-llm-signature": webhook_signature(payload=payload, timestamp=int(time.time())),
+               "x-llm-signature": outbound.signature_header(
+                   body=payload, secret=tenant_webhook_secret(tenant_id=row.tenant_id)),
                "x-llm-request-id": row.id}
     try:
-        resp = httpx.post(row.callback_url, content=payload, headers=headers,
-                          timeout=settings.GATEWAY_WEBHOOK_TIMEOUT_S, follow_redirects=False)
+        resp = outbound.post(row.callback_url, body=payload, headers=headers,
+                             timeout=settings.GATEWAY_WEBHOOK_TIMEOUT_S)
+    except outbound.DestinationRefused as exc:
+        log.warning("callback of async request %s refused, not retried: %s", row.id, exc)
+        return
     except httpx.HTTPError as exc:
         raise WebhookError(f"{type(exc).__name__}: {exc}") from exc
     if not 200 <= resp.status_code < 300:

@@ -156,6 +156,18 @@ class BudgetSpec(_Strict):
     alert_emails: list[str] = Field(default_factory=list)
     alert_webhook_url: str = ""
 
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _public_webhook(cls, v: str) -> str:
+        if v:
+            from apps.keys.outbound import DestinationRefused, url_check
+
+            try:
+                url_check(v, resolve=True)
+            except DestinationRefused as exc:
+                raise ValueError(f"webhook URL not allowed: {exc}") from None
+        return v
+
     @field_validator("limit_usd", mode="before")
     @classmethod
     def _no_float_drift(cls, v):

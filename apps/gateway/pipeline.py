@@ -40,7 +40,7 @@ from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
 from . import admission, cache, router, schemas
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
-from .providers import Completion, Usage, adapter_for
+from .providers import GATEWAY_USAGE, Completion, Usage, adapter_for
 from .providers.base import ProviderError
 from .selectors import AliasRoute, DeploymentRoute, TenantPolicy, routing_table, tenant_policy
 from .tokens import estimate_text, text_of
@@ -264,7 +264,7 @@ def _cost(ctx: Ctx, usage: Usage) -> Decimal:
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
         cache_write_tokens=usage.cache_write_tokens,
-        batch=getattr(usage, "batch_priced", False),
+        batch=usage.batch_priced,
     )
 
 
@@ -476,7 +476,7 @@ async def open_stream(ctx: Ctx) -> tuple[dict | None, AsyncIterator[dict]]:
 def _chunk_usage(chunk: dict) -> Usage | None:
     """The usage an adapter parsed for this chunk (`_gateway_usage`, its own parser), else the
     OpenAI-shaped `usage` of an OpenAI-style stream."""
-    parsed = chunk.pop("_gateway_usage", None)
+    parsed = chunk.pop(GATEWAY_USAGE, None)
     if parsed is not None:
         return parsed
     return Usage.from_openai(chunk.get("usage")) if chunk.get("usage") else None

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from apps.keys import outbound
 
 from .errors import GatewayError, invalid_request
 from .tokens import estimate_messages, estimate_text, prompt_bytes
@@ -59,6 +62,18 @@ class GatewayOptions(BaseModel):
     async_: bool | None = Field(default=None, alias="async")
     batch_id: Label | None = Field(default=None, max_length=100)
     callback_url: Label | None = Field(default=None, max_length=1000)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _public_destination(cls, v: str | None) -> str | None:
+        """Refuse a callback to a non-public address now, without DNS (no lookup on the request
+        path); delivery checks the address it actually connects to, names included."""
+        if v is not None:
+            try:
+                outbound.url_check(v, resolve=False)
+            except outbound.DestinationRefused as exc:
+                raise PydanticCustomError("callback_url", "{reason}", {"reason": str(exc)}) from None
+        return v
 
 
 class ChatBody(_Open):

@@ -134,6 +134,8 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def get_list_filter(self, request):
         return []
 
+    actions = ["show_webhook_secret", "rotate_webhook_secret"]
+
     def get_readonly_fields(self, request, obj=None):
         return [] if request.user.is_superuser else ["slug"]
 
@@ -142,6 +144,35 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return request.user.is_superuser
+
+    def _webhook_secrets(self, request, queryset, *, rotate: bool):
+        """Owners and admins (superusers: any tenant) read or rotate the secret that signs their
+        tenant's webhooks; rendered directly, never via messages (a cookie or the session)."""
+        managed = _ids(request, ADMIN_ROLES)
+        rows = []
+        for tenant in queryset:
+            if not (request.user.is_superuser or tenant.pk in managed):
+                continue
+            secret = (services.tenant_webhook_secret_rotate(tenant=tenant, actor=request.user.get_username(),
+                                                            via="admin")
+                      if rotate else services.tenant_webhook_secret(tenant_id=tenant.pk))
+            rows.append((tenant, secret))
+        if not rows:
+            self.message_user(request, "Only owners and admins of a tenant see its webhook secret.", messages.WARNING)
+            return None
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "rows": rows,
+                   "title": "Webhook secret rotated (the old one no longer verifies)" if rotate else "Webhook secret"}
+        response = TemplateResponse(request, "admin/keys/tenant/webhook_secret.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Show the webhook signing secret")
+    def show_webhook_secret(self, request, queryset):
+        return self._webhook_secrets(request, queryset, rotate=False)
+
+    @admin.action(description="Rotate the webhook signing secret (old one refused at once)")
+    def rotate_webhook_secret(self, request, queryset):
+        return self._webhook_secrets(request, queryset, rotate=True)
 
 
 # --- members --------------------------------------------------------------------------------

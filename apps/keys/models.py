@@ -27,6 +27,9 @@ class Tenant(models.Model):
     allow_freeform_budget_ids = models.BooleanField(default=False)
     cache_enabled = models.BooleanField(default=True)
     cache_ttl_s = models.PositiveIntegerField(default=3600)
+    # Signs this tenant's webhooks (budget alerts, callback_url), Fernet-encrypted. Made on first
+    # use; tenant admins read and rotate it (services.tenant_webhook_secret*).
+    webhook_secret_encrypted = models.TextField(blank=True, default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

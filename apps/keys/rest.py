@@ -98,6 +98,11 @@ class TenantSerializer(serializers.ModelSerializer):
                   "cache_ttl_s", "created_at"]
 
 
+class WebhookSecretSerializer(serializers.Serializer):
+    tenant = serializers.CharField()
+    webhook_secret = serializers.CharField(help_text="Signs X-LLM-Signature of alert webhooks and callbacks.")
+
+
 class TenantViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
     """Tenants: members read theirs; owners and admins update theirs; superusers create and delete."""
 
@@ -122,6 +127,27 @@ class TenantViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
         if not request.user.is_superuser:
             raise PermissionDenied("Only superusers delete tenants.")
         return super().destroy(request, *args, **kwargs)
+
+    def _admin_tenant(self, request) -> Tenant:
+        tenant = self.get_object()
+        if not user_may(user=request.user, tenant_id=tenant.pk, roles=ADMIN_ROLES):
+            raise PermissionDenied("Only owners and admins of the tenant see its webhook secret.")
+        return tenant
+
+    @extend_schema(request=None, responses=WebhookSecretSerializer)
+    @action(detail=True, methods=["get"], url_path="webhook-secret")
+    def webhook_secret(self, request, slug=None):
+        """The secret that signs this tenant's webhooks (owners and admins)."""
+        tenant = self._admin_tenant(request)
+        return Response({"tenant": tenant.slug, "webhook_secret": services.tenant_webhook_secret(tenant_id=tenant.pk)})
+
+    @extend_schema(request=None, responses=WebhookSecretSerializer)
+    @action(detail=True, methods=["post"], url_path="webhook-secret/rotate")
+    def webhook_secret_rotate(self, request, slug=None):
+        """A new webhook secret; the old one stops verifying at once (owners and admins)."""
+        tenant = self._admin_tenant(request)
+        secret = services.tenant_webhook_secret_rotate(tenant=tenant, actor=actor_of(request), via="api")
+        return Response({"tenant": tenant.slug, "webhook_secret": secret})
 
 
 # --- members --------------------------------------------------------------------------------

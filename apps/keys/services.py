@@ -15,7 +15,7 @@ from . import crypto
 from .models import ApiKey, AuditLog, ProviderCredential, Source, Tenant
 
 # Fields never copied into the audit log.
-_SECRET_FIELDS = {"digest", "previous_digest", "encrypted_secret", "password"}
+_SECRET_FIELDS = {"digest", "previous_digest", "encrypted_secret", "password", "webhook_secret_encrypted"}
 
 
 def snapshot(obj) -> dict:
@@ -75,6 +75,41 @@ def _tenant_id_of(obj) -> int | None:
 class CreatedKey:
     key: ApiKey
     secret: str  # shown once, never stored
+
+
+# --- tenant webhook secrets -------------------------------------------------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def _webhook_secret_new() -> str:
+    import secrets
+
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def tenant_webhook_secret(*, tenant_id: int) -> str:
+    """The tenant's webhook signing secret, made (once, whoever asks first) when it has none yet.
+    Deliveries sign with it; tenant admins read it to verify them."""
+    stored = Tenant.objects.filter(id=tenant_id).values_list("webhook_secret_encrypted", flat=True).first()
+    if stored is None:
+        raise Tenant.DoesNotExist(f"tenant {tenant_id}")
+    if stored:
+        return crypto.decrypt(stored)
+    Tenant.objects.filter(id=tenant_id, webhook_secret_encrypted="").update(
+        webhook_secret_encrypted=crypto.encrypt(_webhook_secret_new()))
+    return crypto.decrypt(Tenant.objects.values_list("webhook_secret_encrypted", flat=True).get(id=tenant_id))
+
+
+@transaction.atomic
+def tenant_webhook_secret_rotate(*, tenant: Tenant, actor: str, via: str = "") -> str:
+    """Replace the tenant's webhook secret (the old one stops verifying at once). Audited; the
+    secret itself never enters the audit log. Returns the new secret."""
+    secret = _webhook_secret_new()
+    tenant.webhook_secret_encrypted = crypto.encrypt(secret)
+    tenant.save(update_fields=["webhook_secret_encrypted"])
+    audit_record(actor=actor, action="rotate_webhook_secret", obj=tenant, via=via)
+    return secret
 
 
 def api_key_set_secret(*, key: ApiKey) -> str:

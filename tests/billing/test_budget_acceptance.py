@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import email
-import hashlib
-import hmac
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import orjson
-from django.conf import settings
 
 from apps.analytics.models import UsageEvent
 from apps.billing.models import Alert
+from apps.keys.outbound import signature_verify
+from apps.keys.services import tenant_webhook_secret
 from tests import factories as f
 from tests.conftest import make_setup, requires_shared_state
 from tests.gateway.worker import Worker, broker_reset, wait_for
@@ -108,10 +107,9 @@ def test_a_one_dollar_source_budget_holds_under_two_instances_and_alerts_once(ga
         assert Alert.objects.filter(budget=budget, kind="threshold").count() == 1
         assert alert.threshold == Decimal("0.8")
         hooks = []
+        secret = tenant_webhook_secret(tenant_id=s.tenant.pk)
         for r in webhook.requests:
-            expected = "sha256=" + hmac.new(settings.ALERT_WEBHOOK_SECRET.encode(), r["body"],
-                                            hashlib.sha256).hexdigest()
-            assert hmac.compare_digest(r["headers"]["x-llm-signature"], expected)
+            assert signature_verify(header=r["headers"]["x-llm-signature"], body=r["body"], secret=secret)
             hooks.append(orjson.loads(r["body"])["alert"])
         assert [h["threshold"] for h in hooks if h["kind"] == "threshold"] == ["0.8"]
         mails = [m for m in _mails(mail_dir) if "Threshold" in m["Subject"]]

@@ -67,6 +67,8 @@ class Worker:
             "GATEWAY_AUTH_CACHE_TTL_S": "0",
             "GATEWAY_BATCH_TASK_BUDGET_S": "5",
             "CELERY_FS_POLLING_INTERVAL_S": "0.05",
+            # The tests' webhook receivers listen on loopback: the operator allow-list lets them in.
+            "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
             **{k: str(v) for k, v in env.items()},
         }
         self.proc: subprocess.Popen | None = None
