@@ -25,37 +25,15 @@ from apps.analytics.services import usage_rollup_recompute
 from apps.keys import sso
 from apps.keys.models import AuditLog, Membership, SsoIdentity
 from tests import factories as f
-from tests.fakes.oidc_provider import CLIENT_ID, CLIENT_SECRET, FakeOIDCProvider
 
 pytestmark = pytest.mark.django_db
 
 OIDC_BACKEND = "apps.keys.sso.TenantOIDCBackend"
-PASSWORD_BACKEND = "django.contrib.auth.backends.ModelBackend"
-
-
-@pytest.fixture(scope="session")
-def oidc_server():
-    provider = FakeOIDCProvider().start()
-    yield provider
-    provider.stop()
 
 
 @pytest.fixture
-def provider(oidc_server, settings):
-    """SSO switched on against the fake provider (as OIDC_ISSUER & co. in the environment would)."""
-    oidc_server.reset()
-    sso.discovery_reset()
-    settings.OIDC_ISSUER = oidc_server.issuer
-    settings.SSO_ENABLED = True
-    settings.OIDC_RP_CLIENT_ID = CLIENT_ID
-    settings.OIDC_RP_CLIENT_SECRET = CLIENT_SECRET
-    settings.OIDC_RP_SCOPES = "openid email profile groups"
-    settings.OIDC_TENANT_CLAIM = "groups"
-    settings.OIDC_SUPERUSER_VALUE = ""
-    settings.PASSWORD_LOGIN_ENABLED = True
-    settings.AUTHENTICATION_BACKENDS = [OIDC_BACKEND, PASSWORD_BACKEND]
-    yield oidc_server
-    sso.discovery_reset()
+def provider(sso_provider):
+    return sso_provider
 
 
 def password_login_off(settings):
