@@ -336,9 +336,13 @@ METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # --- single sign-on: OpenID Connect (apps/keys/sso.py, docs/governance-and-analytics.md) ---------
 # Off unless OIDC_ISSUER is set. Endpoints come from the issuer's discovery document (fetched on
 # first use, cached OIDC_DISCOVERY_TTL_S) unless set explicitly below.
-OIDC_ISSUER = env("OIDC_ISSUER", default="").rstrip("/")
+OIDC_ISSUER = env("OIDC_ISSUER", default="")
 SSO_ENABLED = bool(OIDC_ISSUER)
 OIDC_RP_CLIENT_ID = env("OIDC_CLIENT_ID", default="")
+if SSO_ENABLED and not OIDC_RP_CLIENT_ID:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured("OIDC_ISSUER is set: set OIDC_CLIENT_ID (and OIDC_CLIENT_SECRET) too")
 OIDC_RP_CLIENT_SECRET = env("OIDC_CLIENT_SECRET", default="")
 OIDC_RP_SCOPES = env("OIDC_SCOPES", default="openid email profile")
 OIDC_RP_SIGN_ALGO = env("OIDC_SIGN_ALGO", default="RS256")

@@ -11,9 +11,13 @@ import csv
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -387,3 +391,47 @@ def test_userinfo_cannot_name_another_subject(client, provider, usage, monkeypat
     assert "sso_error" in resp.final_url
     assert not SsoIdentity.objects.exists()
 
+
+
+# --- configuration from the environment -------------------------------------------------------------
+
+
+def _settings_in_subprocess(env: dict) -> subprocess.CompletedProcess:
+    code = ("import django, json; django.setup(); from django.conf import settings as s; "
+            "print(json.dumps([s.SSO_ENABLED, s.PASSWORD_LOGIN_ENABLED, s.AUTHENTICATION_BACKENDS, s.OIDC_RP_SCOPES, "
+            "s.OIDC_TENANT_CLAIM]))")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OIDC_", "PASSWORD_LOGIN"))}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, "DJANGO_SETTINGS_MODULE": "config.settings",
+                                                              **env},
+                          cwd=str(Path(__file__).resolve().parents[2]), capture_output=True, text=True, timeout=60)
+
+
+def test_settings_from_the_environment():
+    on = _settings_in_subprocess({"OIDC_ISSUER": "https://idp.example.test/realms/x", "OIDC_CLIENT_ID": "llm",
+                                  "OIDC_CLIENT_SECRET": "s", "PASSWORD_LOGIN_ENABLED": "false",
+                                  "OIDC_SCOPES": "openid email groups", "OIDC_TENANT_CLAIM": "roles"})
+    assert on.returncode == 0, on.stderr
+    assert json.loads(on.stdout) == [True, False, [OIDC_BACKEND], "openid email groups", "roles"]
+
+    # Password login cannot be switched off without SSO: nobody could log in.
+    off = _settings_in_subprocess({"PASSWORD_LOGIN_ENABLED": "false"})
+    assert json.loads(off.stdout)[:3] == [False, True, ["django.contrib.auth.backends.ModelBackend"]]
+
+    missing = _settings_in_subprocess({"OIDC_ISSUER": "https://idp.example.test"})
+    assert missing.returncode != 0
+    assert "OIDC_CLIENT_ID" in missing.stderr
+
+
+def test_superusers_manage_sso_identities_tenant_admins_do_not_see_them(client, provider, usage):
+    provider.claims = claims(["acme:admin"])
+    sso_login(client, provider)
+    identity = SsoIdentity.objects.get()
+    assert client.get("/admin/keys/ssoidentity/").status_code == 403
+
+    client.force_login(usage.root)
+    page = client.get("/admin/keys/ssoidentity/")
+    assert page.status_code == 200 and "idp-mia" in page.content.decode()
+    resp = client.post(f"/admin/keys/ssoidentity/{identity.pk}/delete/", {"post": "yes"})
+    assert resp.status_code == 302
+    assert not SsoIdentity.objects.exists()
+    assert AuditLog.objects.filter(action="delete", object_type="ssoidentity", actor="root").exists()
