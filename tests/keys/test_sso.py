@@ -277,7 +277,10 @@ def test_a_replayed_callback_is_refused(client, provider, usage):
 
 
 def test_password_login_refused_when_switched_off(client, provider, usage, settings):
+    assert client.post("/accounts/login/", {"username": "max-manager", "password": "pw-12345678"}).status_code == 302
+    assert client.get("/dashboard/").status_code == 200
     password_login_off(settings)
+    assert client.get("/dashboard/").status_code == 302  # a password session ends
 
     page = client.get("/accounts/login/")
     html = page.content.decode()
