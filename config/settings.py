@@ -267,10 +267,7 @@ AUTH_PASSWORD_VALIDATORS = [
 # (admin, /accounts/login/, HTTP Basic on /api/) by username and by client address; after
 # AXES_FAILURE_LIMIT failures either one is refused, even with the right password, for AXES_COOLOFF_S
 # seconds after its last counted failure. Attempts live in the database: every instance shares them.
-AUTHENTICATION_BACKENDS = [
-    "axes.backends.AxesStandaloneBackend",
-    "django.contrib.auth.backends.ModelBackend",
-]
+# (AUTHENTICATION_BACKENDS, with axes first, is set with single sign-on below.)
 AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=10)
 AXES_COOLOFF_TIME = timedelta(seconds=env.int("AXES_COOLOFF_S", default=900))
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
@@ -418,3 +415,35 @@ CELERY_BEAT_SCHEDULE.update({
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 CELERY_BEAT_SCHEDULE["billing-budget-counters-reconcile"] = {
     "task": "billing.budget_counters_reconcile", "schedule": BUDGET_RECONCILE_INTERVAL_S}
+# --- single sign-on: OpenID Connect (apps/keys/sso.py, docs/governance-and-analytics.md) ---------
+# Off unless OIDC_ISSUER is set. Endpoints come from the issuer's discovery document (fetched on
+# first use, cached OIDC_DISCOVERY_TTL_S) unless set explicitly below.
+OIDC_ISSUER = env("OIDC_ISSUER", default="")
+SSO_ENABLED = bool(OIDC_ISSUER)
+OIDC_RP_CLIENT_ID = env("OIDC_CLIENT_ID", default="")
+if SSO_ENABLED and not OIDC_RP_CLIENT_ID:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured("OIDC_ISSUER is set: set OIDC_CLIENT_ID (and OIDC_CLIENT_SECRET) too")
+OIDC_RP_CLIENT_SECRET = env("OIDC_CLIENT_SECRET", default="")
+OIDC_RP_SCOPES = env("OIDC_SCOPES", default="openid email profile")
+OIDC_RP_SIGN_ALGO = env("OIDC_SIGN_ALGO", default="RS256")
+OIDC_OP_AUTHORIZATION_ENDPOINT = env("OIDC_AUTHORIZATION_ENDPOINT", default="")
+OIDC_OP_TOKEN_ENDPOINT = env("OIDC_TOKEN_ENDPOINT", default="")
+OIDC_OP_USER_ENDPOINT = env("OIDC_USERINFO_ENDPOINT", default="")
+OIDC_OP_JWKS_ENDPOINT = env("OIDC_JWKS_ENDPOINT", default="")
+OIDC_DISCOVERY_TTL_S = env.float("OIDC_DISCOVERY_TTL_S", default=3600.0)
+OIDC_TIMEOUT = env.float("OIDC_TIMEOUT_S", default=10.0)
+OIDC_USE_PKCE = env.bool("OIDC_USE_PKCE", default=True)
+# The claim listing `tenant:role` values (e.g. "acme:manager"); memberships follow it at each login.
+OIDC_TENANT_CLAIM = env("OIDC_TENANT_CLAIM", default="groups")
+# A value of that claim that makes the user a superuser (unset: SSO never grants or takes it).
+OIDC_SUPERUSER_VALUE = env("OIDC_SUPERUSER_VALUE", default="")
+OIDC_AUTHENTICATION_CALLBACK_URL = "sso_callback"
+LOGIN_REDIRECT_URL_FAILURE = "/accounts/login/?sso_error=1"
+# Password login (the login page, /admin/login/, the API's basic auth) can be switched off only
+# when SSO is on: without it nobody could log in.
+PASSWORD_LOGIN_ENABLED = env.bool("PASSWORD_LOGIN_ENABLED", default=True) or not SSO_ENABLED
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend"] + (
+    ["apps.keys.sso.TenantOIDCBackend"] if SSO_ENABLED else []) + (
+    ["django.contrib.auth.backends.ModelBackend"] if PASSWORD_LOGIN_ENABLED else [])

@@ -4,11 +4,16 @@ from django.urls import include, path, re_path
 
 from apps.analytics import views as analytics_views
 from apps.gateway.api import api as data_plane
+from apps.keys import sso
 
 urlpatterns = [
     path("v1/", data_plane.urls),
+    path("admin/login/", sso.admin_login),
     path("admin/", admin.site.urls),
+    path("accounts/login/", sso.LoginView.as_view(), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("oidc/authenticate/", sso.SsoAuthenticateView.as_view(), name="sso_authenticate"),
+    path("oidc/callback/", sso.SsoCallbackView.as_view(), name="sso_callback"),
     path("healthz", analytics_views.healthz, name="healthz"),
     path("readyz", analytics_views.readyz, name="readyz"),
     path("", include("apps.analytics.urls")),

@@ -389,3 +389,34 @@ def shared_state_at():
         caches.reset_all()
 
     return use
+@pytest.fixture(scope="session")
+def _oidc_server():
+    from tests.fakes.oidc_provider import FakeOIDCProvider
+
+    provider = FakeOIDCProvider().start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def sso_provider(_oidc_server, settings):
+    """A real OpenID Connect provider on loopback, with SSO switched on against it (as OIDC_ISSUER,
+    OIDC_CLIENT_ID and OIDC_CLIENT_SECRET in the environment would). Set `.claims` for the user
+    the provider logs in."""
+    from apps.keys import sso
+    from tests.fakes.oidc_provider import CLIENT_ID, CLIENT_SECRET
+
+    _oidc_server.reset()
+    sso.discovery_reset()
+    settings.OIDC_ISSUER = _oidc_server.issuer
+    settings.SSO_ENABLED = True
+    settings.OIDC_RP_CLIENT_ID = CLIENT_ID
+    settings.OIDC_RP_CLIENT_SECRET = CLIENT_SECRET
+    settings.OIDC_RP_SCOPES = "openid email profile groups"
+    settings.OIDC_TENANT_CLAIM = "groups"
+    settings.OIDC_SUPERUSER_VALUE = ""
+    settings.PASSWORD_LOGIN_ENABLED = True
+    settings.AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "apps.keys.sso.TenantOIDCBackend",
+                                        "django.contrib.auth.backends.ModelBackend"]
+    yield _oidc_server
+    sso.discovery_reset()

@@ -14,7 +14,7 @@ from django.template.response import TemplateResponse
 
 from . import crypto, services
 from .audit import AuditedAdminMixin
-from .models import ApiKey, AuditLog, Membership, ProviderCredential, Role, Source, Tenant
+from .models import ApiKey, AuditLog, Membership, ProviderCredential, Role, Source, SsoIdentity, Tenant
 from .selectors import ADMIN_ROLES, READ_ROLES, tenant_ids_for_user, user_may
 
 __all__ = ["AuditedAdminMixin", "TenantScopedAdminMixin"]
@@ -463,3 +463,27 @@ class AuditLogAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         return False
 
 
+
+
+# --- SSO identities (superusers: delete one to unlink a user from its provider account) ---------
+@admin.register(SsoIdentity)
+class SsoIdentityAdmin(AuditedAdminMixin, admin.ModelAdmin):
+    list_display = ["subject", "user", "issuer", "created_at", "last_login_at"]
+    list_select_related = ["user"]
+    search_fields = ["subject", "user__username", "user__email"]
+    readonly_fields = ["user", "issuer", "subject", "created_at", "last_login_at"]
+
+    def has_module_permission(self, request):
+        return request.user.is_superuser
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_add_permission(self, request, *args):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser

@@ -237,12 +237,12 @@ def provider_credential_set(*, name: str, secret: str, actor: str, via: str = ""
     return cred
 
 
-def audited_upsert(model, *, actor: str, lookup: dict, values: dict, tenant: Tenant | None = None):
+def audited_upsert(model, *, actor: str, lookup: dict, values: dict, tenant: Tenant | None = None, via: str = ""):
     """Create or update one row by its natural key, auditing only a real change. Returns (obj, changed)."""
     obj = model.objects.filter(**lookup).first()
     if obj is None:
         obj = model.objects.create(**lookup, **values)
-        audit_record(actor=actor, action="create", obj=obj, tenant=tenant, after=snapshot(obj))
+        audit_record(actor=actor, action="create", obj=obj, tenant=tenant, after=snapshot(obj), via=via)
         return obj, True
     before = snapshot(obj)
     changed = [k for k, v in values.items() if getattr(obj, k) != v]
@@ -251,7 +251,7 @@ def audited_upsert(model, *, actor: str, lookup: dict, values: dict, tenant: Ten
     for k in changed:
         setattr(obj, k, values[k])
     obj.save()
-    audit_record(actor=actor, action="update", obj=obj, tenant=tenant, before=before, after=snapshot(obj))
+    audit_record(actor=actor, action="update", obj=obj, tenant=tenant, before=before, after=snapshot(obj), via=via)
     return obj, True
 
 
@@ -318,3 +318,107 @@ def member_add(*, tenant: Tenant, username: str, email: str, role: str, password
         user.is_staff = True
         user.save(update_fields=["is_staff"])
     return membership
+
+
+# --- single sign-on (apps/keys/sso.py reads the claims, this writes what they say) ---------------
+
+SSO_ACTOR = "sso"  # changes made because the identity provider's claims said so
+
+
+@dataclass(frozen=True)
+class SsoLogin:
+    user: object
+    provisioned: bool  # the user was created (or linked) at this login
+    unknown_tenants: tuple[str, ...]  # slugs in the claims that name no tenant (ignored)
+
+
+def _sso_username(*, hint: str, issuer: str, subject: str) -> str:
+    import hashlib
+
+    from django.contrib.auth import get_user_model
+
+    base = (hint or subject)[:140]
+    if not get_user_model().objects.filter(username=base).exists():
+        return base
+    return f"{base}-{hashlib.sha256(f'{issuer}|{subject}'.encode()).hexdigest()[:8]}"
+
+
+@transaction.atomic
+def sso_user_login(*, issuer: str, subject: str, email: str, email_verified: bool, username_hint: str,
+                   tenant_roles: dict[str, str], superuser: bool | None) -> SsoLogin:
+    """The user of the identity (issuer, subject) after a verified OpenID Connect login, with the
+    memberships the claims give: `tenant_roles` ({tenant slug: role}) becomes the user's set of
+    memberships (added, role changed, removed when a tenant is no longer listed); slugs naming no
+    tenant are ignored and returned. `superuser` None leaves is_superuser alone.
+
+    A new identity is linked to the one existing user with that email when the provider says the
+    email is verified; otherwise a user is provisioned (no usable password). Everything is audited:
+    provisioning, each membership change and the login itself (one row per tenant of the user,
+    so each tenant's admins see it). An inactive user is neither synchronised nor logged in."""
+    from django.contrib.auth import get_user_model
+
+    from .models import Membership, SsoIdentity
+
+    User = get_user_model()
+    now = timezone.now()
+    provisioned = False
+    identity = (SsoIdentity.objects.select_for_update().select_related("user")
+                .filter(issuer=issuer, subject=subject).first())
+    if identity is None:
+        matches = list(User.objects.filter(email__iexact=email)[:2]) if email and email_verified else []
+        if len(matches) == 1:
+            user = matches[0]
+            action = "sso_link"
+        else:
+            user = User.objects.create_user(
+                _sso_username(hint=username_hint, issuer=issuer, subject=subject), email=email or "")
+            user.set_unusable_password()
+            user.save(update_fields=["password"])
+            action = "sso_provision"
+        identity = SsoIdentity.objects.create(user=user, issuer=issuer, subject=subject)
+        provisioned = True
+        audit_record(actor=SSO_ACTOR, via="sso", action=action, object_type="user", object_id=str(user.pk),
+                     after={"username": user.get_username(), "email": user.email, "issuer": issuer,
+                            "subject": subject})
+    user = identity.user
+    if not user.is_active:
+        security_event_record(action="sso_login_refused", object_type="user", object_id=str(user.pk),
+                              details={"username": user.get_username(), "reason": "user is inactive"})
+        return SsoLogin(user=user, provisioned=provisioned, unknown_tenants=())
+
+    tenants = {t.slug: t for t in Tenant.objects.filter(slug__in=list(tenant_roles))}
+    unknown = tuple(sorted(set(tenant_roles) - set(tenants)))
+    current = {m.tenant_id: m for m in Membership.objects.select_for_update().filter(user=user)}
+    wanted = {tenants[slug].pk: (tenants[slug], role) for slug, role in tenant_roles.items() if slug in tenants}
+    for tenant_id, membership in current.items():
+        if tenant_id not in wanted:
+            before = snapshot(membership)
+            membership.delete()
+            audit_record(actor=SSO_ACTOR, via="sso", action="delete", object_type="membership",
+                         object_id=str(before["id"]), tenant_id=tenant_id, before=before)
+    for tenant, role in wanted.values():
+        audited_upsert(Membership, actor=SSO_ACTOR, via="sso", lookup={"user": user, "tenant": tenant},
+                       values={"role": role}, tenant=tenant)
+
+    before = {"email": user.email, "is_staff": user.is_staff, "is_superuser": user.is_superuser}
+    if email and user.email != email:
+        user.email = email
+    if superuser is not None:
+        user.is_superuser = superuser
+    user.is_staff = bool(wanted) or user.is_superuser
+    after = {"email": user.email, "is_staff": user.is_staff, "is_superuser": user.is_superuser}
+    if after != before:
+        user.save(update_fields=list(after))
+        audit_record(actor=SSO_ACTOR, via="sso", action="update", object_type="user", object_id=str(user.pk),
+                     before=before, after=after)
+    identity.last_login_at = now
+    identity.save(update_fields=["last_login_at"])
+
+    login = {"username": user.get_username(), "issuer": issuer, "subject": subject,
+             "tenants": {slug: role for slug, role in sorted(tenant_roles.items()) if slug in tenants}}
+    if unknown:
+        login["unknown_tenants"] = list(unknown)
+    for tenant_id in sorted(wanted) or [None]:
+        audit_record(actor=user.get_username(), via="sso", action="sso_login", object_type="user",
+                     object_id=str(user.pk), tenant_id=tenant_id, after=login)
+    return SsoLogin(user=user, provisioned=provisioned, unknown_tenants=unknown)

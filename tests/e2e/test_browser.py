@@ -156,3 +156,28 @@ def test_manager_of_another_tenant_sees_none_of_it(page, world_with_usage):
     assert "acme-key" not in page.content()
     api = page.request.get("/api/keys/").json()
     assert [k["name"] for k in api["results"]] == ["globex-key"]
+
+
+def test_manager_signs_in_with_sso_and_lands_on_the_tenants_dashboard(page, world_with_usage, sso_provider,
+                                                                      settings):
+    # Password login off: the page offers SSO only; the fake provider logs in a manager of acme.
+    settings.PASSWORD_LOGIN_ENABLED = False
+    settings.AUTHENTICATION_BACKENDS = ["apps.keys.sso.TenantOIDCBackend"]
+    sso_provider.claims = {"sub": "idp-sam", "email": "sam@acme.test", "email_verified": True,
+                           "preferred_username": "sam", "groups": ["acme:manager", "unknown-tenant:admin"]}
+
+    page.goto("/dashboard/")
+    page.wait_for_url(re.compile(r"/accounts/login/"))
+    assert page.locator("#id_password").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "login-sso-only.png"))
+    page.click("text=Sign in with SSO")
+    page.wait_for_url(re.compile(r"/dashboard/$"))
+    page.wait_for_function("() => window.Chart && Chart.getChart(document.getElementById('chart-series'))")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-after-sso.png"), full_page=True)
+
+    assert page.text_content(".who").strip() == "sam"
+    assert page.text_content("#total-requests").strip() == "3"
+    html = page.content()
+    for leak in ("globex", "Globex", "globex-only-model"):
+        assert leak not in html
+    assert any(r["path"] == "/token" for r in sso_provider.requests)  # the code was exchanged
