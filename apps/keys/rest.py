@@ -9,7 +9,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
 from . import services
@@ -92,10 +92,20 @@ class AdminSourceField(serializers.PrimaryKeyRelatedField):
 # --- tenants --------------------------------------------------------------------------------
 
 class TenantSerializer(serializers.ModelSerializer):
+    """A tenant. Its slug names it in commands, configs and URLs: only superusers set or change it."""
+
     class Meta:
         model = Tenant
-        fields = ["id", "slug", "name", "timezone", "allowed_regions", "allow_unpriced_models", "cache_enabled",
-                  "cache_ttl_s", "created_at"]
+        fields = ["id", "slug", "created_slug", "name", "timezone", "allowed_regions", "allow_unpriced_models",
+                  "cache_enabled", "cache_ttl_s", "created_at"]
+        read_only_fields = ["created_slug", "created_at"]
+
+    def get_fields(self):
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and not request.user.is_superuser:
+            fields["slug"].read_only = True
+        return fields
 
 
 class TenantViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
@@ -117,6 +127,16 @@ class TenantViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
         if not request.user.is_superuser:
             raise PermissionDenied("Only superusers create tenants.")
         return super().create(request, *args, **kwargs)
+
+    def update(self, request, *args, **kwargs):
+        # Refused before any validation, whatever the new value: a uniqueness check would tell a
+        # tenant admin which other tenants exist.
+        data = request.data if isinstance(request.data, dict) else {}
+        if not request.user.is_superuser and "slug" in data:
+            tenant = self.get_object()
+            if data.get("slug") != tenant.slug:
+                raise ValidationError({"slug": ["Only superusers change a tenant's slug."]})
+        return super().update(request, *args, **kwargs)
 
     def destroy(self, request, *args, **kwargs):
         if not request.user.is_superuser:

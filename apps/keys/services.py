@@ -220,7 +220,35 @@ def audited_upsert(model, *, actor: str, lookup: dict, values: dict, tenant: Ten
     return obj, True
 
 
-def tenant_upsert(*, slug: str, name: str, timezone_name: str, actor: str, **extra) -> Tenant:
+def tenant_check_adoptable(*, tenant: Tenant, actor: str, adopt: bool = False, via: str = "cli") -> Tenant:
+    """An operator's command (gateway_apply, key_create) about to write into `tenant` by slug.
+
+    A tenant renamed since it was created (its slug differs from `created_slug`) is refused: the
+    slug the operator names may have been taken by someone else's tenant. With `adopt` the operator
+    accepts the tenant under its current slug; that is recorded (audited, action `adopt`) and later
+    commands no longer ask."""
+    if tenant.created_slug == tenant.slug:
+        return tenant
+    if not adopt:
+        raise ValidationError(
+            f"tenant {tenant.slug!r} was created as {tenant.created_slug!r} and renamed since; "
+            f"check it is the tenant you mean, then pass --adopt"
+        )
+    before = snapshot(tenant)
+    before["created_slug"] = tenant.created_slug
+    tenant.created_slug = tenant.slug
+    tenant.save(update_fields=["created_slug"])
+    audit_record(actor=actor, action="adopt", obj=tenant, before=before,
+                 after={**snapshot(tenant), "created_slug": tenant.created_slug}, via=via)
+    return tenant
+
+
+def tenant_upsert(*, slug: str, name: str, timezone_name: str, actor: str, adopt: bool = False, **extra) -> Tenant:
+    """Create or update a tenant by slug (gateway_apply). An existing tenant renamed to this slug
+    since its creation is only updated with `adopt` (see `tenant_check_adoptable`)."""
+    existing = Tenant.objects.filter(slug=slug).first()
+    if existing is not None:
+        tenant_check_adoptable(tenant=existing, actor=actor, adopt=adopt)
     tenant, _ = audited_upsert(Tenant, actor=actor, lookup={"slug": slug},
                                values={"name": name, "timezone": timezone_name, **extra})
     return tenant
