@@ -6,6 +6,7 @@ Rules: every queryset is limited to the caller's tenants (superusers: all). Any 
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -167,10 +168,14 @@ class MemberSerializer(serializers.ModelSerializer):
 
     def create(self, validated):
         user = validated.get("user", {})
-        return services.member_add(tenant=validated["tenant"], username=user["username"],
-                                   email=user.get("email", ""), role=validated["role"],
-                                   password=validated.get("password") or None,
-                                   actor=self.context["request"].user.get_username())
+        request = self.context["request"]
+        try:
+            return services.member_add(tenant=validated["tenant"], username=user["username"],
+                                       email=user.get("email", ""), role=validated.get("role", Role.VIEWER),
+                                       password=validated.get("password") or None,
+                                       actor=request.user.get_username(), by=request.user)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from exc
 
     def update(self, instance, validated):
         if "role" in validated:
@@ -180,7 +185,9 @@ class MemberSerializer(serializers.ModelSerializer):
 
 
 class MemberViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
-    """Members of the caller's tenants. Create adds (or attaches) a user with a role; update
+    """Members of the caller's tenants. Create adds a new user with a role (default `viewer`), or
+    attaches an existing user: superusers attach anyone, owners and admins only users who already
+    belong to a tenant they administer (anyone else: 400 that names nothing of that user). Update
     changes the role only; delete removes the membership, not the user."""
 
     queryset = Membership.objects.select_related("user", "tenant").order_by("tenant__slug", "user__username")

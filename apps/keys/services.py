@@ -292,15 +292,26 @@ def member_upsert(*, tenant: Tenant, username: str, email: str, role: str, passw
     return user
 
 
-def member_add(*, tenant: Tenant, username: str, email: str, role: str, password: str | None, actor: str):
-    """Add a member from the admin or the API. A new user is created (with the password given);
-    an existing user is only attached: a tenant admin never changes the password or email of a
-    user who may belong to other tenants. Returns the Membership."""
+MEMBER_USERNAME_TAKEN = ("This username is taken by an account you do not administer. Choose another "
+                         "username for a new user, or ask a superuser to add the existing account.")
+
+
+def member_add(*, tenant: Tenant, username: str, email: str, role: str, password: str | None, actor: str,
+               by=None):
+    """Add a member from the admin or the API, on behalf of the user `by` (None: a trusted caller).
+    A new user is created (with the password given). An existing user is only attached, and only
+    when `selectors.user_may_attach` allows it (superusers: anyone; tenant admins: users of
+    tenants they administer); otherwise ValidationError, which names nothing of that user. A tenant
+    admin never changes the password or email of a user who may belong to other tenants.
+    Returns the Membership."""
     from django.contrib.auth import get_user_model
 
     from .models import Membership
+    from .selectors import user_may_attach
 
     user = get_user_model().objects.filter(username=username).first()
+    if user is not None and by is not None and not user_may_attach(by=by, user=user):
+        raise ValidationError({"username": MEMBER_USERNAME_TAKEN})
     if user is None:
         user = member_upsert(tenant=tenant, username=username, email=email, role=role, password=password,
                              actor=actor)
