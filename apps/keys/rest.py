@@ -288,7 +288,8 @@ class ApiKeyViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
 # --- audit log ------------------------------------------------------------------------------
 
 class AuditLogSerializer(serializers.ModelSerializer):
-    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True,
+                                          help_text="null for global changes and deleted tenants")
 
     class Meta:
         model = AuditLog
