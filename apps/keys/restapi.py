@@ -74,21 +74,35 @@ def control_characters_in(request) -> str | None:
     return None
 
 
+# Django's own answers on /api/ (an unmatched URL, an unreadable request), in the API's shape.
+_DJANGO_ERRORS = {400: "Bad request.", 403: "Forbidden.", 404: "Not found.", 405: "Method not allowed.",
+                  413: "Request body too large.", 500: "Server error."}
+
+
 class ApiInputMiddleware:
     """Refuses, with a 400 in the API's error shape, any /api/ request with a control character in
     its path, query string or body strings: one check for every view, serializer and URL, before
-    anything reaches the database (PostgreSQL refuses NUL in text with an error)."""
+    anything reaches the database (PostgreSQL refuses NUL in text with an error). Django's own HTML
+    error pages on /api/ (e.g. a 404 for a URL no route matches) become `{"detail": ...}` JSON."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        if request.path.startswith(API_PREFIX):
-            where = control_characters_in(request)
-            if where is not None:
-                return JsonResponse({"detail": CONTROL_CHARACTERS_MESSAGE.format(where=where)},
-                                    status=status.HTTP_400_BAD_REQUEST)
-        return self.get_response(request)
+        if not request.path.startswith(API_PREFIX):
+            return self.get_response(request)
+        where = control_characters_in(request)
+        if where is not None:
+            return JsonResponse({"detail": CONTROL_CHARACTERS_MESSAGE.format(where=where)},
+                                status=status.HTTP_400_BAD_REQUEST)
+        response = self.get_response(request)
+        if response.status_code >= 400 and response.get("Content-Type", "").startswith("text/html"):
+            detail = _DJANGO_ERRORS.get(response.status_code, "Request failed.")
+            new = JsonResponse({"detail": detail}, status=response.status_code)
+            if response.has_header("Allow"):
+                new["Allow"] = response["Allow"]
+            return new
+        return response
 
 
 def _blocked_by(objects) -> dict[str, int]:
