@@ -82,3 +82,11 @@ def test_deleting_a_tenant_with_ledger_rows_is_a_409_naming_the_blocker(world):
     assert resp.status_code == 409, resp.content
     assert resp.json()["blocked_by"]["usageevent"] == 1
     assert Tenant.objects.filter(slug="acme").exists()
+
+
+def test_unrouted_api_urls_answer_json_not_django_html(world):
+    """Before: Django's HTML 404 page for a URL no route matches (e.g. a non-integer id)."""
+    resp = api(world.acme_admin).get("/api/budgets/1.5/")
+    assert resp.status_code == 404
+    assert resp["Content-Type"] == "application/json"
+    assert resp.json() == {"detail": "Not found."}

@@ -40,6 +40,8 @@ FOREIGN = ("globex", "gus-admin", "gil-manager")
 POSITIVE_EXAMPLES = 4
 NEGATIVE_EXAMPLES = 2
 FOREIGN_EXAMPLES = 2
+STATEFUL_EXAMPLES = 8
+STATEFUL_STEPS = 6
 
 
 @pytest.fixture
@@ -121,3 +123,26 @@ def test_api_conforms_to_its_schema_and_stays_in_the_tenant(world, wsgi_app, per
             except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collected, reported together below
                 failures.append(f"{operation.label} [{mode}, {path_parameters}]: {str(exc)[:1500]}")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("persona", ["acme_admin", "root"], indirect=True)
+def test_api_stateful_sequences(world, wsgi_app, persona):
+    """Sequences of calls that reuse what earlier calls created (links schemathesis infers from the
+    schema: create a source, then read, change or delete it...), with the same checks."""
+    _seed(world)
+    schema = schemathesis.openapi.from_wsgi("/api/schema/?format=json", wsgi_app, headers=persona["headers"])
+    base = schema.as_state_machine()
+
+    class Workflow(base):
+        def get_call_kwargs(self, case):
+            return {"headers": persona["headers"]}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=CHECKS)
+            if persona["name"] != "root":
+                leaked = [word for word in FOREIGN if word in response.text]
+                assert not leaked, (case.method, case.formatted_path, response.status_code, leaked)
+
+    Workflow.run(settings=settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS,
+                                   deadline=None, database=None, derandomize=True,
+                                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck)))
