@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 
 import orjson
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError, IntegrityError
 from django.db.models import ProtectedError, RestrictedError
@@ -91,7 +92,10 @@ class ApiInputMiddleware:
     def __call__(self, request):
         if not request.path.startswith(API_PREFIX):
             return self.get_response(request)
-        where = control_characters_in(request)
+        try:
+            where = control_characters_in(request)
+        except RequestDataTooBig:
+            return JsonResponse({"detail": _DJANGO_ERRORS[413]}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         if where is not None:
             return JsonResponse({"detail": CONTROL_CHARACTERS_MESSAGE.format(where=where)},
                                 status=status.HTTP_400_BAD_REQUEST)

@@ -90,3 +90,10 @@ def test_unrouted_api_urls_answer_json_not_django_html(world):
     assert resp.status_code == 404
     assert resp["Content-Type"] == "application/json"
     assert resp.json() == {"detail": "Not found."}
+
+
+def test_a_body_over_the_upload_limit_is_a_json_413(world, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
+    resp = api(world.acme_admin).post("/api/sources/", {"tenant": "acme", "name": "x" * 500}, format="json")
+    assert resp.status_code == 413
+    assert resp.json() == {"detail": "Request body too large."}
