@@ -14,10 +14,12 @@ from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, READ_ROLES, tenant_ids_for_user
 
 from . import selectors
-from .forms import usage_filters_from
+from .forms import DEFAULT_DAYS, MAX_DAYS, usage_filters_from
 
 FILTER_PARAMS = [
-    OpenApiParameter("since", OpenApiTypes.DATE, description="First UTC day (default: 6 days before `until`)"),
+    OpenApiParameter("since", OpenApiTypes.DATE,
+                     description=f"First UTC day (default: {DEFAULT_DAYS - 1} days before `until`). At most "
+                                 f"{MAX_DAYS} days before `until` and not after it; otherwise 400."),
     OpenApiParameter("until", OpenApiTypes.DATE, description="Last UTC day, inclusive (default: today)"),
     OpenApiParameter("tenant", str, description="Tenant slug (default: all of yours)"),
     OpenApiParameter("source", str, description="The seed's source id"),

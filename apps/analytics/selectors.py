@@ -19,6 +19,8 @@ CSV_COLUMNS = [
     "prompt_tokens", "completion_tokens", "cost", "async", "cached", "batch_id", "budget_id", "status",
     "latency_ms",
 ]
+# Written as they are in CSVs; every other column is text, neutralised against formulas (csv_safe.py).
+CSV_NUMERIC_COLUMNS = ("prompt_tokens", "completion_tokens", "cost", "latency_ms")
 
 
 def ledger_cost_sums(*, items) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import AsyncIterator, Iterable, Iterator
 from itertools import islice
 
@@ -17,6 +16,7 @@ from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, tenant_ids_for_user
 
 from . import selectors
+from .csv_safe import SafeCsvWriter
 from .forms import usage_filters_from
 
 
@@ -95,8 +95,8 @@ class _Echo:
         return value
 
 
-def _csv_lines(header: list[str], rows: Iterable[list]) -> Iterator[str]:
-    writer = csv.writer(_Echo())
+def _csv_lines(header: list[str], rows: Iterable[list], numeric_columns) -> Iterator[str]:
+    writer = SafeCsvWriter(_Echo(), columns=header, numeric_columns=numeric_columns)
     yield writer.writerow(header)
     for row in rows:
         yield writer.writerow(row)
@@ -134,7 +134,8 @@ def usage_csv(request):
     form, filters = _export_filters(request)
     if filters is None:
         return HttpResponseBadRequest(form.errors.as_text())
-    lines = _csv_lines(selectors.CSV_COLUMNS, map(selectors.csv_row, selectors.usage_export_rows(filters.ledger())))
+    lines = _csv_lines(selectors.CSV_COLUMNS, map(selectors.csv_row, selectors.usage_export_rows(filters.ledger())),
+                       selectors.CSV_NUMERIC_COLUMNS)
     return _stream_csv(request, f"usage-{filters.since}-{filters.until}.csv", lines)
 
 
@@ -149,7 +150,8 @@ def usage_summary_csv(request):
         return HttpResponseBadRequest(form.errors.as_text())
     columns = [*selectors.AGGREGATE_GROUPS[group], *selectors.AGGREGATE_MEASURES]
     rows = ([r[c] for c in columns] for r in selectors.usage_aggregate_rows(filters, group))
-    return _stream_csv(request, f"usage-{group}-{filters.since}-{filters.until}.csv", _csv_lines(columns, rows))
+    lines = _csv_lines(columns, rows, selectors.AGGREGATE_MEASURES)
+    return _stream_csv(request, f"usage-{group}-{filters.since}-{filters.until}.csv", lines)
 
 
 def static_file(request, path: str):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.response import Response
 
 from apps.keys.rest import AdminTenantField, SuperuserWritePermission, TenantScopedViewSetMixin, actor_of
 
 from .models import Alert, Budget, Price
+from .selectors import price_for_model
 from .services import price_set
 
 
@@ -54,7 +56,10 @@ class PriceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     serializer_class = PriceSerializer
     permission_classes = [SuperuserWritePermission]
 
-    @extend_schema(responses={201: PriceSerializer, 200: PriceSerializer})
+    @extend_schema(responses={
+        201: OpenApiResponse(PriceSerializer, description="A new version, different from the one in force"),
+        200: OpenApiResponse(PriceSerializer, description="Unchanged: the version already in force"),
+    })
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -65,14 +70,16 @@ class PriceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             cache_write_usd_per_mtok=d.get("cache_write_usd_per_mtok"), batch_discount=d.get("batch_discount", 0),
             effective_from=d.get("effective_from"), source="admin", actor=actor_of(request),
         )
-        if price is None:
-            return Response({"detail": "Unchanged: this price is already in force."}, status=status.HTTP_200_OK)
+        if price is None:  # unchanged: answer with the version in force, as documented
+            info = price_for_model(model=d["model"], at=d.get("effective_from") or timezone.now())
+            return Response(PriceSerializer(Price.objects.get(pk=info.id)).data, status=status.HTTP_200_OK)
         return Response(PriceSerializer(price).data, status=status.HTTP_201_CREATED)
 
 
 class AlertSerializer(serializers.ModelSerializer):
     tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    budget = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    budget = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True,
+                                          help_text="null once the budget is deleted")
 
     class Meta:
         model = Alert

@@ -65,9 +65,10 @@ def alias_pin_audit(*, alias: ModelAlias, before: list[str], actor: str) -> None
 
 
 @transaction.atomic
-def config_apply(*, cfg: GatewayConfig, actor: str = "cli") -> None:
+def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False) -> None:
     """Make the database match the config. Idempotent: applying the same file twice changes
-    nothing the second time. All or nothing: an error changes nothing."""
+    nothing the second time. All or nothing: an error changes nothing. A tenant renamed to one of
+    the config's slugs since its creation is refused (django ValidationError) unless `adopt`."""
     secrets, errors = _secret_from_env(cfg)
     if errors:
         raise ConfigError(errors)
@@ -116,7 +117,8 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli") -> None:
         extra = {"allowed_regions": t.allowed_regions, "allow_unpriced_models": t.allow_unpriced_models}
         if t.cache is not None:
             extra.update(cache_enabled=t.cache.enabled, cache_ttl_s=t.cache.ttl_s)
-        tenant = tenant_upsert(slug=t.slug, name=t.name, timezone_name=t.timezone, actor=actor, **extra)
+        tenant = tenant_upsert(slug=t.slug, name=t.name, timezone_name=t.timezone, actor=actor, adopt=adopt,
+                               **extra)
         for s in t.sources:
             source_upsert(tenant=tenant, name=s.name, type=s.type, actor=actor)
         for mem in t.members:

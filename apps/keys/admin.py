@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.template.response import TemplateResponse
 
@@ -178,7 +179,8 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 # --- members --------------------------------------------------------------------------------
 
 class MembershipAddForm(forms.ModelForm):
-    """Add a member by username: an existing user is attached, a new one is created."""
+    """Add a member by username: a new user is created; an existing one is attached if the admin
+    already administers them in another tenant (superusers: anyone)."""
 
     username = forms.CharField(max_length=150)
     email = forms.EmailField(required=False)
@@ -226,9 +228,12 @@ class MembershipAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         if change:
             return super().save_model(request, obj, form, change)
         d = form.cleaned_data
-        saved = services.member_add(tenant=obj.tenant, username=d["username"], email=d.get("email") or "",
-                                    role=obj.role, password=d.get("password") or None,
-                                    actor=request.user.get_username())
+        try:
+            saved = services.member_add(tenant=obj.tenant, username=d["username"], email=d.get("email") or "",
+                                        role=obj.role, password=d.get("password") or None,
+                                        actor=request.user.get_username(), by=request.user)
+        except ValidationError as exc:
+            raise PermissionError(" ".join(exc.messages)) from exc
         obj.pk, obj.user = saved.pk, saved.user
         obj._state.adding = False
         request._audit_recorded = True  # member_add audited it

@@ -17,6 +17,10 @@ def validate_timezone(value: str) -> None:
 
 class Tenant(models.Model):
     slug = models.SlugField(unique=True)
+    # The slug the tenant was created with (or last adopted under by an operator). Only superusers
+    # rename tenants; gateway_apply and key_create refuse a tenant whose slug differs from this
+    # unless told to adopt it, so a renamed tenant never silently receives an operator's config.
+    created_slug = models.SlugField(editable=False, default="")
     name = models.CharField(max_length=200)
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
     # Data residency: when non-empty, requests are only routed to deployments in these regions.
@@ -37,6 +41,13 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    def save(self, *args, **kwargs):
+        if not self.created_slug:
+            self.created_slug = self.slug
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "created_slug"}
+        super().save(*args, **kwargs)
 
 
 class Role(models.TextChoices):

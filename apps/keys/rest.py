@@ -6,10 +6,11 @@ Rules: every queryset is limited to the caller's tenants (superusers: all). Any 
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
 from . import services
@@ -92,10 +93,20 @@ class AdminSourceField(serializers.PrimaryKeyRelatedField):
 # --- tenants --------------------------------------------------------------------------------
 
 class TenantSerializer(serializers.ModelSerializer):
+    """A tenant. Its slug names it in commands, configs and URLs: only superusers set or change it."""
+
     class Meta:
         model = Tenant
-        fields = ["id", "slug", "name", "timezone", "allowed_regions", "allow_unpriced_models", "cache_enabled",
-                  "cache_ttl_s", "created_at"]
+        fields = ["id", "slug", "created_slug", "name", "timezone", "allowed_regions", "allow_unpriced_models",
+                  "cache_enabled", "cache_ttl_s", "created_at"]
+        read_only_fields = ["created_slug", "created_at"]
+
+    def get_fields(self):
+        fields = super().get_fields()
+        request = self.context.get("request")
+        if request is not None and not request.user.is_superuser:
+            fields["slug"].read_only = True
+        return fields
 
 
 class WebhookSecretSerializer(serializers.Serializer):
@@ -122,6 +133,16 @@ class TenantViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
         if not request.user.is_superuser:
             raise PermissionDenied("Only superusers create tenants.")
         return super().create(request, *args, **kwargs)
+
+    def update(self, request, *args, **kwargs):
+        # Refused before any validation, whatever the new value: a uniqueness check would tell a
+        # tenant admin which other tenants exist.
+        data = request.data if isinstance(request.data, dict) else {}
+        if not request.user.is_superuser and "slug" in data:
+            tenant = self.get_object()
+            if data.get("slug") != tenant.slug:
+                raise ValidationError({"slug": ["Only superusers change a tenant's slug."]})
+        return super().update(request, *args, **kwargs)
 
     def destroy(self, request, *args, **kwargs):
         if not request.user.is_superuser:
@@ -173,10 +194,14 @@ class MemberSerializer(serializers.ModelSerializer):
 
     def create(self, validated):
         user = validated.get("user", {})
-        return services.member_add(tenant=validated["tenant"], username=user["username"],
-                                   email=user.get("email", ""), role=validated["role"],
-                                   password=validated.get("password") or None,
-                                   actor=self.context["request"].user.get_username())
+        request = self.context["request"]
+        try:
+            return services.member_add(tenant=validated["tenant"], username=user["username"],
+                                       email=user.get("email", ""), role=validated.get("role", Role.VIEWER),
+                                       password=validated.get("password") or None,
+                                       actor=request.user.get_username(), by=request.user)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from exc
 
     def update(self, instance, validated):
         if "role" in validated:
@@ -186,7 +211,9 @@ class MemberSerializer(serializers.ModelSerializer):
 
 
 class MemberViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
-    """Members of the caller's tenants. Create adds (or attaches) a user with a role; update
+    """Members of the caller's tenants. Create adds a new user with a role (default `viewer`), or
+    attaches an existing user: superusers attach anyone, owners and admins only users who already
+    belong to a tenant they administer (anyone else: 400 that names nothing of that user). Update
     changes the role only; delete removes the membership, not the user."""
 
     queryset = Membership.objects.select_related("user", "tenant").order_by("tenant__slug", "user__username")
@@ -287,7 +314,8 @@ class ApiKeyViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
 # --- audit log ------------------------------------------------------------------------------
 
 class AuditLogSerializer(serializers.ModelSerializer):
-    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True,
+                                          help_text="null for global changes and deleted tenants")
 
     class Meta:
         model = AuditLog

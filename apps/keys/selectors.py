@@ -154,3 +154,14 @@ def user_may(*, user, tenant_id: int | None, roles: tuple[str, ...]) -> bool:
     if user.is_superuser:
         return True
     return tenant_id is not None and tenant_roles_for_user(user=user).get(tenant_id) in roles
+
+
+def user_may_attach(*, by, user) -> bool:
+    """Whether `by` may make the existing `user` a member of one of their tenants: superusers
+    always; a tenant owner or admin only a user who already belongs to a tenant they administer
+    (whose name, email and roles they can read already). Anyone else must be invited by a
+    superuser: attaching by username would let an admin pull in, and read, another tenant's user."""
+    if by.is_superuser:
+        return True
+    return Membership.objects.filter(user=user, tenant_id__in=tenant_ids_for_user(user=by, roles=ADMIN_ROLES)) \
+        .exists()

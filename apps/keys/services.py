@@ -255,7 +255,35 @@ def audited_upsert(model, *, actor: str, lookup: dict, values: dict, tenant: Ten
     return obj, True
 
 
-def tenant_upsert(*, slug: str, name: str, timezone_name: str, actor: str, **extra) -> Tenant:
+def tenant_check_adoptable(*, tenant: Tenant, actor: str, adopt: bool = False, via: str = "cli") -> Tenant:
+    """An operator's command (gateway_apply, key_create) about to write into `tenant` by slug.
+
+    A tenant renamed since it was created (its slug differs from `created_slug`) is refused: the
+    slug the operator names may have been taken by someone else's tenant. With `adopt` the operator
+    accepts the tenant under its current slug; that is recorded (audited, action `adopt`) and later
+    commands no longer ask."""
+    if tenant.created_slug == tenant.slug:
+        return tenant
+    if not adopt:
+        raise ValidationError(
+            f"tenant {tenant.slug!r} was created as {tenant.created_slug!r} and renamed since; "
+            f"check it is the tenant you mean, then pass --adopt"
+        )
+    before = snapshot(tenant)
+    before["created_slug"] = tenant.created_slug
+    tenant.created_slug = tenant.slug
+    tenant.save(update_fields=["created_slug"])
+    audit_record(actor=actor, action="adopt", obj=tenant, before=before,
+                 after={**snapshot(tenant), "created_slug": tenant.created_slug}, via=via)
+    return tenant
+
+
+def tenant_upsert(*, slug: str, name: str, timezone_name: str, actor: str, adopt: bool = False, **extra) -> Tenant:
+    """Create or update a tenant by slug (gateway_apply). An existing tenant renamed to this slug
+    since its creation is only updated with `adopt` (see `tenant_check_adoptable`)."""
+    existing = Tenant.objects.filter(slug=slug).first()
+    if existing is not None:
+        tenant_check_adoptable(tenant=existing, actor=actor, adopt=adopt)
     tenant, _ = audited_upsert(Tenant, actor=actor, lookup={"slug": slug},
                                values={"name": name, "timezone": timezone_name, **extra})
     return tenant
@@ -299,15 +327,26 @@ def member_upsert(*, tenant: Tenant, username: str, email: str, role: str, passw
     return user
 
 
-def member_add(*, tenant: Tenant, username: str, email: str, role: str, password: str | None, actor: str):
-    """Add a member from the admin or the API. A new user is created (with the password given);
-    an existing user is only attached: a tenant admin never changes the password or email of a
-    user who may belong to other tenants. Returns the Membership."""
+MEMBER_USERNAME_TAKEN = ("This username is taken by an account you do not administer. Choose another "
+                         "username for a new user, or ask a superuser to add the existing account.")
+
+
+def member_add(*, tenant: Tenant, username: str, email: str, role: str, password: str | None, actor: str,
+               by=None):
+    """Add a member from the admin or the API, on behalf of the user `by` (None: a trusted caller).
+    A new user is created (with the password given). An existing user is only attached, and only
+    when `selectors.user_may_attach` allows it (superusers: anyone; tenant admins: users of
+    tenants they administer); otherwise ValidationError, which names nothing of that user. A tenant
+    admin never changes the password or email of a user who may belong to other tenants.
+    Returns the Membership."""
     from django.contrib.auth import get_user_model
 
     from .models import Membership
+    from .selectors import user_may_attach
 
     user = get_user_model().objects.filter(username=username).first()
+    if user is not None and by is not None and not user_may_attach(by=by, user=user):
+        raise ValidationError({"username": MEMBER_USERNAME_TAKEN})
     if user is None:
         user = member_upsert(tenant=tenant, username=username, email=email, role=role, password=password,
                              actor=actor)

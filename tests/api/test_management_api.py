@@ -194,9 +194,9 @@ def test_openapi_schema_and_offline_docs(world, client):
 
 
 def test_api_member_add_attaches_existing_user_without_touching_password(world):
-    resp = api(world.acme_admin).post("/api/members/", {"tenant": "acme", "username": "gil-manager",
-                                                       "password": "hijacked-pass", "role": "viewer"},
-                                      format="json")
+    resp = api(world.root).post("/api/members/", {"tenant": "acme", "username": "gil-manager",
+                                                 "password": "hijacked-pass", "role": "viewer"},
+                                format="json")
     assert resp.status_code == 201
     world.globex_manager.refresh_from_db()
     assert not world.globex_manager.check_password("hijacked-pass")

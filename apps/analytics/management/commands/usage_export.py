@@ -1,10 +1,16 @@
-import csv
-
 import orjson
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_datetime
 
-from apps.analytics.selectors import CSV_COLUMNS, csv_row, seed_usage_event, usage_events, usage_export_rows
+from apps.analytics.csv_safe import SafeCsvWriter
+from apps.analytics.selectors import (
+    CSV_COLUMNS,
+    CSV_NUMERIC_COLUMNS,
+    csv_row,
+    seed_usage_event,
+    usage_events,
+    usage_export_rows,
+)
 from apps.keys.models import Tenant
 
 
@@ -44,7 +50,9 @@ class Command(BaseCommand):
         rows = usage_export_rows(usage_events(tenant_ids=[t.id], since=_when("since", since),
                                               until=_when("until", until)))
         if format == "csv":
-            writer = csv.writer(self.stdout, lineterminator="\n")
+            # CRLF line ends (RFC 4180, as the web exports): with "\n" the csv module would leave a
+            # cell holding a lone CR unquoted, and a reader would split the row there.
+            writer = SafeCsvWriter(self.stdout, columns=CSV_COLUMNS, numeric_columns=CSV_NUMERIC_COLUMNS)
             writer.writerow(CSV_COLUMNS)
             for row in rows:
                 writer.writerow(csv_row(row))

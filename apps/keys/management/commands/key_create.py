@@ -1,7 +1,8 @@
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.keys.models import Source, Tenant
-from apps.keys.services import api_key_create, cli_actor
+from apps.keys.services import api_key_create, cli_actor, tenant_check_adoptable
 
 
 class Command(BaseCommand):
@@ -9,6 +10,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--tenant", required=True, help="tenant slug")
+        parser.add_argument("--adopt", action="store_true",
+                            help="accept a tenant renamed to this slug since its creation (refused without it)")
         parser.add_argument("--source", required=True, help="source name within the tenant")
         parser.add_argument("--name", help="key name (default: <source>-<n>)")
         parser.add_argument("--models", help="comma-separated model aliases this key may use (default: all)")
@@ -26,6 +29,10 @@ class Command(BaseCommand):
         tenant = Tenant.objects.filter(slug=o["tenant"]).first()
         if tenant is None:
             raise CommandError(f"--tenant: no tenant with slug {o['tenant']!r}")
+        try:
+            tenant_check_adoptable(tenant=tenant, actor=cli_actor(), adopt=o["adopt"])
+        except ValidationError as exc:
+            raise CommandError("--tenant: " + " ".join(exc.messages))
         source = Source.objects.filter(tenant=tenant, name=o["source"]).first()
         if source is None:
             raise CommandError(f"--source: tenant {tenant.slug} has no source {o['source']!r}")
