@@ -293,21 +293,28 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
         ctx.status, ctx.error_code = _error_of(exc)
         if ctx.status == 500:
             log.error("request %s failed", ctx.request_id, exc_info=(type(exc), exc, exc.__traceback__))
-    if not ctx.cached:
-        ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
     hold, ctx.hold = ctx.hold, None
-    if hold is None:
-        await record(ctx)
-        return
-    if ctx.usage is not None and not ctx.cached:
-        tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
-        exit_ = hold.settle(cost_usd=ctx.cost, tokens=tokens)
-    else:
-        exit_ = hold.release()
-    results = await asyncio.gather(exit_, record(ctx), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    failure: BaseException | None = None
+    if not ctx.cached:
+        try:
+            ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
+        except Exception as cost_exc:  # a bug of ours: bill the upper bound (never under), say so
+            failure = cost_exc
+            log.error("request %s: cost not computed", ctx.request_id, exc_info=True)
+            ctx.cost = hold.amount_usd if hold is not None else Decimal(0)
+            ctx.status, ctx.error_code = 500, "cost_unknown"
+    exits = [record(ctx)]
+    if hold is not None:
+        if ctx.usage is not None and not ctx.cached:
+            tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
+            exits.append(hold.settle(cost_usd=ctx.cost, tokens=tokens))
+        else:
+            exits.append(hold.release())
+    for result in await asyncio.gather(*exits, return_exceptions=True):
+        if isinstance(result, BaseException) and failure is None:
+            failure = result
+    if failure is not None:
+        raise failure
 
 
 async def record(ctx: Ctx) -> None:

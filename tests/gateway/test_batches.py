@@ -52,6 +52,18 @@ def until_done(sdk, batch_id, worker, timeout=90):
         raise AssertionError(worker.tail())
 
 
+def _spend(budget) -> tuple[Decimal, Decimal]:
+    from asgiref.sync import async_to_sync
+    from django.utils import timezone
+
+    from apps.billing.budgets import budget_spend
+    from apps.billing.models import Budget
+    from apps.billing.selectors import budget_ref
+
+    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
+    return async_to_sync(budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
+
+
 def read_jsonl(sdk, file_id) -> list[dict]:
     return [orjson.loads(line) for line in sdk.files.content(file_id).content.splitlines() if line.strip()]
 
@@ -111,8 +123,11 @@ def test_cancel_stops_the_remaining_lines(celery_worker, sdk, live_setup):
 
 
 def test_worker_killed_mid_batch_and_restarted_finishes_with_one_ledger_row_per_line(live_gateway, sdk, live_setup):
+    """Also the hold of every line ends once: lines run again under the same request id are admitted
+    once (before: each took a second hold, and `held` stayed above zero forever on a total budget)."""
     live_setup.deployment.upstream_model = "slow-100"
     live_setup.deployment.save()
+    total = f.BudgetFactory(tenant=live_setup.tenant, name="lifetime", limit_usd=Decimal("100"), period="total")
     broker_reset()
     first = Worker().start()
     try:
@@ -141,6 +156,10 @@ def test_worker_killed_mid_batch_and_restarted_finishes_with_one_ledger_row_per_
     assert sorted(seen) == sorted(f"line-{i}" for i in range(30))
     rows = UsageEvent.objects.filter(batch_id=batch.id).values("request_id").annotate(n=Count("id"))
     assert len(rows) == 30
+    spent, held = _spend(total)
+    assert held == 0
+    ledger = sum(UsageEvent.objects.filter(tenant=live_setup.tenant).values_list("cost", flat=True))
+    assert ledger <= spent <= ledger + Decimal("0.000001") * 30  # whole micro-dollars, rounded up
     assert {r["n"] for r in rows} == {1}
 
 

@@ -42,7 +42,7 @@ def provider(sso_provider):
 
 def password_login_off(settings):
     settings.PASSWORD_LOGIN_ENABLED = False
-    settings.AUTHENTICATION_BACKENDS = [OIDC_BACKEND]
+    settings.AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", OIDC_BACKEND]
 
 
 def sso_login(client, provider, *, start: str = "/accounts/login/"):
@@ -414,7 +414,7 @@ def test_settings_from_the_environment():
                                   "OIDC_CLIENT_SECRET": "s", "PASSWORD_LOGIN_ENABLED": "false",
                                   "OIDC_SCOPES": "openid email groups", "OIDC_TENANT_CLAIM": "roles"})
     assert on.returncode == 0, on.stderr
-    assert json.loads(on.stdout) == [True, False, [OIDC_BACKEND], "openid email groups", "roles"]
+    assert json.loads(on.stdout) == [True, False, ["axes.backends.AxesStandaloneBackend", OIDC_BACKEND], "openid email groups", "roles"]
 
     # Password login cannot be switched off without SSO: nobody could log in.
     off = _settings_in_subprocess({"PASSWORD_LOGIN_ENABLED": "false"})
