@@ -495,13 +495,18 @@ class StreamStalled(ProviderError):
 
 async def _next_chunk(agen: AsyncIterator[dict]) -> dict | None:
     """The next upstream chunk, or None at the end; a stream silent for GATEWAY_STREAM_IDLE_TIMEOUT_S
-    between chunks has stalled."""
+    between chunks has stalled. (A transport may swallow the cancellation and end the stream
+    instead: the expired deadline says it stalled all the same.)"""
+    deadline = asyncio.timeout(settings.GATEWAY_STREAM_IDLE_TIMEOUT_S)
     try:
-        async with asyncio.timeout(settings.GATEWAY_STREAM_IDLE_TIMEOUT_S):
-            return await anext(agen, None)
+        async with deadline:
+            chunk = await anext(agen, None)
     except TimeoutError:
+        chunk = None
+    if deadline.expired():
         raise StreamStalled(f"The upstream sent nothing for {settings.GATEWAY_STREAM_IDLE_TIMEOUT_S:g}s; the stream "
                             "was ended.", code="upstream_stream_stalled")
+    return chunk
 
 
 class EventStream:

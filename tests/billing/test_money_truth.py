@@ -36,16 +36,6 @@ def chat(alias, content="hi", **extra):
     return {"model": alias, "messages": [{"role": "user", "content": content}], **extra}
 
 
-def read(resp) -> bytes:
-    if not getattr(resp, "streaming", False):
-        return resp.content
-
-    async def collect():
-        return b"".join([chunk async for chunk in resp.streaming_content])
-
-    return async_to_sync(collect)()
-
-
 def spend(budget) -> tuple[Decimal, Decimal]:
     """(spent, held) of a budget by the one budget_spend read."""
     ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
@@ -55,6 +45,15 @@ def spend(budget) -> tuple[Decimal, Decimal]:
 @pytest.fixture
 def hard(setup):
     return f.BudgetFactory(tenant=setup.tenant, name="hard", limit_usd=Decimal("5"), period="total")
+
+
+def live_post(base_url: str, secret: str, body: dict):
+    """Through the live gateway (uvicorn in this process), reading a stream to its end."""
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=30) as http, http.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"}) as resp:
+        return resp.status_code, resp.headers, resp.read()
 
 
 # --- one exit per hold ------------------------------------------------------------------------------
@@ -85,31 +84,32 @@ STEPS = {
 
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_hold_ends_exactly_once_whatever_fails_after_admission(client, setup, hard, monkeypatch, step, stream):
+def test_a_hold_ends_exactly_once_whatever_fails_after_admission(live_gateway, live_setup, monkeypatch, step,
+                                                                  stream):
+    setup = live_setup
+    hard = f.BudgetFactory(tenant=setup.tenant, name="hard", limit_usd=Decimal("5"), period="total")
     target, fail = STEPS[step]
     monkeypatch.setattr(target, fail)
-    if step == "cost":  # the cost is computed in the one exit: fail only there, after the call
-        monkeypatch.setattr(target, _boom)
 
     cacheable = {"temperature": 0} if step == "cache store" else {}
-    resp = post(client, setup.secret, chat(setup.alias, max_tokens=20, stream=stream, **cacheable))
-    body = read(resp)
+    status, headers, body = live_post(live_gateway, setup.secret,
+                                      chat(setup.alias, max_tokens=20, stream=stream, **cacheable))
 
     assert billing_budgets.open_holds() == []  # ended, and by this process: nothing left open
     spent, held = spend(hard)
     if step != "settle":
         assert held == 0  # given back or settled in the counters, not left to expire
-    rows = UsageEvent.objects.filter(request_id=resp["x-request-id"])
+    rows = UsageEvent.objects.filter(request_id=headers["x-request-id"])
     if step == "ledger write":
-        # The row could not be made durable (not even journaled): no 2xx, no [DONE].
+        # The row could not be made durable (not even journaled): no 2xx body, no [DONE].
         assert b"[DONE]" not in body
-        assert resp.status_code >= 500 or b'"error"' in body
+        assert status >= 500 or b'"error"' in body
         return
     assert rows.count() == 1, body
     if step in ("cache store", "cost"):
-        assert b'"error"' in body or resp.status_code >= 500
+        assert b'"error"' in body and b"[DONE]" not in body
     if step == "provider call":
-        assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+        assert status == 500 and orjson.loads(body)["error"]["code"] == "internal_error"
         assert rows.get().status == 500 and spent == 0
 
 
@@ -340,3 +340,21 @@ def test_importing_billing_loads_no_gateway_module():
                          env={**__import__("os").environ, "LLMS_DEMO": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_a_stream_that_stalls_mid_way_ends_after_the_idle_timeout_with_its_row(live_gateway, live_setup,
+                                                                                settings):
+    """Before: a stalled stream waited for the 120 s read timeout, holding its budget."""
+    setup = live_setup
+    hard = f.BudgetFactory(tenant=setup.tenant, name="hard", limit_usd=Decimal("5"), period="total")
+    settings.GATEWAY_STREAM_IDLE_TIMEOUT_S = 0.3
+    setup.deployment.upstream_model = "drip-5000"  # a chunk, then five seconds of silence before the next
+    setup.deployment.save()
+
+    status, headers, body = live_post(live_gateway, setup.secret, chat(setup.alias, max_tokens=20, stream=True))
+
+    assert status == 200
+    assert b"upstream_stream_stalled" in body and b"[DONE]" not in body
+    row = UsageEvent.objects.get(request_id=headers["x-request-id"])
+    assert (row.status, row.error_code) == (502, "upstream_stream_stalled")
+    assert spend(hard)[1] == 0 and billing_budgets.open_holds() == []
