@@ -358,3 +358,19 @@ def test_a_stream_that_stalls_mid_way_ends_after_the_idle_timeout_with_its_row(l
     row = UsageEvent.objects.get(request_id=headers["x-request-id"])
     assert (row.status, row.error_code) == (502, "upstream_stream_stalled")
     assert spend(hard)[1] == 0 and billing_budgets.open_holds() == []
+
+
+def test_key_create_without_a_source_makes_a_tenant_wide_key(setup):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from apps.keys.models import ApiKey
+
+    out = StringIO()
+    call_command("key_create", "--tenant", setup.tenant.slug, "--name", "platform", "--budget-id", "team-red",
+                 "--budget-id-binding", stdout=out)
+
+    key = ApiKey.objects.get(tenant=setup.tenant, name="platform")
+    assert out.getvalue().strip().startswith("sk-")
+    assert (key.source_id, key.default_budget_id, key.budget_id_binding) == (None, "team-red", True)
