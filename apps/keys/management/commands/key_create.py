@@ -13,7 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--adopt", action="store_true",
                             help="accept a tenant renamed to this slug since its creation (refused without it)")
         parser.add_argument("--source", help="source name within the tenant the key books on; without it, a "
-                                             "tenant-wide key, which may name any declared source in metadata.source_id")
+                                             "tenant-wide key (it may name any declared source in metadata)")
         parser.add_argument("--name", help="key name (default: <source or tenant>-<n>)")
         parser.add_argument("--models", help="comma-separated model aliases this key may use (default: all)")
         parser.add_argument("--rpm", type=int)
