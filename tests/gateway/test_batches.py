@@ -283,20 +283,30 @@ def test_a_batch_past_its_completion_window_expires_with_the_remaining_lines_in_
 
 
 @pytest.fixture
-def lane(setup, monkeypatch):
-    """A batch of 4 lines, started, whose lanes run in this process when called."""
+def lane_factory(setup, monkeypatch):
+    """`make(content)`: a batch of that input file, started, whose lanes run in this process when called."""
     from apps.gateway import batches, queues, tasks
     from apps.keys.selectors import api_key_auth_by_id
 
     published = []
     monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: published.append(k))
-    upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
-                                 content=jsonl(setup.alias, 4))
-    batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
-                                 endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
-    batches.batch_start(batch_id=batch.id)
-    return batch, (lambda: tasks.batch_lane.apply(args=[batch.id])), published
+
+    def make(content: bytes):
+        upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
+                                     content=content)
+        batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
+                                     endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
+        batches.batch_start(batch_id=batch.id)
+        return batch, (lambda: tasks.batch_lane.apply(args=[batch.id])), published
+
+    return make
+
+
+@pytest.fixture
+def lane(setup, lane_factory):
+    """A batch of 4 lines, started, whose lanes run in this process when called."""
+    return lane_factory(jsonl(setup.alias, 4))
 
 
 def _admit_answers(monkeypatch, answers):
@@ -438,3 +448,23 @@ def test_files_and_batches_check_the_keys_endpoint_scope(client, setup):
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "endpoint_not_allowed"
     assert allowed.status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_deeply_nested_or_nul_line_goes_to_the_error_file_and_the_batch_runs(lane_factory):
+    """Before: a 1,000-deep line (or one with \\u0000) left the whole batch stuck in `validating`."""
+    deep = "[" * 1000 + '"x"' + "]" * 1000
+    content = (b'{"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+               b'"messages": [{"role": "user", "content": ' + deep.encode() + b'}]}}\n'
+               b'{"custom_id": "nul", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+               b'"messages": [{"role": "user", "content": "a\\u0000b"}]}}\n')
+    batch, run, _ = lane_factory(content)
+
+    run()
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.failed) == ("completed", 2)
+    errors = [orjson.loads(x)["response"]["body"]["error"] for x in bytes(batch.error_file.content).splitlines()]
+    assert {e["code"] for e in errors} == {"invalid_line"}
+    assert any("nested" in e["message"] for e in errors)
+    assert any("NUL" in e["message"] for e in errors)
