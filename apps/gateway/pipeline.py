@@ -23,6 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 
 import orjson
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils import timezone
 
@@ -527,12 +528,20 @@ class EventStream:
     def close(self) -> None:
         if self.ctx.ended:
             return
-        task = asyncio.get_running_loop().create_task(self._abandon())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # closed from a thread (Django's standard handler): end it from here
+            async_to_sync(self._abandon)()
+            return
+        task = loop.create_task(self._abandon())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _abandon(self) -> None:
-        await self._events.aclose()  # a started generator ends the request in its `finally`
+        try:
+            await self._events.aclose()  # a started generator ends the request in its `finally`
+        except Exception:  # noqa: BLE001 - whatever the generator's state, the request still ends below
+            log.warning("stream %s: closing its generator failed", self.ctx.request_id, exc_info=True)
         if not self.ctx.ended:
             try:
                 await end(self.ctx, asyncio.CancelledError())

@@ -374,3 +374,18 @@ def test_key_create_without_a_source_makes_a_tenant_wide_key(setup):
     key = ApiKey.objects.get(tenant=setup.tenant, name="platform")
     assert out.getvalue().strip().startswith("sk-")
     assert (key.source_id, key.default_budget_id, key.budget_id_binding) == (None, "team-red", True)
+
+
+def test_the_reconcile_task_raises_a_counter_the_ledger_shows_to_be_low(setup):
+    """A settle that never reached the counters (Redis away at that moment) is caught up."""
+    from apps.billing.tasks import budget_counters_reconcile
+
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("1"), period="total")
+    assert spend(budget) == (Decimal(0), Decimal(0))  # the counter exists now, at zero
+    f.UsageEventFactory(tenant=setup.tenant, cost=Decimal("0.25"), timestamp=timezone.now())
+    assert spend(budget)[0] == 0  # the counter does not know
+
+    assert budget_counters_reconcile() >= 1
+
+    assert spend(budget)[0] == Decimal("0.25")
+    assert budget_counters_reconcile() == 0  # nothing low any more
