@@ -10,7 +10,7 @@ from decimal import Decimal
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
-from apps.core.money import money_str
+from apps.core.money import MONEY_QUANT, money_str
 
 from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
 
@@ -45,7 +45,8 @@ def ledger_cost_sums(*, items) -> dict:
         sums[f"s{len(sums)}"] = Sum("cost", filter=q)
     row = UsageEvent.objects.filter(tenant_id__in={i[1] for i in items},
                                     timestamp__gte=min(i[4] for i in items)).aggregate(**sums)
-    return {item[0]: row[f"s{n}"] or Decimal(0) for n, item in enumerate(items)}
+    # The ledger's own precision (10 places): SQLite sums decimals as floats (0.85 -> 0.8500000000000001).
+    return {item[0]: (row[f"s{n}"] or Decimal(0)).quantize(MONEY_QUANT) for n, item in enumerate(items)}
 
 
 def usage_events(*, tenant_ids, since: datetime | None = None, until: datetime | None = None, **filters):
