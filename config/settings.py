@@ -367,6 +367,20 @@ CELERY_BEAT_SCHEDULE["analytics-rollup-recent"] = {
     "schedule": ANALYTICS_ROLLUP_EVERY_S,
     "options": {"queue": "analytics", "expires": ANALYTICS_ROLLUP_EVERY_S},
 }
+# --- the ledger at scale (docs/ledger-at-scale.md) ----------------------------------------------
+# PostgreSQL: monthly partitions created ahead, beyond the current month, by migrate and beat.
+LEDGER_PARTITIONS_AHEAD = env.int("LEDGER_PARTITIONS_AHEAD", default=3)
+# Retention of detailed ledger rows, in whole UTC months before the current one (0: forever); a
+# tenant's own setting (LedgerRetention, in the admin) overrides it. Rollups are kept forever.
+LEDGER_RETENTION_MONTHS = env.int("LEDGER_RETENTION_MONTHS", default=0)
+# Where archived months go: a local directory (path or file:///path) or s3://bucket/prefix.
+LEDGER_ARCHIVE_URL = env("LEDGER_ARCHIVE_URL", default=str(VAR_DIR / "ledger-archive"))
+# S3-compatible storage (credentials from the usual AWS_* variables or the instance's role).
+LEDGER_ARCHIVE_S3_ENDPOINT_URL = env("LEDGER_ARCHIVE_S3_ENDPOINT_URL", default="")
+LEDGER_ARCHIVE_S3_REGION = env("LEDGER_ARCHIVE_S3_REGION", default="us-east-1")
+CELERY_BEAT_SCHEDULE["analytics-ledger-upkeep"] = {
+    "task": "analytics.ledger_upkeep", "schedule": env.float("LEDGER_UPKEEP_EVERY_S", default=3600.0),
+    "options": {"queue": "analytics"}}
 INSTALLED_APPS += ["drf_spectacular_sidecar"]
 SPECTACULAR_SETTINGS.update({
     "SWAGGER_UI_DIST": "SIDECAR",

@@ -6,6 +6,11 @@ from apps.core.money import MONEY
 
 
 class UsageEvent(models.Model):
+    """On PostgreSQL the table is partitioned by month on `timestamp` (apps/analytics/partitions.py):
+    its primary key there is (id, timestamp), and request_id is kept unique through the
+    UsageEventRequest table and a trigger rather than a unique index (which would have to contain
+    the timestamp). Django's state still says unique, which is what every backend guarantees."""
+
     request_id = models.CharField(max_length=64, unique=True)
     timestamp = models.DateTimeField(db_index=True)
     tenant = models.ForeignKey("keys.Tenant", on_delete=models.PROTECT, related_name="+")
@@ -47,6 +52,18 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost}"
+
+
+class UsageEventRequest(models.Model):
+    """The ledger's idempotency key on PostgreSQL: one row per request id ever written to the
+    partitioned ledger (written by its insert trigger, in the same statement; forgotten when the
+    month is dropped by retention). Unused on SQLite, where request_id is unique in the ledger."""
+
+    request_id = models.CharField(max_length=64, primary_key=True)
+    timestamp = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.request_id
 
 
 # Upper bounds (ms) of the latency histogram kept in the rollups; the last bucket is open-ended.

@@ -239,16 +239,20 @@ def _batcher(pool) -> _Batcher:
 
 @cache
 def _insert_sql() -> tuple[str, list]:
-    """One INSERT for any number of rows, ON CONFLICT (request_id) DO NOTHING: each column is passed
-    as an array and unnested, so the statement text never changes (psycopg parses and PostgreSQL
-    prepares it once). With each column's model default for fields the caller leaves out."""
+    """One INSERT for any number of rows, idempotent on request_id: each column is passed as an array
+    and unnested, so the statement text never changes (psycopg parses and PostgreSQL prepares it
+    once). With each column's model default for fields the caller leaves out.
+
+    `ON CONFLICT DO NOTHING` has no target: on the partitioned ledger request_id is kept unique by
+    the idempotency table's key, which the table's insert trigger checks in this same statement
+    (apps/analytics/partitions.py); on an unpartitioned table the unique index on request_id does."""
     from django.db import connection
 
     fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
     cols = ", ".join(f'"{f.column}"' for f in fields)
     arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
     sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
-           'ON CONFLICT ("request_id") DO NOTHING')
+           'ON CONFLICT DO NOTHING')
     return sql, [(f.attname, f.get_default) for f in fields]
 
 
@@ -259,7 +263,7 @@ def _insert_one_sql() -> str:
     cols = ", ".join(f'"{f.column}"' for f in fields)
     values = ", ".join("%s" for _ in fields)
     return (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) VALUES ({values}) '  # noqa: S608
-            'ON CONFLICT ("request_id") DO NOTHING')
+            'ON CONFLICT DO NOTHING')
 
 
 # --- experiment: the ledger through a Redis stream --------------------------------------------
