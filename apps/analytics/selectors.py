@@ -12,7 +12,14 @@ from django.utils import timezone
 
 from apps.core.money import money_str
 
-from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
+from .models import (
+    LATENCY_BUCKETS_MS,
+    LATENCY_FIELDS,
+    LedgerArchive,
+    UsageEvent,
+    UsageRollupDaily,
+    UsageRollupHourly,
+)
 
 CSV_COLUMNS = [
     "request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type", "model",
@@ -399,3 +406,12 @@ def usage_event_summary(*, request_id: str) -> dict | None:
     the request already ran and was billed."""
     return UsageEvent.objects.filter(request_id=request_id).values(
         "status", "prompt_tokens", "completion_tokens", "cost").first()
+
+
+def ledger_archived_months(*, tenant_ids) -> list[dict]:
+    """Archived months of these tenants, newest first: what the dashboard lists (apps/analytics/archive.py).
+    `dropped`: the detailed rows left the database (the month's charts still come from rollups;
+    `manage.py ledger_restore --month YYYY-MM` brings the rows back)."""
+    return [{"tenant": a.tenant.slug, "month": a.month, "rows": a.rows, "cost": a.cost, "location": a.location,
+             "archived_at": a.archived_at, "dropped": a.dropped_at is not None}
+            for a in LedgerArchive.objects.filter(tenant_id__in=tenant_ids).select_related("tenant")]
