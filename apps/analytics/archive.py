@@ -307,6 +307,11 @@ def ledger_drop_month(*, month: date, tenant_ids: set[int] | None = None, store=
             archive = LedgerArchive.objects.get(tenant_id=tenant_id, month=month)
             if not ledger_totals(tenant_id=tenant_id, month=month).same_as(_archive_totals(archive)):
                 raise _Stale(tenant_id)
+        # The rollups (kept forever; what budgets of a `total` period and the dashboards read for a
+        # dropped month) are brought up to date from the rows while they are still here.
+        from .services import usage_rollup_recompute
+
+        usage_rollup_recompute(since=partitions.month_bounds(month)[0], until=partitions.month_bounds(month)[1])
         if use_partition and targets == month_tenants(month):
             partitions.partition_drop(month)
             whole = True

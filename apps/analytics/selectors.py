@@ -52,7 +52,42 @@ def ledger_cost_sums(*, items) -> dict:
         sums[f"s{len(sums)}"] = Sum("cost", filter=q)
     row = UsageEvent.objects.filter(tenant_id__in={i[1] for i in items},
                                     timestamp__gte=min(i[4] for i in items)).aggregate(**sums)
-    return {item[0]: row[f"s{n}"] or Decimal(0) for n, item in enumerate(items)}
+    out = {item[0]: row[f"s{n}"] or Decimal(0) for n, item in enumerate(items)}
+    _add_dropped_months(items, out)
+    return out
+
+
+def _add_dropped_months(items: list, out: dict) -> None:
+    """Months whose detailed rows retention dropped (archived) still count: their spend is read from
+    the hourly rollups, which hold the same sums and are kept forever. Only a period that reaches
+    back into a dropped month (a `total` budget) needs it; one small query tells."""
+    from apps.keys.models import ApiKey, Source
+
+    from .partitions import month_bounds
+
+    dropped: dict[int, list[date]] = {}
+    first = min(i[4] for i in items).astimezone(UTC).date().replace(day=1)
+    for tenant_id, month in LedgerArchive.objects.filter(
+            tenant_id__in={i[1] for i in items}, dropped_at__isnull=False, month__gte=first).values_list(
+            "tenant_id", "month"):
+        dropped.setdefault(tenant_id, []).append(month)
+    for key, tenant_id, scope, scope_value, start, end in items:
+        q = Q()
+        for month in dropped.get(tenant_id, ()):
+            lo, hi = month_bounds(month)
+            lo, hi = max(lo, start), hi if end is None else min(hi, end)
+            if lo < hi:
+                q |= Q(bucket__gte=lo, bucket__lt=hi)
+        if not q:
+            continue
+        qs = UsageRollupHourly.objects.filter(q, tenant_id=tenant_id)
+        if scope == "source":
+            qs = qs.filter(source_id__in=Source.objects.filter(tenant_id=tenant_id, name=scope_value).values("id"))
+        elif scope == "key":
+            qs = qs.filter(api_key_id__in=ApiKey.objects.filter(tenant_id=tenant_id, name=scope_value).values("id"))
+        elif scope == "budget_id":
+            qs = qs.filter(budget_id=scope_value)
+        out[key] += qs.aggregate(c=Sum("cost"))["c"] or Decimal(0)
 
 
 def usage_events(*, tenant_ids, since: datetime | None = None, until: datetime | None = None, **filters):

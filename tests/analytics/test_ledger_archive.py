@@ -231,3 +231,23 @@ def test_archive_to_s3_drop_and_restore(ledger, s3):
     archive.ledger_restore_month(month=JAN)
 
     assert snapshot() == before and totals() == before_totals
+
+
+def test_spend_of_a_total_budget_still_counts_dropped_months(ledger, store):
+    """Budget counters are rebuilt from the ledger: a month dropped by retention still counts, from
+    the rollups (a `total` budget would otherwise be overspent after a drop)."""
+    from apps.analytics.selectors import ledger_cost_sums
+    from apps.billing.periods import EPOCH
+
+    acme, globex = ledger
+    key_name = UsageEvent.objects.filter(tenant=acme, api_key__isnull=False).first().api_key.name
+    items = [("tenant", acme.id, "tenant", "", EPOCH, None), ("b1", acme.id, "budget_id", "b1", EPOCH, None),
+             ("key", acme.id, "key", key_name, EPOCH, None), ("globex", globex.id, "tenant", "", EPOCH, None),
+             ("feb", acme.id, "tenant", "", datetime(2026, 2, 1, tzinfo=UTC), None)]
+    before = ledger_cost_sums(items=items)
+    assert before["tenant"] > before["feb"] > 0 and before["key"] > 0
+
+    archive.ledger_archive_and_drop(month=JAN)
+
+    assert UsageEvent.objects.filter(tenant=acme).count() == 5
+    assert ledger_cost_sums(items=items) == before
