@@ -380,16 +380,21 @@ def redis_checks() -> dict[str, str]:
     broker = settings.CELERY_BROKER_URL
     if broker.startswith(("redis://", "rediss://")):
         targets["broker"] = broker
+    elif broker.startswith("sentinel://"):  # settings turned redis+sentinel:// into kombu's form
+        targets["broker"] = getattr(settings, "CELERY_BROKER_SENTINEL_URL", "")
     elif broker.startswith("filesystem://"):
         folder = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}).get("data_folder_in", "")
         checks["broker"] = "ok" if folder and os.access(folder, os.W_OK) else "error: broker folder not writable"
     if targets:
         import redis
 
+        from apps.core.redis import sync_client_for
+
         for name, url in targets.items():
+            if not url:
+                continue
             try:
-                redis.Redis.from_url(url, socket_timeout=settings.REDIS_TIMEOUT_S,
-                                     socket_connect_timeout=settings.REDIS_TIMEOUT_S).ping()
+                sync_client_for(url).ping()  # redis:// or redis+sentinel:// (the current master)
                 checks[name] = "ok"
             except redis.RedisError as exc:
                 checks[name] = f"error: {type(exc).__name__}"

@@ -327,7 +327,9 @@ def ledger_stream_drain(*, batch: int = 1000, consumer: str = "drain") -> int:
     acknowledged only after its INSERT committed, so a crash re-delivers it (the insert is idempotent)."""
     import redis
 
-    client = redis.Redis.from_url(settings.REDIS_URL)
+    from apps.core.redis import sync_client_for
+
+    client = sync_client_for(settings.REDIS_URL, timeout_s=30)
     try:
         client.xgroup_create(LEDGER_STREAM, LEDGER_GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
