@@ -3,6 +3,7 @@
 from django.contrib import admin
 
 from apps.keys.admin import TenantScopedAdminMixin
+from apps.keys.audit import AuditedAdminMixin
 from apps.keys.selectors import EXPORT_ROLES
 
 from .models import LedgerArchive, LedgerRetention, UsageEvent
@@ -29,7 +30,7 @@ class UsageEventAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(LedgerRetention)
-class LedgerRetentionAdmin(admin.ModelAdmin):
+class LedgerRetentionAdmin(AuditedAdminMixin, admin.ModelAdmin):
     """Per-tenant retention of detailed ledger rows (superusers: it decides what gets dropped)."""
 
     list_display = ["tenant", "months"]
@@ -40,7 +41,7 @@ class LedgerRetentionAdmin(admin.ModelAdmin):
 
 
 @admin.register(LedgerArchive)
-class LedgerArchiveAdmin(admin.ModelAdmin):
+class LedgerArchiveAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["month", "tenant", "rows", "cost", "location", "archived_at", "dropped_at"]
     list_select_related = ["tenant"]
 
