@@ -40,6 +40,9 @@ class UsageEvent(models.Model):
     budget_id = models.CharField(max_length=100, blank=True)
     priority = models.SmallIntegerField(default=0)
     estimated = models.BooleanField(default=False, help_text="Tokens counted by us: the provider gave none.")
+    # Every upstream attempt, failed ones a fallback hid included (apps/gateway/observe.py): a list of
+    # {deployment_id, provider, model, outcome, status, error, start_ms, latency_ms[, ttfb_ms]}.
+    attempts = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-timestamp", "-id"]
@@ -103,3 +106,24 @@ class UsageRollupDaily(UsageRollupBase):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d} {self.model} {self.requests}"
+
+
+class AttemptRollupHourly(models.Model):
+    """Upstream attempts per UTC hour, tenant, model alias, provider, deployment and outcome, rebuilt
+    with the usage rollups from the ledger rows' `attempts`: provider availability comes from here."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    bucket = models.DateTimeField()
+    model = models.CharField(max_length=200)
+    source_ref = models.CharField(max_length=100)
+    provider = models.CharField(max_length=100)
+    deployment_id = models.BigIntegerField(default=0)
+    outcome = models.CharField(max_length=16)
+    attempts = models.PositiveIntegerField(default=0)
+    latency_ms_sum = models.BigIntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "bucket"], name="attempt_h_tenant_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.provider} {self.outcome} {self.attempts}"

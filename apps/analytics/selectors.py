@@ -12,7 +12,14 @@ from django.utils import timezone
 
 from apps.core.money import money_str
 
-from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
+from .models import (
+    LATENCY_BUCKETS_MS,
+    LATENCY_FIELDS,
+    AttemptRollupHourly,
+    UsageEvent,
+    UsageRollupDaily,
+    UsageRollupHourly,
+)
 
 CSV_COLUMNS = [
     "request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type", "model",
@@ -180,6 +187,16 @@ class UsageFilters:
             qs = qs.filter(model=self.model)
         return qs.order_by()
 
+    def attempt_rollups(self):
+        """Upstream attempt rollups under these filters."""
+        qs = AttemptRollupHourly.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start,
+                                                bucket__lt=self.end)
+        if self.source:
+            qs = qs.filter(source_ref=self.source)
+        if self.model:
+            qs = qs.filter(model=self.model)
+        return qs.order_by()
+
 
 def _sums(with_latency: bool = False) -> dict:
     out = {m: Sum(m) for m in _MEASURES}
@@ -258,18 +275,32 @@ def usage_breakdown(filters: UsageFilters, by: str) -> list[dict]:
     return rows
 
 
-def provider_availability(filters: UsageFilters) -> list[dict]:
-    """Per provider: requests, upstream errors (5xx) and availability, from the ledger's rollups
-    (no active health checks yet)."""
-    rows = (filters.rollups().exclude(provider="").values("provider")
-            .annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)), n=Sum("requests"))
+# Attempts that reached (or tried to reach) the provider; `cooldown` (skipped without a call) is
+# reported beside them and does not count against availability.
+_CALLED = ("ok", "error", "timeout", "rate_limited")
+
+
+def _availability_rows(qs) -> list[dict]:
+    """Per provider from attempt rollups: attempts by outcome, availability (ok / attempts that
+    called it) and mean attempt latency."""
+    rows = (qs.values("provider")
+            .annotate(**{o: Sum("attempts", filter=Q(outcome=o)) for o in (*_CALLED, "cooldown")},
+                      latency_ms_sum=Sum("latency_ms_sum", filter=Q(outcome__in=_CALLED)))
             .order_by("provider"))
     out = []
     for r in rows:
-        errors = r["upstream_errors"] or 0
-        out.append({"provider": r["provider"], "requests": r["n"], "upstream_errors": errors,
-                    "availability": _ratio(r["n"] - errors, r["n"])})
+        counts = {o: r[o] or 0 for o in (*_CALLED, "cooldown")}
+        called = sum(counts[o] for o in _CALLED)
+        out.append({"provider": r["provider"], "attempts": called, **counts,
+                    "failed": called - counts["ok"], "availability": _ratio(counts["ok"], called),
+                    "latency_avg_ms": round((r["latency_ms_sum"] or 0) / called) if called else None})
     return out
+
+
+def provider_availability(filters: UsageFilters) -> list[dict]:
+    """Per provider: upstream attempts by outcome and availability, from the attempt rollups (every
+    try, failed ones a fallback hid included; not the ledger's final outcome)."""
+    return _availability_rows(filters.attempt_rollups())
 
 
 def dashboard_data(filters: UsageFilters) -> dict:
@@ -355,14 +386,9 @@ def redis_checks() -> dict[str, str]:
 
 
 def provider_availability_recent(*, hours: int = 1) -> list[dict]:
-    """Per provider over the last `hours` (hourly rollups, every tenant): informational."""
+    """Per provider over the last `hours` (attempt rollups, every tenant): informational."""
     now = timezone.now()
-    rows = (UsageRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).exclude(provider="")
-            .values("provider").annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)),
-                                         n=Sum("requests"))
-            .order_by("provider"))
-    return [{"provider": r["provider"], "requests": r["n"], "upstream_errors": r["upstream_errors"] or 0,
-             "availability": _ratio(r["n"] - (r["upstream_errors"] or 0), r["n"])} for r in rows]
+    return _availability_rows(AttemptRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).order_by())
 
 
 def usage_events_values(qs):

@@ -26,7 +26,7 @@ import orjson
 from django.conf import settings
 from django.utils import timezone
 
-from apps.analytics.metrics import UNKNOWN_MODEL, usage_observe
+from apps.analytics.metrics import UNKNOWN_MODEL, attempts_observe, usage_observe
 from apps.analytics.services import usage_event_record
 from apps.billing import alerts
 from apps.billing.budgets import Hold
@@ -38,7 +38,7 @@ from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
-from . import admission, cache, router, schemas
+from . import admission, cache, observe, router, schemas
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import GATEWAY_USAGE, Completion, Usage, adapter_for
 from .providers.base import ProviderError
@@ -84,6 +84,7 @@ class Ctx:
     hold: Hold | None = None
     deployment: DeploymentRoute | None = None
     attempts: int = 0
+    attempt_log: list[observe.Attempt] = field(default_factory=list)  # every upstream try (observe.py)
     cached: bool = False
     usage: Usage | None = None
     cost: Decimal = Decimal(0)
@@ -317,6 +318,7 @@ async def record(ctx: Ctx) -> None:
     meta = ctx.metadata
     d = ctx.deployment
     latency_ms = int((time.perf_counter() - ctx.started) * 1000)
+    attempts = [a.as_dict(ctx.started) for a in ctx.attempt_log]
     await usage_event_record(
         request_id=ctx.request_id,
         timestamp=ctx.timestamp,
@@ -350,12 +352,15 @@ async def record(ctx: Ctx) -> None:
         budget_id=ctx.budget_id,
         priority=ctx.priority,
         estimated=usage.estimated,
+        attempts=attempts,
     )
     ctx.recorded = True
     usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms,
                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=ctx.cost,
                   saved_cost=ctx.saved_cost, cached=ctx.cached, provider=d.provider_name if d else "",
                   error_code=ctx.error_code)
+    if attempts:
+        attempts_observe([(a.provider, a.deployment_label, a.outcome, a.end - a.start) for a in ctx.attempt_log])
 
 
 # --- runs -----------------------------------------------------------------------------------
