@@ -255,6 +255,17 @@ if LEDGER_REPLAY_EVERY_S > 0:
     CELERY_BEAT_SCHEDULE["analytics-ledger-replay"] = {
         "task": "analytics.ledger_replay", "schedule": LEDGER_REPLAY_EVERY_S,
         "options": {"queue": "analytics", "expires": LEDGER_REPLAY_EVERY_S}}
+# Request logs (apps/analytics/request_logs.py), for the tenants that turn them on: each body is
+# capped to this many bytes; these regular expressions (JSON list) are redacted besides the built-in
+# API-key and bearer-token ones; logs of a tenant without a policy any more are kept this long.
+REQUEST_LOG_MAX_BODY_BYTES = env.int("REQUEST_LOG_MAX_BODY_BYTES", default=64 * 1024)
+REQUEST_LOG_REDACT_PATTERNS = env.json("REQUEST_LOG_REDACT_PATTERNS", default=[])
+REQUEST_LOG_DEFAULT_RETENTION_DAYS = env.int("REQUEST_LOG_DEFAULT_RETENTION_DAYS", default=30)
+REQUEST_LOG_PURGE_EVERY_S = env.float("REQUEST_LOG_PURGE_EVERY_S", default=3600.0)
+if REQUEST_LOG_PURGE_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["analytics-request-logs-purge"] = {
+        "task": "analytics.request_logs_purge", "schedule": REQUEST_LOG_PURGE_EVERY_S,
+        "options": {"queue": "analytics", "expires": REQUEST_LOG_PURGE_EVERY_S}}
 GATEWAY_PG_POOL_MIN = env.int("GATEWAY_PG_POOL_MIN", default=2)
 GATEWAY_PG_POOL_MAX = env.int("GATEWAY_PG_POOL_MAX", default=16)
 GATEWAY_PG_POOL_TIMEOUT_S = env.float("GATEWAY_PG_POOL_TIMEOUT_S", default=10.0)

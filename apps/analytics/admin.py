@@ -5,7 +5,7 @@ from django.contrib import admin
 from apps.keys.admin import TenantScopedAdminMixin
 from apps.keys.selectors import EXPORT_ROLES
 
-from .models import UsageEvent
+from .models import RequestLog, RequestLogPolicy, UsageEvent
 
 
 @admin.register(UsageEvent)
@@ -25,4 +25,28 @@ class UsageEventAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(RequestLogPolicy)
+class RequestLogPolicyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """A tenant's request logging (the same as `request_log:` in gateway_apply): owners and admins."""
+
+    list_display = ["tenant", "enabled", "bodies", "retention_days"]
+    list_select_related = ["tenant"]
+
+
+@admin.register(RequestLog)
+class RequestLogAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    list_display = ["request_id", "timestamp", "tenant", "model", "provider", "status", "latency_ms"]
+    list_select_related = ["tenant"]
+    list_filter = ["status", "stream", "cached"]
+    search_fields = ["=request_id"]
+    show_full_result_count = False
+    read_roles = EXPORT_ROLES
+
+    def has_add_permission(self, request, *args):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False

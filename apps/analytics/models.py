@@ -127,3 +127,52 @@ class AttemptRollupHourly(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.provider} {self.outcome} {self.attempts}"
+
+
+class RequestLogPolicy(models.Model):
+    """A tenant's request logging (`request_log:` in gateway_apply, or the admin). Without one, or
+    disabled, nothing is logged; with `bodies` off, a log has the attempts and timings but never
+    the bodies."""
+
+    tenant = models.OneToOneField("keys.Tenant", on_delete=models.CASCADE, related_name="request_log_policy")
+    enabled = models.BooleanField(default=True)
+    bodies = models.BooleanField(default=False, help_text="Store request and response bodies (redacted, capped).")
+    retention_days = models.PositiveIntegerField(default=30)
+    redact_patterns = models.JSONField(default=list, blank=True,
+                                       help_text="Extra regular expressions whose matches are redacted from bodies.")
+
+    def __str__(self) -> str:
+        return f"request log of {self.tenant_id}: {'on' if self.enabled else 'off'}"
+
+
+class RequestLog(models.Model):
+    """What one request sent and got back, for a tenant that turned request logs on: the bodies
+    (redacted, size-capped; only with `bodies` on), the upstream attempts and the timings."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    timestamp = models.DateTimeField()
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    source_ref = models.CharField(max_length=100, blank=True)
+    request_type = models.CharField(max_length=32, default="chat")
+    model = models.CharField(max_length=200, blank=True)
+    provider = models.CharField(max_length=100, blank=True)
+    status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    budget_id = models.CharField(max_length=100, blank=True)
+    stream = models.BooleanField(default=False)
+    cached = models.BooleanField(default=False)
+    latency_ms = models.PositiveIntegerField(default=0)
+    request_body = models.TextField(blank=True)
+    response_body = models.TextField(blank=True)
+    request_truncated = models.BooleanField(default=False)
+    response_truncated = models.BooleanField(default=False)
+    attempts = models.JSONField(default=list, blank=True)
+    timings = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-timestamp", "-id"]
+        indexes = [models.Index(fields=["tenant", "timestamp"], name="reqlog_tenant_ts")]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.model} {self.status}"

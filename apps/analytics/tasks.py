@@ -22,3 +22,11 @@ def ledger_replay_task() -> dict:
     from .journal import ledger_replay
 
     return ledger_replay()
+
+
+@shared_task(name="analytics.request_logs_purge", ignore_result=True)
+def request_logs_purge_task() -> int:
+    """Beat: delete request logs past their tenant's retention."""
+    from .request_logs import request_logs_purge
+
+    return request_logs_purge()

@@ -76,3 +76,106 @@ def skipped(deployment, outcome: str, error: str) -> Attempt:
     now = time.perf_counter()
     return Attempt(deployment_id=deployment.id, provider=deployment.provider_name,
                    upstream_model=deployment.target.upstream_model, outcome=outcome, start=now, end=now, error=error)
+
+
+# --- the end of a request: its log and its trace ------------------------------------------------
+
+
+def tracing_on() -> bool:
+    from . import tracing
+
+    return tracing.ENABLED
+
+
+def with_error(sent, exc: BaseException, status: int, code: str):
+    """The response as sent, once the request failed: the error body, after the chunks a stream
+    had already sent."""
+    from .errors import GatewayError
+
+    if isinstance(exc, GatewayError):
+        body = exc.body()
+    else:
+        body = {"error": {"message": "The gateway failed to answer this request." if status == 500 else code,
+                          "type": "api_error", "param": None, "code": code}}
+    if isinstance(sent, list):
+        return [*sent, body]
+    return body
+
+
+def assemble_stream(chunks: list[dict]) -> dict:
+    """A stream's chunks as the one chat.completion they stand for (content, tool calls, finish
+    reasons and usage per choice); an error event a failed stream ended with is kept as `error`."""
+    head: dict = {}
+    choices: dict[int, dict] = {}
+    out: dict = {}
+    for chunk in chunks:
+        if "error" in chunk and "choices" not in chunk:
+            out["error"] = chunk["error"]
+            continue
+        if not head:
+            head = chunk
+        if chunk.get("usage"):
+            out["usage"] = chunk["usage"]
+        for c in chunk.get("choices") or ():
+            idx = c.get("index", 0)
+            choice = choices.setdefault(idx, {"index": idx, "message": {"role": "assistant", "content": ""},
+                                              "finish_reason": None})
+            delta = c.get("delta") or {}
+            message = choice["message"]
+            if delta.get("role"):
+                message["role"] = delta["role"]
+            if delta.get("content"):
+                message["content"] += delta["content"]
+            for call in delta.get("tool_calls") or ():
+                calls = message.setdefault("tool_calls", {})
+                got = calls.setdefault(call.get("index", 0), {"id": "", "type": "function",
+                                                              "function": {"name": "", "arguments": ""}})
+                if call.get("id"):
+                    got["id"] = call["id"]
+                fn = call.get("function") or {}
+                got["function"]["name"] += fn.get("name") or ""
+                got["function"]["arguments"] += fn.get("arguments") or ""
+            if c.get("finish_reason"):
+                choice["finish_reason"] = c["finish_reason"]
+    for choice in choices.values():
+        if "tool_calls" in choice["message"]:
+            choice["message"]["tool_calls"] = [v for _k, v in sorted(choice["message"]["tool_calls"].items())]
+    body = {"id": head.get("id"), "object": "chat.completion", "created": head.get("created"),
+            "model": head.get("model"), "choices": [choices[k] for k in sorted(choices)]}
+    body.update(out)
+    return body
+
+
+def _timings(ctx, latency_ms: int) -> dict:
+    out = {"total_ms": latency_ms}
+    for name, (start, end) in ctx.marks.items():
+        out[f"{name}_ms"] = round((end - start) * 1000, 3)
+    called = [a for a in ctx.attempt_log if a.end > a.start]
+    if called:
+        out["upstream_ms"] = round((called[-1].end - called[0].start) * 1000, 3)
+    return out
+
+
+async def finished(ctx, attempts: list[dict], latency_ms: int) -> None:
+    """Once the ledger row is durable: hand the request log over (when the tenant logs requests)
+    and emit the trace (when tracing is on). Only called for a watched request (`ctx.watch`)."""
+    if ctx.log is not None:
+        from apps.analytics.request_logs import request_log_submit
+
+        d = ctx.deployment
+        response = ctx.response_body
+        if isinstance(response, list):
+            response = assemble_stream(response)
+        await request_log_submit({
+            "policy": ctx.log, "request_id": ctx.request_id, "tenant_id": ctx.auth.tenant_id,
+            "timestamp": ctx.timestamp, "api_key_id": ctx.auth.key_id,
+            "source_ref": ctx.source_name or ctx.auth.source_name, "request_type": ctx.kind,
+            "model": ctx.model, "provider": d.provider_name if d else "", "status": ctx.status,
+            "error_code": ctx.error_code, "budget_id": ctx.budget_id, "stream": ctx.stream, "cached": ctx.cached,
+            "latency_ms": latency_ms, "attempts": attempts, "timings": _timings(ctx, latency_ms),
+            "request": ctx.raw_body, "response": response,
+        })
+    if tracing_on():
+        from . import tracing
+
+        tracing.request_spans(ctx)

@@ -27,6 +27,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.analytics.metrics import UNKNOWN_MODEL, attempts_observe, usage_observe
+from apps.analytics.request_logs import RequestLogSettings
 from apps.analytics.services import usage_event_record
 from apps.billing import alerts
 from apps.billing.budgets import Hold
@@ -97,6 +98,13 @@ class Ctx:
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
     retry_rate_limited: bool = False  # a batch line: a 429 of our limiter is retried later, not recorded
+    # observability (observe.py): all left alone unless the tenant logs requests or tracing is on
+    watch: bool = False
+    log: RequestLogSettings | None = None
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # step -> (start, end) perf_counter
+    raw_body: bytes | dict | None = None  # the body as received
+    response_body: object = None  # as sent: a completion body, an error body, or a stream's chunks
+    traceparent: str = ""
 
     @property
     def body(self) -> dict:
@@ -187,6 +195,7 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
 
 def validate(ctx: Ctx, data: dict | bytes) -> None:
     """Parse the body once into the typed request (raw JSON or parsed, OpenAI's or the seed's shape)."""
+    ctx.raw_body = data
     ctx.request = schemas.parse_request(ctx.kind, data)
     # A worker may have set these already (a Batches API line is async with the batch's id).
     ctx.is_async = ctx.is_async or bool(ctx.options.async_)
@@ -292,6 +301,8 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
     ctx.ended = True
     if exc is not None:
         ctx.status, ctx.error_code = _error_of(exc)
+        if ctx.watch:
+            ctx.response_body = observe.with_error(ctx.response_body, exc, ctx.status, ctx.error_code)
         if ctx.status == 500:
             log.error("request %s failed", ctx.request_id, exc_info=(type(exc), exc, exc.__traceback__))
     if not ctx.cached:
@@ -319,6 +330,7 @@ async def record(ctx: Ctx) -> None:
     d = ctx.deployment
     latency_ms = int((time.perf_counter() - ctx.started) * 1000)
     attempts = [a.as_dict(ctx.started) for a in ctx.attempt_log]
+    ledger_started = time.perf_counter()
     await usage_event_record(
         request_id=ctx.request_id,
         timestamp=ctx.timestamp,
@@ -355,6 +367,9 @@ async def record(ctx: Ctx) -> None:
         attempts=attempts,
     )
     ctx.recorded = True
+    if ctx.watch:
+        ctx.marks["ledger"] = (ledger_started, time.perf_counter())
+        await observe.finished(ctx, attempts, latency_ms)
     usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms,
                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=ctx.cost,
                   saved_cost=ctx.saved_cost, cached=ctx.cached, provider=d.provider_name if d else "",
@@ -378,16 +393,26 @@ async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
     else:
         ctx.auth = auth
     try:
-        validate(ctx, data)
         policy = await tenant_policy(ctx.auth.tenant_id)
+        if policy.request_log is not None or observe.tracing_on():
+            ctx.watch, ctx.log = True, policy.request_log
+        validate(ctx, data)
         attribute(ctx, policy)
         await route(ctx)
+        started = time.perf_counter()
         hit = await cache.lookup(ctx)
+        if ctx.watch:
+            ctx.marks["cache"] = (started, time.perf_counter())
         if hit is not None:
             ctx.cached, ctx.usage = True, hit.usage
             ctx.saved_cost = _cost(ctx, hit.usage)
+            if ctx.watch:
+                ctx.response_body = hit.body
             return hit
+        started = time.perf_counter()
         ctx.hold = await admission.admit(ctx, policy)
+        if ctx.watch:
+            ctx.marks["admission"] = (started, time.perf_counter())
     except BaseException as exc:
         await end(ctx, exc)
         raise
@@ -431,6 +456,8 @@ async def execute(ctx: Ctx) -> Completion:
                                for c in completion.body.get("choices", []))
             completion.usage = _estimate_usage(ctx, text)
         ctx.usage = completion.usage
+        if ctx.watch:
+            ctx.response_body = completion.body
         await cache.store(ctx, completion)
     except BaseException as exc:
         await end(ctx, exc)
@@ -543,10 +570,15 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
     usage_chunk: dict | None = None
     chunk = first
     recorder = cache.StreamRecorder(ctx)
+    sent: list[dict] | None = None
+    if ctx.watch:
+        sent = ctx.response_body = []
     try:
         while chunk is not None:
             found = _chunk_usage(chunk)
             recorder.add(chunk)
+            if sent is not None:
+                sent.append(chunk)
             if found is not None:
                 usage = found
                 if not chunk.get("choices"):

@@ -1,0 +1,7 @@
+"""OpenTelemetry traces (stub)."""
+
+ENABLED = False
+
+
+def request_spans(ctx) -> None:
+    pass
