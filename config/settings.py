@@ -255,6 +255,16 @@ if LEDGER_REPLAY_EVERY_S > 0:
     CELERY_BEAT_SCHEDULE["analytics-ledger-replay"] = {
         "task": "analytics.ledger_replay", "schedule": LEDGER_REPLAY_EVERY_S,
         "options": {"queue": "analytics", "expires": LEDGER_REPLAY_EVERY_S}}
+# OpenTelemetry traces (apps/gateway/tracing.py): off unless an OTLP endpoint (or OTEL_TRACES_EXPORTER
+# =otlp) is configured by the standard OTEL_* variables, which the SDK itself reads (endpoint, headers,
+# service name, resource attributes, sampler); OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none
+# turns them off.
+OTEL_TRACES_ENABLED = (
+    not env.bool("OTEL_SDK_DISABLED", default=False)
+    and env("OTEL_TRACES_EXPORTER", default="") != "none"
+    and bool(env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="") or env("OTEL_EXPORTER_OTLP_ENDPOINT", default="")
+             or "otlp" in env("OTEL_TRACES_EXPORTER", default=""))
+)
 # Request logs (apps/analytics/request_logs.py), for the tenants that turn them on: each body is
 # capped to this many bytes; these regular expressions (JSON list) are redacted besides the built-in
 # API-key and bearer-token ones; logs of a tenant without a policy any more are kept this long.

@@ -13,6 +13,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from . import tracing
 from .providers.base import ProviderError
 
 OK = "ok"
@@ -34,6 +35,7 @@ class Attempt:
     status: int | None = None  # the upstream's HTTP status, when it answered
     error: str = ""  # the error class (ProviderError.code), when it failed
     stream: bool = False
+    kind: str = ""  # the provider adapter (openai, anthropic, ...), for traces
 
     @property
     def latency_ms(self) -> float:
@@ -75,15 +77,14 @@ def skipped(deployment, outcome: str, error: str) -> Attempt:
     """A deployment passed over without a call (cooling down, or at its own quota)."""
     now = time.perf_counter()
     return Attempt(deployment_id=deployment.id, provider=deployment.provider_name,
-                   upstream_model=deployment.target.upstream_model, outcome=outcome, start=now, end=now, error=error)
+                   upstream_model=deployment.target.upstream_model, outcome=outcome, start=now, end=now, error=error,
+                   kind=deployment.target.kind)
 
 
 # --- the end of a request: its log and its trace ------------------------------------------------
 
 
 def tracing_on() -> bool:
-    from . import tracing
-
     return tracing.ENABLED
 
 
@@ -175,7 +176,5 @@ async def finished(ctx, attempts: list[dict], latency_ms: int) -> None:
             "latency_ms": latency_ms, "attempts": attempts, "timings": _timings(ctx, latency_ms),
             "request": ctx.raw_body, "response": response,
         })
-    if tracing_on():
-        from . import tracing
-
-        tracing.request_spans(ctx)
+    if tracing.ENABLED:
+        tracing.request_spans(ctx, attempts)

@@ -298,11 +298,12 @@ async def _tried(ctx: Ctx, deployment: DeploymentRoute, op: Callable[[Deployment
         ctx.attempt_log.append(observe.Attempt(
             deployment_id=deployment.id, provider=deployment.provider_name,
             upstream_model=deployment.target.upstream_model, outcome=outcome, start=started,
-            end=time.perf_counter(), status=status, error=error, stream=ctx.stream))
+            end=time.perf_counter(), status=status, error=error, stream=ctx.stream, kind=deployment.target.kind))
         raise
     ctx.attempt_log.append(observe.Attempt(
         deployment_id=deployment.id, provider=deployment.provider_name, upstream_model=deployment.target.upstream_model,
-        outcome=observe.OK, start=started, end=time.perf_counter(), status=200, stream=ctx.stream))
+        outcome=observe.OK, start=started, end=time.perf_counter(), status=200, stream=ctx.stream,
+        kind=deployment.target.kind))
     return result
 
 
