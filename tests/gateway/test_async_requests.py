@@ -293,3 +293,18 @@ def test_the_worker_calls_the_upstream_with_the_max_tokens_its_hold_was_taken_fo
 
     assert AsyncRequest.objects.get(id=resp.json()["id"]).status == "completed"
     assert str(upstream.requests[-1]["body"]["max_tokens"]) == admitted
+
+
+def test_an_async_request_of_a_logging_tenant_gets_its_request_log_from_the_worker(celery_worker, live_gateway,
+                                                                                   live_setup):
+    from apps.analytics.models import RequestLog, RequestLogPolicy
+
+    RequestLogPolicy.objects.create(tenant=live_setup.tenant, bodies=True)
+    resp = httpx.post(f"{live_gateway}/v1/requests", headers={"Authorization": f"Bearer {live_setup.secret}"},
+                      json=envelope(live_setup.alias, "logged later"))
+    assert resp.status_code == 202
+
+    log = wait_for(lambda: RequestLog.objects.filter(request_id=resp.json()["id"]).first(), timeout=60,
+                   what="the worker's request log")
+    assert log.status == 200 and "logged later" in log.request_body and "Echo: logged later" in log.response_body
+    assert [a["outcome"] for a in log.attempts] == ["ok"]
