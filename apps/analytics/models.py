@@ -1,6 +1,7 @@
 """The usage ledger: one row per gateway request, idempotent on request_id."""
 
 from django.db import models
+from django.db.models import Value
 
 from apps.core.money import MONEY
 
@@ -42,7 +43,9 @@ class UsageEvent(models.Model):
     estimated = models.BooleanField(default=False, help_text="Tokens counted by us: the provider gave none.")
     # Every upstream attempt, failed ones a fallback hid included (apps/gateway/observe.py): a list of
     # {deployment_id, provider, model, outcome, status, error, start_ms, latency_ms[, ttfb_ms]}.
-    attempts = models.JSONField(default=list, blank=True)
+    # db_default: rows inserted without the column (bulk loaders, a process of the previous release
+    # during a rolling deploy) get an empty list.
+    attempts = models.JSONField(default=list, blank=True, db_default=Value([], output_field=models.JSONField()))
 
     class Meta:
         ordering = ["-timestamp", "-id"]
