@@ -164,12 +164,12 @@ class RequestLogViewSet(viewsets.GenericViewSet):
             source=p.get("source", ""), key=p.get("key", ""), status=int(status) if status else None,
             budget_id=p.get("budget_id", ""), q=p.get("q", ""))
 
-    @extend_schema(parameters=REQUEST_LOG_PARAMS, responses=OpenApiTypes.OBJECT)
+    @extend_schema(operation_id="request_logs_list", parameters=REQUEST_LOG_PARAMS, responses=OpenApiTypes.OBJECT)
     def list(self, request):
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response([request_logs.request_log_dict(r, bodies=False) for r in page])
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(operation_id="request_logs_retrieve", responses=OpenApiTypes.OBJECT)
     def retrieve(self, request, request_id=None):
         row = request_logs.request_log_get(tenant_ids=self._tenant_ids(), request_id=request_id)
         if row is None:
