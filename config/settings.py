@@ -265,6 +265,26 @@ OTEL_TRACES_ENABLED = (
     and bool(env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="") or env("OTEL_EXPORTER_OTLP_ENDPOINT", default="")
              or "otlp" in env("OTEL_TRACES_EXPORTER", default=""))
 )
+# Operational alerts (apps/gateway/ops_alerts.py), checked by beat every OPS_ALERT_CHECK_EVERY_S:
+# a provider whose upstream attempts over the last OPS_ALERT_WINDOW_S fail at OPS_ALERT_ERROR_RATE or
+# more (with at least OPS_ALERT_MIN_ATTEMPTS calls) or take OPS_ALERT_LATENCY_MS on average, a
+# deployment cooling down, async or batch work waiting longer than OPS_ALERT_QUEUE_WAIT_S. Sent once
+# when it opens and once when it resolves, to the emails, a signed webhook and a Slack-compatible
+# incoming webhook, each optional.
+OPS_ALERT_CHECK_EVERY_S = env.float("OPS_ALERT_CHECK_EVERY_S", default=60.0)
+OPS_ALERT_WINDOW_S = env.int("OPS_ALERT_WINDOW_S", default=300)
+OPS_ALERT_ERROR_RATE = env.float("OPS_ALERT_ERROR_RATE", default=0.5)
+OPS_ALERT_MIN_ATTEMPTS = env.int("OPS_ALERT_MIN_ATTEMPTS", default=5)
+OPS_ALERT_LATENCY_MS = env.int("OPS_ALERT_LATENCY_MS", default=20_000)
+OPS_ALERT_QUEUE_WAIT_S = env.int("OPS_ALERT_QUEUE_WAIT_S", default=600)
+OPS_ALERT_EMAILS = env.list("OPS_ALERT_EMAILS", default=[])
+OPS_ALERT_WEBHOOK_URL = env("OPS_ALERT_WEBHOOK_URL", default="")
+OPS_ALERT_WEBHOOK_SECRET = env("OPS_ALERT_WEBHOOK_SECRET", default="")
+OPS_ALERT_SLACK_WEBHOOK_URL = env("OPS_ALERT_SLACK_WEBHOOK_URL", default="")
+if OPS_ALERT_CHECK_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["gateway-ops-alerts"] = {
+        "task": "gateway.ops_alerts_check", "schedule": OPS_ALERT_CHECK_EVERY_S,
+        "options": {"queue": "alerts", "expires": OPS_ALERT_CHECK_EVERY_S}}
 # Request logs (apps/analytics/request_logs.py), for the tenants that turn them on: each body is
 # capped to this many bytes; these regular expressions (JSON list) are redacted besides the built-in
 # API-key and bearer-token ones; logs of a tenant without a policy any more are kept this long.

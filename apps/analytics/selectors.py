@@ -425,3 +425,36 @@ def usage_event_summary(*, request_id: str) -> dict | None:
     the request already ran and was billed."""
     return UsageEvent.objects.filter(request_id=request_id).values(
         "status", "prompt_tokens", "completion_tokens", "cost").first()
+
+
+def attempt_stats(*, since: datetime, until: datetime) -> dict[str, dict]:
+    """Per provider, the upstream attempts of every tenant in [since, until) straight from the
+    ledger rows (for short windows: operational alerts): calls (cooldown skips excluded), failed
+    ones, and the sum of their latencies in ms."""
+    from django.db import connection
+
+    out: dict[str, dict] = {}
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(UsageEvent._meta.db_table)
+        sql = (
+            "SELECT a->>'provider', count(*), count(*) FILTER (WHERE a->>'outcome' <> 'ok'), "  # noqa: S608
+            "COALESCE(sum((a->>'latency_ms')::numeric), 0) "
+            f"FROM {table} e CROSS JOIN LATERAL jsonb_array_elements(e.attempts) a "
+            "WHERE e.timestamp >= %s AND e.timestamp < %s AND e.attempts <> '[]'::jsonb "
+            "AND a->>'outcome' <> 'cooldown' GROUP BY 1"
+        )
+        with connection.cursor() as cur:
+            cur.execute(sql, [since, until])
+            for provider, calls, failed, latency in cur.fetchall():
+                out[provider or ""] = {"calls": calls, "failed": failed, "latency_ms_sum": float(latency)}
+        return out
+    rows = UsageEvent.objects.filter(timestamp__gte=since, timestamp__lt=until).exclude(attempts=[])
+    for attempts in rows.values_list("attempts", flat=True).iterator(chunk_size=2000):
+        for a in attempts or ():
+            if a.get("outcome") == "cooldown":
+                continue
+            acc = out.setdefault(a.get("provider") or "", {"calls": 0, "failed": 0, "latency_ms_sum": 0.0})
+            acc["calls"] += 1
+            acc["failed"] += a.get("outcome") != "ok"
+            acc["latency_ms_sum"] += a.get("latency_ms") or 0
+    return out
