@@ -285,6 +285,16 @@ if OPS_ALERT_CHECK_EVERY_S > 0:
     CELERY_BEAT_SCHEDULE["gateway-ops-alerts"] = {
         "task": "gateway.ops_alerts_check", "schedule": OPS_ALERT_CHECK_EVERY_S,
         "options": {"queue": "alerts", "expires": OPS_ALERT_CHECK_EVERY_S}}
+# The usage-event stream (apps/analytics/usage_stream.py): tenants' usage events pushed to their
+# webhooks in batches of up to USAGE_STREAM_BATCH_MAX, every USAGE_STREAM_EVERY_S (0: never).
+USAGE_STREAM_EVERY_S = env.float("USAGE_STREAM_EVERY_S", default=5.0)
+USAGE_STREAM_BATCH_MAX = env.int("USAGE_STREAM_BATCH_MAX", default=500)
+USAGE_STREAM_TIMEOUT_S = env.float("USAGE_STREAM_TIMEOUT_S", default=10.0)
+USAGE_STREAM_BACKOFF_MAX_S = env.int("USAGE_STREAM_BACKOFF_MAX_S", default=300)
+if USAGE_STREAM_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["analytics-usage-streams"] = {
+        "task": "analytics.usage_streams_deliver", "schedule": USAGE_STREAM_EVERY_S,
+        "options": {"queue": "analytics", "expires": USAGE_STREAM_EVERY_S}}
 # Request logs (apps/analytics/request_logs.py), for the tenants that turn them on: each body is
 # capped to this many bytes; these regular expressions (JSON list) are redacted besides the built-in
 # API-key and bearer-token ones; logs of a tenant without a policy any more are kept this long.

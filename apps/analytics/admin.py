@@ -5,7 +5,7 @@ from django.contrib import admin
 from apps.keys.admin import TenantScopedAdminMixin
 from apps.keys.selectors import EXPORT_ROLES
 
-from .models import RequestLog, RequestLogPolicy, UsageEvent
+from .models import RequestLog, RequestLogPolicy, UsageEvent, UsageStream
 
 
 @admin.register(UsageEvent)
@@ -50,3 +50,14 @@ class RequestLogAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(UsageStream)
+class UsageStreamAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """A tenant's usage events pushed to a webhook (owners and admins subscribe; signed with the
+    tenant's webhook secret)."""
+
+    list_display = ["tenant", "url", "is_active", "cursor", "last_delivered_at", "failures", "last_error"]
+    list_select_related = ["tenant"]
+    fields = ["tenant", "url", "is_active", "cursor", "last_delivered_at", "failures", "last_error"]
+    readonly_fields = ["cursor", "last_delivered_at", "failures", "last_error"]

@@ -4,6 +4,7 @@ from django.db import models
 from django.db.models import Value
 
 from apps.core.money import MONEY
+from apps.keys.outbound import webhook_url_validator
 
 
 class UsageEvent(models.Model):
@@ -179,3 +180,24 @@ class RequestLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.status}"
+
+
+class UsageStream(models.Model):
+    """A tenant's subscription to its usage events, pushed in batches to a webhook
+    (apps/analytics/usage_stream.py). Delivery follows the ledger by id from `cursor` (the last id
+    delivered); `horizon` is the highest ledger id seen at the previous run (only ids below it are
+    delivered, so a row still being committed is never skipped)."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="usage_streams")
+    url = models.URLField(max_length=1000, validators=[webhook_url_validator])
+    is_active = models.BooleanField(default=True)
+    cursor = models.BigIntegerField(null=True, blank=True, help_text="Last ledger id delivered (empty: start now).")
+    horizon = models.BigIntegerField(null=True, blank=True)
+    failures = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    last_delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=200, blank=True)
+
+    def __str__(self) -> str:
+        return f"usage stream of {self.tenant_id} to {self.url}"

@@ -70,6 +70,8 @@ _EXPORT_FIELDS = (
     "status", "latency_ms", "saved_cost", "price_id", "deployment_id", "estimated",
 )
 
+EXPORT_FIELDS = _EXPORT_FIELDS  # what seed_usage_event and csv_row read from a ledger row
+
 
 def usage_export_rows(qs) -> Iterator[dict]:
     """Ledger rows as flat dicts, streamed from the database in chunks (constant memory)."""

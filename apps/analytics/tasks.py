@@ -30,3 +30,11 @@ def request_logs_purge_task() -> int:
     from .request_logs import request_logs_purge
 
     return request_logs_purge()
+
+
+@shared_task(name="analytics.usage_streams_deliver", ignore_result=True)
+def usage_streams_deliver_task() -> int:
+    """Beat: push new usage events to the tenants' usage-stream webhooks."""
+    from .usage_stream import usage_streams_deliver
+
+    return usage_streams_deliver()
