@@ -93,7 +93,7 @@ def usage_streams_deliver(*, now: datetime | None = None) -> int:
     """The beat task: every active stream that is due; returns the events acknowledged."""
     now = now or timezone.now()
     total = 0
-    due = UsageStream.objects.filter(is_active=True).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    due = UsageStream.objects.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now), is_active=True)
     for stream in due:
         if not _claim(stream.id, now):
             continue
