@@ -101,7 +101,7 @@ class Ctx:
     # observability (observe.py): all left alone unless the tenant logs requests or tracing is on
     watch: bool = False
     log: RequestLogSettings | None = None
-    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # step -> (start, end) perf_counter
+    marks: dict[str, tuple[float, float]] | None = None  # step -> (start, end) perf_counter, when watched
     raw_body: bytes | dict | None = None  # the body as received
     response_body: object = None  # as sent: a completion body, an error body, or a stream's chunks
     traceparent: str = ""
@@ -422,7 +422,7 @@ def watch(ctx: Ctx, policy: TenantPolicy) -> None:
     """Observe this request (step timings, the bodies sent and received) only when its tenant logs
     requests or tracing is on: otherwise none of that work is done."""
     if policy.request_log is not None or observe.tracing_on():
-        ctx.watch, ctx.log = True, policy.request_log
+        ctx.watch, ctx.log, ctx.marks = True, policy.request_log, {}
 
 
 def _upstream_body(ctx: Ctx, deployment: DeploymentRoute) -> dict:
