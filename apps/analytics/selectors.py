@@ -299,10 +299,32 @@ def _availability_rows(qs) -> list[dict]:
     return out
 
 
+_probe_sources: list = []
+
+
+def provider_probes_register(fn) -> None:
+    """Another app reports active probes per provider (gateway: its deployments' health checks):
+    `fn(since, until)` -> {provider: {"probes": n, "probes_ok": n}}."""
+    if fn not in _probe_sources:
+        _probe_sources.append(fn)
+
+
 def provider_availability(filters: UsageFilters) -> list[dict]:
     """Per provider: upstream attempts by outcome and availability, from the attempt rollups (every
-    try, failed ones a fallback hid included; not the ledger's final outcome)."""
-    return _availability_rows(filters.attempt_rollups())
+    try, failed ones a fallback hid included; not the ledger's final outcome), and the share of its
+    deployments' active probes that succeeded over the range (`probe_availability`; probes are not
+    per tenant, so only the providers of the tenants' own attempts are listed)."""
+    rows = {r["provider"]: r for r in _availability_rows(filters.attempt_rollups())}
+    probes: dict[str, dict] = {}
+    for source in _probe_sources:
+        for provider, p in source(filters.start, filters.end).items():
+            acc = probes.setdefault(provider, {"probes": 0, "probes_ok": 0})
+            acc["probes"] += p["probes"]
+            acc["probes_ok"] += p["probes_ok"]
+    for provider, row in rows.items():  # probes are global: shown only beside this tenant's own traffic
+        p = probes.get(provider, {"probes": 0, "probes_ok": 0})
+        row.update(probes=p["probes"], probe_availability=_ratio(p["probes_ok"], p["probes"]))
+    return [rows[k] for k in sorted(rows)]
 
 
 def dashboard_data(filters: UsageFilters) -> dict:

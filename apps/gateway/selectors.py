@@ -200,6 +200,15 @@ def deployment_health(*, window: timedelta = timedelta(hours=24)) -> list[Deploy
     ]
 
 
+def provider_probes(since: datetime, until: datetime) -> dict[str, dict]:
+    """Per provider: the deployments' active probes in [since, until) and how many succeeded
+    (provider availability on the dashboard shows them beside the attempts)."""
+    rows = (DeploymentHealth.objects.filter(checked_at__gte=since, checked_at__lt=until)
+            .values("deployment__provider__name")
+            .annotate(probes=Count("id"), probes_ok=Count("id", filter=Q(ok=True))))
+    return {r["deployment__provider__name"]: {"probes": r["probes"], "probes_ok": r["probes_ok"]} for r in rows}
+
+
 def deployments_readiness() -> dict:
     """The deployments part of /readyz: how many are up, down or never probed."""
     health = deployment_health()

@@ -86,6 +86,31 @@ def test_availability_is_below_100_percent_for_a_failing_primary_behind_a_live_f
     assert primary["latency_avg_ms"] is not None
     assert providers["mock"]["availability"] == 1.0
     assert providers["mock"]["ok"] == 3
+    assert providers["primary-up"]["probes"] == 0 and providers["primary-up"]["probe_availability"] is None
+
+
+def test_probes_are_shown_beside_the_attempts_of_a_provider(db, upstream):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.analytics.selectors import UsageFilters, provider_availability
+    from apps.analytics.services import usage_rollup_recompute
+    from apps.gateway.models import DeploymentHealth
+
+    bad, _good = _failing_primary(upstream)
+    now = timezone.now()
+    for ok in (True, False, True, True):
+        DeploymentHealth.objects.create(deployment=bad, checked_at=now, ok=ok, latency_ms=5)
+    event = f.UsageEventFactory(timestamp=now, attempts=[
+        {"deployment_id": bad.id, "provider": "primary-up", "model": "fail-503", "outcome": "error", "status": 503,
+         "error": "upstream_error", "start_ms": 0.0, "latency_ms": 12.0}])
+    usage_rollup_recompute(since=now - timedelta(hours=1), until=now + timedelta(minutes=1))
+
+    rows = provider_availability(UsageFilters(tenant_ids=(event.tenant_id,), since=now.date(), until=now.date()))
+
+    assert [(r["provider"], r["availability"], r["probes"], r["probe_availability"]) for r in rows] == [
+        ("primary-up", 0.0, 4, 0.75)]
 
 
 def test_a_cache_hit_has_no_attempt(live_gateway, upstream):
