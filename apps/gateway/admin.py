@@ -99,7 +99,7 @@ class DeploymentHealthAdmin(AuditedAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(OpsIncident)
-class OpsIncidentAdmin(admin.ModelAdmin):
+class OpsIncidentAdmin(AuditedAdminMixin, admin.ModelAdmin):
     """Operational alerts (superusers: the admin of the other models of this app is global too)."""
 
     list_display = ["key", "opened_at", "resolved_at", "value", "notified_open", "notified_resolved"]
