@@ -265,6 +265,57 @@ if LEDGER_REPLAY_EVERY_S > 0:
     CELERY_BEAT_SCHEDULE["analytics-ledger-replay"] = {
         "task": "analytics.ledger_replay", "schedule": LEDGER_REPLAY_EVERY_S,
         "options": {"queue": "analytics", "expires": LEDGER_REPLAY_EVERY_S}}
+# OpenTelemetry traces (apps/gateway/tracing.py): off unless an OTLP endpoint (or OTEL_TRACES_EXPORTER
+# =otlp) is configured by the standard OTEL_* variables, which the SDK itself reads (endpoint, headers,
+# service name, resource attributes, sampler); OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none
+# turns them off.
+OTEL_TRACES_ENABLED = (
+    not env.bool("OTEL_SDK_DISABLED", default=False)
+    and env("OTEL_TRACES_EXPORTER", default="") != "none"
+    and bool(env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="") or env("OTEL_EXPORTER_OTLP_ENDPOINT", default="")
+             or "otlp" in env("OTEL_TRACES_EXPORTER", default=""))
+)
+# Operational alerts (apps/gateway/ops_alerts.py), checked by beat every OPS_ALERT_CHECK_EVERY_S:
+# a provider whose upstream attempts over the last OPS_ALERT_WINDOW_S fail at OPS_ALERT_ERROR_RATE or
+# more (with at least OPS_ALERT_MIN_ATTEMPTS calls) or take OPS_ALERT_LATENCY_MS on average, a
+# deployment cooling down, async or batch work waiting longer than OPS_ALERT_QUEUE_WAIT_S. Sent once
+# when it opens and once when it resolves, to the emails, a signed webhook and a Slack-compatible
+# incoming webhook, each optional.
+OPS_ALERT_CHECK_EVERY_S = env.float("OPS_ALERT_CHECK_EVERY_S", default=60.0)
+OPS_ALERT_WINDOW_S = env.int("OPS_ALERT_WINDOW_S", default=300)
+OPS_ALERT_ERROR_RATE = env.float("OPS_ALERT_ERROR_RATE", default=0.5)
+OPS_ALERT_MIN_ATTEMPTS = env.int("OPS_ALERT_MIN_ATTEMPTS", default=5)
+OPS_ALERT_LATENCY_MS = env.int("OPS_ALERT_LATENCY_MS", default=20_000)
+OPS_ALERT_QUEUE_WAIT_S = env.int("OPS_ALERT_QUEUE_WAIT_S", default=600)
+OPS_ALERT_EMAILS = env.list("OPS_ALERT_EMAILS", default=[])
+OPS_ALERT_WEBHOOK_URL = env("OPS_ALERT_WEBHOOK_URL", default="")
+OPS_ALERT_WEBHOOK_SECRET = env("OPS_ALERT_WEBHOOK_SECRET", default="")
+OPS_ALERT_SLACK_WEBHOOK_URL = env("OPS_ALERT_SLACK_WEBHOOK_URL", default="")
+if OPS_ALERT_CHECK_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["gateway-ops-alerts"] = {
+        "task": "gateway.ops_alerts_check", "schedule": OPS_ALERT_CHECK_EVERY_S,
+        "options": {"queue": "alerts", "expires": OPS_ALERT_CHECK_EVERY_S}}
+# The usage-event stream (apps/analytics/usage_stream.py): tenants' usage events pushed to their
+# webhooks in batches of up to USAGE_STREAM_BATCH_MAX, every USAGE_STREAM_EVERY_S (0: never).
+USAGE_STREAM_EVERY_S = env.float("USAGE_STREAM_EVERY_S", default=5.0)
+USAGE_STREAM_BATCH_MAX = env.int("USAGE_STREAM_BATCH_MAX", default=500)
+USAGE_STREAM_TIMEOUT_S = env.float("USAGE_STREAM_TIMEOUT_S", default=10.0)
+USAGE_STREAM_BACKOFF_MAX_S = env.int("USAGE_STREAM_BACKOFF_MAX_S", default=300)
+if USAGE_STREAM_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["analytics-usage-streams"] = {
+        "task": "analytics.usage_streams_deliver", "schedule": USAGE_STREAM_EVERY_S,
+        "options": {"queue": "analytics", "expires": USAGE_STREAM_EVERY_S}}
+# Request logs (apps/analytics/request_logs.py), for the tenants that turn them on: each body is
+# capped to this many bytes; these regular expressions (JSON list) are redacted besides the built-in
+# API-key and bearer-token ones; logs of a tenant without a policy any more are kept this long.
+REQUEST_LOG_MAX_BODY_BYTES = env.int("REQUEST_LOG_MAX_BODY_BYTES", default=64 * 1024)
+REQUEST_LOG_REDACT_PATTERNS = env.json("REQUEST_LOG_REDACT_PATTERNS", default=[])
+REQUEST_LOG_DEFAULT_RETENTION_DAYS = env.int("REQUEST_LOG_DEFAULT_RETENTION_DAYS", default=30)
+REQUEST_LOG_PURGE_EVERY_S = env.float("REQUEST_LOG_PURGE_EVERY_S", default=3600.0)
+if REQUEST_LOG_PURGE_EVERY_S > 0:
+    CELERY_BEAT_SCHEDULE["analytics-request-logs-purge"] = {
+        "task": "analytics.request_logs_purge", "schedule": REQUEST_LOG_PURGE_EVERY_S,
+        "options": {"queue": "analytics", "expires": REQUEST_LOG_PURGE_EVERY_S}}
 GATEWAY_PG_POOL_MIN = env.int("GATEWAY_PG_POOL_MIN", default=2)
 GATEWAY_PG_POOL_MAX = env.int("GATEWAY_PG_POOL_MAX", default=16)
 GATEWAY_PG_POOL_TIMEOUT_S = env.float("GATEWAY_PG_POOL_TIMEOUT_S", default=10.0)

@@ -7,6 +7,10 @@ BIN=.venv/bin
 KEY=$(cat var/demo_key)
 # The demo may run on the published demo SECRET_KEY (ignored when SECRET_KEY is set).
 export LLMS_DEMO=${LLMS_DEMO:-1}
+# Web and worker count into one folder, so /metrics adds them up (prometheus_client multiprocess mode);
+# emptied at each start.
+export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-var/prometheus}
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR" && rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
 
 $BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING -Q celery,async,batch,alerts,analytics \
   -B -s var/celerybeat-schedule > var/worker.log 2>&1 &

@@ -6,7 +6,7 @@ from apps.keys.admin import TenantScopedAdminMixin
 from apps.keys.audit import AuditedAdminMixin
 from apps.keys.selectors import EXPORT_ROLES
 
-from .models import LedgerArchive, LedgerRetention, UsageEvent
+from .models import LedgerArchive, LedgerRetention, RequestLog, RequestLogPolicy, UsageEvent, UsageStream
 
 
 @admin.register(UsageEvent)
@@ -48,6 +48,24 @@ class LedgerArchiveAdmin(AuditedAdminMixin, admin.ModelAdmin):
     def has_module_permission(self, request):
         return request.user.is_superuser
 
+
+@admin.register(RequestLogPolicy)
+class RequestLogPolicyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """A tenant's request logging (the same as `request_log:` in gateway_apply): owners and admins."""
+
+    list_display = ["tenant", "enabled", "bodies", "retention_days"]
+    list_select_related = ["tenant"]
+
+
+@admin.register(RequestLog)
+class RequestLogAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    list_display = ["request_id", "timestamp", "tenant", "model", "provider", "status", "latency_ms"]
+    list_select_related = ["tenant"]
+    list_filter = ["status", "stream", "cached"]
+    search_fields = ["=request_id"]
+    show_full_result_count = False
+    read_roles = EXPORT_ROLES
+
     def has_add_permission(self, request, *args):
         return False
 
@@ -56,3 +74,15 @@ class LedgerArchiveAdmin(AuditedAdminMixin, admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+
+@admin.register(UsageStream)
+class UsageStreamAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """A tenant's usage events pushed to a webhook (owners and admins subscribe; signed with the
+    tenant's webhook secret)."""
+
+    list_display = ["tenant", "url", "is_active", "cursor", "last_delivered_at", "failures", "last_error"]
+    list_select_related = ["tenant"]
+    fields = ["tenant", "url", "is_active", "cursor", "last_delivered_at", "failures", "last_error"]
+    readonly_fields = ["cursor", "last_delivered_at", "failures", "last_error"]

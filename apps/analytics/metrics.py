@@ -3,9 +3,12 @@
 Cheap by design: a few labelled counter/histogram increments per request, in process, no I/O.
 Budget spend and utilisation are computed when Prometheus scrapes, by a collector billing registers.
 
-Multi-process servers (gunicorn/uvicorn workers): set PROMETHEUS_MULTIPROC_DIR to an empty,
-writable folder before the workers start; /metrics then merges every worker's samples
-(prometheus_client's multiprocess mode). Without it each worker reports only its own.
+Several processes (gunicorn/uvicorn workers, and the Celery workers that run async requests and
+batch lines): set PROMETHEUS_MULTIPROC_DIR to one empty, writable folder in the environment of every
+one of them (web and worker) before they start; each process writes its samples there and /metrics
+merges them all (prometheus_client's multiprocess mode), so a batch line run by a worker is counted
+like a request served by the web process. Empty the folder when the whole service restarts. Without
+it, /metrics shows the web process's own samples only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ PROVIDER_ERRORS = Counter("llm_provider_errors_total", "Requests that ended in a
 PROVIDER_LATENCY = Histogram("llm_provider_request_duration_seconds",
                              "Latency of requests served by a provider (not cache hits).", ["provider"],
                              buckets=LATENCY_BUCKETS_S)
+ATTEMPTS = Counter("llm_upstream_attempts_total",
+                   "Upstream attempts by provider, deployment and outcome (ok, error, timeout, rate_limited, "
+                   "cooldown), failed tries a retry or fallback hid included.", ["provider", "deployment", "outcome"])
+ATTEMPT_LATENCY = Histogram("llm_upstream_attempt_duration_seconds",
+                            "Duration of each upstream attempt (for a stream: to its first chunk).",
+                            ["provider", "deployment"], buckets=LATENCY_BUCKETS_S)
 LEDGER_JOURNALED = Counter("llm_ledger_journaled_rows_total",
                            "Ledger rows written to the local journal because the database was unavailable.")
 LEDGER_REPLAYED = Counter("llm_ledger_replayed_rows_total", "Journaled ledger rows replayed into the database.")
@@ -74,6 +83,23 @@ def usage_observe(*, model: str, status: int, latency_ms: int, prompt_tokens: in
         PROVIDER_LATENCY.labels(provider).observe(seconds)
         if status >= 500:
             PROVIDER_ERRORS.labels(provider, error_code or str(status)).inc()
+
+
+_attempt_children: dict[tuple[str, str, str], tuple] = {}
+
+
+def attempts_observe(attempts: list[tuple[str, str, str, float]]) -> None:
+    """Count a request's upstream attempts: (provider, deployment label, outcome, seconds) each,
+    plain values from the gateway. A skipped deployment (cooldown, quota) is counted, not timed."""
+    for provider, deployment, outcome, seconds in attempts:
+        key = (provider, deployment, outcome)
+        found = _attempt_children.get(key)
+        if found is None:
+            found = _attempt_children[key] = (ATTEMPTS.labels(provider, deployment, outcome),
+                                              ATTEMPT_LATENCY.labels(provider, deployment))
+        found[0].inc()
+        if outcome != "cooldown" and seconds > 0:
+            found[1].observe(seconds)
 
 
 _scrape_collectors: list = []

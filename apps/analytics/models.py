@@ -1,8 +1,10 @@
 """The usage ledger: one row per gateway request, idempotent on request_id."""
 
 from django.db import models
+from django.db.models import Value
 
 from apps.core.money import MONEY
+from apps.keys.outbound import webhook_url_validator
 
 
 class UsageEvent(models.Model):
@@ -45,6 +47,11 @@ class UsageEvent(models.Model):
     budget_id = models.CharField(max_length=100, blank=True)
     priority = models.SmallIntegerField(default=0)
     estimated = models.BooleanField(default=False, help_text="Tokens counted by us: the provider gave none.")
+    # Every upstream attempt, failed ones a fallback hid included (apps/gateway/observe.py): a list of
+    # {deployment_id, provider, model, outcome, status, error, start_ms, latency_ms[, ttfb_ms]}.
+    # db_default: rows inserted without the column (bulk loaders, a process of the previous release
+    # during a rolling deploy) get an empty list.
+    attempts = models.JSONField(default=list, blank=True, db_default=Value([], output_field=models.JSONField()))
 
     class Meta:
         ordering = ["-timestamp", "-id"]
@@ -156,3 +163,94 @@ class LedgerArchive(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.month:%Y-%m} ({self.rows} rows)"
+
+
+class AttemptRollupHourly(models.Model):
+    """Upstream attempts per UTC hour, tenant, model alias, provider, deployment and outcome, rebuilt
+    with the usage rollups from the ledger rows' `attempts`: provider availability comes from here."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    bucket = models.DateTimeField()
+    model = models.CharField(max_length=200)
+    source_ref = models.CharField(max_length=100)
+    provider = models.CharField(max_length=100)
+    deployment_id = models.BigIntegerField(default=0)
+    outcome = models.CharField(max_length=16)
+    attempts = models.PositiveIntegerField(default=0)
+    latency_ms_sum = models.BigIntegerField(default=0)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "bucket"], name="attempt_h_tenant_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.provider} {self.outcome} {self.attempts}"
+
+
+class RequestLogPolicy(models.Model):
+    """A tenant's request logging (`request_log:` in gateway_apply, or the admin). Without one, or
+    disabled, nothing is logged; with `bodies` off, a log has the attempts and timings but never
+    the bodies."""
+
+    tenant = models.OneToOneField("keys.Tenant", on_delete=models.CASCADE, related_name="request_log_policy")
+    enabled = models.BooleanField(default=True)
+    bodies = models.BooleanField(default=False, help_text="Store request and response bodies (redacted, capped).")
+    retention_days = models.PositiveIntegerField(default=30)
+    redact_patterns = models.JSONField(default=list, blank=True,
+                                       help_text="Extra regular expressions whose matches are redacted from bodies.")
+
+    def __str__(self) -> str:
+        return f"request log of {self.tenant_id}: {'on' if self.enabled else 'off'}"
+
+
+class RequestLog(models.Model):
+    """What one request sent and got back, for a tenant that turned request logs on: the bodies
+    (redacted, size-capped; only with `bodies` on), the upstream attempts and the timings."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    timestamp = models.DateTimeField()
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    source_ref = models.CharField(max_length=100, blank=True)
+    request_type = models.CharField(max_length=32, default="chat")
+    model = models.CharField(max_length=200, blank=True)
+    provider = models.CharField(max_length=100, blank=True)
+    status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    budget_id = models.CharField(max_length=100, blank=True)
+    stream = models.BooleanField(default=False)
+    cached = models.BooleanField(default=False)
+    latency_ms = models.PositiveIntegerField(default=0)
+    request_body = models.TextField(blank=True)
+    response_body = models.TextField(blank=True)
+    request_truncated = models.BooleanField(default=False)
+    response_truncated = models.BooleanField(default=False)
+    attempts = models.JSONField(default=list, blank=True)
+    timings = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-timestamp", "-id"]
+        indexes = [models.Index(fields=["tenant", "timestamp"], name="reqlog_tenant_ts")]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.model} {self.status}"
+
+
+class UsageStream(models.Model):
+    """A tenant's subscription to its usage events, pushed in batches to a webhook
+    (apps/analytics/usage_stream.py). Delivery follows the ledger by id from `cursor` (the last id
+    delivered); `horizon` is the highest ledger id seen at the previous run (only ids below it are
+    delivered, so a row still being committed is never skipped)."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="usage_streams")
+    url = models.URLField(max_length=1000, validators=[webhook_url_validator])
+    is_active = models.BooleanField(default=True)
+    cursor = models.BigIntegerField(null=True, blank=True, help_text="Last ledger id delivered (empty: start now).")
+    horizon = models.BigIntegerField(null=True, blank=True)
+    failures = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    last_delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=200, blank=True)
+
+    def __str__(self) -> str:
+        return f"usage stream of {self.tenant_id} to {self.url}"

@@ -6,14 +6,14 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import permissions, serializers, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, READ_ROLES, tenant_ids_for_user
 
-from . import selectors
+from . import request_logs, selectors
 from .forms import DEFAULT_DAYS, MAX_DAYS, usage_filters_from
 
 FILTER_PARAMS = [
@@ -87,3 +87,91 @@ class AnalyticsViewSet(viewsets.ViewSet):
             raise ValidationError({"group": f"one of {', '.join(selectors.AGGREGATE_GROUPS)}"})
         filters = _filters(request, EXPORT_ROLES)
         return Response({"group": group, "rows": list(selectors.usage_aggregate_rows(filters, group))})
+
+
+# --- request logs -----------------------------------------------------------------------------
+
+REQUEST_LOG_PARAMS = [
+    OpenApiParameter("since", OpenApiTypes.DATETIME, description="From this time (ISO 8601; a date means its start)"),
+    OpenApiParameter("until", OpenApiTypes.DATETIME, description="Before this time (ISO 8601)"),
+    OpenApiParameter("tenant", str, description="Tenant slug (default: all of yours)"),
+    OpenApiParameter("model", str, description="Model alias"),
+    OpenApiParameter("source", str, description="The seed's source id"),
+    OpenApiParameter("key", str, description="API key name"),
+    OpenApiParameter("status", int, description="HTTP status the client got"),
+    OpenApiParameter("budget_id", str, description="metadata.budget_id"),
+    OpenApiParameter("q", str, description="Free text, searched in the request and response bodies"),
+]
+
+
+class RequestLogSerializer(serializers.Serializer):
+    def to_representation(self, instance):
+        return request_logs.request_log_dict(instance, bodies=self.context.get("bodies", True))
+
+
+class RequestLogPagination(CursorPagination):
+    ordering = ("-timestamp", "-id")
+    page_size = 50
+    max_page_size = 500
+    page_size_query_param = "limit"
+
+
+def _when(params, name: str):
+    from django.utils.dateparse import parse_date, parse_datetime
+
+    value = params.get(name)
+    if not value:
+        return None
+    try:
+        at = parse_datetime(value)
+        if at is None and (day := parse_date(value)) is not None:
+            from datetime import datetime, time
+
+            at = datetime.combine(day, time.min)
+    except ValueError:
+        at = None
+    if at is None:
+        raise ValidationError({name: "an ISO 8601 date or time"})
+    from django.utils import timezone
+
+    return at if timezone.is_aware(at) else timezone.make_aware(at, timezone.get_current_timezone())
+
+
+class RequestLogViewSet(viewsets.GenericViewSet):
+    """What a request sent and got back, its upstream attempts and timings (tenants that turned
+    request logs on; owners, admins, managers), newest first. Retrieve by the x-request-id."""
+
+    serializer_class = RequestLogSerializer
+    pagination_class = RequestLogPagination
+    permission_classes = [permissions.IsAuthenticated]
+    lookup_field = "request_id"
+    lookup_value_regex = "[^/]+"
+
+    def _tenant_ids(self):
+        ids = tenant_ids_for_user(user=self.request.user, roles=EXPORT_ROLES)
+        slug = self.request.query_params.get("tenant")
+        if slug:
+            ids = list(Tenant.objects.filter(id__in=ids, slug=slug).values_list("id", flat=True))
+        return ids
+
+    def get_queryset(self):
+        p = self.request.query_params
+        status = p.get("status")
+        if status and not status.isdigit():
+            raise ValidationError({"status": "an HTTP status code"})
+        return request_logs.request_logs_query(
+            tenant_ids=self._tenant_ids(), since=_when(p, "since"), until=_when(p, "until"), model=p.get("model", ""),
+            source=p.get("source", ""), key=p.get("key", ""), status=int(status) if status else None,
+            budget_id=p.get("budget_id", ""), q=p.get("q", ""))
+
+    @extend_schema(operation_id="request_logs_list", parameters=REQUEST_LOG_PARAMS, responses=OpenApiTypes.OBJECT)
+    def list(self, request):
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response([request_logs.request_log_dict(r, bodies=False) for r in page])
+
+    @extend_schema(operation_id="request_logs_retrieve", responses=OpenApiTypes.OBJECT)
+    def retrieve(self, request, request_id=None):
+        row = request_logs.request_log_get(tenant_ids=self._tenant_ids(), request_id=request_id)
+        if row is None:
+            raise NotFound("No request log with this id.")
+        return Response(request_logs.request_log_dict(row, bodies=True))

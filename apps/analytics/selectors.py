@@ -15,6 +15,7 @@ from apps.core.money import MONEY_QUANT, money_str
 from .models import (
     LATENCY_BUCKETS_MS,
     LATENCY_FIELDS,
+    AttemptRollupHourly,
     LedgerArchive,
     UsageEvent,
     UsageRollupDaily,
@@ -105,6 +106,8 @@ _EXPORT_FIELDS = (
     "model", "prompt_tokens", "completion_tokens", "cost", "is_async", "cached", "batch_id", "budget_id",
     "status", "latency_ms", "saved_cost", "price_id", "deployment_id", "estimated",
 )
+
+EXPORT_FIELDS = _EXPORT_FIELDS  # what seed_usage_event and csv_row read from a ledger row
 
 
 def usage_export_rows(qs) -> Iterator[dict]:
@@ -223,6 +226,16 @@ class UsageFilters:
             qs = qs.filter(model=self.model)
         return qs.order_by()
 
+    def attempt_rollups(self):
+        """Upstream attempt rollups under these filters."""
+        qs = AttemptRollupHourly.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start,
+                                                bucket__lt=self.end)
+        if self.source:
+            qs = qs.filter(source_ref=self.source)
+        if self.model:
+            qs = qs.filter(model=self.model)
+        return qs.order_by()
+
 
 def _sums(with_latency: bool = False) -> dict:
     out = {m: Sum(m) for m in _MEASURES}
@@ -301,18 +314,54 @@ def usage_breakdown(filters: UsageFilters, by: str) -> list[dict]:
     return rows
 
 
-def provider_availability(filters: UsageFilters) -> list[dict]:
-    """Per provider: requests, upstream errors (5xx) and availability, from the ledger's rollups
-    (no active health checks yet)."""
-    rows = (filters.rollups().exclude(provider="").values("provider")
-            .annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)), n=Sum("requests"))
+# Attempts that reached (or tried to reach) the provider; `cooldown` (skipped without a call) is
+# reported beside them and does not count against availability.
+_CALLED = ("ok", "error", "timeout", "rate_limited")
+
+
+def _availability_rows(qs) -> list[dict]:
+    """Per provider from attempt rollups: attempts by outcome, availability (ok / attempts that
+    called it) and mean attempt latency."""
+    rows = (qs.values("provider")
+            .annotate(**{o: Sum("attempts", filter=Q(outcome=o)) for o in (*_CALLED, "cooldown")},
+                      latency_ms_sum=Sum("latency_ms_sum", filter=Q(outcome__in=_CALLED)))
             .order_by("provider"))
     out = []
     for r in rows:
-        errors = r["upstream_errors"] or 0
-        out.append({"provider": r["provider"], "requests": r["n"], "upstream_errors": errors,
-                    "availability": _ratio(r["n"] - errors, r["n"])})
+        counts = {o: r[o] or 0 for o in (*_CALLED, "cooldown")}
+        called = sum(counts[o] for o in _CALLED)
+        out.append({"provider": r["provider"], "attempts": called, **counts,
+                    "failed": called - counts["ok"], "availability": _ratio(counts["ok"], called),
+                    "latency_avg_ms": round((r["latency_ms_sum"] or 0) / called) if called else None})
     return out
+
+
+_probe_sources: list = []
+
+
+def provider_probes_register(fn) -> None:
+    """Another app reports active probes per provider (gateway: its deployments' health checks):
+    `fn(since, until)` -> {provider: {"probes": n, "probes_ok": n}}."""
+    if fn not in _probe_sources:
+        _probe_sources.append(fn)
+
+
+def provider_availability(filters: UsageFilters) -> list[dict]:
+    """Per provider: upstream attempts by outcome and availability, from the attempt rollups (every
+    try, failed ones a fallback hid included; not the ledger's final outcome), and the share of its
+    deployments' active probes that succeeded over the range (`probe_availability`; probes are not
+    per tenant, so only the providers of the tenants' own attempts are listed)."""
+    rows = {r["provider"]: r for r in _availability_rows(filters.attempt_rollups())}
+    probes: dict[str, dict] = {}
+    for source in _probe_sources:
+        for provider, p in source(filters.start, filters.end).items():
+            acc = probes.setdefault(provider, {"probes": 0, "probes_ok": 0})
+            acc["probes"] += p["probes"]
+            acc["probes_ok"] += p["probes_ok"]
+    for provider, row in rows.items():  # probes are global: shown only beside this tenant's own traffic
+        p = probes.get(provider, {"probes": 0, "probes_ok": 0})
+        row.update(probes=p["probes"], probe_availability=_ratio(p["probes_ok"], p["probes"]))
+    return [rows[k] for k in sorted(rows)]
 
 
 def dashboard_data(filters: UsageFilters) -> dict:
@@ -403,14 +452,9 @@ def redis_checks() -> dict[str, str]:
 
 
 def provider_availability_recent(*, hours: int = 1) -> list[dict]:
-    """Per provider over the last `hours` (hourly rollups, every tenant): informational."""
+    """Per provider over the last `hours` (attempt rollups, every tenant): informational."""
     now = timezone.now()
-    rows = (UsageRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).exclude(provider="")
-            .values("provider").annotate(upstream_errors=Sum("requests", filter=Q(status_class=5)),
-                                         n=Sum("requests"))
-            .order_by("provider"))
-    return [{"provider": r["provider"], "requests": r["n"], "upstream_errors": r["upstream_errors"] or 0,
-             "availability": _ratio(r["n"] - (r["upstream_errors"] or 0), r["n"])} for r in rows]
+    return _availability_rows(AttemptRollupHourly.objects.filter(bucket__gte=now - timedelta(hours=hours)).order_by())
 
 
 def usage_events_values(qs):
@@ -456,3 +500,34 @@ def ledger_archived_months(*, tenant_ids) -> list[dict]:
     return [{"tenant": a.tenant.slug, "month": a.month, "rows": a.rows, "cost": a.cost, "location": a.location,
              "archived_at": a.archived_at, "dropped": a.dropped_at is not None}
             for a in LedgerArchive.objects.filter(tenant_id__in=tenant_ids).select_related("tenant")]
+def attempt_stats(*, since: datetime, until: datetime) -> dict[str, dict]:
+    """Per provider, the upstream attempts of every tenant in [since, until) straight from the
+    ledger rows (for short windows: operational alerts): calls (cooldown skips excluded), failed
+    ones, and the sum of their latencies in ms."""
+    from django.db import connection
+
+    out: dict[str, dict] = {}
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(UsageEvent._meta.db_table)
+        sql = (
+            "SELECT a->>'provider', count(*), count(*) FILTER (WHERE a->>'outcome' <> 'ok'), "  # noqa: S608
+            "COALESCE(sum((a->>'latency_ms')::numeric), 0) "
+            f"FROM {table} e CROSS JOIN LATERAL jsonb_array_elements(e.attempts) a "
+            "WHERE e.timestamp >= %s AND e.timestamp < %s AND e.attempts <> '[]'::jsonb "
+            "AND a->>'outcome' <> 'cooldown' GROUP BY 1"
+        )
+        with connection.cursor() as cur:
+            cur.execute(sql, [since, until])
+            for provider, calls, failed, latency in cur.fetchall():
+                out[provider or ""] = {"calls": calls, "failed": failed, "latency_ms_sum": float(latency)}
+        return out
+    rows = UsageEvent.objects.filter(timestamp__gte=since, timestamp__lt=until).exclude(attempts=[])
+    for attempts in rows.values_list("attempts", flat=True).iterator(chunk_size=2000):
+        for a in attempts or ():
+            if a.get("outcome") == "cooldown":
+                continue
+            acc = out.setdefault(a.get("provider") or "", {"calls": 0, "failed": 0, "latency_ms_sum": 0.0})
+            acc["calls"] += 1
+            acc["failed"] += a.get("outcome") != "ok"
+            acc["latency_ms_sum"] += a.get("latency_ms") or 0
+    return out

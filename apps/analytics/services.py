@@ -16,7 +16,14 @@ from django.utils import timezone
 from apps.core.db import db_sync, pg_pool
 
 from . import journal
-from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
+from .models import (
+    LATENCY_BUCKETS_MS,
+    LATENCY_FIELDS,
+    AttemptRollupHourly,
+    UsageEvent,
+    UsageRollupDaily,
+    UsageRollupHourly,
+)
 
 # Rows per INSERT when concurrent requests' rows are written together (see _Batcher).
 LEDGER_BATCH_MAX = 64
@@ -51,8 +58,9 @@ async def usage_event_record(**fields) -> None:
             await db_sync(usage_event_record_sync, **fields)
         elif writer == "single":
             sql, columns = _insert_sql()
+            row = _adapted([fields[a] if a in fields else default() for a, default in columns])
             async with pool.connection() as conn:
-                await conn.execute(sql, [[fields[a] if a in fields else default()] for a, default in columns])
+                await conn.execute(sql, [[value] for value in row])
         else:
             await _batcher(pool).write(fields)  # journals the rows itself when the database is down
     except journal.DB_UNAVAILABLE as exc:
@@ -170,7 +178,44 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
         )
         kept(UsageRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).delete()
         n_daily = _insert_select(UsageRollupDaily, daily, dim_cols + measure_cols)
-    return {"hourly": n_hourly, "daily": n_daily}
+        AttemptRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end).delete()
+        n_attempts = _attempt_rollup_insert(h_start, h_end)
+    return {"hourly": n_hourly, "daily": n_daily, "attempts": n_attempts}
+
+
+def _attempt_rollup_insert(start: datetime, end: datetime) -> int:
+    """The attempt rollups of [start, end) from the ledger rows' `attempts` (in SQL on PostgreSQL)."""
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(AttemptRollupHourly._meta.db_table)
+        ledger = connection.ops.quote_name(UsageEvent._meta.db_table)
+        sql = (
+            f"INSERT INTO {table} (bucket, tenant_id, model, source_ref, provider, deployment_id, outcome, "  # noqa: S608
+            "attempts, latency_ms_sum) "
+            "SELECT date_trunc('hour', e.timestamp AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', e.tenant_id, e.model, "
+            "e.source_ref, COALESCE(a->>'provider', ''), COALESCE((a->>'deployment_id')::bigint, 0), "
+            "COALESCE(a->>'outcome', ''), count(*), COALESCE(round(sum((a->>'latency_ms')::numeric)), 0)::bigint "
+            f"FROM {ledger} e CROSS JOIN LATERAL jsonb_array_elements(e.attempts) a "
+            "WHERE e.timestamp >= %s AND e.timestamp < %s AND e.attempts <> '[]'::jsonb "
+            "GROUP BY 1, 2, 3, 4, 5, 6, 7"
+        )
+        with connection.cursor() as cur:
+            cur.execute(sql, [start, end])
+            return cur.rowcount
+    sums: dict[tuple, list[int]] = {}
+    rows = (UsageEvent.objects.filter(timestamp__gte=start, timestamp__lt=end).exclude(attempts=[])
+            .values_list("timestamp", "tenant_id", "model", "source_ref", "attempts"))
+    for at, tenant_id, model, source_ref, attempts in rows.iterator(chunk_size=2000):
+        for a in attempts or ():
+            key = (_hour_floor(at), tenant_id, model, source_ref, a.get("provider") or "",
+                   a.get("deployment_id") or 0, a.get("outcome") or "")
+            acc = sums.setdefault(key, [0, 0.0])
+            acc[0] += 1
+            acc[1] += a.get("latency_ms") or 0
+    AttemptRollupHourly.objects.bulk_create([
+        AttemptRollupHourly(bucket=k[0], tenant_id=k[1], model=k[2], source_ref=k[3], provider=k[4],
+                            deployment_id=k[5], outcome=k[6], attempts=v[0], latency_ms_sum=round(v[1]))
+        for k, v in sums.items()])
+    return len(sums)
 
 
 def _dropped_tenants_by_month(start: datetime, end: datetime) -> dict:
@@ -259,6 +304,7 @@ class _Batcher:
                 future.set_result(None)
 
     async def _insert(self, rows: list[list]) -> None:
+        rows = [_adapted(row) for row in rows]
         async with self.pool.connection() as conn:
             if len(rows) == 1:  # scalars: dumping one-element arrays costs more than the row itself
                 await conn.execute(_insert_one_sql(), rows[0])
@@ -293,6 +339,25 @@ def _insert_sql() -> tuple[str, list]:
     sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
            'ON CONFLICT DO NOTHING')
     return sql, [(f.attname, f.get_default) for f in fields]
+
+
+@cache
+def _json_positions() -> tuple[int, ...]:
+    """Where the JSON columns (the attempts) sit in a row of _insert_sql."""
+    from django.db.models import JSONField
+
+    fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
+    return tuple(i for i, f in enumerate(fields) if isinstance(f, JSONField))
+
+
+def _adapted(row: list) -> list:
+    """The row as psycopg must be given it: JSON values wrapped (a list would go as an array)."""
+    from psycopg.types.json import Jsonb
+
+    row = list(row)
+    for i in _json_positions():
+        row[i] = Jsonb(row[i])
+    return row
 
 
 @cache

@@ -30,3 +30,19 @@ def ledger_upkeep_task() -> dict:
     from .archive import ledger_upkeep
 
     return ledger_upkeep()
+
+
+@shared_task(name="analytics.request_logs_purge", ignore_result=True)
+def request_logs_purge_task() -> int:
+    """Beat: delete request logs past their tenant's retention."""
+    from .request_logs import request_logs_purge
+
+    return request_logs_purge()
+
+
+@shared_task(name="analytics.usage_streams_deliver", ignore_result=True)
+def usage_streams_deliver_task() -> int:
+    """Beat: push new usage events to the tenants' usage-stream webhooks."""
+    from .usage_stream import usage_streams_deliver
+
+    return usage_streams_deliver()

@@ -91,6 +91,54 @@ def dashboard(request):
     return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
 
 
+REQUESTS_PAGE_SIZE = 100
+
+
+def _moment(value: str | None):
+    """A filter's date and time (a datetime-local input's value), in the current time zone."""
+    from django.utils import timezone
+    from django.utils.dateparse import parse_datetime
+
+    if not value:
+        return None
+    at = parse_datetime(value)
+    if at is None:
+        raise ValueError(value)
+    return at if timezone.is_aware(at) else timezone.make_aware(at)
+
+
+@login_required
+def requests_page(request):
+    """The "Requests" page: the request logs of the user's tenants (owners, admins, managers),
+    searchable, newest first (the first REQUESTS_PAGE_SIZE; narrow the filters for older ones)."""
+    from .request_logs import request_logs_query
+
+    tenant_ids = tenant_ids_for_user(user=request.user, roles=EXPORT_ROLES)
+    p = request.GET
+    status = p.get("status", "")
+    try:
+        rows = list(request_logs_query(tenant_ids=tenant_ids, since=_moment(p.get("since")),
+                                       until=_moment(p.get("until")), model=p.get("model", ""),
+                                       source=p.get("source", ""), key=p.get("key", ""),
+                                       status=int(status) if status.isdigit() else None,
+                                       budget_id=p.get("budget_id", ""), q=p.get("q", ""))[:REQUESTS_PAGE_SIZE])
+    except ValueError:
+        return HttpResponseBadRequest("since/until: an ISO 8601 date and time")
+    return render(request, "analytics/requests.html", {"rows": rows, "params": p, "any_tenant": bool(tenant_ids)})
+
+
+@login_required
+def request_page(request, request_id: str):
+    """One request log: bodies, attempts and timings."""
+    from .request_logs import request_log_dict, request_log_get
+
+    row = request_log_get(tenant_ids=tenant_ids_for_user(user=request.user, roles=EXPORT_ROLES),
+                          request_id=request_id)
+    if row is None:
+        raise Http404("No request log with this id.")
+    return render(request, "analytics/request.html", {"log": request_log_dict(row, bodies=True)})
+
+
 class _Echo:
     def write(self, value):
         return value

@@ -52,6 +52,12 @@ def server_loop_mark() -> None:
         _server_loop = loop
 
 
+def on_server_loop() -> bool:
+    """Whether the caller runs on the ASGI server's long-lived loop (where background work may be
+    left to finish after the request), not on a short-lived one (a Celery task, the test client)."""
+    return _server_loop is not None and asyncio.get_running_loop() is _server_loop
+
+
 def _conninfo() -> str:
     from psycopg.conninfo import make_conninfo
 

@@ -6,7 +6,7 @@ from django.contrib import admin
 from apps.keys.audit import AuditedAdminMixin
 from apps.keys.services import audit_record, snapshot
 
-from .models import Deployment, DeploymentHealth, ModelAlias, Provider
+from .models import Deployment, DeploymentHealth, ModelAlias, OpsIncident, Provider
 from .selectors import routing_table_invalidate
 from .services import alias_pin_audit, alias_pins
 
@@ -90,6 +90,20 @@ class DeploymentHealthAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ["deployment", "checked_at", "ok", "latency_ms", "error"]
     list_select_related = ["deployment__alias", "deployment__provider"]
     list_filter = ["ok"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(OpsIncident)
+class OpsIncidentAdmin(AuditedAdminMixin, admin.ModelAdmin):
+    """Operational alerts (superusers: the admin of the other models of this app is global too)."""
+
+    list_display = ["key", "opened_at", "resolved_at", "value", "notified_open", "notified_resolved"]
+    list_filter = ["kind"]
 
     def has_add_permission(self, request):
         return False

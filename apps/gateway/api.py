@@ -15,7 +15,7 @@ from ninja import NinjaAPI
 from apps.billing.budgets import Hold, budget_statuses_for_key
 from apps.core.db import db_sync
 
-from . import async_requests, batches, pipeline, schemas
+from . import async_requests, batches, pipeline, schemas, tracing
 from .errors import GatewayError, invalid_request, not_found
 from .selectors import routing_table
 
@@ -49,6 +49,8 @@ def _internal_error(ctx: pipeline.Ctx) -> HttpResponse:
 
 async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) -> HttpResponse:
     ctx = pipeline.Ctx(kind=kind, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
+    if tracing.ENABLED:
+        ctx.traceparent = request.headers.get("traceparent", "")
     raw = request.body  # Django answers a body over its limit (413) itself
     try:
         hit = await pipeline.prepare(ctx, request.headers.get("authorization"), raw)

@@ -8,8 +8,9 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         """The gateway plugs into the apps it uses (they never import it): the models a key may be
-        limited to, the deployments /readyz reports, the holds stored with queued work, and the
-        routing table dropped when billing changes prices."""
+        limited to, the deployments /readyz reports, their probes beside provider availability, the
+        holds stored with queued work, and the routing table dropped when billing changes prices."""
+        from apps.analytics.selectors import provider_probes_register
         from apps.analytics.views import readyz_part_register
         from apps.billing.budgets import durable_holds_source
         from apps.core import caches
@@ -19,5 +20,6 @@ class GatewayConfig(AppConfig):
 
         model_names_provider(selectors.model_aliases)
         readyz_part_register(selectors.deployments_readiness)
+        provider_probes_register(selectors.provider_probes)
         durable_holds_source(selectors.queued_holds)
         caches.on_invalidate(caches.ROUTING, selectors.routing_table_invalidate)

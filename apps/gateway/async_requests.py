@@ -29,6 +29,7 @@ from . import pipeline, queues
 from .errors import GatewayError, invalid_api_key
 from .models import AsyncRequest, JobStatus
 from .providers import Completion
+from .selectors import tenant_policy
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ async def _execute(row: AsyncRequest) -> tuple[str, dict | None, dict | None, di
             raise invalid_api_key("The API key of this request was revoked or deleted before it ran.")
         if auth.expires_at is not None and auth.expires_at <= timezone.now():
             raise invalid_api_key("The API key of this request expired before it ran.")
+        pipeline.watch(ctx, await tenant_policy(auth.tenant_id))
+        if ctx.watch:
+            ctx.raw_body = ctx.request.body  # as accepted (the worker has the parsed request only)
         await pipeline.route(ctx)
         completion = await pipeline.execute(ctx)
     except GatewayError as exc:

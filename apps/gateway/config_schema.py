@@ -191,6 +191,27 @@ class CacheSpec(_Strict):
     ttl_s: int = Field(default=3600, ge=1)
 
 
+class RequestLogSpec(_Strict):
+    """`request_log: {bodies: true, retention_days: 30}`: log this tenant's requests (attempts and
+    timings; the bodies too with `bodies: true`, redacted and size-capped). `enabled: false` turns
+    an earlier policy off; `redact` adds regular expressions to redact from bodies."""
+
+    enabled: bool = True
+    bodies: bool = False
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    redact: list[str] = Field(default_factory=list)
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"[{i}] is not a valid regular expression: {exc}") from None
+        return v
+
+
 class TenantSpec(_Strict):
     slug: str = Field(pattern=r"^[-a-zA-Z0-9_]+$", max_length=50)
     name: str = Field(min_length=1, max_length=200)
@@ -200,6 +221,7 @@ class TenantSpec(_Strict):
     # metadata.budget_id values need not be declared as budgets (default: an undeclared one is a 400)
     allow_freeform_budget_ids: bool = False
     cache: CacheSpec | None = None
+    request_log: RequestLogSpec | None = None  # left out: unchanged (off for a new tenant)
     sources: list[SourceSpec] = Field(default_factory=list)
     members: list[MemberSpec] = Field(default_factory=list)
     rate_limits: list[RateLimitSpec] = Field(default_factory=list)

@@ -238,3 +238,27 @@ class RateLimit(models.Model):
     def __str__(self) -> str:
         where = self.scope if not self.scope_value else f"{self.scope}:{self.scope_value}"
         return f"{self.tenant.slug} {where} rpm={self.rpm} tpm={self.tpm}"
+
+
+class OpsIncident(models.Model):
+    """An operational alert: a provider failing or slow, a deployment cooling down, a queue backing
+    up (apps/gateway/ops_alerts.py). At most one open incident per key; it is announced once when
+    it opens and once when it resolves."""
+
+    key = models.CharField(max_length=200)  # e.g. "provider_errors:openai", "deployment_cooldown:12"
+    kind = models.CharField(max_length=32)
+    subject = models.CharField(max_length=200)
+    message = models.TextField()
+    value = models.FloatField(null=True, blank=True)  # the measure that fired it (rate, ms, seconds)
+    opened_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    notified_open = models.BooleanField(default=False)
+    notified_resolved = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-opened_at"]
+        constraints = [models.UniqueConstraint(fields=["key"], condition=models.Q(resolved_at__isnull=True),
+                                               name="one_open_incident_per_key")]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({'resolved' if self.resolved_at else 'open'})"

@@ -27,7 +27,8 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils import timezone
 
-from apps.analytics.metrics import UNKNOWN_MODEL, usage_observe
+from apps.analytics.metrics import UNKNOWN_MODEL, attempts_observe, usage_observe
+from apps.analytics.request_logs import RequestLogSettings
 from apps.analytics.services import usage_event_record
 from apps.billing import alerts
 from apps.billing.budgets import Hold
@@ -39,7 +40,7 @@ from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
-from . import admission, cache, router, schemas
+from . import admission, cache, observe, router, schemas
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import GATEWAY_USAGE, Completion, Usage, adapter_for
 from .providers.base import ProviderError
@@ -85,6 +86,7 @@ class Ctx:
     hold: Hold | None = None
     deployment: DeploymentRoute | None = None
     attempts: int = 0
+    attempt_log: list[observe.Attempt] = field(default_factory=list)  # every upstream try (observe.py)
     cached: bool = False
     usage: Usage | None = None
     cost: Decimal = Decimal(0)
@@ -97,6 +99,13 @@ class Ctx:
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
     retry_rate_limited: bool = False  # a batch line: a 429 of our limiter is retried later, not recorded
+    # observability (observe.py): all left alone unless the tenant logs requests or tracing is on
+    watch: bool = False
+    log: RequestLogSettings | None = None
+    marks: dict[str, tuple[float, float]] | None = None  # step -> (start, end) perf_counter, when watched
+    raw_body: bytes | dict | None = None  # the body as received
+    response_body: object = None  # as sent: a completion body, an error body, or a stream's chunks
+    traceparent: str = ""
 
     @property
     def body(self) -> dict:
@@ -187,6 +196,7 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
 
 def validate(ctx: Ctx, data: dict | bytes) -> None:
     """Parse the body once into the typed request (raw JSON or parsed, OpenAI's or the seed's shape)."""
+    ctx.raw_body = data
     ctx.request = schemas.parse_request(ctx.kind, data)
     # A worker may have set these already (a Batches API line is async with the batch's id).
     ctx.is_async = ctx.is_async or bool(ctx.options.async_)
@@ -292,6 +302,8 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
     ctx.ended = True
     if exc is not None:
         ctx.status, ctx.error_code = _error_of(exc)
+        if ctx.watch:
+            ctx.response_body = observe.with_error(ctx.response_body, exc, ctx.status, ctx.error_code)
         if ctx.status == 500:
             log.error("request %s failed", ctx.request_id, exc_info=(type(exc), exc, exc.__traceback__))
     hold, ctx.hold = ctx.hold, None
@@ -325,6 +337,8 @@ async def record(ctx: Ctx) -> None:
     meta = ctx.metadata
     d = ctx.deployment
     latency_ms = int((time.perf_counter() - ctx.started) * 1000)
+    attempts = [a.as_dict(ctx.started) for a in ctx.attempt_log]
+    ledger_started = time.perf_counter()
     await usage_event_record(
         request_id=ctx.request_id,
         timestamp=ctx.timestamp,
@@ -358,12 +372,18 @@ async def record(ctx: Ctx) -> None:
         budget_id=ctx.budget_id,
         priority=ctx.priority,
         estimated=usage.estimated,
+        attempts=attempts,
     )
     ctx.recorded = True
+    if ctx.watch:
+        ctx.marks["ledger"] = (ledger_started, time.perf_counter())
+        await observe.finished(ctx, attempts, latency_ms)
     usage_observe(model=ctx.model if ctx.alias else UNKNOWN_MODEL, status=ctx.status, latency_ms=latency_ms,
                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=ctx.cost,
                   saved_cost=ctx.saved_cost, cached=ctx.cached, provider=d.provider_name if d else "",
                   error_code=ctx.error_code)
+    if attempts:
+        attempts_observe([(a.provider, a.deployment_label, a.outcome, a.end - a.start) for a in ctx.attempt_log])
 
 
 # --- runs -----------------------------------------------------------------------------------
@@ -381,20 +401,36 @@ async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
     else:
         ctx.auth = auth
     try:
-        validate(ctx, data)
         policy = await tenant_policy(ctx.auth.tenant_id)
+        watch(ctx, policy)
+        validate(ctx, data)
         attribute(ctx, policy)
         await route(ctx)
+        started = time.perf_counter()
         hit = await cache.lookup(ctx)
+        if ctx.watch:
+            ctx.marks["cache"] = (started, time.perf_counter())
         if hit is not None:
             ctx.cached, ctx.usage = True, hit.usage
             ctx.saved_cost = _cost(ctx, hit.usage)
+            if ctx.watch:
+                ctx.response_body = hit.body
             return hit
+        started = time.perf_counter()
         ctx.hold = await admission.admit(ctx, policy)
+        if ctx.watch:
+            ctx.marks["admission"] = (started, time.perf_counter())
     except BaseException as exc:
         await end(ctx, exc)
         raise
     return None
+
+
+def watch(ctx: Ctx, policy: TenantPolicy) -> None:
+    """Observe this request (step timings, the bodies sent and received) only when its tenant logs
+    requests or tracing is on: otherwise none of that work is done."""
+    if policy.request_log is not None or observe.tracing_on():
+        ctx.watch, ctx.log, ctx.marks = True, policy.request_log, {}
 
 
 def _upstream_body(ctx: Ctx, deployment: DeploymentRoute) -> dict:
@@ -434,6 +470,8 @@ async def execute(ctx: Ctx) -> Completion:
                                for c in completion.body.get("choices", []))
             completion.usage = _estimate_usage(ctx, text)
         ctx.usage = completion.usage
+        if ctx.watch:
+            ctx.response_body = completion.body
         await cache.store(ctx, completion)
     except BaseException as exc:
         await end(ctx, exc)
@@ -559,10 +597,15 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
     usage_chunk: dict | None = None
     chunk = first
     recorder = cache.StreamRecorder(ctx)
+    sent: list[dict] | None = None
+    if ctx.watch:
+        sent = ctx.response_body = []
     try:
         while chunk is not None:
             found = _chunk_usage(chunk)
             recorder.add(chunk)
+            if sent is not None:
+                sent.append(chunk)
             if found is not None:
                 usage = found
                 if not chunk.get("choices"):

@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from apps.billing.selectors import price_in_force
 
-from . import cooldown
+from . import cooldown, observe
 from .errors import GatewayError, invalid_request, permission_denied, upstream_error
 from .providers import Completion
 from .providers.base import ProviderError, offers_embeddings
@@ -159,6 +159,9 @@ async def candidates(ctx: Ctx, alias: AliasRoute, *, strategy: str | None = None
                            code="no_deployment")
     cooling = await cooldown.cooling([d.id for d in deployments])
     ready = [d for d in deployments if d.id not in cooling]
+    if cooling:
+        ctx.attempt_log.extend(observe.skipped(d, observe.COOLDOWN, "deployment_cooling_down")
+                               for d in deployments if d.id in cooling)
     if not ready:
         wait = max(1, int(min(cooling.values()) + 0.999))
         raise GatewayError(503, f"Every deployment of `{alias.alias}` is cooling down after repeated failures; "
@@ -237,6 +240,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
             break
         if not await cooldown.quota_take(deployment.id, rpm=deployment.rpm, tpm=deployment.tpm, tokens=tokens):
             at_quota += 1
+            ctx.attempt_log.append(observe.skipped(deployment, observe.RATE_LIMITED, "deployment_at_quota"))
             continue
         for attempt in range(retries + 1):
             remaining = deadline - time.monotonic()
@@ -246,8 +250,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
             ctx.deployment = deployment
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(remaining):
-                    result = await op(deployment)
+                result = await _tried(ctx, deployment, op, remaining)
             except TimeoutError:
                 ctx.attempts += 1
                 raise upstream_error(f"No deployment of `{ctx.model}` answered within {total_s:g}s.",
@@ -281,6 +284,27 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
                                headers={"retry-after": str(wait)})
         raise upstream_error(f"No deployment of `{ctx.model}` is available.", status=503, code="no_deployment")
     raise _to_gateway_error(last)
+
+
+async def _tried(ctx: Ctx, deployment: DeploymentRoute, op: Callable[[DeploymentRoute], Awaitable[T]],
+                 remaining: float) -> T:
+    """One upstream try within `remaining` seconds, recorded on ctx.attempt_log whatever its outcome."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(remaining):
+            result = await op(deployment)
+    except BaseException as exc:
+        outcome, status, error = observe.outcome_of(exc)
+        ctx.attempt_log.append(observe.Attempt(
+            deployment_id=deployment.id, provider=deployment.provider_name,
+            upstream_model=deployment.target.upstream_model, outcome=outcome, start=started,
+            end=time.perf_counter(), status=status, error=error, stream=ctx.stream, kind=deployment.target.kind))
+        raise
+    ctx.attempt_log.append(observe.Attempt(
+        deployment_id=deployment.id, provider=deployment.provider_name, upstream_model=deployment.target.upstream_model,
+        outcome=observe.OK, start=started, end=time.perf_counter(), status=200, stream=ctx.stream,
+        kind=deployment.target.kind))
+    return result
 
 
 def _to_gateway_error(exc: ProviderError) -> GatewayError:

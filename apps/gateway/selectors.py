@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
+from apps.analytics.request_logs import RequestLogSettings, request_log_settings
 from apps.billing.selectors import PriceInfo, budget_refs_for_tenant, price_versions_by_model
 from apps.core.db import db_sync
 from apps.keys.crypto import decrypt
@@ -134,6 +135,7 @@ class TenantPolicy:
     loaded_at: float
     sources: dict = field(default_factory=dict)  # declared source name -> (id, type)
     budget_ids: frozenset = frozenset()  # the metadata.budget_id values its budgets declare
+    request_log: RequestLogSettings | None = None  # None: this tenant logs no requests
 
 
 def tenant_policy_load(tenant_id: int) -> TenantPolicy:
@@ -145,7 +147,8 @@ def tenant_policy_load(tenant_id: int) -> TenantPolicy:
     sources = {name: (sid, kind) for sid, name, kind in
                Source.objects.filter(tenant_id=tenant_id).values_list("id", "name", "type")}
     return TenantPolicy(rate_limits=limits, budgets=budgets, loaded_at=time.monotonic(), sources=sources,
-                        budget_ids=frozenset(b.budget_id for b in budgets if b.budget_id))
+                        budget_ids=frozenset(b.budget_id for b in budgets if b.budget_id),
+                        request_log=request_log_settings(tenant_id=tenant_id))
 
 
 _policies: dict[int, TenantPolicy] = {}
@@ -195,6 +198,15 @@ def deployment_health(*, window: timedelta = timedelta(hours=24)) -> list[Deploy
         )
         for d in rows
     ]
+
+
+def provider_probes(since: datetime, until: datetime) -> dict[str, dict]:
+    """Per provider: the deployments' active probes in [since, until) and how many succeeded
+    (provider availability on the dashboard shows them beside the attempts)."""
+    rows = (DeploymentHealth.objects.filter(checked_at__gte=since, checked_at__lt=until)
+            .values("deployment__provider__name")
+            .annotate(probes=Count("id"), probes_ok=Count("id", filter=Q(ok=True))))
+    return {r["deployment__provider__name"]: {"probes": r["probes"], "probes_ok": r["probes_ok"]} for r in rows}
 
 
 def deployments_readiness() -> dict:

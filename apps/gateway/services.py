@@ -11,6 +11,7 @@ from asgiref.sync import async_to_sync
 from django.db import transaction
 from django.utils import timezone
 
+from apps.analytics.models import RequestLogPolicy
 from apps.billing.services import budget_upsert, price_set
 from apps.billing.services import prices_sync as billing_prices_sync
 from apps.keys.services import (
@@ -120,6 +121,11 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
             extra.update(cache_enabled=t.cache.enabled, cache_ttl_s=t.cache.ttl_s)
         tenant = tenant_upsert(slug=t.slug, name=t.name, timezone_name=t.timezone, actor=actor, adopt=adopt,
                                **extra)
+        if t.request_log is not None:
+            audited_upsert(RequestLogPolicy, actor=actor, tenant=tenant, lookup={"tenant": tenant},
+                           values={"enabled": t.request_log.enabled, "bodies": t.request_log.bodies,
+                                   "retention_days": t.request_log.retention_days,
+                                   "redact_patterns": t.request_log.redact})
         for s in t.sources:
             source_upsert(tenant=tenant, name=s.name, type=s.type, actor=actor)
         for mem in t.members:

@@ -73,3 +73,11 @@ def deployments_probe() -> int:
     from .services import deployments_probe as probe
 
     return len(probe())
+
+
+@shared_task(name="gateway.ops_alerts_check", ignore_result=True)
+def ops_alerts_check() -> dict:
+    """Beat: operational alerts (provider errors and latency, cooldowns, queue backlog)."""
+    from .ops_alerts import ops_alerts_check as check
+
+    return check()

@@ -15,15 +15,22 @@ from tests import factories as f
 pytestmark = pytest.mark.django_db
 
 
+def _attempt(provider, outcome, status=200):
+    return {"deployment_id": 1, "provider": provider, "model": "m", "outcome": outcome, "status": status,
+            "error": "", "start_ms": 1.0, "latency_ms": 100.0}
+
+
 @pytest.fixture
 def usage(world):
     now = timezone.now()
     for i in range(3):
         f.UsageEventFactory(tenant=world.acme, api_key=world.acme_key, source=world.acme_source,
                             source_ref="acme-bot", model="gpt-4o-mini", cost=Decimal("0.25"),
-                            timestamp=now - timedelta(minutes=i), provider="openai", latency_ms=120)
+                            timestamp=now - timedelta(minutes=i), provider="openai", latency_ms=120,
+                            attempts=[_attempt("openai", "ok")])
     f.UsageEventFactory(tenant=world.acme, api_key=world.acme_key, source_ref="acme-bot", model="claude-3-5-haiku",
-                        cost=Decimal("1.5"), timestamp=now - timedelta(days=2), status=502, provider="anthropic")
+                        cost=Decimal("1.5"), timestamp=now - timedelta(days=2), status=502, provider="anthropic",
+                        attempts=[_attempt("anthropic", "error", status=500)])
     f.UsageEventFactory(tenant=world.globex, api_key=world.globex_key, source_ref="globex-etl",
                         model="globex-secret-model", cost=Decimal("99"), timestamp=now)
     usage_rollup_recompute(since=now - timedelta(days=3), until=now + timedelta(minutes=1))

@@ -318,3 +318,18 @@ def test_queued_work_of_a_key_that_expired_meanwhile_is_not_run_nor_billed(clien
     event = UsageEvent.objects.get(request_id=rid)
     assert (event.status, event.cost) == (401, 0)
     assert spend(budget) == (Decimal(0), Decimal(0))  # the hold taken at enqueue was given back
+
+
+def test_an_async_request_of_a_logging_tenant_gets_its_request_log_from_the_worker(celery_worker, live_gateway,
+                                                                                   live_setup):
+    from apps.analytics.models import RequestLog, RequestLogPolicy
+
+    RequestLogPolicy.objects.create(tenant=live_setup.tenant, bodies=True)
+    resp = httpx.post(f"{live_gateway}/v1/requests", headers={"Authorization": f"Bearer {live_setup.secret}"},
+                      json=envelope(live_setup.alias, "logged later"))
+    assert resp.status_code == 202
+
+    log = wait_for(lambda: RequestLog.objects.filter(request_id=resp.json()["id"]).first(), timeout=60,
+                   what="the worker's request log")
+    assert log.status == 200 and "logged later" in log.request_body and "Echo: logged later" in log.response_body
+    assert [a["outcome"] for a in log.attempts] == ["ok"]

@@ -6,6 +6,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from apps.analytics.models import RequestLogPolicy
 from apps.billing.models import Budget, Price
 from apps.gateway.models import Deployment, ModelAlias, Provider, RateLimit
 from apps.keys.models import AuditLog, Membership, ProviderCredential, Source, Tenant
@@ -30,6 +31,7 @@ tenants:
     timezone: Europe/Berlin
     sources: [{name: support-bot, type: application}, {name: etl, type: service}]
     members: [{username: ann, email: ann@acme.test, role: manager, password_env: ANN_PASSWORD}]
+    request_log: {bodies: true, retention_days: 30}
     rate_limits: [{scope: tenant, rpm: 600, tpm: 200000}, {scope: "source:etl", rpm: 60}]
     budgets:
       - {name: acme-monthly, scope: tenant, limit_usd: 100, period: monthly,
@@ -72,6 +74,20 @@ def test_apply_creates_the_whole_config(config_file):
     etl = Budget.objects.get(name="etl-daily")
     assert (etl.scope, etl.scope_value, etl.limit_usd, etl.period) == ("source", "etl", Decimal("5"), "daily")
     assert Budget.objects.get(name="acme-monthly").alert_thresholds == ["0.5", "0.8", "1.0"]
+    policy = RequestLogPolicy.objects.get(tenant=acme)
+    assert (policy.enabled, policy.bodies, policy.retention_days) == (True, True, 30)
+
+
+def test_request_log_is_changed_and_turned_off_by_the_file(config_file):
+    call_command("gateway_apply", config_file(), stdout=StringIO())
+
+    call_command("gateway_apply", config_file(CONFIG.replace(
+        "request_log: {bodies: true, retention_days: 30}",
+        "request_log: {enabled: false, retention_days: 7, redact: ['ACCT-[0-9]+']}")), stdout=StringIO())
+
+    policy = RequestLogPolicy.objects.get()
+    assert (policy.enabled, policy.bodies, policy.retention_days, policy.redact_patterns) == (
+        False, False, 7, ["ACCT-[0-9]+"])
 
 
 def test_apply_twice_changes_nothing_the_second_time(config_file):
@@ -117,6 +133,9 @@ def test_deployment_removed_from_the_file_is_deactivated(config_file):
          "tenants[0].rate_limits[1].scope: unknown source 'nope'"),
         (("limit_usd: 5,", "limit_usd: -5,"), "tenants[0].budgets[1].limit_usd"),
         (("name: Acme Corp", "name: Acme Corp\n    colour: red"), "tenants[0].colour: is not a recognised field"),
+        (("retention_days: 30}", "retention_days: 30, redact: ['(unclosed']}"),
+         "tenants[0].request_log.redact: [0] is not a valid regular expression"),
+        (("retention_days: 30}", "retention_days: 0}"), "tenants[0].request_log.retention_days"),
     ],
 )
 def test_bad_file_names_the_field_and_changes_nothing(config_file, change, message):
