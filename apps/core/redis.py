@@ -6,8 +6,9 @@
   on any Redis error or timeout.
 - A request never waits more than REDIS_TIMEOUT_S in total on Redis: `request_begin()` opens a
   wait budget for the current task, and every call spends from it.
-- After a failure, calls fail fast for REDIS_RETRY_AFTER_S (a breaker shared by the process), so
-  a Redis that is down costs one timeout, not one per request and per step.
+- After a connection failure, or BREAKER_FAILURES timeouts in a row, calls fail fast for
+  REDIS_RETRY_AFTER_S (a breaker shared by the process), so a Redis that is down costs one
+  timeout, not one per request and per step.
 - A new connection checks the server's run id: a restarted server, a failover to a replica or a
   restore from an old snapshot has another run id, and whatever counters it holds are suspect.
   Listeners registered with `on_new_server` are told (the budget counters rebuild themselves).
@@ -98,15 +99,21 @@ def request_begin() -> None:
     _budget.set((asyncio.current_task(), [settings.REDIS_TIMEOUT_S]))
 
 
-async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None):
-    """Await `make()` within the policy; raise StateUnavailable when Redis cannot answer in time."""
-    global _down_until
+BREAKER_FAILURES = 3  # consecutive failures that open the breaker (one slow answer under load does not)
+_failures = 0
+
+
+async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None, own_budget: bool = False):
+    """Await `make()` within the policy; raise StateUnavailable when Redis cannot answer in time.
+    `own_budget`: not charged to the request's wait budget, only bounded by REDIS_TIMEOUT_S itself
+    (a settle: giving a hold back must not fail because admission was slow)."""
+    global _down_until, _failures
     import redis
 
     now = time.monotonic()
     if now < _down_until:
         raise StateUnavailable("recently unreachable")
-    opened = _budget.get()
+    opened = None if own_budget else _budget.get()
     budget = opened[1] if opened is not None and opened[0] is asyncio.current_task() else None
     limit = min(timeout_s or settings.REDIS_TIMEOUT_S, settings.REDIS_TIMEOUT_S)
     if budget is not None:
@@ -115,14 +122,18 @@ async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None):
         limit = min(limit, budget[0])
     try:
         async with asyncio.timeout(limit):
-            return await make()
+            result = await make()
     except (redis.RedisError, OSError, TimeoutError) as exc:
         if not isinstance(exc, redis.ResponseError) or isinstance(exc, NewServer):
-            _down_until = time.monotonic() + settings.REDIS_RETRY_AFTER_S
+            _failures += 1
+            if _failures >= BREAKER_FAILURES or isinstance(exc, redis.ConnectionError | ConnectionRefusedError):
+                _down_until = time.monotonic() + settings.REDIS_RETRY_AFTER_S
         raise StateUnavailable(type(exc).__name__) from exc
     finally:
         if budget is not None:
             budget[0] -= time.monotonic() - now
+    _failures = 0
+    return result
 
 
 # --- the server behind the URL ------------------------------------------------------------------
@@ -156,9 +167,10 @@ class NewServer(_connection_error()):
 
 
 def _reset() -> None:
-    global _known_run_id, _down_until
+    global _known_run_id, _down_until, _failures
     _known_run_id = None
     _down_until = 0.0
+    _failures = 0
     _clients.clear()
 
 

@@ -274,7 +274,7 @@ class RedisState:
             args += [delta, c.limit]
         for _, actual in budgets:
             args.append(actual)
-        raw = await core_redis.run(lambda: settle_script(keys=keys, args=args))
+        raw = await core_redis.run(lambda: settle_script(keys=keys, args=args), own_budget=True)
         return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
