@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -18,3 +18,22 @@ def _ledger_replay_at_start(**_kwargs):
     from apps.analytics.journal import replay_in_background
 
     replay_in_background("worker start-up")
+
+
+@worker_ready.connect
+def _heartbeat_start(sender=None, **_kwargs):
+    """Tell /readyz, the dashboard and the gateway which queues this worker consumes."""
+    from apps.core import workers
+
+    try:
+        queues = [q.name for q in sender.task_consumer.queues]
+    except AttributeError:
+        queues = list(app.amqp.queues.consume_from or app.amqp.queues)
+    workers.heartbeat_start(name=sender.hostname, queues=queues)
+
+
+@worker_shutdown.connect
+def _heartbeat_stop(sender=None, **_kwargs):
+    from apps.core import workers
+
+    workers.heartbeat_stop(name=getattr(sender, "hostname", "") or "")

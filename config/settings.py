@@ -13,6 +13,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -193,6 +194,14 @@ else:
         "queue_order_strategy": "priority",
         "priority_steps": list(range(10)),
     }
+# Every queue is declared, so a plain `celery -A config worker` (no -Q) consumes all of them; -Q
+# still picks some (scaling per queue). Tasks without a queue of their own go to "celery".
+CELERY_QUEUE_NAMES = ("celery", "async", "batch", "alerts", "analytics")
+CELERY_TASK_QUEUES = tuple(Queue(name) for name in CELERY_QUEUE_NAMES)
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+# Workers write a heartbeat this often (apps/core/workers.py); /readyz, the dashboard and the async
+# 202 response read it to report queues with work waiting and no consumer.
+CELERY_WORKER_HEARTBEAT_S = env.float("CELERY_WORKER_HEARTBEAT_S", default=10.0)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -12,6 +12,7 @@ from django.db import connection
 from django.http import Http404, HttpResponseBadRequest, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
 
+from apps.core import workers
 from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, tenant_ids_for_user
 
@@ -59,6 +60,9 @@ def readyz(request):
         for part in _readyz_parts:
             body.update(part())
         body["providers"] = selectors.provider_availability_recent()
+    # Reported, not a readiness condition (this web instance serves whether or not workers run):
+    # queues with work waiting and no worker consuming them.
+    body["workers"] = workers.queue_report()
     return JsonResponse(body, status=status)
 
 
@@ -87,6 +91,7 @@ def dashboard(request):
         context["choices"] = selectors.usage_filter_choices(tenant_ids=filters.tenant_ids, since=filters.since,
                                                             until=filters.until)
         context["query"] = request.GET.urlencode()
+    context["queues"] = workers.queue_report()
     return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
 
 
