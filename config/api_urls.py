@@ -7,7 +7,14 @@ from rest_framework.routers import DefaultRouter
 from apps.analytics.rest import AnalyticsViewSet, UsageEventViewSet
 from apps.billing.rest import AlertViewSet, BudgetViewSet, PriceViewSet
 from apps.gateway.rest import DeploymentViewSet, ModelAliasViewSet
-from apps.keys.rest import ApiKeyViewSet, AuditLogViewSet, MemberViewSet, SourceViewSet, TenantViewSet
+from apps.keys.rest import (
+    ApiKeyViewSet,
+    AuditLogViewSet,
+    ManagementTokenViewSet,
+    MemberViewSet,
+    SourceViewSet,
+    TenantViewSet,
+)
 
 router = DefaultRouter()
 router.register("tenants", TenantViewSet, basename="tenant")
@@ -22,6 +29,7 @@ router.register("usage-events", UsageEventViewSet, basename="usage-event")
 router.register("analytics", AnalyticsViewSet, basename="analytics")
 router.register("audit-log", AuditLogViewSet, basename="audit-log")
 router.register("alerts", AlertViewSet, basename="alert")
+router.register("tokens", ManagementTokenViewSet, basename="token")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

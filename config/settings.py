@@ -299,6 +299,9 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").exists() else []
 
+# HTTP Basic (a person's password) on /api/: on by default in the embedded profile, off in
+# production, where scripts use management API tokens.
+API_BASIC_AUTH_ENABLED = env.bool("API_BASIC_AUTH_ENABLED", default=not PRODUCTION)
 REST_FRAMEWORK = {
     # apps/keys/restapi.py, restschema.py: error responses documented, database refusals as 400/409 (never 500),
     # bounded pagination.
@@ -306,8 +309,10 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "apps.keys.restapi.api_exception_handler",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "apps.keys.logins.BasicAuthentication",  # DRF's, answering 429 while axes locks the login out
-    ],
+        # `Authorization: Bearer llmt_...` (or `Token llmt_...`): management API tokens (apps/keys/api_tokens.py)
+        "apps.keys.api_tokens.ManagementTokenAuthentication",
+    ] + (["apps.keys.logins.BasicAuthentication"]  # DRF's, answering 429 while axes locks the login out
+         if API_BASIC_AUTH_ENABLED else []),
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "apps.keys.restapi.ApiPagination",
     "PAGE_SIZE": 100,
@@ -316,6 +321,7 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "LLM Service management API",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {"ManagementTokenKindEnum": "apps.keys.models.ManagementToken.Kind"},
 }
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")

@@ -19,8 +19,11 @@ from .services import audit_record, snapshot
 
 
 def _actor(request) -> str:
+    """The username; with a management API token, which token too (`ann [token llmt_AbCd]`)."""
     user = getattr(request, "user", None)
-    return (user.get_username() if user is not None and user.is_authenticated else "") or "anonymous"
+    name = (user.get_username() if user is not None and user.is_authenticated else "") or "anonymous"
+    token = getattr(user, "management_token", None)
+    return f"{name} [token {token.prefix}]"[:150] if token is not None else name
 
 
 def _before(obj) -> dict | None:

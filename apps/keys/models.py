@@ -176,3 +176,42 @@ class SsoIdentity(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subject} @ {self.issuer}"
+
+
+ROLE_RANK = {Role.VIEWER: 0, Role.MANAGER: 1, Role.ADMIN: 2, Role.OWNER: 3}
+
+
+class ManagementToken(models.Model):
+    """A bearer token for the management API (/api/), for scripts and CI: scoped to one tenant and a
+    role, expiring, revocable. Only the HMAC-SHA256 digest of the secret is stored; it is shown once.
+
+    A personal token acts as its user, never above the user's own role in the tenant (checked at
+    every request). A service token acts as a service user made for it (no password, no membership):
+    its role is the token's."""
+
+    class Kind(models.TextChoices):
+        PERSONAL = "personal"
+        SERVICE = "service"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="management_tokens")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="management_tokens",
+                             help_text="Personal: the person; service: the service user made for the token.")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.PERSONAL)
+    name = models.CharField(max_length=100)
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER,
+                            help_text="The most the token may do in its tenant (a personal token: never more "
+                                      "than its user's own role).")
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=16)
+    created_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="uniq_management_token_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"
