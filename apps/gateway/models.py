@@ -42,8 +42,13 @@ class ModelAlias(models.Model):
     context_window = models.PositiveIntegerField(default=128_000)
     max_output_tokens = models.PositiveIntegerField(default=16_384)
     supports_streaming = models.BooleanField(default=True)
-    supports_embeddings = models.BooleanField(default=False)
-    supports_chat = models.BooleanField(default=True)
+    # Empty (None): inferred from the deployments' models (apps/gateway/capabilities.py).
+    supports_embeddings = models.BooleanField(
+        null=True, blank=True, default=None,
+        help_text="Empty: inferred from the model (genai-prices data, or a name such as text-embedding-*).")
+    supports_chat = models.BooleanField(
+        null=True, blank=True, default=None,
+        help_text="Empty: inferred (an embedding model does not chat; any other model does).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

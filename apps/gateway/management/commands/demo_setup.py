@@ -29,7 +29,6 @@ models:
   - alias: text-embedding-3-small
     input_usd_per_mtok: 0.02
     output_usd_per_mtok: 0
-    supports_embeddings: true
     deployments: [{provider: mock, model: mock-embedding}]
   - alias: gpt-4o  # no price here: prices_sync takes it from genai-prices
     deployments: [{provider: mock, model: mock-gpt-4o}]
