@@ -3,13 +3,28 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("llm_service")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@celeryd_init.connect
+def _quiet_embedded_demo(**_kwargs):
+    """The embedded demo (`make run`, LLMS_DEMO) is often run as root in a container: Celery's
+    "running the worker with superuser privileges" warning is then noise (we accept JSON only, never
+    pickle). Anywhere else it stays."""
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+    from django.conf import settings
+
+    if settings.LLMS_DEMO:
+        warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges",
+                                category=SecurityWarning)
 
 
 @worker_ready.connect

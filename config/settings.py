@@ -13,7 +13,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
-from kombu import Queue
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -197,7 +197,8 @@ else:
 # Every queue is declared, so a plain `celery -A config worker` (no -Q) consumes all of them; -Q
 # still picks some (scaling per queue). Tasks without a queue of their own go to "celery".
 CELERY_QUEUE_NAMES = ("celery", "async", "batch", "alerts", "analytics")
-CELERY_TASK_QUEUES = tuple(Queue(name) for name in CELERY_QUEUE_NAMES)
+# Each with its own direct exchange and routing key, as Celery makes a queue named by -Q.
+CELERY_TASK_QUEUES = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in CELERY_QUEUE_NAMES)
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 # Workers write a heartbeat this often (apps/core/workers.py); /readyz, the dashboard and the async
 # 202 response read it to report queues with work waiting and no consumer.

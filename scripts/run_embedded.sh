@@ -8,7 +8,8 @@ KEY=$(cat var/demo_key)
 # The demo may run on the published demo SECRET_KEY (ignored when SECRET_KEY is set).
 export LLMS_DEMO=${LLMS_DEMO:-1}
 
-$BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING -Q celery,async,batch,alerts,analytics \
+# Every queue is declared in the settings: the worker consumes them all without -Q.
+$BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING \
   -B -s var/celerybeat-schedule > var/worker.log 2>&1 &
 WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true' EXIT INT TERM
