@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from itertools import islice
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
@@ -19,6 +20,15 @@ from apps.keys.selectors import EXPORT_ROLES, tenant_ids_for_user
 from . import selectors
 from .csv_safe import SafeCsvWriter
 from .forms import usage_filters_from
+
+
+def home(request):
+    """`/` (the admin's "View site"): signed-in people go to the dashboard, others to the login."""
+    from django.shortcuts import redirect
+
+    if request.user.is_authenticated:
+        return redirect("analytics:dashboard")
+    return redirect(f"{settings.LOGIN_URL}?next=/dashboard/")
 
 
 def healthz(request):

@@ -2,7 +2,9 @@
 provider's credential is shown by name only, never decrypted."""
 
 from django.contrib import admin
+from django.db import models
 
+from apps.core.forms import MoneyInput
 from apps.keys.audit import AuditedAdminMixin
 from apps.keys.services import audit_record, snapshot
 
@@ -31,6 +33,7 @@ class AuditedAdmin(AuditedAdminMixin, admin.ModelAdmin):
 class DeploymentInline(admin.TabularInline):
     model = Deployment
     extra = 0
+    formfield_overrides = {models.DecimalField: {"widget": MoneyInput}}
     fields = ["provider", "upstream_model", "priority", "weight", "region", "rpm", "tpm", "input_usd_per_mtok",
               "output_usd_per_mtok", "is_active"]
 

@@ -13,6 +13,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.template.response import TemplateResponse
 
+from apps.core.forms import TenantDefaultBooleanSelect
+
 from . import crypto, services
 from .audit import AuditedAdminMixin
 from .models import (
@@ -287,10 +289,28 @@ def _model_choices():
     return [(a, a) for a in (_model_names() if _model_names else ())]
 
 
+# The /v1 endpoints a key can be limited to (a trailing * covers the paths below it).
+V1_ENDPOINTS = [
+    ("/v1/chat/completions", "Chat completions (/v1/chat/completions)"),
+    ("/v1/embeddings", "Embeddings (/v1/embeddings)"),
+    ("/v1/requests*", "Seed envelope and async polling (/v1/requests)"),
+    ("/v1/files*", "Files (/v1/files)"),
+    ("/v1/batches*", "Batches (/v1/batches)"),
+    ("/v1/models", "Model list (/v1/models)"),
+    ("/v1/budget", "Budget status (/v1/budget)"),
+]
+
+
 class ApiKeyForm(forms.ModelForm):
     allowed_models = forms.MultipleChoiceField(
         required=False, widget=forms.CheckboxSelectMultiple, label="Model access",
         help_text="None ticked: every model.")
+    allowed_endpoints = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="Endpoint access",
+        help_text="None ticked: every endpoint.")
+    cache_enabled = forms.NullBooleanField(required=False, widget=TenantDefaultBooleanSelect(),
+                                           label="Response cache",
+                                           help_text="Tenant default: whatever the tenant's setting says.")
     expires_days = forms.IntegerField(required=False, min_value=1, help_text="Days until the key expires.")
 
     class Meta:
@@ -301,6 +321,10 @@ class ApiKeyForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["allowed_models"].choices = _model_choices()
+        # Values set elsewhere (API, command) that are not in the list stay ticked and kept.
+        current = list(self.initial.get("allowed_endpoints") or [])
+        known = [v for v, _ in V1_ENDPOINTS]
+        self.fields["allowed_endpoints"].choices = V1_ENDPOINTS + [(v, v) for v in current if v not in known]
 
     def clean(self):
         data = super().clean()

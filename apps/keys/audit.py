@@ -13,7 +13,9 @@ that change.
 
 from __future__ import annotations
 
-from django.db import transaction
+from django.db import models, transaction
+
+from apps.core.forms import MoneyInput
 
 from .services import audit_record, snapshot
 
@@ -57,7 +59,10 @@ def audit_delete(*, request, obj, via: str, delete=None) -> None:
 
 
 class AuditedAdminMixin:
-    """ModelAdmin mixin: every add, change and delete made in the admin leaves an audit row."""
+    """ModelAdmin mixin: every add, change and delete made in the admin leaves an audit row.
+    (Money fields are edited without the database's trailing zeros.)"""
+
+    formfield_overrides = {models.DecimalField: {"widget": MoneyInput}}
 
     def audit_after(self, request, obj, form) -> dict:
         """The `after` picture of a saved object; override to add non-field facts (never secrets)."""

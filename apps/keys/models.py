@@ -30,7 +30,7 @@ class Tenant(models.Model):
     # cannot escape its budget (400 unknown_budget_id). On: any id is booked as sent.
     allow_freeform_budget_ids = models.BooleanField(default=False)
     cache_enabled = models.BooleanField(default=True)
-    cache_ttl_s = models.PositiveIntegerField(default=3600)
+    cache_ttl_s = models.PositiveIntegerField("cache TTL (seconds)", default=3600)
     # Signs this tenant's webhooks (budget alerts, callback_url), Fernet-encrypted. Made on first
     # use; tenant admins read and rotate it (services.tenant_webhook_secret*).
     webhook_secret_encrypted = models.TextField(blank=True, default="", editable=False)
@@ -102,13 +102,14 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16)
     allowed_models = models.JSONField(default=list, blank=True, help_text="Empty: every model.")
     allowed_endpoints = models.JSONField(default=list, blank=True, help_text="Empty: every endpoint.")
-    rpm = models.PositiveIntegerField(null=True, blank=True)
-    tpm = models.PositiveIntegerField(null=True, blank=True)
+    rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True, help_text="Empty: no limit.")
+    tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True, help_text="Empty: no limit.")
     default_budget_id = models.CharField(max_length=100, blank=True)
     budget_id_binding = models.BooleanField(
         default=False, help_text="The key books on its default budget id only: a request naming another is refused.")
-    cache_enabled = models.BooleanField(null=True, blank=True, help_text="Empty: the tenant's default.")
-    cache_ttl_s = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the tenant's TTL.")
+    cache_enabled = models.BooleanField(null=True, blank=True, help_text="Tenant default: the tenant's setting.")
+    cache_ttl_s = models.PositiveIntegerField("cache TTL (seconds)", null=True, blank=True,
+                                              help_text="Empty: the tenant's TTL.")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     # Rotation: the previous digest keeps working until previous_digest_expires_at.
