@@ -23,6 +23,7 @@ urlpatterns = [
     path("healthz", analytics_views.healthz, name="healthz"),
     path("readyz", analytics_views.readyz, name="readyz"),
     path("", include("apps.analytics.urls")),
+    path("", include("apps.billing.urls")),
     path("api/", include("config.api_urls")),
     path("metrics", analytics_views.metrics, name="metrics"),
 ]

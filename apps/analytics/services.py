@@ -14,9 +14,11 @@ from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.utils import timezone
 
 from apps.core.db import db_sync, pg_pool
+from apps.core.stamps import stamp_write
 
 from . import journal
 from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
+from .selectors import ROLLUP_STAMP
 
 # Rows per INSERT when concurrent requests' rows are written together (see _Batcher).
 LEDGER_BATCH_MAX = 64
@@ -106,6 +108,7 @@ def usage_rollup_recompute(*, since: datetime, until: datetime) -> dict[str, int
     """Recompute the hourly rollups of every hour touching [since, until) and the daily rollups of
     every UTC day touching it. Idempotent: the buckets are deleted and rebuilt from the ledger in
     one transaction, so it can run as often as wanted and late ledger rows are picked up."""
+    started = timezone.now()
     h_start, h_end = _hour_floor(since), _hour_floor(until)
     if h_end < until:
         h_end += timedelta(hours=1)
@@ -148,6 +151,8 @@ def usage_rollup_recompute(*, since: datetime, until: datetime) -> dict[str, int
         )
         UsageRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end).delete()
         n_daily = _insert_select(UsageRollupDaily, daily, dim_cols + measure_cols)
+    # The dashboards' "last updated": ledger rows up to here are in the rollups.
+    stamp_write(ROLLUP_STAMP, min(until, started))
     return {"hourly": n_hourly, "daily": n_daily}
 
 

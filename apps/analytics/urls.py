@@ -6,6 +6,7 @@ app_name = "analytics"
 
 urlpatterns = [
     path("dashboard/", views.dashboard, name="dashboard"),
+    path("dashboard/batches/", views.batches, name="batches"),
     path("dashboard/usage.csv", views.usage_csv, name="usage_csv"),
     path("dashboard/usage-summary.csv", views.usage_summary_csv, name="usage_summary_csv"),
 ]

@@ -102,7 +102,30 @@ def dashboard(request):
                                                             until=filters.until)
         context["query"] = request.GET.urlencode()
     context["queues"] = workers.queue_report()
+    context["rollup"] = _rollup_freshness()
     return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
+
+
+def _rollup_freshness() -> dict:
+    """The "last updated" stamp: charts and totals read rollups the beat recomputes every
+    ANALYTICS_ROLLUP_EVERY_S, so requests newer than the stamp show after the next run."""
+    return {"updated_at": selectors.rollups_updated_at(), "every_s": int(settings.ANALYTICS_ROLLUP_EVERY_S)}
+
+
+@login_required
+def batches(request):
+    """Spend and lines per batch_id (the seed's `options.batch_id` and OpenAI batches), newest first."""
+    tenants = _readable_tenants(request.user)
+    form, filters = usage_filters_from(request.GET, tenants=tenants)
+    context = {"form": form, "tenants": tenants}
+    if filters is not None:
+        slugs = {t.id: t.slug for t in tenants}
+        rows = selectors.usage_by_batch(tenant_ids=filters.tenant_ids, since=filters.start, until=filters.end)
+        for r in rows:
+            r["tenant"] = slugs.get(r["tenant_id"], "")
+            r["tokens"] = (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+        context.update(rows=rows[:500], truncated=len(rows) > 500)
+    return render(request, "analytics/batches.html", context, status=200 if filters is not None else 400)
 
 
 class _Echo:
