@@ -98,6 +98,23 @@ class BudgetAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_select_related = ["tenant"]
     search_fields = ["name", "scope_value"]
 
+    def changelist_view(self, request, extra_context=None):
+        """The live numbers need the room of the navigation sidebar (Home and the breadcrumbs
+        still lead everywhere): no horizontal scrolling at 1400 px."""
+        return super().changelist_view(request, {"is_nav_sidebar_enabled": False, **(extra_context or {})})
+
+    def get_list_display(self, request):
+        """The tenant column only for people who see more than one tenant."""
+        columns = list(super().get_list_display(request))
+        if not request.user.is_superuser and len(self._tenant_ids_read(request)) < 2:
+            columns.remove("tenant")
+        return columns
+
+    def _tenant_ids_read(self, request):
+        from apps.keys.admin import _ids
+
+        return _ids(request, self.read_roles)
+
     @admin.display(description="applies to", ordering="scope")
     def applies_to(self, obj):
         return obj.scope if not obj.scope_value else f"{obj.scope}: {obj.scope_value}"
