@@ -7,7 +7,14 @@ from rest_framework.routers import DefaultRouter
 from apps.analytics.rest import AnalyticsViewSet, RequestLogViewSet, UsageEventViewSet
 from apps.billing.rest import AlertViewSet, BudgetViewSet, PriceViewSet
 from apps.gateway.rest import DeploymentViewSet, ModelAliasViewSet
-from apps.keys.rest import ApiKeyViewSet, AuditLogViewSet, MemberViewSet, SourceViewSet, TenantViewSet
+from apps.keys.rest import (
+    ApiKeyViewSet,
+    AuditLogViewSet,
+    ManagementTokenViewSet,
+    MemberViewSet,
+    SourceViewSet,
+    TenantViewSet,
+)
 
 router = DefaultRouter()
 router.register("tenants", TenantViewSet, basename="tenant")
@@ -23,6 +30,7 @@ router.register("analytics", AnalyticsViewSet, basename="analytics")
 router.register("request-logs", RequestLogViewSet, basename="request-log")
 router.register("audit-log", AuditLogViewSet, basename="audit-log")
 router.register("alerts", AlertViewSet, basename="alert")
+router.register("tokens", ManagementTokenViewSet, basename="token")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -4,6 +4,10 @@ The stock transport creates a message file and then writes into it; a worker pol
 can pick up the still empty file in between, and dies on a JSON decode error. Here a message is
 written under a temporary name the consumer ignores and then renamed into place (atomic on POSIX),
 so a consumer only ever sees whole messages.
+
+A filesystem broker has no host: the transport declares no default host name, so kombu does not
+warn "No hostname was supplied. Reverting to default 'localhost'" on the first publish of every
+process (the embedded quickstart printed it on its first async request).
 """
 
 from __future__ import annotations
@@ -33,3 +37,7 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    @property
+    def default_connection_params(self):
+        return {"port": self.default_port}

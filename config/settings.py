@@ -13,6 +13,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
 
 from apps.core import redis_url
 from apps.core.redis_url import SENTINEL_SCHEMES
@@ -203,6 +204,15 @@ else:
         CELERY_BROKER_SENTINEL_URL = CELERY_BROKER_URL  # as given (readyz pings the master through it)
         CELERY_BROKER_URL, _sentinel_options = redis_url.celery_broker(CELERY_BROKER_URL)
         CELERY_BROKER_TRANSPORT_OPTIONS.update(_sentinel_options)
+# Every queue is declared, so a plain `celery -A config worker` (no -Q) consumes all of them; -Q
+# still picks some (scaling per queue). Tasks without a queue of their own go to "celery".
+CELERY_QUEUE_NAMES = ("celery", "async", "batch", "alerts", "analytics")
+# Each with its own direct exchange and routing key, as Celery makes a queue named by -Q.
+CELERY_TASK_QUEUES = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in CELERY_QUEUE_NAMES)
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+# Workers write a heartbeat this often (apps/core/workers.py); /readyz, the dashboard and the async
+# 202 response read it to report queues with work waiting and no consumer.
+CELERY_WORKER_HEARTBEAT_S = env.float("CELERY_WORKER_HEARTBEAT_S", default=10.0)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -351,6 +361,9 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").exists() else []
 
+# HTTP Basic (a person's password) on /api/: on by default in the embedded profile, off in
+# production, where scripts use management API tokens.
+API_BASIC_AUTH_ENABLED = env.bool("API_BASIC_AUTH_ENABLED", default=not PRODUCTION)
 REST_FRAMEWORK = {
     # apps/keys/restapi.py, restschema.py: error responses documented, database refusals as 400/409 (never 500),
     # bounded pagination.
@@ -358,8 +371,10 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "apps.keys.restapi.api_exception_handler",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "apps.keys.logins.BasicAuthentication",  # DRF's, answering 429 while axes locks the login out
-    ],
+        # `Authorization: Bearer llmt_...` (or `Token llmt_...`): management API tokens (apps/keys/api_tokens.py)
+        "apps.keys.api_tokens.ManagementTokenAuthentication",
+    ] + (["apps.keys.logins.BasicAuthentication"]  # DRF's, answering 429 while axes locks the login out
+         if API_BASIC_AUTH_ENABLED else []),
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "apps.keys.restapi.ApiPagination",
     "PAGE_SIZE": 100,
@@ -368,6 +383,7 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "LLM Service management API",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {"ManagementTokenKindEnum": "apps.keys.models.ManagementToken.Kind"},
 }
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")

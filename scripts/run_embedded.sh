@@ -12,7 +12,8 @@ export LLMS_DEMO=${LLMS_DEMO:-1}
 export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-var/prometheus}
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR" && rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
 
-$BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING -Q celery,async,batch,alerts,analytics \
+# Every queue is declared in the settings: the worker consumes them all without -Q.
+$BIN/celery -A config worker --pool threads --concurrency 4 --loglevel WARNING \
   -B -s var/celerybeat-schedule > var/worker.log 2>&1 &
 WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true' EXIT INT TERM

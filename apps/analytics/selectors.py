@@ -364,6 +364,36 @@ def provider_availability(filters: UsageFilters) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+ROLLUP_STAMP = "analytics.rollup"
+
+
+def rollups_updated_at() -> datetime | None:
+    """Ledger rows up to this time are in the rollups (None: never computed)."""
+    from apps.core.stamps import stamp_read
+
+    return stamp_read(ROLLUP_STAMP)
+
+
+def latency_by(filters: UsageFilters, by: str) -> list[dict]:
+    """p50/p95 latency (ms) and requests per model or provider, from the rollups' histograms;
+    slowest p95 first."""
+    field = BREAKDOWNS[by]
+    rows = (filters.rollups().values(field)
+            .annotate(requests=Sum("requests"), latency_ms_sum=Sum("latency_ms_sum"),
+                      **{f: Sum(f) for f in LATENCY_FIELDS})
+            .order_by(field))
+    out = []
+    for r in rows:
+        hist = [r[f] or 0 for f in LATENCY_FIELDS]
+        if not sum(hist):
+            continue
+        out.append({"label": r[field] or "(none)", "requests": r["requests"] or 0,
+                    "p50_ms": latency_percentile(hist, 0.50), "p95_ms": latency_percentile(hist, 0.95),
+                    "mean_ms": round((r["latency_ms_sum"] or 0) / r["requests"]) if r["requests"] else None})
+    out.sort(key=lambda r: (-(r["p95_ms"] or 0), r["label"]))
+    return out
+
+
 def dashboard_data(filters: UsageFilters) -> dict:
     """Everything the dashboard shows; the analytics API returns the same dict."""
     return {
@@ -374,6 +404,7 @@ def dashboard_data(filters: UsageFilters) -> dict:
         "series": usage_series(filters),
         "breakdowns": {by: usage_breakdown(filters, by) for by in ("model", "source", "key", "budget_id")},
         "providers": provider_availability(filters),
+        "latency": {by: latency_by(filters, by) for by in ("model", "provider")},
     }
 
 

@@ -14,6 +14,7 @@ from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.utils import timezone
 
 from apps.core.db import db_sync, pg_pool
+from apps.core.stamps import stamp_write
 
 from . import journal
 from .models import (
@@ -24,6 +25,7 @@ from .models import (
     UsageRollupDaily,
     UsageRollupHourly,
 )
+from .selectors import ROLLUP_STAMP
 
 # Rows per INSERT when concurrent requests' rows are written together (see _Batcher).
 LEDGER_BATCH_MAX = 64
@@ -118,6 +120,7 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
 
     Rollups are kept forever, the detailed rows only for the retention period: a tenant's month
     whose rows were archived and dropped (LedgerArchive.dropped_at) keeps its rollups as they are."""
+    started = timezone.now()
     h_start, h_end = _hour_floor(since), _hour_floor(until)
     if h_end < until:
         h_end += timedelta(hours=1)
@@ -180,6 +183,8 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
         n_daily = _insert_select(UsageRollupDaily, daily, dim_cols + measure_cols)
         AttemptRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end).delete()
         n_attempts = _attempt_rollup_insert(h_start, h_end)
+    # The dashboards' "last updated": ledger rows up to here are in the rollups.
+    stamp_write(ROLLUP_STAMP, min(until, started))
     return {"hourly": n_hourly, "daily": n_daily, "attempts": n_attempts}
 
 

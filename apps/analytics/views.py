@@ -6,18 +6,29 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from itertools import islice
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
 from django.http import Http404, HttpResponseBadRequest, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
 
+from apps.core import workers
 from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, tenant_ids_for_user
 
 from . import selectors
 from .csv_safe import SafeCsvWriter
 from .forms import usage_filters_from
+
+
+def home(request):
+    """`/` (the admin's "View site"): signed-in people go to the dashboard, others to the login."""
+    from django.shortcuts import redirect
+
+    if request.user.is_authenticated:
+        return redirect("analytics:dashboard")
+    return redirect(f"{settings.LOGIN_URL}?next=/dashboard/")
 
 
 def healthz(request):
@@ -59,6 +70,9 @@ def readyz(request):
         for part in _readyz_parts:
             body.update(part())
         body["providers"] = selectors.provider_availability_recent()
+    # Reported, not a readiness condition (this web instance serves whether or not workers run):
+    # queues with work waiting and no worker consuming them.
+    body["workers"] = workers.queue_report()
     return JsonResponse(body, status=status)
 
 
@@ -88,6 +102,8 @@ def dashboard(request):
                                                             until=filters.until)
         context["query"] = request.GET.urlencode()
         context["archived"] = selectors.ledger_archived_months(tenant_ids=filters.tenant_ids)
+    context["queues"] = workers.queue_report()
+    context["rollup"] = _rollup_freshness()
     return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
 
 
@@ -137,6 +153,28 @@ def request_page(request, request_id: str):
     if row is None:
         raise Http404("No request log with this id.")
     return render(request, "analytics/request.html", {"log": request_log_dict(row, bodies=True)})
+
+
+def _rollup_freshness() -> dict:
+    """The "last updated" stamp: charts and totals read rollups the beat recomputes every
+    ANALYTICS_ROLLUP_EVERY_S, so requests newer than the stamp show after the next run."""
+    return {"updated_at": selectors.rollups_updated_at(), "every_s": int(settings.ANALYTICS_ROLLUP_EVERY_S)}
+
+
+@login_required
+def batches(request):
+    """Spend and lines per batch_id (the seed's `options.batch_id` and OpenAI batches), newest first."""
+    tenants = _readable_tenants(request.user)
+    form, filters = usage_filters_from(request.GET, tenants=tenants)
+    context = {"form": form, "tenants": tenants}
+    if filters is not None:
+        slugs = {t.id: t.slug for t in tenants}
+        rows = selectors.usage_by_batch(tenant_ids=filters.tenant_ids, since=filters.start, until=filters.end)
+        for r in rows:
+            r["tenant"] = slugs.get(r["tenant_id"], "")
+            r["tokens"] = (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+        context.update(rows=rows[:500], truncated=len(rows) > 500)
+    return render(request, "analytics/batches.html", context, status=200 if filters is not None else 400)
 
 
 class _Echo:

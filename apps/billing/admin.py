@@ -1,9 +1,12 @@
 """Admin for prices (global and versioned: a "change" saves a new version), budgets (tenant-scoped,
 with their live spend) and alerts (tenant-scoped, read-only)."""
 
+from django import forms
 from django.contrib import admin, messages
 from django.utils import timezone
 
+from apps.core.forms import EmailListField, PercentListField
+from apps.core.money import usd_display
 from apps.keys.admin import AuditedAdminMixin, TenantScopedAdminMixin
 
 from . import services
@@ -70,13 +73,59 @@ class PriceAdmin(AuditedAdminMixin, admin.ModelAdmin):
         return False
 
 
+class BudgetForm(forms.ModelForm):
+    alert_thresholds = PercentListField(
+        required=False, label="Alert thresholds (%)",
+        help_text="Percentages of the limit that send an alert, comma-separated, e.g. 50, 80, 100.")
+    alert_emails = EmailListField(required=False, label="Alert e-mails", help_text="One address a line.")
+
+    class Meta:
+        model = Budget
+        fields = ["tenant", "name", "scope", "scope_value", "limit_usd", "period", "enforcement", "alert_thresholds",
+                  "shrink_max_tokens", "alert_emails", "alert_webhook_url"]
+
+
 @admin.register(Budget)
 class BudgetAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
-    list_display = ["name", "tenant", "scope", "scope_value", "period", "enforcement", "limit_usd", "spent",
-                    "held", "remaining", "resets_at"]
+    """Budgets with their live numbers (from `budget_statuses_sync`, the one budget spend read).
+    The list keeps to columns that fit a 1400 px screen: scope and value, period and enforcement
+    share one each."""
+
+    form = BudgetForm
+    list_display = ["name", "tenant", "applies_to", "period_enforcement", "limit", "spent", "held", "remaining",
+                    "resets_at"]
     list_filter = ["period", "enforcement", "scope"]
     list_select_related = ["tenant"]
     search_fields = ["name", "scope_value"]
+
+    def changelist_view(self, request, extra_context=None):
+        """The live numbers need the room of the navigation sidebar (Home and the breadcrumbs
+        still lead everywhere): no horizontal scrolling at 1400 px."""
+        return super().changelist_view(request, {"is_nav_sidebar_enabled": False, **(extra_context or {})})
+
+    def get_list_display(self, request):
+        """The tenant column only for people who see more than one tenant."""
+        columns = list(super().get_list_display(request))
+        if not request.user.is_superuser and len(self._tenant_ids_read(request)) < 2:
+            columns.remove("tenant")
+        return columns
+
+    def _tenant_ids_read(self, request):
+        from apps.keys.admin import _ids
+
+        return _ids(request, self.read_roles)
+
+    @admin.display(description="applies to", ordering="scope")
+    def applies_to(self, obj):
+        return obj.scope if not obj.scope_value else f"{obj.scope}: {obj.scope_value}"
+
+    @admin.display(description="period", ordering="period")
+    def period_enforcement(self, obj):
+        return f"{obj.period}, {obj.enforcement}"
+
+    @admin.display(description="limit", ordering="limit_usd")
+    def limit(self, obj):
+        return usd_display(obj.limit_usd)
 
     def get_changelist_instance(self, request):
         """Fetch the live numbers of the page's budgets in one call, not one per row."""
@@ -87,17 +136,17 @@ class BudgetAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             b.status = statuses.get(b.id)
         return cl
 
-    @admin.display(description="spent $")
+    @admin.display(description="spent")
     def spent(self, obj):
-        return obj.status.spent_usd if getattr(obj, "status", None) else "-"
+        return usd_display(obj.status.spent_usd) if getattr(obj, "status", None) else "-"
 
-    @admin.display(description="held $")
+    @admin.display(description="held")
     def held(self, obj):
-        return obj.status.held_usd if getattr(obj, "status", None) else "-"
+        return usd_display(obj.status.held_usd) if getattr(obj, "status", None) else "-"
 
-    @admin.display(description="remaining $")
+    @admin.display(description="remaining")
     def remaining(self, obj):
-        return obj.status.remaining_usd if getattr(obj, "status", None) else "-"
+        return usd_display(obj.status.remaining_usd) if getattr(obj, "status", None) else "-"
 
     @admin.display(description="resets at")
     def resets_at(self, obj):

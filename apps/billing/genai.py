@@ -106,3 +106,27 @@ def genai_price_lookup(*, refs: list[tuple[str, str | None]], at: datetime) -> G
                 batch_discount=_batch_discount(model, standard, at),
             )
     return None
+
+
+def genai_model_is_embedding(*, name: str, kind: str | None) -> bool | None:
+    """What genai-prices' model data says of `name`: True when it prices input tokens only (an
+    embedding model), False when it prices output tokens too, None when it does not know the model."""
+    from django.utils import timezone
+    from genai_prices import data_snapshot
+
+    if not name:
+        return None
+    snapshot = data_snapshot.get_snapshot()
+    provider_ids = [PROVIDER_IDS.get(kind)] if kind else [None]
+    if provider_ids[0] is None and kind in ("openai_compatible", "mock", None):
+        provider_ids.append("openai")
+    for provider_id in provider_ids:
+        try:
+            _provider, model = snapshot.find_provider_model(name, None, provider_id, None)
+        except LookupError:
+            continue
+        standard = _standard_prices(model, timezone.now())
+        if _flat(getattr(standard, "input_mtok", None)) is None:
+            continue
+        return _flat(getattr(standard, "output_mtok", None)) is None
+    return None

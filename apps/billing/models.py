@@ -65,14 +65,18 @@ class Budget(models.Model):
     name = models.CharField(max_length=100)
     scope = models.CharField(max_length=16, choices=BudgetScope.choices, default=BudgetScope.TENANT)
     # Source name, key name or budget id, by scope; empty for tenant scope.
-    scope_value = models.CharField(max_length=100, blank=True)
-    limit_usd = models.DecimalField(**MONEY)
+    scope_value = models.CharField(
+        max_length=100, blank=True,
+        help_text="Which one, by scope: the source's name (scope source), the key's name (key), the "
+                  "metadata.budget_id clients send (budget_id). Empty for scope tenant.")
+    limit_usd = models.DecimalField("limit (USD)", **MONEY)
     period = models.CharField(max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY)
     enforcement = models.CharField(max_length=8, choices=Enforcement.choices, default=Enforcement.HARD)
-    alert_thresholds = models.JSONField(default=list, blank=True)
+    alert_thresholds = models.JSONField(default=list, blank=True,
+                                        help_text="Shares of the limit that send an alert, e.g. [0.5, 0.8, 1.0].")
     # Instead of refusing a request whose hold does not fit, lower its max_tokens to fit.
     shrink_max_tokens = models.BooleanField(default=False)
-    alert_emails = models.JSONField(default=list, blank=True)
+    alert_emails = models.JSONField(default=list, blank=True, help_text="Addresses that receive the alerts.")
     # Public addresses only (or WEBHOOK_ALLOWED_HOSTS); checked here and again at every delivery.
     alert_webhook_url = models.URLField(max_length=1000, blank=True, validators=[webhook_url_validator])
     created_at = models.DateTimeField(auto_now_add=True)

@@ -127,3 +127,70 @@ def alerts_for_tenants(*, tenant_ids, kind: str | None = None, budget_id: int | 
     if budget_id is not None:
         qs = qs.filter(budget_id=budget_id)
     return qs.order_by("-created_at", "-id")
+
+
+def budget_burndown(*, budget, at: datetime | None = None) -> dict:
+    """A budget's page: its status (from `budget_statuses_sync`, the one budget spend read: the same
+    numbers admission enforces) and the burn-down over its current period.
+
+    Points: cumulative spend at each step (hourly for a daily budget, else daily, in the tenant's
+    time zone) from the period start up to now, summed from the ledger in one query
+    (`ledger_cost_sums`, the read the budget counters reconcile from); the last point is the status's
+    spend. Forecast: the average pace so far carried to the period's end (not for `total` budgets)."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    from django.utils import timezone
+
+    from apps.analytics.selectors import ledger_cost_sums
+
+    from .budgets import budget_statuses_sync
+
+    at = at or timezone.now()
+    status = budget_statuses_sync(budgets=[budget], at=at)[0]
+    zone = ZoneInfo(status.timezone)
+    end = status.resets_at
+    start = status.period_start
+    if status.period == "total":  # from its first day of use (at most 90 days shown)
+        start = max(budget.created_at, at - timedelta(days=90)).astimezone(zone)
+        start = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    step = timedelta(hours=1) if status.period == "daily" else timedelta(days=1)
+    horizon = end or at
+    ticks = []
+    t = start
+    while t < horizon and len(ticks) < 400:
+        t = t + step
+        ticks.append(min(t, horizon))
+    past = [t for t in ticks if t <= at]
+    items = [(i, budget.tenant_id, status.scope, status.scope_value, status.period_start, min(t, at))
+             for i, t in enumerate(past)]
+    sums = ledger_cost_sums(items=items) if items else {}
+    spent = [sums.get(i, Decimal(0)) for i in range(len(past))]
+    if spent:
+        spent[-1] = status.spent_usd  # now: the same number the status shows
+    labels = [t.astimezone(zone).strftime("%Y-%m-%d %H:%M" if step < timedelta(days=1) else "%Y-%m-%d")
+              for t in ticks]
+    forecast_end = None
+    forecast = [None] * len(ticks)
+    elapsed = (at - status.period_start).total_seconds()
+    if end is not None and elapsed > 0 and past:
+        length = (end - status.period_start).total_seconds()
+        rate = status.spent_usd / Decimal(elapsed)  # USD per second so far
+        forecast_end = (rate * Decimal(length)).quantize(Decimal("0.000001"))
+        n = len(past) - 1
+        forecast[n] = status.spent_usd
+        for i in range(n + 1, len(ticks)):
+            forecast[i] = (rate * Decimal((ticks[i] - status.period_start).total_seconds())).quantize(
+                Decimal("0.000001"))
+    runs_out_at = None
+    if forecast_end is not None and forecast_end > status.limit_usd > status.spent_usd and status.spent_usd > 0:
+        seconds = (status.limit_usd / (status.spent_usd / Decimal(elapsed)))
+        runs_out_at = (status.period_start + timedelta(seconds=float(seconds))).astimezone(zone)
+    return {
+        "status": status,
+        "chart": {"labels": labels, "spent": [str(v) for v in spent], "forecast": [None if v is None else str(v)
+                                                                                   for v in forecast],
+                  "limit": str(status.limit_usd), "granularity": "hour" if step < timedelta(days=1) else "day"},
+        "forecast_end_usd": forecast_end,
+        "runs_out_at": runs_out_at,
+    }

@@ -2,10 +2,13 @@
 provider's credential is shown by name only, never decrypted."""
 
 from django.contrib import admin
+from django.db import models
 
+from apps.core.forms import MoneyInput
 from apps.keys.audit import AuditedAdminMixin
 from apps.keys.services import audit_record, snapshot
 
+from .capabilities import alias_capabilities
 from .models import Deployment, DeploymentHealth, ModelAlias, OpsIncident, Provider
 from .selectors import routing_table_invalidate
 from .services import alias_pin_audit, alias_pins
@@ -30,6 +33,7 @@ class AuditedAdmin(AuditedAdminMixin, admin.ModelAdmin):
 class DeploymentInline(admin.TabularInline):
     model = Deployment
     extra = 0
+    formfield_overrides = {models.DecimalField: {"widget": MoneyInput}}
     fields = ["provider", "upstream_model", "priority", "weight", "region", "rpm", "tpm", "input_usd_per_mtok",
               "output_usd_per_mtok", "is_active"]
 
@@ -48,11 +52,28 @@ class ProviderAdmin(AuditedAdmin):
 
 @admin.register(ModelAlias)
 class ModelAliasAdmin(AuditedAdmin):
-    list_display = ["alias", "strategy", "context_window", "supports_chat", "supports_streaming",
-                    "supports_embeddings"]
+    list_display = ["alias", "strategy", "context_window", "chat", "supports_streaming", "embeddings"]
     list_filter = ["strategy"]
     search_fields = ["alias"]
     inlines = [DeploymentInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("deployments__provider")
+
+    def _capabilities(self, obj) -> tuple[bool, bool]:
+        models = [(d.upstream_model, d.provider.kind) for d in obj.deployments.all() if d.is_active]
+        return alias_capabilities(alias=obj.alias, models=models, supports_embeddings=obj.supports_embeddings,
+                                  supports_chat=obj.supports_chat)
+
+    @admin.display(description="Embeddings")
+    def embeddings(self, obj) -> str:
+        value = self._capabilities(obj)[0]
+        return ("yes" if value else "no") + (" (inferred)" if obj.supports_embeddings is None else "")
+
+    @admin.display(description="Chat")
+    def chat(self, obj) -> str:
+        value = self._capabilities(obj)[1]
+        return ("yes" if value else "no") + (" (inferred)" if obj.supports_chat is None else "")
 
     def save_formset(self, request, form, formset, change):
         super().save_formset(request, form, formset, change)

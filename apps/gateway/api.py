@@ -7,12 +7,14 @@ import logging
 import time
 
 import orjson
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 from ninja import NinjaAPI
 
 from apps.billing.budgets import Hold, budget_statuses_for_key
+from apps.core import workers
 from apps.core.db import db_sync
 
 from . import async_requests, batches, pipeline, schemas, tracing
@@ -161,7 +163,16 @@ async def _enqueue(ctx: pipeline.Ctx, hit) -> HttpResponse:
         await pipeline.end(ctx, exc)
         return _error(exc, ctx)
     ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
-    return _json({"id": row.id, "object": "request", "status": row.status}, ctx, status=202)
+    body = {"id": row.id, "object": "request", "status": row.status}
+    seen = workers.consumer_seen_cached("async")
+    if seen is None:
+        seen = await sync_to_async(workers.consumer_seen)("async")
+    if hit is None and not seen:
+        # Queued, but no worker consuming "async" was seen lately: it waits until one starts.
+        ctx.headers["x-gateway-worker"] = "none-seen"
+        body["warning"] = ("No worker consuming the 'async' queue has been seen recently; the request "
+                           "waits until one runs (`celery -A config worker`).")
+    return _json(body, ctx, status=202)
 
 
 async def _authenticated(request: HttpRequest) -> pipeline.Ctx:

@@ -99,8 +99,8 @@ class ModelSpec(_Strict):
     context_window: int = Field(default=128_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
     supports_streaming: bool = True
-    supports_embeddings: bool = False
-    supports_chat: bool = True
+    supports_embeddings: bool | None = None  # None: inferred (apps/gateway/capabilities.py)
+    supports_chat: bool | None = None
     deployments: list[DeploymentSpec] = Field(default_factory=list)
 
     @field_validator("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",

@@ -42,8 +42,13 @@ class ModelAlias(models.Model):
     context_window = models.PositiveIntegerField(default=128_000)
     max_output_tokens = models.PositiveIntegerField(default=16_384)
     supports_streaming = models.BooleanField(default=True)
-    supports_embeddings = models.BooleanField(default=False)
-    supports_chat = models.BooleanField(default=True)
+    # Empty (None): inferred from the deployments' models (apps/gateway/capabilities.py).
+    supports_embeddings = models.BooleanField(
+        null=True, blank=True, default=None,
+        help_text="Empty: inferred from the model (genai-prices data, or a name such as text-embedding-*).")
+    supports_chat = models.BooleanField(
+        null=True, blank=True, default=None,
+        help_text="Empty: inferred (an embedding model does not chat; any other model does).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -61,8 +66,10 @@ class Deployment(models.Model):
     weight = models.PositiveIntegerField(default=1)
     priority = models.IntegerField(default=0, help_text="Lower is tried first.")
     region = models.CharField(max_length=64, blank=True)
-    rpm = models.PositiveIntegerField(null=True, blank=True, help_text="The provider's own request limit.")
-    tpm = models.PositiveIntegerField(null=True, blank=True, help_text="The provider's own token limit.")
+    rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True,
+                                      help_text="The provider's own request limit.")
+    tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True,
+                                      help_text="The provider's own token limit.")
     # What this deployment costs us, for `cheapest` and `auto`; the alias's price when empty.
     input_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     output_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
@@ -229,8 +236,8 @@ class RateLimit(models.Model):
     tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="rate_limits")
     scope = models.CharField(max_length=16, choices=RateLimitScope.choices, default=RateLimitScope.TENANT)
     scope_value = models.CharField(max_length=100, blank=True, help_text="Source or key name; empty for tenant.")
-    rpm = models.PositiveIntegerField(null=True, blank=True)
-    tpm = models.PositiveIntegerField(null=True, blank=True)
+    rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True)
+    tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tenant", "scope", "scope_value"], name="uniq_rate_limit")]

@@ -250,6 +250,11 @@ async def route(ctx: Ctx) -> None:
     if not ctx.auth.may_use_model(alias.alias):
         raise permission_denied(f"This API key may not use the model `{alias.alias}`.", param="model")
     if ctx.kind == EMBEDDINGS and not alias.supports_embeddings:
+        # The client hears only that the model does not embed; the operator learns which setting says so.
+        log.warning("embeddings request for alias %r refused: the alias is not an embedding model (its "
+                    "`supports_embeddings` is off or inferred off from its deployments' models; set "
+                    "`supports_embeddings: true` in the gateway_apply file or tick \"Supports embeddings\" "
+                    "on the model alias in the admin)", alias.alias)
         raise invalid_request(f"The model `{alias.alias}` does not offer embeddings.", param="model",
                               code="model_not_embedding")
     ctx.alias = alias

@@ -17,6 +17,7 @@ from apps.core.db import db_sync
 from apps.keys.crypto import decrypt
 from apps.keys.models import Source
 
+from .capabilities import alias_capabilities
 from .models import Deployment, DeploymentHealth, ModelAlias
 from .providers.base import Target
 
@@ -89,15 +90,19 @@ def routing_table_load() -> RoutingTable:
         )
     table = RoutingTable(loaded_at=time.monotonic())
     for a in ModelAlias.objects.all():
+        routes = tuple(sorted(deployments.get(a.id, ()), key=lambda r: (r.priority, r.id)))
+        embeddings, chat = alias_capabilities(
+            alias=a.alias, models=[(r.target.upstream_model, r.target.kind) for r in routes],
+            supports_embeddings=a.supports_embeddings, supports_chat=a.supports_chat)
         table.aliases[a.alias] = AliasRoute(
             alias=a.alias,
             strategy=a.strategy,
             context_window=a.context_window,
             max_output_tokens=a.max_output_tokens,
             supports_streaming=a.supports_streaming,
-            supports_embeddings=a.supports_embeddings,
-            supports_chat=a.supports_chat,
-            deployments=tuple(sorted(deployments.get(a.id, ()), key=lambda r: (r.priority, r.id))),
+            supports_embeddings=embeddings,
+            supports_chat=chat,
+            deployments=routes,
             prices=tuple(prices.get(a.alias, ())),
         )
     return table

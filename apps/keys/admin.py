@@ -13,9 +13,21 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.template.response import TemplateResponse
 
+from apps.core.forms import TenantDefaultBooleanSelect
+
 from . import crypto, services
 from .audit import AuditedAdminMixin
-from .models import ApiKey, AuditLog, Membership, ProviderCredential, Role, Source, SsoIdentity, Tenant
+from .models import (
+    ApiKey,
+    AuditLog,
+    ManagementToken,
+    Membership,
+    ProviderCredential,
+    Role,
+    Source,
+    SsoIdentity,
+    Tenant,
+)
 from .selectors import ADMIN_ROLES, READ_ROLES, tenant_ids_for_user, user_may
 
 __all__ = ["AuditedAdminMixin", "TenantScopedAdminMixin"]
@@ -277,10 +289,28 @@ def _model_choices():
     return [(a, a) for a in (_model_names() if _model_names else ())]
 
 
+# The /v1 endpoints a key can be limited to (a trailing * covers the paths below it).
+V1_ENDPOINTS = [
+    ("/v1/chat/completions", "Chat completions (/v1/chat/completions)"),
+    ("/v1/embeddings", "Embeddings (/v1/embeddings)"),
+    ("/v1/requests*", "Seed envelope and async polling (/v1/requests)"),
+    ("/v1/files*", "Files (/v1/files)"),
+    ("/v1/batches*", "Batches (/v1/batches)"),
+    ("/v1/models", "Model list (/v1/models)"),
+    ("/v1/budget", "Budget status (/v1/budget)"),
+]
+
+
 class ApiKeyForm(forms.ModelForm):
     allowed_models = forms.MultipleChoiceField(
         required=False, widget=forms.CheckboxSelectMultiple, label="Model access",
         help_text="None ticked: every model.")
+    allowed_endpoints = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple, label="Endpoint access",
+        help_text="None ticked: every endpoint.")
+    cache_enabled = forms.NullBooleanField(required=False, widget=TenantDefaultBooleanSelect(),
+                                           label="Response cache",
+                                           help_text="Tenant default: whatever the tenant's setting says.")
     expires_days = forms.IntegerField(required=False, min_value=1, help_text="Days until the key expires.")
 
     class Meta:
@@ -291,6 +321,10 @@ class ApiKeyForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["allowed_models"].choices = _model_choices()
+        # Values set elsewhere (API, command) that are not in the list stay ticked and kept.
+        current = list(self.initial.get("allowed_endpoints") or [])
+        known = [v for v, _ in V1_ENDPOINTS]
+        self.fields["allowed_endpoints"].choices = V1_ENDPOINTS + [(v, v) for v in current if v not in known]
 
     def clean(self):
         data = super().clean()
@@ -403,14 +437,97 @@ class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         return self._rotate(request, queryset, 86400)
 
 
-def _show_secrets(model_admin, request, rows: list[tuple[ApiKey, str]], title: str) -> TemplateResponse:
+def _show_secrets(model_admin, request, rows: list[tuple], title: str, usage: str = "") -> TemplateResponse:
     """The one page that shows new secrets, rendered directly (never via messages, which would put
     a secret in a cookie or the session)."""
     context = {**model_admin.admin_site.each_context(request), "opts": model_admin.opts, "rows": rows,
-               "title": title}
+               "title": title, "usage": usage}
     response = TemplateResponse(request, "admin/keys/apikey/secret_once.html", context)
     response["Cache-Control"] = "no-store"
     return response
+
+
+# --- management API tokens ----------------------------------------------------------------------
+
+class ManagementTokenForm(forms.ModelForm):
+    expires_days = forms.IntegerField(initial=90, min_value=1, max_value=services.MANAGEMENT_TOKEN_MAX_DAYS,
+                                      label="Expires in (days)")
+
+    class Meta:
+        model = ManagementToken
+        fields = ["tenant", "name", "kind", "role", "expires_days"]
+        help_texts = {"kind": "Personal: acts as you, never above your own role. Service: a service identity "
+                              "for scripts and CI, with the token's role."}
+
+
+@admin.action(description="Revoke selected tokens")
+def revoke_tokens(modeladmin, request, queryset):
+    managed = _ids(request, ADMIN_ROLES)
+    n = 0
+    for token in queryset.filter(revoked_at__isnull=True):
+        if request.user.is_superuser or token.tenant_id in managed or token.user_id == request.user.pk:
+            services.management_token_revoke(token=token, actor=request.user.get_username(), via="admin")
+            n += 1
+    modeladmin.message_user(request, f"Revoked {n} token(s).", messages.SUCCESS)
+
+
+@admin.register(ManagementToken)
+class ManagementTokenAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """Tokens for the management API (/api/). The secret is shown once, on the page that answers
+    the save; only its HMAC digest is stored. Owners and admins of the tenant manage them."""
+
+    form = ManagementTokenForm
+    list_display = ["name", "prefix", "tenant", "kind", "role", "user", "expires_at", "revoked_at", "last_used_at"]
+    list_select_related = ["tenant", "user"]
+    list_filter = ["kind", "role"]
+    search_fields = ["name", "prefix", "user__username"]
+    actions = [revoke_tokens]
+    read_roles = ADMIN_ROLES
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["tenant", "name", "kind", "role", "expires_days"]
+        return ["tenant", "name", "kind", "role", "user", "prefix", "created_by", "created_at", "expires_at",
+                "revoked_at", "last_used_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.get_fields(request, obj)
+
+    def has_change_permission(self, request, obj=None):
+        return obj is None and super().has_change_permission(request, obj)
+
+    def save_model(self, request, obj, form, change):
+        d = form.cleaned_data
+        service = d["kind"] == ManagementToken.Kind.SERVICE
+        try:
+            created = services.management_token_create(
+                tenant=d["tenant"], name=d["name"], role=d["role"], actor=request.user.get_username(),
+                expires_days=d["expires_days"], user=None if service else request.user, service=service,
+                by=request.user, via="admin")
+        except ValidationError as exc:
+            raise PermissionError(" ".join(exc.messages)) from exc
+        obj.pk = created.token.pk
+        obj._state.adding = False
+        obj._shown_once_secret = created.secret
+        request._audit_recorded = True  # management_token_create audited it
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except PermissionError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            from django.http import HttpResponseRedirect
+
+            return HttpResponseRedirect(request.path)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        secret = getattr(obj, "_shown_once_secret", None)
+        if secret is None:
+            return super().response_add(request, obj, post_url_continue)
+        obj = ManagementToken.objects.select_related("tenant").get(pk=obj.pk)
+        return _show_secrets(self, request, [(obj, secret)], "Management API token created",
+                             usage="Use it on the management API: curl -H 'Authorization: Bearer <token>' "
+                                   "https://<host>/api/keys/")
 
 
 # --- provider credentials (global; superusers only) -------------------------------------------

@@ -7,4 +7,4 @@ class KeysConfig(AppConfig):
     label = "keys"
 
     def ready(self):
-        from . import logins  # noqa: F401 - connects the login lockout audit
+        from . import api_tokens, logins  # noqa: F401 - the login lockout audit; the token schema extension

@@ -13,14 +13,19 @@ that change.
 
 from __future__ import annotations
 
-from django.db import transaction
+from django.db import models, transaction
+
+from apps.core.forms import MoneyInput
 
 from .services import audit_record, snapshot
 
 
 def _actor(request) -> str:
+    """The username; with a management API token, which token too (`ann [token llmt_AbCd]`)."""
     user = getattr(request, "user", None)
-    return (user.get_username() if user is not None and user.is_authenticated else "") or "anonymous"
+    name = (user.get_username() if user is not None and user.is_authenticated else "") or "anonymous"
+    token = getattr(user, "management_token", None)
+    return f"{name} [token {token.prefix}]"[:150] if token is not None else name
 
 
 def _before(obj) -> dict | None:
@@ -54,7 +59,10 @@ def audit_delete(*, request, obj, via: str, delete=None) -> None:
 
 
 class AuditedAdminMixin:
-    """ModelAdmin mixin: every add, change and delete made in the admin leaves an audit row."""
+    """ModelAdmin mixin: every add, change and delete made in the admin leaves an audit row.
+    (Money fields are edited without the database's trailing zeros.)"""
+
+    formfield_overrides = {models.DecimalField: {"widget": MoneyInput}}
 
     def audit_after(self, request, obj, form) -> dict:
         """The `after` picture of a saved object; override to add non-field facts (never secrets)."""

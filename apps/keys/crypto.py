@@ -16,6 +16,14 @@ def api_key_generate() -> str:
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+MANAGEMENT_TOKEN_PREFIX = "llmt_"
+
+
+def management_token_generate() -> str:
+    """A management API token (/api/); digested like API keys, its own prefix tells them apart."""
+    return MANAGEMENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 def api_key_digest(secret: str) -> str:
     return hmac.new(settings.API_KEY_HMAC_SECRET.encode(), secret.encode(), hashlib.sha256).hexdigest()
 

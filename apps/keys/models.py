@@ -30,7 +30,7 @@ class Tenant(models.Model):
     # cannot escape its budget (400 unknown_budget_id). On: any id is booked as sent.
     allow_freeform_budget_ids = models.BooleanField(default=False)
     cache_enabled = models.BooleanField(default=True)
-    cache_ttl_s = models.PositiveIntegerField(default=3600)
+    cache_ttl_s = models.PositiveIntegerField("cache TTL (seconds)", default=3600)
     # Signs this tenant's webhooks (budget alerts, callback_url), Fernet-encrypted. Made on first
     # use; tenant admins read and rotate it (services.tenant_webhook_secret*).
     webhook_secret_encrypted = models.TextField(blank=True, default="", editable=False)
@@ -102,13 +102,14 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16)
     allowed_models = models.JSONField(default=list, blank=True, help_text="Empty: every model.")
     allowed_endpoints = models.JSONField(default=list, blank=True, help_text="Empty: every endpoint.")
-    rpm = models.PositiveIntegerField(null=True, blank=True)
-    tpm = models.PositiveIntegerField(null=True, blank=True)
+    rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True, help_text="Empty: no limit.")
+    tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True, help_text="Empty: no limit.")
     default_budget_id = models.CharField(max_length=100, blank=True)
     budget_id_binding = models.BooleanField(
         default=False, help_text="The key books on its default budget id only: a request naming another is refused.")
-    cache_enabled = models.BooleanField(null=True, blank=True, help_text="Empty: the tenant's default.")
-    cache_ttl_s = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the tenant's TTL.")
+    cache_enabled = models.BooleanField(null=True, blank=True, help_text="Tenant default: the tenant's setting.")
+    cache_ttl_s = models.PositiveIntegerField("cache TTL (seconds)", null=True, blank=True,
+                                              help_text="Empty: the tenant's TTL.")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     # Rotation: the previous digest keeps working until previous_digest_expires_at.
@@ -176,3 +177,42 @@ class SsoIdentity(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subject} @ {self.issuer}"
+
+
+ROLE_RANK = {Role.VIEWER: 0, Role.MANAGER: 1, Role.ADMIN: 2, Role.OWNER: 3}
+
+
+class ManagementToken(models.Model):
+    """A bearer token for the management API (/api/), for scripts and CI: scoped to one tenant and a
+    role, expiring, revocable. Only the HMAC-SHA256 digest of the secret is stored; it is shown once.
+
+    A personal token acts as its user, never above the user's own role in the tenant (checked at
+    every request). A service token acts as a service user made for it (no password, no membership):
+    its role is the token's."""
+
+    class Kind(models.TextChoices):
+        PERSONAL = "personal"
+        SERVICE = "service"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="management_tokens")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="management_tokens",
+                             help_text="Personal: the person; service: the service user made for the token.")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.PERSONAL)
+    name = models.CharField(max_length=100)
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER,
+                            help_text="The most the token may do in its tenant (a personal token: never more "
+                                      "than its user's own role).")
+    digest = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=16)
+    created_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="uniq_management_token_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"

@@ -15,7 +15,7 @@ from rest_framework.response import Response
 
 from . import services
 from .audit import AuditedViewSetMixin
-from .models import ApiKey, AuditLog, Membership, Role, Source, Tenant
+from .models import ApiKey, AuditLog, ManagementToken, Membership, Role, Source, Tenant
 from .selectors import ADMIN_ROLES, READ_ROLES, tenant_ids_for_user, user_may
 
 # --- scoping, permissions, audit ------------------------------------------------------------
@@ -46,7 +46,9 @@ class SuperuserWritePermission(permissions.BasePermission):
 
 
 def actor_of(request) -> str:
-    return request.user.get_username()
+    from .audit import _actor
+
+    return _actor(request)
 
 
 class TenantScopedViewSetMixin(AuditedViewSetMixin):
@@ -334,3 +336,80 @@ class AuditLogViewSet(TenantScopedViewSetMixin, mixins.ListModelMixin, mixins.Re
     def tenant_id_of(self, obj):
         return obj.tenant_id
 
+
+
+# --- management API tokens ------------------------------------------------------------------
+
+class ManagementTokenSerializer(serializers.ModelSerializer):
+    tenant = AdminTenantField()
+    user = serializers.CharField(source="user.username", read_only=True)
+    expires_days = serializers.IntegerField(write_only=True, required=False, default=90, min_value=1,
+                                            max_value=services.MANAGEMENT_TOKEN_MAX_DAYS)
+
+    class Meta:
+        model = ManagementToken
+        fields = ["id", "tenant", "name", "kind", "role", "user", "prefix", "created_by", "created_at", "expires_at",
+                  "expires_days", "revoked_at", "last_used_at"]
+        read_only_fields = ["prefix", "created_by", "created_at", "expires_at", "revoked_at", "last_used_at"]
+
+
+class ManagementTokenCreatedSerializer(ManagementTokenSerializer):
+    secret = serializers.CharField(read_only=True, help_text="The token itself: shown once, never again.")
+
+    class Meta(ManagementTokenSerializer.Meta):
+        fields = [*ManagementTokenSerializer.Meta.fields, "secret"]
+
+
+class ManagementTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                             viewsets.GenericViewSet):
+    """Tokens for this API (`Authorization: Bearer <token>`), for scripts and CI. Owners and admins
+    create and revoke their tenants' tokens (personal: acting as themselves, at most their own role;
+    `kind: service`: a service identity with the token's role) and see them all; anyone else sees
+    their own. The secret is in the response to the create call only. A token cannot create tokens."""
+
+    serializer_class = ManagementTokenSerializer
+    permission_classes = [permissions.IsAuthenticated]
+
+    def get_queryset(self):
+        qs = ManagementToken.objects.select_related("tenant", "user")
+        user = self.request.user
+        if user.is_superuser:
+            return qs
+        from django.db.models import Q
+
+        return qs.filter(Q(tenant_id__in=tenant_ids_for_user(user=user, roles=ADMIN_ROLES))
+                         | Q(user_id=user.pk, tenant_id__in=tenant_ids_for_user(user=user)))
+
+    def _refuse_token_callers(self, request):
+        if getattr(request.user, "management_token", None) is not None:
+            raise PermissionDenied("A management token cannot create or revoke tokens: sign in as a person.")
+
+    @extend_schema(responses={201: ManagementTokenCreatedSerializer})
+    def create(self, request, *args, **kwargs):
+        self._refuse_token_callers(request)
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        d = serializer.validated_data
+        service = d.get("kind") == ManagementToken.Kind.SERVICE
+        try:
+            created = services.management_token_create(
+                tenant=d["tenant"], name=d["name"], role=d.get("role", Role.VIEWER), actor=actor_of(request),
+                expires_days=d["expires_days"], user=None if service else request.user, service=service,
+                by=request.user, via="api")
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from exc
+        out = ManagementTokenCreatedSerializer(created.token, context=self.get_serializer_context()).data
+        out["secret"] = created.secret
+        return Response(out, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=ManagementTokenSerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, pk=None):
+        """Refuse the token from its next request on (owners and admins of its tenant, or its own user)."""
+        self._refuse_token_callers(request)
+        token = self.get_object()
+        if not (token.user_id == request.user.pk
+                or user_may(user=request.user, tenant_id=token.tenant_id, roles=ADMIN_ROLES)):
+            raise PermissionDenied("Only the tenant's owners and admins revoke this token.")
+        services.management_token_revoke(token=token, actor=actor_of(request), via="api")
+        return Response(self.get_serializer(token).data)

@@ -101,10 +101,7 @@ def _key_auth(key: ApiKey) -> KeyAuth:
 def tenants_for_user(*, user, roles: tuple[str, ...] | None = None):
     if user.is_superuser:
         return Tenant.objects.all()
-    memberships = Membership.objects.filter(user=user)
-    if roles:
-        memberships = memberships.filter(role__in=roles)
-    return Tenant.objects.filter(id__in=memberships.values("tenant_id"))
+    return Tenant.objects.filter(id__in=tenant_ids_for_user(user=user, roles=roles))
 
 
 ADMIN_ROLES = (Role.OWNER, Role.ADMIN)
@@ -120,7 +117,7 @@ def audit_log_for_user(*, user):
 
 
 def user_is_tenant_admin(*, user) -> bool:
-    return user.is_superuser or Membership.objects.filter(user=user, role__in=ADMIN_ROLES).exists()
+    return user.is_superuser or bool(tenant_ids_for_user(user=user, roles=ADMIN_ROLES))
 READ_ROLES = (Role.OWNER, Role.ADMIN, Role.MANAGER, Role.VIEWER)
 # Who may export the ledger (CSV and the usage-events API): viewers read dashboards and config only.
 EXPORT_ROLES = (Role.OWNER, Role.ADMIN, Role.MANAGER)

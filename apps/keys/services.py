@@ -12,7 +12,7 @@ from django.forms.models import model_to_dict
 from django.utils import timezone
 
 from . import crypto
-from .models import ApiKey, AuditLog, ProviderCredential, Source, Tenant
+from .models import ROLE_RANK, ApiKey, AuditLog, ManagementToken, ProviderCredential, Role, Source, Tenant
 
 # Fields never copied into the audit log.
 _SECRET_FIELDS = {"digest", "previous_digest", "encrypted_secret", "password", "webhook_secret_encrypted"}
@@ -463,3 +463,69 @@ def sso_user_login(*, issuer: str, subject: str, email: str, email_verified: boo
         audit_record(actor=user.get_username(), via="sso", action="sso_login", object_type="user",
                      object_id=str(user.pk), tenant_id=tenant_id, after=login)
     return SsoLogin(user=user, provisioned=provisioned, unknown_tenants=unknown)
+
+
+# --- management API tokens (/api/) ----------------------------------------------------------------
+
+MANAGEMENT_TOKEN_MAX_DAYS = 365
+
+
+@dataclass(frozen=True)
+class CreatedToken:
+    token: ManagementToken
+    secret: str
+
+
+@transaction.atomic
+def management_token_create(*, tenant: Tenant, name: str, role: str, actor: str, expires_days: int = 90,
+                            user=None, service: bool = False, by=None, via: str = "") -> CreatedToken:
+    """A token for the management API, shown once (only its digest is stored). Personal (`user`):
+    its role may not exceed the user's in the tenant. Service (`service=True`): a service user is
+    made for it (unusable password, no membership). `by` (a person; None from the command line)
+    must administer the tenant and may not hand out more than their own role."""
+    from django.contrib.auth import get_user_model
+
+    from .selectors import tenant_roles_for_user
+
+    if role not in Role.values:
+        raise ValidationError({"role": f"must be one of {', '.join(Role.values)}"})
+    if not 1 <= expires_days <= MANAGEMENT_TOKEN_MAX_DAYS:
+        raise ValidationError({"expires_days": f"must be between 1 and {MANAGEMENT_TOKEN_MAX_DAYS}"})
+    if by is not None and not by.is_superuser:
+        mine = tenant_roles_for_user(user=by).get(tenant.pk)
+        if mine not in (Role.OWNER, Role.ADMIN):
+            raise ValidationError({"tenant": "only the tenant's owners and admins create tokens"})
+        if ROLE_RANK[role] > ROLE_RANK[mine]:
+            raise ValidationError({"role": f"cannot exceed your own role ({mine})"})
+    if service == (user is not None):
+        raise ValidationError({"user": "give a user (personal token) or ask for a service token, not both"})
+    if ManagementToken.objects.filter(tenant=tenant, name=name).exists():
+        raise ValidationError({"name": f"tenant {tenant.slug} has a token named {name!r} already"})
+    if service:
+        username = f"svc-{tenant.slug}-{name}"[:150]
+        user = get_user_model()(username=username, is_active=True)
+        user.set_unusable_password()
+        if get_user_model().objects.filter(username=username).exists():
+            raise ValidationError({"name": f"a user named {username!r} exists already"})
+        user.save()
+    elif not user.is_superuser and ROLE_RANK[role] > ROLE_RANK.get(
+            tenant_roles_for_user(user=user).get(tenant.pk), -1):
+        raise ValidationError({"role": f"{user.get_username()} does not hold {role} (or more) in {tenant.slug}"})
+    secret = crypto.management_token_generate()
+    token = ManagementToken.objects.create(
+        tenant=tenant, user=user, kind=ManagementToken.Kind.SERVICE if service else ManagementToken.Kind.PERSONAL,
+        name=name, role=role, digest=crypto.api_key_digest(secret), prefix=crypto.api_key_display_prefix(secret),
+        created_by=actor, expires_at=timezone.now() + timedelta(days=expires_days))
+    audit_record(actor=actor, action="create", obj=token, after=snapshot(token), via=via)
+    return CreatedToken(token=token, secret=secret)
+
+
+def management_token_revoke(*, token: ManagementToken, actor: str, via: str = "") -> ManagementToken:
+    """Refuse the token from its next request on. Revoking a revoked token changes nothing."""
+    if token.revoked_at is not None:
+        return token
+    before = snapshot(token)
+    token.revoked_at = timezone.now()
+    token.save(update_fields=["revoked_at"])
+    audit_record(actor=actor, action="revoke", obj=token, before=before, after=snapshot(token), via=via)
+    return token

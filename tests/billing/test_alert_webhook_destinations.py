@@ -153,7 +153,7 @@ def test_the_admin_form_refuses_a_forbidden_webhook_url(client, world, settings)
 
     resp = client.post(f"/admin/billing/budget/{world.acme_budget.pk}/change/", {
         "tenant": world.acme.pk, "name": "acme-monthly", "scope": "tenant", "scope_value": "", "limit_usd": "25",
-        "period": "monthly", "enforcement": "hard", "alert_thresholds": "[]", "alert_emails": "[]",
+        "period": "monthly", "enforcement": "hard", "alert_thresholds": "", "alert_emails": "",
         "alert_webhook_url": "http://169.254.169.254/latest/meta-data/"})
 
     assert resp.status_code == 200  # the form again, with the error

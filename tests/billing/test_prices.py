@@ -188,7 +188,7 @@ def test_budget_admin_lists_live_spend(admin_client):
 def test_budget_admin_change_is_audited(admin_client):
     budget = f.BudgetFactory(name="team", limit_usd=D("3"))
     data = {"tenant": budget.tenant_id, "name": "team", "scope": "tenant", "scope_value": "", "limit_usd": "5",
-            "period": "monthly", "enforcement": "soft", "alert_thresholds": '["0.8"]', "alert_emails": "[]",
+            "period": "monthly", "enforcement": "soft", "alert_thresholds": "80", "alert_emails": "",
             "alert_webhook_url": ""}
 
     resp = admin_client.post(f"/admin/billing/budget/{budget.id}/change/", data)

@@ -181,3 +181,132 @@ def test_manager_signs_in_with_sso_and_lands_on_the_tenants_dashboard(page, worl
     for leak in ("globex", "Globex", "globex-only-model"):
         assert leak not in html
     assert any(r["path"] == "/token" for r in sso_provider.requests)  # the code was exchanged
+
+
+# --- the pages people use most, at 1280 and 1920 px (issue 17) ----------------------------------
+
+WIDTHS = (1280, 1920)
+
+
+def _console_watch(page) -> list[str]:
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(f"{msg.type}: {msg.text}") if msg.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
+    return problems
+
+
+def _shoot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}-{page.viewport_size['width']}.png"), full_page=True)
+
+
+@pytest.fixture
+def world_with_batches_and_budget(world_with_usage):
+    now = timezone.now()
+    for i in range(3):
+        f.UsageEventFactory(tenant=world_with_usage.acme, api_key=world_with_usage.acme_key, source_ref="acme-bot",
+                            model="gpt-4o-mini", cost=Decimal("0.05"), provider="mock", batch_id="nightly-42",
+                            latency_ms=150 + 50 * i, timestamp=now - timedelta(minutes=10 + i))
+    world_with_usage.acme_budget.limit_usd = Decimal("5")
+    world_with_usage.acme_budget.alert_thresholds = [0.5, 0.8, 1.0]
+    world_with_usage.acme_budget.save()
+    usage_rollup_recompute(since=now - timedelta(days=1), until=now + timedelta(minutes=1))
+    return world_with_usage
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_dashboard_pages_explain_their_numbers(browser, live_gateway, world_with_batches_and_budget, width):
+    context = browser.new_context(base_url=live_gateway, viewport={"width": width, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    problems = _console_watch(page)
+    login(page, "max-manager")
+    page.wait_for_url(re.compile(r"/dashboard/$"))
+    page.wait_for_function("() => window.Chart && Chart.getChart(document.getElementById('chart-model'))")
+
+    # doughnuts: legends with amounts and shares, tooltips too; the requests line above the bars
+    legend = page.evaluate("""() => { const c = Chart.getChart(document.getElementById('chart-model'));
+        return c.options.plugins.legend.labels.generateLabels(c).map(i => i.text); }""")
+    assert any("$" in t and "%" in t for t in legend), legend
+    tooltip = page.evaluate("""() => { const c = Chart.getChart(document.getElementById('chart-model'));
+        return c.options.plugins.tooltip.callbacks.label({label: 'x', parsed: 0.5}); }""")
+    assert "$0.50" in tooltip and "%" in tooltip
+    orders = page.evaluate("""() => Chart.getChart(document.getElementById('chart-series')).data.datasets
+        .map(d => [d.label, d.order])""")
+    assert dict(orders)["Requests"] < dict(orders)["Spend (USD)"]  # the lower order is drawn on top
+    assert "Figures updated" in page.text_content("#rollup-updated")
+    assert page.locator("#latency-model td", has_text="gpt-4o-mini").count() == 1
+    _shoot(page, "dashboard")
+
+    page.click("#rollup-updated a")
+    page.wait_for_url(re.compile(r"/dashboard/batches/"))
+    assert "nightly-42" in page.text_content("#batches")
+    _shoot(page, "dashboard-batches")
+
+    page.goto(f"/dashboard/budgets/{world_with_batches_and_budget.acme_budget.pk}/")
+    page.wait_for_function("() => window.Chart && Chart.getChart(document.getElementById('chart-burndown'))")
+    labels = page.evaluate("() => Chart.getChart(document.getElementById('chart-burndown')).data.datasets"
+                           ".map(d => d.label)")
+    assert labels[:2] == ["Spent (cumulative)", "Forecast (average pace)"] and labels[2].startswith("Limit $5.00")
+    _shoot(page, "dashboard-budget")
+    assert problems == []
+    context.close()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_admin_pages_without_json_boxes(browser, live_gateway, world_with_batches_and_budget, width):
+    context = browser.new_context(base_url=live_gateway, viewport={"width": width, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    problems = _console_watch(page)
+    login(page, "ada-admin", "/admin/login/?next=/admin/")
+    page.wait_for_url(re.compile(r"/admin/$"))
+    assert "LLM Service" in page.text_content("#site-name")
+    _shoot(page, "admin-index")
+
+    # a key with two allowed endpoints, no JSON typed
+    page.goto("/admin/keys/apikey/add/")
+    assert page.locator("textarea[name=allowed_endpoints]").count() == 0
+    assert page.locator("#id_cache_enabled option").all_text_contents()[0] == "Tenant default"
+    page.select_option("#id_tenant", str(world_with_batches_and_budget.acme.pk))
+    page.select_option("#id_source", str(world_with_batches_and_budget.acme_source.pk))
+    page.fill("#id_name", f"two-endpoints-{width}")
+    page.check("input[name=allowed_endpoints][value='/v1/chat/completions']")
+    page.check("input[name=allowed_endpoints][value='/v1/embeddings']")
+    _shoot(page, "admin-key-add")
+    page.click("input[name=_save]")
+    page.wait_for_selector("#api-key-secret")
+    assert ApiKey.objects.get(name=f"two-endpoints-{width}").allowed_endpoints == [
+        "/v1/chat/completions", "/v1/embeddings"]
+
+    # a budget with thresholds as percentages and an e-mail list
+    page.goto(f"/admin/billing/budget/{world_with_batches_and_budget.acme_budget.pk}/change/")
+    assert page.input_value("#id_alert_thresholds") == "50, 80, 100"
+    assert page.input_value("#id_limit_usd") == "5"
+    page.fill("#id_alert_emails", "ann@acme.test\nops@acme.test")
+    _shoot(page, "admin-budget-change")
+    page.click("input[name=_save]")
+    page.wait_for_url(re.compile(r"/admin/billing/budget/$"))
+    # the budget list at this width: held, remaining and resets at without horizontal scrolling
+    assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    headers = " ".join(page.locator("#result_list thead th").all_text_contents()).lower()
+    for column in ("held", "remaining", "resets at"):
+        assert column in headers
+    _shoot(page, "admin-budget-list")
+
+    page.goto("/admin/keys/managementtoken/add/")
+    _shoot(page, "admin-token-add")
+    assert problems == []
+    context.close()
+
+
+def test_budget_list_fits_1400px(browser, live_gateway, world_with_batches_and_budget):
+    context = browser.new_context(base_url=live_gateway, viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    login(page, "ada-admin", "/admin/login/?next=/admin/billing/budget/")
+    page.wait_for_url(re.compile(r"/admin/billing/budget/$"))
+    page.screenshot(path=str(ARTIFACTS / "admin-budget-list-1400.png"), full_page=True)
+    assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.evaluate("() => document.querySelector('#changelist-form .results').scrollWidth"
+                         " <= document.querySelector('#changelist-form .results').clientWidth")
+    context.close()

@@ -54,8 +54,10 @@ def broker_reset() -> None:
 
 
 class Worker:
-    def __init__(self, concurrency: int = 4, **env):
+    def __init__(self, concurrency: int = 4, *, plain: bool = False, **env):
+        """`plain`: the command as Celery documents it, `celery -A config worker` (no -Q, no beat)."""
         self.concurrency = concurrency
+        self.plain = plain
         self.dir = Path(tempfile.mkdtemp(prefix="celery-worker-"))
         self.log = self.dir / "worker.log"
         self.env = {
@@ -75,10 +77,14 @@ class Worker:
 
     def start(self) -> Worker:
         name = f"test-{uuid.uuid4().hex[:8]}@%h"
-        cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "threads",
-               "--concurrency", str(self.concurrency),
-               "-Q", "celery,async,batch,alerts,analytics", "-B", "-s", str(self.dir / "beat"), "-n", name,
-               "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if self.plain:
+            cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "-n", name, "--pool", "threads",
+                   "--loglevel", "INFO"]
+        else:
+            cmd = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "threads",
+                   "--concurrency", str(self.concurrency),
+                   "-Q", "celery,async,batch,alerts,analytics", "-B", "-s", str(self.dir / "beat"), "-n", name,
+                   "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self._out = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -75,7 +75,7 @@ def test_admin_key_creation_shows_the_secret_once_and_audits_no_secret(root):
     source = f.SourceFactory()
     resp = root.post("/admin/keys/apikey/add/", {
         "tenant": source.tenant_id, "source": source.pk, "name": "from-admin",
-        "allowed_endpoints": "[]", "default_budget_id": "", "cache_enabled": "unknown",
+        "default_budget_id": "", "cache_enabled": "unknown",
     })
 
     assert resp.status_code == 200
@@ -98,7 +98,7 @@ def test_admin_key_creation_shows_the_secret_once_and_audits_no_secret(root):
 def test_admin_key_from_another_tenants_source_is_refused(root):
     resp = root.post("/admin/keys/apikey/add/", {
         "tenant": f.TenantFactory().pk, "source": f.SourceFactory().pk, "name": "x", "allowed_models": "[]",
-        "allowed_endpoints": "[]", "cache_enabled": "unknown"})
+        "cache_enabled": "unknown"})
 
     assert resp.status_code == 200
     assert "belongs to another tenant" in resp.content.decode()

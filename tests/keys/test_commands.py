@@ -101,3 +101,11 @@ def test_usage_export_rejects_bad_dates():
 
     with pytest.raises(CommandError, match="--since: not an ISO date"):
         call_command("usage_export", "--tenant", "acme", "--since", "yesterday", stdout=StringIO())
+
+
+def test_demo_setup_audits_as_the_cli_user_via_cli():
+    call_command("demo_setup", stdout=StringIO())
+    rows = AuditLog.objects.all()
+    assert rows.exists()
+    assert {r.via for r in rows} == {"cli"}
+    assert all(r.actor == "cli" or r.actor.startswith("cli:") for r in rows)

@@ -40,7 +40,7 @@ def test_no_secret_in_logs_or_audit_rows(all_logs, client, setup, upstream, caps
     secrets.append(capsys.readouterr().out.strip())
     resp = client.post("/admin/keys/apikey/add/", {
         "tenant": setup.tenant.pk, "source": setup.source.pk, "name": "adm",
-        "allowed_endpoints": "[]", "cache_enabled": "unknown"})
+        "cache_enabled": "unknown"})
     secrets.append(resp.context["rows"][0][1])
     secrets.append(api_key_rotate(key=created.key, actor="ann", grace_s=60).secret)
     call_command("key_rotate", "--tenant", setup.tenant.slug, "--name", "cli", "--grace-seconds", "60")

@@ -4,8 +4,15 @@
 from django import template
 
 from apps.billing.budgets import budget_statuses_for_tenants
+from apps.core.money import usd_display
 
 register = template.Library()
+
+
+@register.filter
+def usd(value):
+    """Money for people: "$50.00", "$0.0042" (never "$0.00" for a small non-zero amount)."""
+    return usd_display(value)
 
 
 @register.inclusion_tag("billing/budget_table.html")

@@ -11,7 +11,7 @@ from apps.gateway.config_schema import config_parse
 from apps.gateway.services import config_apply, prices_sync
 from apps.keys import crypto
 from apps.keys.models import ApiKey, Source, Tenant
-from apps.keys.services import audit_record, snapshot
+from apps.keys.services import audit_record, cli_actor, snapshot
 
 DEMO_CONFIG = """
 providers:
@@ -29,7 +29,6 @@ models:
   - alias: text-embedding-3-small
     input_usd_per_mtok: 0.02
     output_usd_per_mtok: 0
-    supports_embeddings: true
     deployments: [{provider: mock, model: mock-embedding}]
   - alias: gpt-4o  # no price here: prices_sync takes it from genai-prices
     deployments: [{provider: mock, model: mock-gpt-4o}]
@@ -57,8 +56,8 @@ class Command(BaseCommand):
     @transaction.atomic
     def handle(self, *args, **opts):
         os.environ.setdefault("DEMO_MANAGER_PASSWORD", "manager")
-        config_apply(cfg=config_parse(DEMO_CONFIG), actor="demo_setup")
-        prices_sync(actor="demo_setup")
+        config_apply(cfg=config_parse(DEMO_CONFIG), actor=cli_actor())
+        prices_sync(actor=cli_actor())
         User = get_user_model()
         if not User.objects.filter(username="admin").exists():
             User.objects.create_superuser("admin", "admin@demo.test", os.environ.get("DEMO_ADMIN_PASSWORD", "admin"))
@@ -70,5 +69,5 @@ class Command(BaseCommand):
                 tenant=tenant, source=Source.objects.get(tenant=tenant, name="demo-app"), name="demo-key",
                 digest=digest, prefix=crypto.api_key_display_prefix(secret),
             )
-            audit_record(actor="demo_setup", action="create", obj=key, after=snapshot(key))
+            audit_record(actor=cli_actor(), action="create", obj=key, after=snapshot(key))
         self.stdout.write(secret)
