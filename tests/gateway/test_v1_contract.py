@@ -6,9 +6,14 @@ the key's endpoint scope against its own path."""
 from __future__ import annotations
 
 import httpx
+import orjson
 import pytest
+from django.http import Http404
+from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import ValidationError as NinjaValidationError
 
 from apps.gateway import schemas
+from apps.gateway.api import api
 from tests import factories as f
 from tests.conftest import make_setup
 
@@ -210,3 +215,20 @@ def test_budget_scope_on_the_data_plane(live_gateway, upstream):
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "endpoint_not_allowed"
     assert allowed.status_code == 200
+
+
+@pytest.mark.parametrize(("exc", "status", "type_"), [
+    (lambda: HttpError(429, "Too many requests."), 429, "rate_limit_error"),
+    (lambda: AuthenticationError(), 401, "invalid_request_error"),
+    (lambda: Http404("nothing"), 404, "invalid_request_error"),
+    (lambda: NinjaValidationError([{"type": "missing", "loc": ["query", "purpose"], "msg": "Field required"}]),
+     400, "invalid_request_error"),
+])
+def test_ninja_own_errors_render_openai_shaped(rf, exc, status, type_):
+    """Whatever ninja itself raises on /v1 (its HttpError kinds, Http404, parameter validation)."""
+    resp = api.on_exception(rf.get("/v1/models"), exc())
+
+    assert resp.status_code == status
+    error = orjson.loads(resp.content)["error"]
+    assert set(error) == ERROR_KEYS
+    assert error["type"] == type_
