@@ -9,19 +9,21 @@ import time
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils import timezone
-from ninja import NinjaAPI
+from ninja.errors import HttpError
+from ninja.errors import ValidationError as NinjaValidationError
 
 from apps.billing.budgets import Hold, budget_statuses_for_key
 from apps.core import workers
 from apps.core.db import db_sync
 
 from . import async_requests, batches, pipeline, schemas, tracing
-from .errors import GatewayError, invalid_request, not_found
+from . import openapi as doc
+from .errors import GatewayError, from_http_error, from_param_errors, invalid_request, not_found
 from .selectors import routing_table
 
-api = NinjaAPI(title="LLM Service data plane", version="1", urls_namespace="v1", docs_url="/docs")
+api = doc.GatewayAPI(title="LLM Service data plane", version="1", urls_namespace="v1", docs_url="/docs")
 
 
 def _json(body: dict, ctx: pipeline.Ctx, status: int = 200) -> HttpResponse:
@@ -86,24 +88,24 @@ async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) ->
         return _internal_error(ctx)
 
 
-@api.post("/chat/completions", include_in_schema=True)
+@api.post("/chat/completions", openapi_extra=doc.CHAT)
 async def chat_completions(request: HttpRequest):
     """OpenAI chat completions, streaming or not, plus our `metadata`, `cache`, `async`, `batch_id`."""
     return await _handle(request, pipeline.CHAT)
 
 
-@api.post("/embeddings")
+@api.post("/embeddings", openapi_extra=doc.EMBEDDINGS)
 async def embeddings(request: HttpRequest):
     return await _handle(request, pipeline.EMBEDDINGS)
 
 
-@api.post("/requests")
+@api.post("/requests", openapi_extra=doc.SEED)
 async def seed_request(request: HttpRequest):
     """The seed's request envelope `{"request": {model, messages, options, metadata}}`."""
     return await _handle(request, pipeline.CHAT, envelope=True)
 
 
-@api.get("/models")
+@api.get("/models", openapi_extra=doc.MODELS)
 async def models(request: HttpRequest):
     ctx = pipeline.Ctx(kind=pipeline.MODELS, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
     try:
@@ -122,7 +124,7 @@ async def models(request: HttpRequest):
     return _json({"object": "list", "data": data}, ctx)
 
 
-@api.get("/budget")
+@api.get("/budget", openapi_extra=doc.BUDGET)
 async def budget_status(request: HttpRequest):
     """Every budget that applies to the calling key: limit, spent, held, remaining, resets_at, and the
     `budget_id` a client sends as metadata.budget_id to book on it. `?budget_id=` also includes
@@ -182,7 +184,7 @@ async def _authenticated(request: HttpRequest) -> pipeline.Ctx:
     return ctx
 
 
-@api.get("/requests/{request_id}")
+@api.get("/requests/{request_id}", openapi_extra=doc.REQUEST_GET)
 async def seed_request_get(request: HttpRequest, request_id: str):
     """Status of an async request and, once finished, its result or error and usage."""
     ctx = await _authenticated(request)
@@ -211,13 +213,29 @@ def _gateway_error(request: HttpRequest, exc: GatewayError) -> HttpResponse:
     return exc.response()
 
 
+@api.exception_handler(NinjaValidationError)
+def _param_error(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
+    """A path or query parameter ninja could not parse (`?limit=null`): a 400 naming it, not a 422."""
+    return from_param_errors(exc.errors).response()
+
+
+@api.exception_handler(HttpError)
+def _ninja_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    return from_http_error(exc.status_code, exc.message).response()
+
+
+@api.exception_handler(Http404)
+def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
+    return not_found("Not found.").response()
+
+
 def _page(data: list[dict], more: bool) -> dict:
     """OpenAI's list envelope."""
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 
 
-@api.post("/files")
+@api.post("/files", openapi_extra=doc.FILE_UPLOAD)
 async def file_upload(request: HttpRequest):
     ctx = await _authenticated(request)
     purpose, name, content = await db_sync(_read_upload, request=request)
@@ -226,14 +244,14 @@ async def file_upload(request: HttpRequest):
     return _json(batches.file_view(row), ctx)
 
 
-@api.get("/files/{file_id}")
+@api.get("/files/{file_id}", openapi_extra=doc.FILE_GET)
 async def file_retrieve(request: HttpRequest, file_id: str):
     ctx = await _authenticated(request)
     row = await db_sync(batches.file_get, tenant_id=ctx.auth.tenant_id, file_id=file_id)
     return _json(batches.file_view(row), ctx)
 
 
-@api.get("/files")
+@api.get("/files", openapi_extra=doc.FILE_LIST)
 async def file_list(request: HttpRequest, purpose: str | None = None, after: str | None = None, limit: int = 100):
     ctx = await _authenticated(request)
     rows, more = await db_sync(batches.files_list, tenant_id=ctx.auth.tenant_id, purpose=purpose, after=after,
@@ -241,14 +259,14 @@ async def file_list(request: HttpRequest, purpose: str | None = None, after: str
     return _json(_page([batches.file_view(r) for r in rows], more), ctx)
 
 
-@api.delete("/files/{file_id}")
+@api.delete("/files/{file_id}", openapi_extra=doc.FILE_DELETE)
 async def file_delete(request: HttpRequest, file_id: str):
     ctx = await _authenticated(request)
     await db_sync(batches.file_delete, tenant_id=ctx.auth.tenant_id, file_id=file_id)
     return _json({"id": file_id, "object": "file", "deleted": True}, ctx)
 
 
-@api.get("/files/{file_id}/content")
+@api.get("/files/{file_id}/content", openapi_extra=doc.FILE_CONTENT)
 async def file_content(request: HttpRequest, file_id: str):
     ctx = await _authenticated(request)
     content = await db_sync(batches.file_content, tenant_id=ctx.auth.tenant_id, file_id=file_id)
@@ -257,7 +275,7 @@ async def file_content(request: HttpRequest, file_id: str):
     return resp
 
 
-@api.post("/batches")
+@api.post("/batches", openapi_extra=doc.BATCH_CREATE_OP)
 async def batch_create(request: HttpRequest):
     ctx = await _authenticated(request)
     data = schemas.parse_json(request.body)
@@ -272,7 +290,7 @@ async def batch_create(request: HttpRequest):
     return _json(await db_sync(create), ctx)
 
 
-@api.get("/batches")
+@api.get("/batches", openapi_extra=doc.BATCH_LIST)
 async def batch_list(request: HttpRequest, after: str | None = None, limit: int = 20):
     ctx = await _authenticated(request)
 
@@ -283,14 +301,14 @@ async def batch_list(request: HttpRequest, after: str | None = None, limit: int 
     return _json(await db_sync(page), ctx)
 
 
-@api.get("/batches/{batch_id}")
+@api.get("/batches/{batch_id}", openapi_extra=doc.BATCH_GET)
 async def batch_retrieve(request: HttpRequest, batch_id: str):
     ctx = await _authenticated(request)
     return _json(await db_sync(lambda: batches.batch_view(
         batches.batch_get(tenant_id=ctx.auth.tenant_id, batch_id=batch_id))), ctx)
 
 
-@api.post("/batches/{batch_id}/cancel")
+@api.post("/batches/{batch_id}/cancel", openapi_extra=doc.BATCH_CANCEL)
 async def batch_cancel(request: HttpRequest, batch_id: str):
     ctx = await _authenticated(request)
     return _json(await db_sync(lambda: batches.batch_view(

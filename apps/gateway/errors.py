@@ -65,3 +65,23 @@ def not_found(message: str, *, code: str = "not_found") -> GatewayError:
 
 def upstream_error(message: str, *, status: int = 502, code: str = "upstream_error") -> GatewayError:
     return GatewayError(status, message, type="api_error", code=code)
+
+
+def from_param_errors(errors: list[dict]) -> GatewayError:
+    """django-ninja's validation errors of path or query parameters (`?limit=null`) as one 400
+    naming the first bad parameter, like a bad body field."""
+    err = errors[0] if errors else {}
+    loc = [str(p) for p in err.get("loc", ())]
+    param = ".".join(loc[1:] if len(loc) > 1 and loc[0] in ("path", "query", "header", "body", "form", "file")
+                     else loc) or None
+    msg = "is required" if err.get("type") == "missing" else str(err.get("msg") or "is not valid")
+    return GatewayError(400, f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.",
+                        param=param)
+
+
+def from_http_error(status: int, message: str) -> GatewayError:
+    """django-ninja's own HttpError (and its authentication, authorization and throttling kinds)."""
+    kinds = {401: ("invalid_request_error", "invalid_api_key"), 403: ("permission_error", None),
+             404: ("invalid_request_error", "not_found"), 429: ("rate_limit_error", "rate_limit_exceeded")}
+    type_, code = kinds.get(status, ("api_error" if status >= 500 else "invalid_request_error", None))
+    return GatewayError(status, message, type=type_, code=code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -19,6 +21,25 @@ _HTML_ERRORS = {
 }
 
 
+# C0 controls (NUL, which PostgreSQL refuses in text, among them), DEL, C1 and lone surrogates:
+# nothing a /v1 path or query string may carry (ids, cursors, budget ids are plain text).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def control_characters(request) -> GatewayError | None:
+    """A 400 naming where a /v1 request's path or query string carries a control character, or
+    None. Checked once, here, before any view (and so before any database access)."""
+    if _CONTROL.search(request.path):
+        return GatewayError(400, "Control characters (such as NUL) are not allowed in the path.",
+                            code="invalid_characters")
+    if request.META.get("QUERY_STRING"):
+        for name, values in request.GET.lists():
+            if _CONTROL.search(name) or any(_CONTROL.search(v) for v in values):
+                return GatewayError(400, f"Control characters (such as NUL) are not allowed in the query "
+                                         f"parameter '{name}'.", code="invalid_characters", param=name)
+    return None
+
+
 def _openai_error(request, response):
     status = response.status_code
     if status == 404:
@@ -34,7 +55,8 @@ def _openai_error(request, response):
 
 class RequestIdMiddleware:
     """Every response carries `x-request-id`; /v1 errors that Django or Ninja render themselves
-    (unknown path, method not allowed, body too large, server error) answer in OpenAI's shape."""
+    (unknown path, method not allowed, body too large, server error) answer in OpenAI's shape; a
+    /v1 path or query string with a control character is a 400 before any view runs."""
 
     async_capable = True
     sync_capable = True
@@ -58,10 +80,19 @@ class RequestIdMiddleware:
     def __call__(self, request):
         if self.is_async:
             return self._acall(request)
-        return self._finish(request, self.get_response(request))
+        refused = self._refuse(request)
+        return self._finish(request, refused or self.get_response(request))
 
     async def _acall(self, request):
-        return self._finish(request, await self.get_response(request))
+        refused = self._refuse(request)
+        return self._finish(request, refused or await self.get_response(request))
+
+    @staticmethod
+    def _refuse(request):
+        if not request.path.startswith("/v1/"):
+            return None
+        problem = control_characters(request)
+        return problem.response() if problem is not None else None
 
     def process_exception(self, request, exception):
         if isinstance(exception, RequestDataTooBig) and request.path.startswith("/v1/"):
