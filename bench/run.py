@@ -307,6 +307,21 @@ def run_wrk(wrk: str, url: str, *, connections: int, duration: float, key: str =
     return out
 
 
+def settle(pgids: list[int], *, limit: float = 15.0, idle_share: float = 0.05) -> float:
+    """Wait until the servers are idle again (below `idle_share` of a core over 0.25 s), at most
+    `limit` seconds: a server still working through the requests wrk left in flight (LiteLLM at 32
+    connections) would otherwise take CPU from the next system's turn. Returns the seconds waited."""
+    start = time.monotonic()
+    before = groups_cpu_seconds(pgids)
+    while time.monotonic() - start < limit:
+        time.sleep(0.25)
+        after = groups_cpu_seconds(pgids)
+        if sum(after.values()) - sum(before.values()) < idle_share * 0.25:
+            break
+        before = after
+    return round(time.monotonic() - start, 2)
+
+
 def _interrupt(*_):
     raise KeyboardInterrupt
 
@@ -480,8 +495,10 @@ def main() -> int:
         def measure(name: str, c: int, duration: float) -> dict:
             s = systems[name]
             idle = {n: g for n, g in servers.items() if n != name} if len(servers) > 1 else None
-            return run_wrk(wrk, s["url"], connections=c, duration=duration, key=s["key"], headers=s["headers"],
-                           pgid=s["pgid"], idle=idle)
+            r = run_wrk(wrk, s["url"], connections=c, duration=duration, key=s["key"], headers=s["headers"],
+                        pgid=s["pgid"], idle=idle)
+            r["settle_s"] = settle(list(servers.values()))
+            return r
 
         if args.warmup > 0:
             log(f"warm-up {args.warmup:g} s per system: {', '.join(systems)}")
@@ -600,6 +617,9 @@ def print_table(report: dict, summary: dict[str, dict]) -> None:
     if idle:
         print("most CPU an idle system used during another's run: "
               + ", ".join(f"{n} {s:.2f} s" for n, s in idle.items()))
+    settles = [r["settle_s"] for _name, r in runs if "settle_s" in r]
+    if settles:
+        print(f"wait for the servers to go idle after a turn: up to {max(settles):.2f} s")
     led = report["ledger"]
     print(f"ledger: {led['rows_status_200']} rows with status 200 for {led['gateway_2xx']} 2xx responses"
           f" ({'complete' if led['complete'] else 'MISSING ROWS'}); load average after {report['machine']}")
