@@ -36,8 +36,7 @@ UPSTREAM_KEY = "sk-bench-upstream"
 
 # Peers get a clean environment: LiteLLM reads DATABASE_URL (it would try to use the gateway's
 # PostgreSQL through Prisma) and REDIS_* from the environment, so only these pass through.
-PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "PIP_CERT", "PIP_FIND_LINKS",
-            "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_DEFAULT_TIMEOUT", "NPM_CONFIG_REGISTRY")
+PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 
 
 def log(msg: str) -> None:
