@@ -43,6 +43,10 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def clean_env(**extra: str) -> dict:
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env.update(extra)
@@ -81,9 +85,9 @@ def install_litellm(version: str = LITELLM_VERSION) -> None:
     python = venv / "bin" / "python"
     have = installed_python_package_version(python, "litellm")
     if have == version and (venv / "bin" / "litellm").exists():
-        log(f"litellm {version} already installed in {venv.relative_to(ROOT)}")
+        log(f"litellm {version} already installed in {rel(venv)}")
         return
-    log(f"installing litellm[proxy]=={version} into {venv.relative_to(ROOT)} (was {have or 'absent'})")
+    log(f"installing litellm[proxy]=={version} into {rel(venv)} (was {have or 'absent'})")
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     if not python.exists():
         # The base interpreter of the bench's own venv (the venv module follows sys._base_executable).
@@ -142,13 +146,13 @@ def installed_portkey_version() -> str | None:
 def install_portkey(version: str = PORTKEY_VERSION) -> None:
     have = installed_portkey_version()
     if have == version:
-        log(f"@portkey-ai/gateway {version} already installed in {portkey_dir().relative_to(ROOT)}")
+        log(f"@portkey-ai/gateway {version} already installed in {rel(portkey_dir())}")
         return
     npm = shutil.which("npm")
     node = shutil.which("node")
     if not npm or not node:
         raise SystemExit("Portkey's gateway needs Node.js and npm (e.g. Debian packages nodejs and npm)")
-    log(f"installing @portkey-ai/gateway@{version} into {portkey_dir().relative_to(ROOT)} (was {have or 'absent'})")
+    log(f"installing @portkey-ai/gateway@{version} into {rel(portkey_dir())} (was {have or 'absent'})")
     portkey_dir().mkdir(parents=True, exist_ok=True)
     logfile = PEERS_DIR / "portkey-install.log"
     with open(logfile, "wb") as out:
