@@ -3,6 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
+PEERS ?=
 HOST ?= 127.0.0.1
 
 .PHONY: install run test lint bench migrate demo clean
@@ -36,8 +37,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# `make bench PEERS=portkey,litellm`: the same run with the peers installed (var/peers/, pinned
+# versions) and measured in alternating turns with the gateway; prints the ratios (docs/benchmark.md).
 bench: install
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/run.py $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
 
 clean:
 	rm -rf var/db.sqlite3 var/test.sqlite3 var/celery

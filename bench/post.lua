@@ -1,8 +1,14 @@
--- wrk script: POST a chat completion with the key from the environment; print a JSON summary.
+-- wrk script: POST a chat completion with the key and headers from the environment; print a JSON summary.
+-- The body is the same for every system measured (BENCH_BODY overrides it).
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
 local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then wrk.headers["authorization"] = "Bearer " .. key end
+-- Extra headers, one "name: value" a line (the peers' routing headers, see bench/peers.py).
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\n]+") do
+  local name, value = string.match(line, "^([^:]+):%s*(.*)$")
+  if name then wrk.headers[name] = value end
+end
 wrk.body = os.getenv("BENCH_BODY") or
   '{"model":"bench-model","messages":[{"role":"user","content":"hello from the benchmark"}],"max_tokens":64}'
 
