@@ -147,7 +147,17 @@ def _cell(value) -> str:
         return NULL
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
+    if isinstance(value, dict | list):  # a JSON column (the upstream attempts): as JSON, not Python's repr
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
     return str(value)
+
+
+def _uncell(field, value: str):
+    if value == NULL:
+        return None
+    if field.get_internal_type() == "JSONField":
+        return json.loads(value)
+    return field.to_python(value)
 
 
 @dataclass
@@ -387,7 +397,7 @@ def ledger_restore_month(*, month: date, tenant_ids: set[int] | None = None, sto
                     header = next(reader)
                     batch = []
                     for line in reader:
-                        batch.append(UsageEvent(**{name: None if value == NULL else fields[name].to_python(value)
+                        batch.append(UsageEvent(**{name: _uncell(fields[name], value)
                                                    for name, value in zip(header, line, strict=True)}))
                         if len(batch) >= CHUNK:
                             UsageEvent.objects.bulk_create(batch, ignore_conflicts=True)
