@@ -16,7 +16,7 @@ from django.db.models import Sum
 
 from apps.analytics import partitions
 from apps.analytics.models import UsageEvent, UsageEventRequest
-from apps.analytics.services import _insert_sql, usage_event_record, usage_event_record_sync
+from apps.analytics.services import _adapted, _insert_sql, usage_event_record, usage_event_record_sync
 from apps.core import db
 from tests import factories as f
 
@@ -85,7 +85,8 @@ def test_the_group_commit_statement_is_idempotent_across_months_within_and_betwe
     sql, columns = _insert_sql()
 
     def batch(rows):
-        arrays = [[r[a] if a in r else default() for r in rows] for a, default in columns]
+        rows = [_adapted([r[a] if a in r else default() for a, default in columns]) for r in rows]
+        arrays = [list(column) for column in zip(*rows, strict=True)]
         with connection.cursor() as cur:
             cur.execute(sql, arrays)
 
@@ -112,7 +113,7 @@ def test_concurrent_writers_of_one_request_in_two_months_leave_one_row(months):
 
     def args(at):
         r = fields(tenant, "req_race", at)
-        return [[r[a] if a in r else default()] for a, default in columns]
+        return [[v] for v in _adapted([r[a] if a in r else default() for a, default in columns])]
 
     first = psycopg.connect(_dsn())
     second = psycopg.connect(_dsn())

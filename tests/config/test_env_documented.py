@@ -13,10 +13,13 @@ UNDOCUMENTED_OK = {
     "CELERY_TASK_ALWAYS_EAGER": "a test switch (tasks run in the caller), not an operator setting",
     "CELERY_FS_POLLING_INTERVAL_S": "the embedded filesystem broker's poll period, tuned by the tests",
     "CELERY_VISIBILITY_TIMEOUT_S": "Redis broker redelivery; the resume sweep (GATEWAY_JOB_LEASE_S) acts first",
+    "OTEL_SDK_DISABLED": "a standard OpenTelemetry switch, named in the OTEL_EXPORTER_OTLP_* row's text",
+    "OTEL_TRACES_EXPORTER": "a standard OpenTelemetry switch, named in the OTEL_EXPORTER_OTLP_* row's text",
 }
 # Documented in the table but read by something else than config/settings.py, with the reason.
 READ_ELSEWHERE = {
     "FORWARDED_ALLOW_IPS": "read by uvicorn and gunicorn, not by Django",
+    "PROMETHEUS_MULTIPROC_DIR": "read by prometheus_client in every process (apps/analytics/metrics.py)",
 }
 
 
