@@ -217,3 +217,11 @@ def queued_holds() -> list[dict]:
     rows = AsyncRequest.objects.filter(status__in=(JobStatus.QUEUED, JobStatus.RUNNING),
                                        admission__isnull=False).values_list("admission", flat=True)
     return [plan["hold"] for plan in rows if isinstance(plan, dict) and plan.get("hold")]
+
+
+def stored_response_get(*, tenant_id: int, response_id: str):
+    """A stored Responses API answer of this tenant that has not expired, or None."""
+    from .models import StoredResponse
+
+    return StoredResponse.objects.filter(tenant_id=tenant_id, id=response_id,
+                                         expires_at__gt=timezone.now()).first()

@@ -73,3 +73,11 @@ def deployments_probe() -> int:
     from .services import deployments_probe as probe
 
     return len(probe())
+
+
+@shared_task(queue="async")
+def stored_responses_purge() -> int:
+    """Beat: delete Responses API answers kept with `store: true` past GATEWAY_RESPONSES_STORE_TTL_S."""
+    from .services import stored_responses_purge as purge
+
+    return purge()
