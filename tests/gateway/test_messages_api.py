@@ -298,3 +298,43 @@ def test_count_tokens_from_anthropic_or_estimated(anthropic_upstream, upstream, 
     assert raw.headers["x-gateway-estimated"] == "true"
     assert raw.parse().input_tokens > 0
     assert not UsageEvent.objects.exists()
+
+
+def test_cached_answer_replays_as_a_message_stream(kind, fake, client):
+    routed(kind, fake)
+    ask = {"model": "claude-gw", "max_tokens": 30, "messages": [{"role": "user", "content": "same question"}],
+           "extra_headers": {"x-gateway-cache": "true"}}
+
+    first = client.messages.create(**ask)
+    with client.messages.stream(**ask) as stream:
+        replayed = stream.get_final_message()
+
+    assert replayed.content[0].text == first.content[0].text
+    assert list(UsageEvent.objects.order_by("timestamp").values_list("cached", "cost")) == [
+        (False, UsageEvent.objects.order_by("timestamp").first().cost), (True, Decimal(0))]
+
+
+def test_mid_stream_upstream_error_is_an_anthropic_error_event(anthropic_upstream, client):
+    routed("anthropic", anthropic_upstream, upstream_model="streamerror-model")
+
+    with pytest.raises(anthropic.APIStatusError, match="Overloaded"), \
+            client.messages.stream(model="claude-gw", max_tokens=30,
+                                   messages=[{"role": "user", "content": "a b c"}]) as stream:
+        stream.get_final_message()
+
+    event = UsageEvent.objects.get()
+    assert (event.status, event.request_type) == (502, "messages")
+
+
+def test_plan_carries_the_dialect_to_async_work():
+    from apps.gateway import schemas
+
+    request = schemas.parse_translated({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                        "max_tokens": 5}, dialect="messages",
+                                       native={"model": "m", "max_tokens": 5, "thinking": {"type": "enabled"},
+                                               "messages": [{"role": "user", "content": "x" * 500}]})
+
+    again = schemas.GatewayRequest.from_dict(request.to_dict())
+
+    assert (again.dialect, again.native) == ("messages", request.native)
+    assert request.prompt_bound > 500  # the native body, bigger than its chat translation, bounds the prompt
