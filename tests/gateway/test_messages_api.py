@@ -338,3 +338,28 @@ def test_plan_carries_the_dialect_to_async_work():
 
     assert (again.dialect, again.native) == ("messages", request.native)
     assert request.prompt_bound > 500  # the native body, bigger than its chat translation, bounds the prompt
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_header_queues_and_the_worker_books_it_as_messages(anthropic_upstream, monkeypatch):
+    """`x-gateway-async: true`: 202, and the worker sends the Anthropic deployment the native body."""
+    import orjson
+    from django.test import Client
+
+    from apps.gateway import async_requests, queues
+    from apps.gateway.models import AsyncRequest
+
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
+    routed("anthropic", anthropic_upstream)
+    key = f.ApiKeyFactory()
+    body = {"model": "claude-gw", "max_tokens": 20, "thinking": {"type": "enabled", "budget_tokens": 10},
+            "messages": [{"role": "user", "content": "later"}]}
+
+    resp = Client().post("/v1/messages", data=orjson.dumps(body), content_type="application/json",
+                         HTTP_X_API_KEY=key.secret, HTTP_X_GATEWAY_ASYNC="true")
+    assert resp.status_code == 202
+    async_requests.async_request_run(request_id=resp.json()["id"])
+
+    assert AsyncRequest.objects.get(id=resp.json()["id"]).status == "completed"
+    assert anthropic_upstream.requests[-1]["body"]["thinking"] == {"type": "enabled", "budget_tokens": 10}
+    assert UsageEvent.objects.get().request_type == "messages"
