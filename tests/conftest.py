@@ -18,6 +18,7 @@ import pytest
 from django.conf import settings
 
 from apps.billing import alerts
+from apps.billing.budgets import open_holds
 from apps.core import caches
 from apps.core.state import EPOCH_KEY
 from apps.gateway import cooldown, pipeline, router, selectors
@@ -41,7 +42,7 @@ def redis_flush() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_process_state():
+def _fresh_process_state(request):
     """In-process caches must not carry one test's keys or routes into the next."""
     pipeline._auth_cache.clear()
     caches.reset_all()
@@ -53,6 +54,10 @@ def _fresh_process_state():
     yield
     pipeline._auth_cache.clear()
     selectors.routing_table_invalidate()
+    # A hold this process took (or took over) and never ended is a bug: the test fails on it.
+    left = open_holds()
+    if left and not request.node.get_closest_marker("holds_left_open"):
+        pytest.fail(f"budget holds left open (never settled or released): {[h.request_id for h in left]}")
 
 
 @pytest.fixture(scope="session")

@@ -203,9 +203,12 @@ async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
         )
 
 
-async def _rebuild(period: HoldPeriod) -> None:
-    spent = await ledger_spend(periods=[period])
-    await state().set_spent(key=period.cell.key, micros=micros(spent[period.ref.id]), ttl_s=period.cell.ttl_s)
+async def _rebuild(periods: list[HoldPeriod]) -> None:
+    """Set the counters of these periods from the ledger where they are missing (one query)."""
+    spent = await ledger_spend(periods=periods)
+    backend = state()
+    for p in periods:
+        await backend.set_spent(key=p.cell.key, micros=micros(spent[p.ref.id]), ttl_s=p.cell.ttl_s)
 
 
 async def ledger_spend(*, periods: list[HoldPeriod]) -> dict[int, Decimal]:
@@ -237,7 +240,7 @@ async def hold_take(*, request_id: str, budgets: list[BudgetRef], amount_usd: De
             _open[request_id] = hold
             return hold
         if outcome.reason == "rebuild":
-            await _rebuild(periods[outcome.index])
+            await _rebuild(periods)
             continue
         period = periods[outcome.index] if outcome.reason == "budget" else None
         return Refusal(reason=outcome.reason, index=outcome.index, retry_after_ms=outcome.retry_after_ms,

@@ -124,8 +124,14 @@ def on_new_server(fn: Callable[..., Awaitable[None]]) -> None:
         _listeners.append(fn)
 
 
-class NewServer(ConnectionError):
-    pass
+def _connection_error():
+    import redis
+
+    return redis.exceptions.ConnectionError
+
+
+class NewServer(_connection_error()):
+    """The connection reached a server whose state is being validated; it is refused for now."""
 
 
 def _reset() -> None:
@@ -145,9 +151,9 @@ def _connection_base():
 
 
 class _ServerCheckedConnection(_connection_base()):
-    async def on_connect(self) -> None:
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
         global _known_run_id
-        await super().on_connect()
+        await super().on_connect_check_health(check_health=check_health)
         info = await conn_command(self, "INFO", "server")
         if isinstance(info, bytes):
             info = info.decode()

@@ -35,7 +35,7 @@ from django.utils import timezone
 from apps.analytics.selectors import usage_event_summary
 from apps.keys.selectors import KeyAuth, api_key_auth_by_id
 
-from . import pipeline, queues
+from . import pipeline, queues, schemas
 from .async_requests import worker_failed
 from .errors import GatewayError, invalid_api_key, invalid_request, not_found
 from .models import Batch, BatchLine, BatchStatus, File, JobStatus
@@ -243,6 +243,13 @@ def batch_start(*, batch_id: str) -> int:
                 data = {"_invalid": f"{where} is not valid JSON."}
             if not isinstance(data, dict):
                 data = {"_invalid": f"{where} is not a JSON object."}
+            elif "\\u0000" in raw:
+                data = {"_invalid": f"{where} contains a NUL character (\\u0000), which is not allowed."}
+            else:
+                try:
+                    schemas.check_depth(data)
+                except GatewayError as exc:
+                    data = {"_invalid": f"{where}: {exc.message}", "custom_id": data.get("custom_id")}
             custom_id = data.get("custom_id") if isinstance(data.get("custom_id"), str) else ""
             if custom_id and custom_id in seen:
                 data = {"_invalid": f"{where}: the custom_id '{custom_id}' is used by an earlier line.",

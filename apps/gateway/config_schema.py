@@ -197,6 +197,8 @@ class TenantSpec(_Strict):
     timezone: str = "UTC"
     allowed_regions: list[str] = Field(default_factory=list)
     allow_unpriced_models: bool = False
+    # metadata.budget_id values need not be declared as budgets (default: an undeclared one is a 400)
+    allow_freeform_budget_ids: bool = False
     cache: CacheSpec | None = None
     sources: list[SourceSpec] = Field(default_factory=list)
     members: list[MemberSpec] = Field(default_factory=list)

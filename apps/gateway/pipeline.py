@@ -23,6 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 
 import orjson
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils import timezone
 
@@ -299,21 +300,28 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
         ctx.status, ctx.error_code = _error_of(exc)
         if ctx.status == 500:
             log.error("request %s failed", ctx.request_id, exc_info=(type(exc), exc, exc.__traceback__))
-    if not ctx.cached:
-        ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
     hold, ctx.hold = ctx.hold, None
-    if hold is None:
-        await record(ctx)
-        return
-    if ctx.usage is not None and not ctx.cached:
-        tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
-        exit_ = hold.settle(cost_usd=ctx.cost, tokens=tokens)
-    else:
-        exit_ = hold.release()
-    results = await asyncio.gather(exit_, record(ctx), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    failure: BaseException | None = None
+    if not ctx.cached:
+        try:
+            ctx.cost = _cost(ctx, ctx.usage) if ctx.usage else Decimal(0)
+        except Exception as cost_exc:  # a bug of ours: bill the upper bound (never under), say so
+            failure = cost_exc
+            log.error("request %s: cost not computed", ctx.request_id, exc_info=True)
+            ctx.cost = hold.amount_usd if hold is not None else Decimal(0)
+            ctx.status, ctx.error_code = 500, "cost_unknown"
+    exits = [record(ctx)]
+    if hold is not None:
+        if ctx.usage is not None and not ctx.cached:
+            tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
+            exits.append(hold.settle(cost_usd=ctx.cost, tokens=tokens))
+        else:
+            exits.append(hold.release())
+    for result in await asyncio.gather(*exits, return_exceptions=True):
+        if isinstance(result, BaseException) and failure is None:
+            failure = result
+    if failure is not None:
+        raise failure
 
 
 async def record(ctx: Ctx) -> None:
@@ -518,13 +526,18 @@ class StreamStalled(ProviderError):
 
 async def _next_chunk(agen: AsyncIterator[dict]) -> dict | None:
     """The next upstream chunk, or None at the end; a stream silent for GATEWAY_STREAM_IDLE_TIMEOUT_S
-    between chunks has stalled."""
+    between chunks has stalled. (A transport may swallow the cancellation and end the stream
+    instead: the expired deadline says it stalled all the same.)"""
+    deadline = asyncio.timeout(settings.GATEWAY_STREAM_IDLE_TIMEOUT_S)
     try:
-        async with asyncio.timeout(settings.GATEWAY_STREAM_IDLE_TIMEOUT_S):
-            return await anext(agen, None)
+        async with deadline:
+            chunk = await anext(agen, None)
     except TimeoutError:
+        chunk = None
+    if deadline.expired():
         raise StreamStalled(f"The upstream sent nothing for {settings.GATEWAY_STREAM_IDLE_TIMEOUT_S:g}s; the stream "
                             "was ended.", code="upstream_stream_stalled")
+    return chunk
 
 
 class EventStream:
@@ -545,12 +558,20 @@ class EventStream:
     def close(self) -> None:
         if self.ctx.ended:
             return
-        task = asyncio.get_running_loop().create_task(self._abandon())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # closed from a thread (Django's standard handler): end it from here
+            async_to_sync(self._abandon)()
+            return
+        task = loop.create_task(self._abandon())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _abandon(self) -> None:
-        await self._events.aclose()  # a started generator ends the request in its `finally`
+        try:
+            await self._events.aclose()  # a started generator ends the request in its `finally`
+        except Exception:  # noqa: BLE001 - whatever the generator's state, the request still ends below
+            log.warning("stream %s: closing its generator failed", self.ctx.request_id, exc_info=True)
         if not self.ctx.ended:
             try:
                 await end(self.ctx, asyncio.CancelledError())

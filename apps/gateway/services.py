@@ -114,7 +114,8 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
                       batch_discount=m.batch_discount or 0, effective_from=m.price_effective_from, actor=actor)
 
     for t in cfg.tenants:
-        extra = {"allowed_regions": t.allowed_regions, "allow_unpriced_models": t.allow_unpriced_models}
+        extra = {"allowed_regions": t.allowed_regions, "allow_unpriced_models": t.allow_unpriced_models,
+                 "allow_freeform_budget_ids": t.allow_freeform_budget_ids}
         if t.cache is not None:
             extra.update(cache_enabled=t.cache.enabled, cache_ttl_s=t.cache.ttl_s)
         tenant = tenant_upsert(slug=t.slug, name=t.name, timezone_name=t.timezone, actor=actor, adopt=adopt,

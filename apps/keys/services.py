@@ -122,12 +122,13 @@ def api_key_set_secret(*, key: ApiKey) -> str:
 
 
 @transaction.atomic
-def api_key_create(*, tenant: Tenant, source: Source, name: str, actor: str, allowed_models: list[str] | None = None,
-                   rpm: int | None = None, tpm: int | None = None, expires_days: int | None = None,
-                   default_budget_id: str = "", allowed_endpoints: list[str] | None = None,
-                   cache_enabled: bool | None = None, cache_ttl_s: int | None = None,
-                   via: str = "") -> CreatedKey:
-    if source.tenant_id != tenant.pk:
+def api_key_create(*, tenant: Tenant, source: Source | None, name: str, actor: str,
+                   allowed_models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None,
+                   expires_days: int | None = None, default_budget_id: str = "", budget_id_binding: bool = False,
+                   allowed_endpoints: list[str] | None = None, cache_enabled: bool | None = None,
+                   cache_ttl_s: int | None = None, via: str = "") -> CreatedKey:
+    """A new key; `source` None makes a tenant-wide key (it may name any declared source)."""
+    if source is not None and source.tenant_id != tenant.pk:
         raise ValidationError({"source": f"source {source.name!r} belongs to another tenant"})
     key = ApiKey(
         tenant=tenant,
@@ -138,6 +139,7 @@ def api_key_create(*, tenant: Tenant, source: Source, name: str, actor: str, all
         rpm=rpm,
         tpm=tpm,
         default_budget_id=default_budget_id,
+        budget_id_binding=budget_id_binding,
         cache_enabled=cache_enabled,
         cache_ttl_s=cache_ttl_s,
         expires_at=timezone.now() + timedelta(days=expires_days) if expires_days else None,

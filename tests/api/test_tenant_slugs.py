@@ -123,6 +123,6 @@ def test_existing_tenants_are_backfilled_and_new_ones_record_their_slug():
 
     from django.apps import apps as global_apps
 
-    import_module("apps.keys.migrations.0003_tenant_created_slug").backfill(global_apps, None)
+    import_module("apps.keys.migrations.0006_tenant_created_slug").backfill(global_apps, None)
     t.refresh_from_db()
     assert t.created_slug == "fresh"

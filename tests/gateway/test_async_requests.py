@@ -18,6 +18,7 @@ from apps.gateway.models import AsyncRequest
 from apps.keys.outbound import signature_verify
 from apps.keys.services import tenant_webhook_secret
 from tests import factories as f
+from tests.billing.test_money_truth import spend
 from tests.gateway.worker import Worker, broker_reset, wait_for
 
 
@@ -293,3 +294,24 @@ def test_the_worker_calls_the_upstream_with_the_max_tokens_its_hold_was_taken_fo
 
     assert AsyncRequest.objects.get(id=resp.json()["id"]).status == "completed"
     assert str(upstream.requests[-1]["body"]["max_tokens"]) == admitted
+
+
+@pytest.mark.django_db(transaction=True)
+def test_queued_work_of_a_key_that_expired_meanwhile_is_not_run_nor_billed(client, setup, upstream, no_broker):
+    """Before: the worker re-checked revocation but not expiry, so an expired key's queued work still
+    ran and was billed."""
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("1"), period="total")
+    rid = _post(client, setup.secret, envelope(setup.alias, max_tokens=20)).json()["id"]
+    setup.key.expires_at = timezone.now() - timedelta(seconds=1)
+    setup.key.save()
+    sent_before = len(upstream.requests)
+
+    async_requests.async_request_run(request_id=rid)
+
+    row = AsyncRequest.objects.get(id=rid)
+    assert (row.status, row.error["code"]) == ("failed", "invalid_api_key")
+    assert "expired" in row.error["message"]
+    assert len(upstream.requests) == sent_before  # never sent upstream
+    event = UsageEvent.objects.get(request_id=rid)
+    assert (event.status, event.cost) == (401, 0)
+    assert spend(budget) == (Decimal(0), Decimal(0))  # the hold taken at enqueue was given back

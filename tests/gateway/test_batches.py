@@ -52,6 +52,18 @@ def until_done(sdk, batch_id, worker, timeout=90):
         raise AssertionError(worker.tail())
 
 
+def _spend(budget) -> tuple[Decimal, Decimal]:
+    from asgiref.sync import async_to_sync
+    from django.utils import timezone
+
+    from apps.billing.budgets import budget_spend
+    from apps.billing.models import Budget
+    from apps.billing.selectors import budget_ref
+
+    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
+    return async_to_sync(budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
+
+
 def read_jsonl(sdk, file_id) -> list[dict]:
     return [orjson.loads(line) for line in sdk.files.content(file_id).content.splitlines() if line.strip()]
 
@@ -111,8 +123,11 @@ def test_cancel_stops_the_remaining_lines(celery_worker, sdk, live_setup):
 
 
 def test_worker_killed_mid_batch_and_restarted_finishes_with_one_ledger_row_per_line(live_gateway, sdk, live_setup):
+    """Also the hold of every line ends once: lines run again under the same request id are admitted
+    once (before: each took a second hold, and `held` stayed above zero forever on a total budget)."""
     live_setup.deployment.upstream_model = "slow-100"
     live_setup.deployment.save()
+    total = f.BudgetFactory(tenant=live_setup.tenant, name="lifetime", limit_usd=Decimal("100"), period="total")
     broker_reset()
     first = Worker().start()
     try:
@@ -141,6 +156,10 @@ def test_worker_killed_mid_batch_and_restarted_finishes_with_one_ledger_row_per_
     assert sorted(seen) == sorted(f"line-{i}" for i in range(30))
     rows = UsageEvent.objects.filter(batch_id=batch.id).values("request_id").annotate(n=Count("id"))
     assert len(rows) == 30
+    spent, held = _spend(total)
+    assert held == 0
+    ledger = sum(UsageEvent.objects.filter(tenant=live_setup.tenant).values_list("cost", flat=True))
+    assert ledger <= spent <= ledger + Decimal("0.000001") * 30  # whole micro-dollars, rounded up
     assert {r["n"] for r in rows} == {1}
 
 
@@ -264,20 +283,30 @@ def test_a_batch_past_its_completion_window_expires_with_the_remaining_lines_in_
 
 
 @pytest.fixture
-def lane(setup, monkeypatch):
-    """A batch of 4 lines, started, whose lanes run in this process when called."""
+def lane_factory(setup, monkeypatch):
+    """`make(content)`: a batch of that input file, started, whose lanes run in this process when called."""
     from apps.gateway import batches, queues, tasks
     from apps.keys.selectors import api_key_auth_by_id
 
     published = []
     monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
     monkeypatch.setattr(tasks.batch_lane, "apply_async", lambda *a, **k: published.append(k))
-    upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
-                                 content=jsonl(setup.alias, 4))
-    batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
-                                 endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
-    batches.batch_start(batch_id=batch.id)
-    return batch, (lambda: tasks.batch_lane.apply(args=[batch.id])), published
+
+    def make(content: bytes):
+        upload = batches.file_create(tenant_id=setup.tenant.id, purpose="batch", filename="in.jsonl",
+                                     content=content)
+        batch = batches.batch_create(auth=api_key_auth_by_id(key_id=setup.key.id), input_file_id=upload.id,
+                                     endpoint="/v1/chat/completions", completion_window="24h", metadata=None)
+        batches.batch_start(batch_id=batch.id)
+        return batch, (lambda: tasks.batch_lane.apply(args=[batch.id])), published
+
+    return make
+
+
+@pytest.fixture
+def lane(setup, lane_factory):
+    """A batch of 4 lines, started, whose lanes run in this process when called."""
+    return lane_factory(jsonl(setup.alias, 4))
 
 
 def _admit_answers(monkeypatch, answers):
@@ -419,3 +448,23 @@ def test_files_and_batches_check_the_keys_endpoint_scope(client, setup):
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "endpoint_not_allowed"
     assert allowed.status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_deeply_nested_or_nul_line_goes_to_the_error_file_and_the_batch_runs(lane_factory):
+    """Before: a 1,000-deep line (or one with \\u0000) left the whole batch stuck in `validating`."""
+    deep = "[" * 1000 + '"x"' + "]" * 1000
+    content = (b'{"custom_id": "deep", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+               b'"messages": [{"role": "user", "content": ' + deep.encode() + b'}]}}\n'
+               b'{"custom_id": "nul", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+               b'"messages": [{"role": "user", "content": "a\\u0000b"}]}}\n')
+    batch, run, _ = lane_factory(content)
+
+    run()
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.failed) == ("completed", 2)
+    errors = [orjson.loads(x)["response"]["body"]["error"] for x in bytes(batch.error_file.content).splitlines()]
+    assert {e["code"] for e in errors} == {"invalid_line"}
+    assert any("nested" in e["message"] for e in errors)
+    assert any("NUL" in e["message"] for e in errors)
