@@ -11,6 +11,7 @@ class ProviderKind(models.TextChoices):
     GEMINI = "gemini"
     OPENAI_COMPATIBLE = "openai_compatible"
     MOCK = "mock"
+    BEDROCK = "bedrock"
 
 
 class Provider(models.Model):

@@ -74,6 +74,7 @@ def routing_table_load() -> RoutingTable:
                     upstream_model=d.upstream_model,
                     secret=decrypt(cred.encrypted_secret) if cred and cred.encrypted_secret else "",
                     options=d.provider.options or {},
+                    region=d.region or "",
                 ),
                 weight=d.weight,
                 priority=d.priority,

@@ -76,6 +76,7 @@ class Target:
     upstream_model: str
     secret: str = ""
     options: dict = field(default_factory=dict)
+    region: str = ""  # the deployment's region (Bedrock and Vertex AI endpoints are regional)
 
 
 @dataclass(slots=True)
