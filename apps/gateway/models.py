@@ -12,6 +12,7 @@ class ProviderKind(models.TextChoices):
     OPENAI_COMPATIBLE = "openai_compatible"
     MOCK = "mock"
     BEDROCK = "bedrock"
+    VERTEX = "vertex"
 
 
 class Provider(models.Model):

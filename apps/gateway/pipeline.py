@@ -420,7 +420,8 @@ def _native_body(ctx: Ctx, deployment: DeploymentRoute) -> dict | None:
     """The client's own body, when it speaks the dialect this deployment's adapter takes unchanged
     (with the max_tokens admission settled on)."""
     req = ctx.request
-    if not req.dialect or req.native is None or adapter_for(deployment.target.kind).native_dialect != req.dialect:
+    if not req.dialect or req.native is None or \
+            adapter_for(deployment.target.kind).takes_native(deployment.target) != req.dialect:
         return None
     body = {**req.native}
     if ctx.send_max_tokens is not None:

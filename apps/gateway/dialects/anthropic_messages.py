@@ -365,7 +365,7 @@ async def count_tokens(ctx: pipeline.Ctx, data: dict, headers: Mapping[str, str]
                                                          "thinking")}
     for deployment in alias.deployments:
         adapter = adapter_for(deployment.target.kind)
-        if adapter.native_dialect != NAME:
+        if adapter.takes_native(deployment.target) != NAME:
             continue
         try:
             tokens = await adapter.count_tokens(deployment.target, counted)

@@ -197,17 +197,23 @@ class AnthropicAdapter(ProviderAdapter):
             headers["anthropic-beta"] = ",".join(beta) if isinstance(beta, list) else str(beta)
         return headers
 
-    def url(self, target: Target) -> str:
+    def url(self, target: Target, *, stream: bool = False) -> str:
         return (target.api_base or DEFAULT_API_BASE).rstrip("/") + "/v1/messages"
 
+    def payload(self, target: Target, req: dict) -> dict:
+        """The Messages body as this endpoint takes it (Anthropic on Vertex AI moves some of it)."""
+        return req
+
     async def complete(self, target: Target, body: dict) -> Completion:
-        data = await post_json(self.url(target), headers=self.headers(target), body=to_request(target, body),
+        data = await post_json(self.url(target), headers=self.headers(target),
+                               body=self.payload(target, to_request(target, body)),
                                secrets=(target.secret,))
         return from_response(data)
 
     async def complete_native(self, target: Target, body: dict) -> Completion:
         data = await post_json(self.url(target), headers=self.headers(target),
-                               body={**body, "model": target.upstream_model}, secrets=(target.secret,))
+                               body=self.payload(target, {**body, "model": target.upstream_model}),
+                               secrets=(target.secret,))
         completion = from_response(data)
         completion.native = data
         return completion
@@ -223,8 +229,8 @@ class AnthropicAdapter(ProviderAdapter):
         """Every upstream event, relayed under NATIVE_EVENTS (thinking and signature deltas, pings
         included), on chunks that also say in OpenAI's shape what the event adds (for the cache,
         the estimate of a broken stream and billing: the merged usage rides on message_delta's)."""
-        req = {**body, "model": target.upstream_model, "stream": True}
-        async with open_stream(self.url(target), headers=self.headers(target), body=req,
+        req = self.payload(target, {**body, "model": target.upstream_model, "stream": True})
+        async with open_stream(self.url(target, stream=True), headers=self.headers(target), body=req,
                                secrets=(target.secret,)) as resp:
             usage: dict = {}
             tools: dict[int, int] = {}
@@ -271,8 +277,8 @@ class AnthropicAdapter(ProviderAdapter):
             raise ProviderError("upstream stream ended before message_stop", code="upstream_stream_broken")
 
     async def stream(self, target: Target, body: dict):
-        req = {**to_request(target, body), "stream": True}
-        async with open_stream(self.url(target), headers=self.headers(target), body=req,
+        req = self.payload(target, {**to_request(target, body), "stream": True})
+        async with open_stream(self.url(target, stream=True), headers=self.headers(target), body=req,
                                secrets=(target.secret,)) as resp:
             cid, model, created = "", target.upstream_model, int(time.time())
             usage: dict = {}

@@ -128,6 +128,10 @@ class ProviderAdapter:
     async def embed(self, target: Target, body: dict) -> Completion:
         raise ProviderError(f"{self.kind} deployments do not offer embeddings", status=400, code="unsupported")
 
+    def takes_native(self, target: Target) -> str:
+        """The dialect this target takes unchanged ("" for none); one adapter may serve several."""
+        return self.native_dialect
+
     async def complete_native(self, target: Target, body: dict) -> Completion:
         """A body in `native_dialect`, sent unchanged; `Completion.native` is the provider's answer."""
         raise NotImplementedError
