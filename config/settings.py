@@ -14,6 +14,9 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from apps.core import redis_url
+from apps.core.redis_url import SENTINEL_SCHEMES
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 
@@ -156,7 +159,10 @@ REDIS_URL = env("REDIS_URL", default="")
 REDIS_TIMEOUT_S = env.float("REDIS_TIMEOUT_S", default=1.0)
 # After a Redis failure, calls fail fast this long (one timeout per outage, not one per request).
 REDIS_RETRY_AFTER_S = env.float("REDIS_RETRY_AFTER_S", default=1.0)
-if REDIS_URL:
+if REDIS_URL.startswith(SENTINEL_SCHEMES):  # redis+sentinel://host:26379,host2:26379/service/db
+    CACHES = {"default": redis_url.django_cache(REDIS_URL, REDIS_TIMEOUT_S)}
+    DJANGO_REDIS_CONNECTION_FACTORY = "django_redis.pool.SentinelConnectionFactory"
+elif REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
@@ -193,6 +199,10 @@ else:
         "queue_order_strategy": "priority",
         "priority_steps": list(range(10)),
     }
+    if CELERY_BROKER_URL.startswith(SENTINEL_SCHEMES):  # kombu's own form of the same thing
+        CELERY_BROKER_SENTINEL_URL = CELERY_BROKER_URL  # as given (readyz pings the master through it)
+        CELERY_BROKER_URL, _sentinel_options = redis_url.celery_broker(CELERY_BROKER_URL)
+        CELERY_BROKER_TRANSPORT_OPTIONS.update(_sentinel_options)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -367,6 +377,20 @@ CELERY_BEAT_SCHEDULE["analytics-rollup-recent"] = {
     "schedule": ANALYTICS_ROLLUP_EVERY_S,
     "options": {"queue": "analytics", "expires": ANALYTICS_ROLLUP_EVERY_S},
 }
+# --- the ledger at scale (docs/ledger-at-scale.md) ----------------------------------------------
+# PostgreSQL: monthly partitions created ahead, beyond the current month, by migrate and beat.
+LEDGER_PARTITIONS_AHEAD = env.int("LEDGER_PARTITIONS_AHEAD", default=3)
+# Retention of detailed ledger rows, in whole UTC months before the current one (0: forever); a
+# tenant's own setting (LedgerRetention, in the admin) overrides it. Rollups are kept forever.
+LEDGER_RETENTION_MONTHS = env.int("LEDGER_RETENTION_MONTHS", default=0)
+# Where archived months go: a local directory (path or file:///path) or s3://bucket/prefix.
+LEDGER_ARCHIVE_URL = env("LEDGER_ARCHIVE_URL", default=str(VAR_DIR / "ledger-archive"))
+# S3-compatible storage (credentials from the usual AWS_* variables or the instance's role).
+LEDGER_ARCHIVE_S3_ENDPOINT_URL = env("LEDGER_ARCHIVE_S3_ENDPOINT_URL", default="")
+LEDGER_ARCHIVE_S3_REGION = env("LEDGER_ARCHIVE_S3_REGION", default="us-east-1")
+CELERY_BEAT_SCHEDULE["analytics-ledger-upkeep"] = {
+    "task": "analytics.ledger_upkeep", "schedule": env.float("LEDGER_UPKEEP_EVERY_S", default=3600.0),
+    "options": {"queue": "analytics"}}
 INSTALLED_APPS += ["drf_spectacular_sidecar"]
 SPECTACULAR_SETTINGS.update({
     "SWAGGER_UI_DIST": "SIDECAR",

@@ -6,6 +6,11 @@ from apps.core.money import MONEY
 
 
 class UsageEvent(models.Model):
+    """On PostgreSQL the table is partitioned by month on `timestamp` (apps/analytics/partitions.py):
+    its primary key there is (id, timestamp), and request_id is kept unique through the
+    UsageEventRequest table and a trigger rather than a unique index (which would have to contain
+    the timestamp). Django's state still says unique, which is what every backend guarantees."""
+
     request_id = models.CharField(max_length=64, unique=True)
     timestamp = models.DateTimeField(db_index=True)
     tenant = models.ForeignKey("keys.Tenant", on_delete=models.PROTECT, related_name="+")
@@ -47,6 +52,18 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost}"
+
+
+class UsageEventRequest(models.Model):
+    """The ledger's idempotency key on PostgreSQL: one row per request id ever written to the
+    partitioned ledger (written by its insert trigger, in the same statement; forgotten when the
+    month is dropped by retention). Unused on SQLite, where request_id is unique in the ledger."""
+
+    request_id = models.CharField(max_length=64, primary_key=True)
+    timestamp = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.request_id
 
 
 # Upper bounds (ms) of the latency histogram kept in the rollups; the last bucket is open-ended.
@@ -103,3 +120,39 @@ class UsageRollupDaily(UsageRollupBase):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d} {self.model} {self.requests}"
+
+
+class LedgerRetention(models.Model):
+    """A tenant's retention of detailed ledger rows (overrides LEDGER_RETENTION_MONTHS)."""
+
+    tenant = models.OneToOneField("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    months = models.PositiveSmallIntegerField(
+        help_text="Whole UTC months kept before the current one; older months are archived, then dropped. "
+                  "0 keeps everything. Rollups (dashboards) are kept forever.")
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}: {self.months} months"
+
+
+class LedgerArchive(models.Model):
+    """One tenant's ledger rows of one UTC month, archived (apps/analytics/archive.py). `dropped_at`
+    is set once the rows left the database, and cleared by a restore."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.PROTECT, related_name="+")
+    month = models.DateField(help_text="First day of the UTC month.")
+    location = models.CharField(max_length=500, help_text="Where the archive store keeps the file.")
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField(default=0)
+    rows = models.BigIntegerField(default=0)
+    cost = models.DecimalField(**MONEY, default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    archived_at = models.DateTimeField()
+    dropped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-month", "tenant_id"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "month"], name="ledger_archive_tenant_month")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.month:%Y-%m} ({self.rows} rows)"

@@ -10,9 +10,16 @@ from decimal import Decimal
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
-from apps.core.money import money_str
+from apps.core.money import MONEY_QUANT, money_str
 
-from .models import LATENCY_BUCKETS_MS, LATENCY_FIELDS, UsageEvent, UsageRollupDaily, UsageRollupHourly
+from .models import (
+    LATENCY_BUCKETS_MS,
+    LATENCY_FIELDS,
+    LedgerArchive,
+    UsageEvent,
+    UsageRollupDaily,
+    UsageRollupHourly,
+)
 
 CSV_COLUMNS = [
     "request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type", "model",
@@ -45,7 +52,43 @@ def ledger_cost_sums(*, items) -> dict:
         sums[f"s{len(sums)}"] = Sum("cost", filter=q)
     row = UsageEvent.objects.filter(tenant_id__in={i[1] for i in items},
                                     timestamp__gte=min(i[4] for i in items)).aggregate(**sums)
-    return {item[0]: row[f"s{n}"] or Decimal(0) for n, item in enumerate(items)}
+    # The ledger's own precision (10 places): SQLite sums decimals as floats (0.85 -> 0.8500000000000001).
+    out = {item[0]: (row[f"s{n}"] or Decimal(0)).quantize(MONEY_QUANT) for n, item in enumerate(items)}
+    _add_dropped_months(items, out)
+    return out
+
+
+def _add_dropped_months(items: list, out: dict) -> None:
+    """Months whose detailed rows retention dropped (archived) still count: their spend is read from
+    the hourly rollups, which hold the same sums and are kept forever. Only a period that reaches
+    back into a dropped month (a `total` budget) needs it; one small query tells."""
+    from apps.keys.models import ApiKey, Source
+
+    from .partitions import month_bounds
+
+    dropped: dict[int, list[date]] = {}
+    first = min(i[4] for i in items).astimezone(UTC).date().replace(day=1)
+    for tenant_id, month in LedgerArchive.objects.filter(
+            tenant_id__in={i[1] for i in items}, dropped_at__isnull=False, month__gte=first).values_list(
+            "tenant_id", "month"):
+        dropped.setdefault(tenant_id, []).append(month)
+    for key, tenant_id, scope, scope_value, start, end in items:
+        q = Q()
+        for month in dropped.get(tenant_id, ()):
+            lo, hi = month_bounds(month)
+            lo, hi = max(lo, start), hi if end is None else min(hi, end)
+            if lo < hi:
+                q |= Q(bucket__gte=lo, bucket__lt=hi)
+        if not q:
+            continue
+        qs = UsageRollupHourly.objects.filter(q, tenant_id=tenant_id)
+        if scope == "source":
+            qs = qs.filter(source_id__in=Source.objects.filter(tenant_id=tenant_id, name=scope_value).values("id"))
+        elif scope == "key":
+            qs = qs.filter(api_key_id__in=ApiKey.objects.filter(tenant_id=tenant_id, name=scope_value).values("id"))
+        elif scope == "budget_id":
+            qs = qs.filter(budget_id=scope_value)
+        out[key] += qs.aggregate(c=Sum("cost"))["c"] or Decimal(0)
 
 
 def usage_events(*, tenant_ids, since: datetime | None = None, until: datetime | None = None, **filters):
@@ -338,16 +381,21 @@ def redis_checks() -> dict[str, str]:
     broker = settings.CELERY_BROKER_URL
     if broker.startswith(("redis://", "rediss://")):
         targets["broker"] = broker
+    elif broker.startswith("sentinel://"):  # settings turned redis+sentinel:// into kombu's form
+        targets["broker"] = getattr(settings, "CELERY_BROKER_SENTINEL_URL", "")
     elif broker.startswith("filesystem://"):
         folder = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}).get("data_folder_in", "")
         checks["broker"] = "ok" if folder and os.access(folder, os.W_OK) else "error: broker folder not writable"
     if targets:
         import redis
 
+        from apps.core.redis import sync_client_for
+
         for name, url in targets.items():
+            if not url:
+                continue
             try:
-                redis.Redis.from_url(url, socket_timeout=settings.REDIS_TIMEOUT_S,
-                                     socket_connect_timeout=settings.REDIS_TIMEOUT_S).ping()
+                sync_client_for(url).ping()  # redis:// or redis+sentinel:// (the current master)
                 checks[name] = "ok"
             except redis.RedisError as exc:
                 checks[name] = f"error: {type(exc).__name__}"
@@ -399,3 +447,12 @@ def usage_event_summary(*, request_id: str) -> dict | None:
     the request already ran and was billed."""
     return UsageEvent.objects.filter(request_id=request_id).values(
         "status", "prompt_tokens", "completion_tokens", "cost").first()
+
+
+def ledger_archived_months(*, tenant_ids) -> list[dict]:
+    """Archived months of these tenants, newest first: what the dashboard lists (apps/analytics/archive.py).
+    `dropped`: the detailed rows left the database (the month's charts still come from rollups;
+    `manage.py ledger_restore --month YYYY-MM` brings the rows back)."""
+    return [{"tenant": a.tenant.slug, "month": a.month, "rows": a.rows, "cost": a.cost, "location": a.location,
+             "archived_at": a.archived_at, "dropped": a.dropped_at is not None}
+            for a in LedgerArchive.objects.filter(tenant_id__in=tenant_ids).select_related("tenant")]

@@ -102,13 +102,32 @@ def _latency_counts() -> dict:
     return out
 
 
-def usage_rollup_recompute(*, since: datetime, until: datetime) -> dict[str, int]:
+def usage_rollup_recompute(*, since: datetime, until: datetime,
+                           exclude_tenants: set[int] | None = None) -> dict[str, int]:
     """Recompute the hourly rollups of every hour touching [since, until) and the daily rollups of
     every UTC day touching it. Idempotent: the buckets are deleted and rebuilt from the ledger in
-    one transaction, so it can run as often as wanted and late ledger rows are picked up."""
+    one transaction, so it can run as often as wanted and late ledger rows are picked up.
+
+    Rollups are kept forever, the detailed rows only for the retention period: a tenant's month
+    whose rows were archived and dropped (LedgerArchive.dropped_at) keeps its rollups as they are."""
     h_start, h_end = _hour_floor(since), _hour_floor(until)
     if h_end < until:
         h_end += timedelta(hours=1)
+    if exclude_tenants is None:
+        dropped = _dropped_tenants_by_month(h_start, h_end)
+        if dropped:  # month by month (months are whole days), each without its dropped tenants
+            from .partitions import month_add, month_bounds, month_start
+
+            out = {"hourly": 0, "daily": 0}
+            month = month_start(h_start)
+            while month_bounds(month)[0] < h_end:
+                lo, hi = month_bounds(month)
+                part = usage_rollup_recompute(since=max(lo, h_start), until=min(hi, h_end),
+                                              exclude_tenants=dropped.get(month, set()))
+                out = {k: out[k] + part[k] for k in out}
+                month = month_add(month, 1)
+            return out
+    exclude_tenants = exclude_tenants or set()
     d_start, d_end = _day_floor(h_start), _day_floor(h_end)
     if d_end < h_end:
         d_end += timedelta(days=1)
@@ -118,8 +137,11 @@ def usage_rollup_recompute(*, since: datetime, until: datetime) -> dict[str, int
         "d_source_id": Coalesce("source_id", Value(0)), "d_api_key_id": Coalesce("api_key_id", Value(0)),
         "d_budget_id": F("budget_id"),
     }
+    def kept(qs):
+        return qs.exclude(tenant_id__in=exclude_tenants) if exclude_tenants else qs
+
     hourly = (
-        UsageEvent.objects.filter(timestamp__gte=h_start, timestamp__lt=h_end).order_by()
+        kept(UsageEvent.objects.filter(timestamp__gte=h_start, timestamp__lt=h_end)).order_by()
         .annotate(d_bucket=TruncHour("timestamp", tzinfo=UTC), **dims, d_status_class=_status_class())
         .values("d_bucket", *dims, "d_status_class")
         .annotate(
@@ -137,18 +159,35 @@ def usage_rollup_recompute(*, since: datetime, until: datetime) -> dict[str, int
         if connection.vendor == "postgresql":  # one recompute at a time (beat overlap, manual runs)
             with connection.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", [ROLLUP_LOCK_ID])
-        UsageRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end).delete()
+        kept(UsageRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end)).delete()
         n_hourly = _insert_select(UsageRollupHourly, hourly, dim_cols + measure_cols)
         day_dims = {f"d_{c}": F(c) for c in dim_cols[1:]}
         daily = (
-            UsageRollupHourly.objects.filter(bucket__gte=d_start, bucket__lt=d_end).order_by()
+            kept(UsageRollupHourly.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).order_by()
             .annotate(d_bucket=TruncDay("bucket", tzinfo=UTC), **day_dims)
             .values("d_bucket", *day_dims)
             .annotate(**{f"a_{c}": Sum(c) for c in measure_cols})
         )
-        UsageRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end).delete()
+        kept(UsageRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).delete()
         n_daily = _insert_select(UsageRollupDaily, daily, dim_cols + measure_cols)
     return {"hourly": n_hourly, "daily": n_daily}
+
+
+def _dropped_tenants_by_month(start: datetime, end: datetime) -> dict:
+    """{first day of month: tenant ids} whose detailed rows of that month were dropped, for the
+    UTC months touching [start, end)."""
+    from .models import LedgerArchive
+    from .partitions import month_add, month_bounds, month_start
+
+    months, month = [], month_start(start.astimezone(UTC))
+    while month_bounds(month)[0] < end:
+        months.append(month)
+        month = month_add(month, 1)
+    out: dict = {}
+    for m, tenant_id in LedgerArchive.objects.filter(dropped_at__isnull=False, month__in=months).values_list(
+            "month", "tenant_id"):
+        out.setdefault(m, set()).add(tenant_id)
+    return out
 
 
 def usage_rollup_recent(*, now: datetime | None = None) -> dict[str, int]:
@@ -239,16 +278,20 @@ def _batcher(pool) -> _Batcher:
 
 @cache
 def _insert_sql() -> tuple[str, list]:
-    """One INSERT for any number of rows, ON CONFLICT (request_id) DO NOTHING: each column is passed
-    as an array and unnested, so the statement text never changes (psycopg parses and PostgreSQL
-    prepares it once). With each column's model default for fields the caller leaves out."""
+    """One INSERT for any number of rows, idempotent on request_id: each column is passed as an array
+    and unnested, so the statement text never changes (psycopg parses and PostgreSQL prepares it
+    once). With each column's model default for fields the caller leaves out.
+
+    `ON CONFLICT DO NOTHING` has no target: on the partitioned ledger request_id is kept unique by
+    the idempotency table's key, which the table's insert trigger checks in this same statement
+    (apps/analytics/partitions.py); on an unpartitioned table the unique index on request_id does."""
     from django.db import connection
 
     fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
     cols = ", ".join(f'"{f.column}"' for f in fields)
     arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
     sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
-           'ON CONFLICT ("request_id") DO NOTHING')
+           'ON CONFLICT DO NOTHING')
     return sql, [(f.attname, f.get_default) for f in fields]
 
 
@@ -259,7 +302,7 @@ def _insert_one_sql() -> str:
     cols = ", ".join(f'"{f.column}"' for f in fields)
     values = ", ".join("%s" for _ in fields)
     return (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) VALUES ({values}) '  # noqa: S608
-            'ON CONFLICT ("request_id") DO NOTHING')
+            'ON CONFLICT DO NOTHING')
 
 
 # --- experiment: the ledger through a Redis stream --------------------------------------------
@@ -284,7 +327,9 @@ def ledger_stream_drain(*, batch: int = 1000, consumer: str = "drain") -> int:
     acknowledged only after its INSERT committed, so a crash re-delivers it (the insert is idempotent)."""
     import redis
 
-    client = redis.Redis.from_url(settings.REDIS_URL)
+    from apps.core.redis import sync_client_for
+
+    client = sync_client_for(settings.REDIS_URL, timeout_s=30)
     try:
         client.xgroup_create(LEDGER_STREAM, LEDGER_GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:

@@ -22,3 +22,11 @@ def ledger_replay_task() -> dict:
     from .journal import ledger_replay
 
     return ledger_replay()
+
+
+@shared_task(name="analytics.ledger_upkeep", ignore_result=True)
+def ledger_upkeep_task() -> dict:
+    """Create the ledger's partitions ahead; archive and drop what retention lets go (PostgreSQL)."""
+    from .archive import ledger_upkeep
+
+    return ledger_upkeep()

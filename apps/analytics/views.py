@@ -87,6 +87,7 @@ def dashboard(request):
         context["choices"] = selectors.usage_filter_choices(tenant_ids=filters.tenant_ids, since=filters.since,
                                                             until=filters.until)
         context["query"] = request.GET.urlencode()
+        context["archived"] = selectors.ledger_archived_months(tenant_ids=filters.tenant_ids)
     return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import ROUND_CEILING, Decimal
 
 MONEY = {"max_digits": 20, "decimal_places": 10}
+MONEY_QUANT = Decimal("0.0000000001")
 
 
 def money_str(value: Decimal | None) -> str | None:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from django.conf import settings
 
 from . import caches
+from .redis_url import SentinelURL, sentinel_url  # noqa: F401 - `redis+sentinel://` URLs
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +58,39 @@ def client():
             if old.is_closed():
                 del _clients[key]
         timeout = settings.REDIS_TIMEOUT_S
-        pool = aioredis.ConnectionPool.from_url(
-            settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), connection_class=_ServerCheckedConnection)
+        common = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+        sentinel = sentinel_url(settings.REDIS_URL)
+        if sentinel is None:
+            pool = aioredis.ConnectionPool.from_url(settings.REDIS_URL, connection_class=_ServerCheckedConnection,
+                                                    **common)
+        else:  # each new connection asks the Sentinels for the current master
+            from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+            manager = Sentinel(sentinel.hosts, sentinel_kwargs=sentinel.sentinel_kwargs(timeout))
+            pool = SentinelConnectionPool(sentinel.service, manager, connection_class=_SentinelServerChecked,
+                                          **sentinel.master_kwargs(), **common)
         entry = _clients[id(loop)] = (loop, aioredis.Redis(connection_pool=pool))
     return entry[1]
 
 
 def sync_client():
     """A blocking client, for management commands, beat tasks and tests (never the hot path)."""
+    return sync_client_for(settings.REDIS_URL)
+
+
+def sync_client_for(url: str, *, timeout_s: float | None = None):
+    """A blocking client for a `redis://` URL or a `redis+sentinel://` one (then of the current master)."""
     import redis
 
-    timeout = settings.REDIS_TIMEOUT_S
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
+    timeout = settings.REDIS_TIMEOUT_S if timeout_s is None else timeout_s
+    sentinel = sentinel_url(url)
+    if sentinel is None:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    from redis.sentinel import Sentinel
+
+    manager = Sentinel(sentinel.hosts, sentinel_kwargs=sentinel.sentinel_kwargs(timeout))
+    return manager.master_for(sentinel.service, socket_timeout=timeout, socket_connect_timeout=timeout,
+                              **sentinel.master_kwargs())
 
 
 def request_begin() -> None:
@@ -144,16 +165,24 @@ def _reset() -> None:
 caches.on_reset(_reset)
 
 
-def _connection_base():
-    from redis.asyncio.connection import Connection
+class _RunIdCheck:
+    """On every new connection: which server is this? (see on_new_server)
 
-    return Connection
+    redis-py 6+ runs the handshake in `on_connect_check_health` (its `connect` no longer calls
+    `on_connect`); older versions run it in `on_connect`. The check hooks whichever the installed
+    version calls, once per connection."""
 
-
-class _ServerCheckedConnection(_connection_base()):
     async def on_connect_check_health(self, check_health: bool = True) -> None:
-        global _known_run_id
         await super().on_connect_check_health(check_health=check_health)
+        await self._check_server()
+
+    async def on_connect(self) -> None:
+        await super().on_connect()
+        if not hasattr(super(), "on_connect_check_health"):  # redis-py < 6: on_connect is the handshake
+            await self._check_server()
+
+    async def _check_server(self) -> None:
+        global _known_run_id
         info = await conn_command(self, "INFO", "server")
         if isinstance(info, bytes):
             info = info.decode()
@@ -173,3 +202,24 @@ class _ServerCheckedConnection(_connection_base()):
                 await self.disconnect()
                 raise NewServer(f"Redis server {run_id} is being validated") from exc
         _known_run_id = run_id
+
+
+def _connection_base():
+    from redis.asyncio.connection import Connection
+
+    return Connection
+
+
+def _sentinel_connection_base():
+    from redis.asyncio.sentinel import SentinelManagedConnection
+
+    return SentinelManagedConnection
+
+
+class _ServerCheckedConnection(_RunIdCheck, _connection_base()):
+    pass
+
+
+class _SentinelServerChecked(_RunIdCheck, _sentinel_connection_base()):
+    """A connection to the master the Sentinels name now: after a failover, the promoted replica has
+    another run id, so the budget counters are checked and rebuilt as after a restart."""

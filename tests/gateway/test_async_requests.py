@@ -9,6 +9,7 @@ from decimal import Decimal
 import httpx
 import orjson
 import pytest
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.utils import timezone
 
@@ -255,6 +256,8 @@ def test_a_hold_survives_the_trip_through_json_to_the_worker():
 
     assert back.to_dict() == hold.to_dict()
     assert back in open_holds()  # the worker took it over: it owns the exit now
+    async_to_sync(back.release)()
+    assert back not in open_holds()
 
 
 

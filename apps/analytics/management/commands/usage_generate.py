@@ -3,13 +3,14 @@
 import random
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, timedelta
 from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.utils import timezone
 
+from apps.analytics import partitions
 from apps.analytics.models import UsageEvent
 from apps.analytics.services import usage_rollup_recompute
 from apps.billing.models import Budget
@@ -56,6 +57,11 @@ class Command(BaseCommand):
         began = time.perf_counter()
         rows = self._rows(rng, t, keys, start, now, events)
         if connection.vendor == "postgresql":
+            if partitions.is_partitioned():  # each month's rows straight into its own partition
+                month = partitions.month_start(start.astimezone(UTC))
+                while partitions.month_bounds(month)[0] <= now:
+                    partitions.partition_ensure(month)
+                    month = partitions.month_add(month, 1)
             self._copy(rows)
         else:
             self._bulk(rows)
