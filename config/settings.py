@@ -485,6 +485,9 @@ BUDGET_ALERT_CONFIG_TTL_S = env.float("BUDGET_ALERT_CONFIG_TTL_S", default=10.0)
 # --- async requests and batches (apps/gateway/async_requests.py, batches.py) --------------------
 # Seconds a finished async request (result, error, usage) is kept before the purge task deletes it.
 GATEWAY_ASYNC_RESULT_TTL_S = env.int("GATEWAY_ASYNC_RESULT_TTL_S", default=7 * 24 * 3600)
+# Seconds a Responses API answer sent with `store: true` is kept (for previous_response_id, GET and
+# DELETE /v1/responses/{id}); 0 turns storing off (`store: true` is then refused).
+GATEWAY_RESPONSES_STORE_TTL_S = env.int("GATEWAY_RESPONSES_STORE_TTL_S", default=30 * 24 * 3600)
 # Seconds a worker owns an async request or batch line it claimed; past it, the resume sweep
 # hands the work to another worker (a worker killed mid-task). Longer than one upstream call.
 GATEWAY_JOB_LEASE_S = env.float("GATEWAY_JOB_LEASE_S", default=600.0)
@@ -505,6 +508,8 @@ CELERY_BEAT_SCHEDULE.update({
                             "options": {"queue": "async"}},
     "gateway-async-requests-purge": {"task": "apps.gateway.tasks.async_requests_purge",
                                      "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
+    "gateway-stored-responses-purge": {"task": "apps.gateway.tasks.stored_responses_purge",
+                                       "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
 })
 # /metrics names every tenant and budget: with a token, scrapes send `Authorization: Bearer <token>`
 # (Prometheus: `authorization: {credentials: ...}`); without one, only loopback may scrape.

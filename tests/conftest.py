@@ -425,3 +425,37 @@ def sso_provider(_oidc_server, settings):
                                         "django.contrib.auth.backends.ModelBackend"]
     yield _oidc_server
     sso.discovery_reset()
+
+
+@pytest.fixture(scope="session")
+def _fake_bedrock_server():
+    from tests.fakes.bedrock_server import FakeBedrock
+
+    server = FakeBedrock().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bedrock_upstream(_fake_bedrock_server):
+    _fake_bedrock_server.requests.clear()
+    return _fake_bedrock_server
+
+
+@pytest.fixture(scope="session")
+def _fake_vertex_server():
+    from tests.fakes.vertex_server import FakeVertex
+
+    server = FakeVertex().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vertex_upstream(_fake_vertex_server):
+    from apps.gateway.providers import vertex
+
+    _fake_vertex_server.requests.clear()
+    vertex.credentials_reset()
+    yield _fake_vertex_server
+    vertex.credentials_reset()

@@ -20,8 +20,10 @@ from apps.core.db import db_sync
 
 from . import async_requests, batches, pipeline, schemas, tracing
 from . import openapi as doc
+from .dialects import anthropic_messages, bearer, openai_responses
 from .errors import GatewayError, from_http_error, from_param_errors, invalid_request, not_found
-from .selectors import routing_table
+from .selectors import routing_table, stored_response_get
+from .services import stored_response_delete
 
 api = doc.GatewayAPI(title="LLM Service data plane", version="1", urls_namespace="v1", docs_url="/docs")
 
@@ -92,6 +94,110 @@ async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) ->
 async def chat_completions(request: HttpRequest):
     """OpenAI chat completions, streaming or not, plus our `metadata`, `cache`, `async`, `batch_id`."""
     return await _handle(request, pipeline.CHAT)
+
+
+async def _handle_dialect(request: HttpRequest, ctx: pipeline.Ctx, *, encoder, render, error) -> HttpResponse:
+    """The pipeline for another API's dialect: `ctx.translate` makes the chat request, `render`
+    answers in the dialect, `encoder` writes its stream, `error` its error shape."""
+    try:
+        hit = await pipeline.prepare(ctx, bearer(request.headers), request.body)
+        if ctx.is_async:
+            return await _enqueue(ctx, hit)
+        ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
+        if ctx.stream:
+            enc = encoder()
+            if hit is not None:
+                events = pipeline.EventStream(ctx, enc.replay(hit))
+            else:
+                first, agen = await pipeline.open_stream(ctx)
+                events = pipeline.EventStream(ctx, pipeline.stream_events(ctx, first, agen, encoder=enc), agen)
+            resp = StreamingHttpResponse(events, content_type="text/event-stream")
+            resp["cache-control"] = "no-cache"
+            resp["x-accel-buffering"] = "no"
+            _decorate(resp, ctx)
+            return resp
+        if hit is not None:
+            await pipeline.end(ctx)
+            completion = hit
+        else:
+            completion = await pipeline.execute(ctx)
+        ctx.headers["x-gateway-cost-usd"] = f"{ctx.cost:f}"
+        return _json(await render(completion), ctx)
+    except GatewayError as exc:
+        resp = error(exc, ctx)
+        _decorate(resp, ctx)
+        return resp
+    except Exception:
+        logging.getLogger(__name__).exception("request %s failed", ctx.request_id)
+        resp = error(GatewayError(500, "The gateway failed to answer this request.", type="api_error",
+                                  code="internal_error"), ctx)
+        _decorate(resp, ctx)
+        return resp
+
+
+def _dialect_ctx(request: HttpRequest, dialect: str, translate) -> pipeline.Ctx:
+    ctx = pipeline.Ctx(kind=pipeline.CHAT, dialect=dialect, translate=translate, endpoint=request.path_info,
+                       client_ip=request.META.get("REMOTE_ADDR", ""))
+    if tracing.ENABLED:
+        ctx.traceparent = request.headers.get("traceparent", "")
+    return ctx
+
+
+@api.post("/messages", openapi_extra=doc.MESSAGES)
+async def messages(request: HttpRequest):
+    """Anthropic's Messages API (`x-api-key` or Bearer), to any provider kind; our metadata in
+    `x-gateway-*` headers or `metadata` (see apps/gateway/dialects/anthropic_messages.py)."""
+    m = anthropic_messages
+    ctx = _dialect_ctx(request, m.NAME, m.translator(request.headers))
+    return await _handle_dialect(request, ctx, encoder=lambda: m.Encoder(ctx),
+                                 render=lambda c: m.render(ctx, c), error=m.error_response)
+
+
+@api.post("/messages/count_tokens", openapi_extra=doc.MESSAGES_COUNT_TOKENS)
+async def messages_count_tokens(request: HttpRequest):
+    """Input tokens of a Messages body: the provider's count (Anthropic deployments), else our
+    estimate, flagged (`"estimated": true`, `x-gateway-estimated: true`). Free: no ledger row."""
+    ctx = pipeline.Ctx(dialect=anthropic_messages.NAME, endpoint=request.path_info,
+                       client_ip=request.META.get("REMOTE_ADDR", ""))
+    try:
+        await pipeline.authenticate(ctx, bearer(request.headers))
+        answer, estimated = await anthropic_messages.count_tokens(ctx, schemas.parse_json(request.body),
+                                                                  request.headers)
+    except GatewayError as exc:
+        resp = anthropic_messages.error_response(exc, ctx)
+        _decorate(resp, ctx)
+        return resp
+    if estimated:
+        ctx.headers["x-gateway-estimated"] = "true"
+    return _json(answer, ctx)
+
+
+@api.post("/responses", openapi_extra=doc.RESPONSES)
+async def responses(request: HttpRequest):
+    """OpenAI's Responses API, to any provider kind (see apps/gateway/dialects/openai_responses.py)."""
+    r = openai_responses
+    turn: list = []  # the translator hands back what the answer echoes and stores
+    ctx = _dialect_ctx(request, r.NAME, r.translator(request.headers, turn))
+    return await _handle_dialect(request, ctx, encoder=lambda: r.Encoder(ctx, turn[0]),
+                                 render=lambda c: r.render(ctx, turn[0], c), error=_error)
+
+
+@api.get("/responses/{response_id}", openapi_extra=doc.RESPONSE_GET)
+async def response_retrieve(request: HttpRequest, response_id: str):
+    """A response kept with `store: true` (within the key's tenant and GATEWAY_RESPONSES_STORE_TTL_S)."""
+    ctx = await _authenticated(request)
+    row = await db_sync(stored_response_get, tenant_id=ctx.auth.tenant_id, response_id=response_id)
+    if row is None:
+        raise not_found(f"No response with id '{response_id}' is stored (only `store: true` responses are kept).")
+    return _json(openai_responses.stored_view(row), ctx)
+
+
+@api.delete("/responses/{response_id}", openapi_extra=doc.RESPONSE_DELETE)
+async def response_delete(request: HttpRequest, response_id: str):
+    ctx = await _authenticated(request)
+    if not await db_sync(stored_response_delete, tenant_id=ctx.auth.tenant_id, response_id=response_id):
+        raise not_found(f"No response with id '{response_id}' is stored.")
+    return _json({"id": response_id, "object": "response", "deleted": True}, ctx)
 
 
 @api.post("/embeddings", openapi_extra=doc.EMBEDDINGS)

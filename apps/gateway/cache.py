@@ -139,6 +139,9 @@ def cacheable(ctx: Ctx) -> bool:
 
 def cache_key(ctx: Ctx) -> str:
     params = {k: v for k, v in ctx.body.items() if k not in _NOT_IN_KEY}
+    native = ctx.request.native if ctx.request is not None else None
+    if native:  # what a native deployment is sent, beyond the chat translation (thinking, cache_control)
+        params["_native"] = {k: v for k, v in native.items() if k not in _NOT_IN_KEY}
     for name in _FLOAT_PARAMS:
         if isinstance(params.get(name), int | float):
             params[name] = float(params[name])

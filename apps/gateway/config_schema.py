@@ -25,7 +25,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-ProviderKindName = Literal["openai", "azure_openai", "anthropic", "gemini", "openai_compatible", "mock"]
+ProviderKindName = Literal["openai", "azure_openai", "anthropic", "gemini", "openai_compatible", "mock", "bedrock",
+                           "vertex"]
 
 
 # Provider options each kind understands (see docs/providers.md), with their types.
@@ -36,9 +37,12 @@ PROVIDER_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "gemini": {"api_version": str},
     "openai_compatible": {},
     "mock": {},
+    "bedrock": {"region": str, "profile": str},
+    "vertex": {"project": str, "location": str, "publisher": str},
 }
 # Kinds whose api_base has a public default; the others must name theirs.
-DEFAULT_API_BASES = {"openai", "anthropic", "gemini", "mock"}
+# bedrock and vertex: from the region (location)
+DEFAULT_API_BASES = {"openai", "anthropic", "gemini", "mock", "bedrock", "vertex"}
 
 
 class ProviderSpec(_Strict):

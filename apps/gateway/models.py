@@ -11,6 +11,8 @@ class ProviderKind(models.TextChoices):
     GEMINI = "gemini"
     OPENAI_COMPATIBLE = "openai_compatible"
     MOCK = "mock"
+    BEDROCK = "bedrock"
+    VERTEX = "vertex"
 
 
 class Provider(models.Model):
@@ -269,3 +271,23 @@ class OpsIncident(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({'resolved' if self.resolved_at else 'open'})"
+
+
+class StoredResponse(models.Model):
+    """A Responses API answer kept with `store: true`, for `previous_response_id`, GET and DELETE:
+    the conversation up to and including it (chat messages, instructions excluded), kept per tenant
+    until `expires_at` (GATEWAY_RESPONSES_STORE_TTL_S)."""
+
+    id = models.CharField(primary_key=True, max_length=64)
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
+    conversation = models.JSONField()
+    response = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["expires_at"])]
+
+    def __str__(self) -> str:
+        return self.id

@@ -296,16 +296,18 @@ def _json(ref: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": ref}}}
 
 
-def _responses(ok: dict[int, dict], errors: tuple[int, ...]) -> dict[int, dict]:
+def _responses(ok: dict[int, dict], errors: tuple[int, ...], error_schema: dict | None = None) -> dict[int, dict]:
     out = dict(ok)  # int keys, as ninja writes its own default 200
     for status in sorted(set(errors)):
-        out[status] = _json(ERROR, _ERROR_TEXT[status])
+        out[status] = _json(error_schema or ERROR, _ERROR_TEXT[status])
     return out
 
 
-def operation(*, ok: dict[int, dict], errors: tuple[int, ...] = BASE_ERRORS, body: dict | None = None) -> dict:
-    """An operation's openapi_extra: its request body, its answers and the errors it may give."""
-    extra: dict[str, Any] = {"responses": _responses(ok, errors)}
+def operation(*, ok: dict[int, dict], errors: tuple[int, ...] = BASE_ERRORS, body: dict | None = None,
+              error_schema: dict | None = None) -> dict:
+    """An operation's openapi_extra: its request body, its answers and the errors it may give
+    (OpenAI's error shape unless `error_schema`: Anthropic's, for /v1/messages)."""
+    extra: dict[str, Any] = {"responses": _responses(ok, errors, error_schema)}
     if body is not None:
         extra["requestBody"] = body
     return extra
@@ -381,3 +383,38 @@ class GatewayAPI(NinjaAPI):
             "description": "An API key of the gateway: `Authorization: Bearer sk-...`."}
         schema["security"] = [{SECURITY_SCHEME: []}]
         return schema
+
+
+# --- other dialects (apps/gateway/dialects): documented loosely, their own SDKs define them --------
+
+_OBJECT = {"type": "object", "additionalProperties": True}
+ANTHROPIC_ERROR = _register_schema("AnthropicError", {
+    "title": "AnthropicError", "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"type": "string", "enum": ["error"]},
+                   "error": {"type": "object", "required": ["type", "message"],
+                             "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}},
+    "description": "Anthropic's error shape, so the `anthropic` SDK raises its own error classes."})
+MESSAGES = operation(
+    body=json_body({**_OBJECT, "title": "AnthropicMessagesRequest", "required": ["model", "messages", "max_tokens"],
+                    "description": "Anthropic's Messages API body (x-api-key or Bearer with our API keys)."},
+                   {"model": "gpt-4o-mini", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]}),
+    ok={200: {"description": "An Anthropic message; with `stream: true`, Anthropic's server-sent events.",
+              "content": {"application/json": {"schema": _OBJECT}, **_SSE}}, **_ASYNC},
+    errors=PIPELINE_ERRORS, error_schema=ANTHROPIC_ERROR)
+MESSAGES_COUNT_TOKENS = operation(
+    body=json_body({**_OBJECT, "title": "AnthropicCountTokensRequest", "required": ["model", "messages"]},
+                   {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}),
+    ok={200: _json({"type": "object", "required": ["input_tokens"],
+                    "properties": {"input_tokens": {"type": "integer"}, "estimated": {"type": "boolean"}}},
+                   "The prompt's input tokens (the provider's count, or our estimate, flagged).")},
+    errors=PIPELINE_ERRORS, error_schema=ANTHROPIC_ERROR)
+RESPONSES = operation(
+    body=json_body({**_OBJECT, "title": "ResponsesRequest", "required": ["model"],
+                    "description": "OpenAI's Responses API body (stateless, or `store` + `previous_response_id`)."},
+                   {"model": "gpt-4o-mini", "input": "Hello"}),
+    ok={200: {"description": "A response; with `stream: true`, the Responses event sequence.",
+              "content": {"application/json": {"schema": _OBJECT}, **_SSE}}, **_ASYNC},
+    errors=PIPELINE_ERRORS)
+RESPONSE_GET = operation(ok={200: _json(_OBJECT, "A response kept with `store: true`.")},
+                         errors=(*BASE_ERRORS, 404))
+RESPONSE_DELETE = operation(ok={200: _json(_OBJECT, "Deleted.")}, errors=(*BASE_ERRORS, 404))

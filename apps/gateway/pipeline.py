@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -43,7 +43,7 @@ from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 from . import admission, cache, observe, router, schemas
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import GATEWAY_USAGE, Completion, Usage, adapter_for
-from .providers.base import ProviderError
+from .providers.base import NATIVE_EVENTS, ProviderError
 from .selectors import AliasRoute, DeploymentRoute, TenantPolicy, routing_table, tenant_policy
 from .tokens import estimate_text, text_of
 
@@ -106,6 +106,10 @@ class Ctx:
     raw_body: bytes | dict | None = None  # the body as received
     response_body: object = None  # as sent: a completion body, an error body, or a stream's chunks
     traceparent: str = ""
+    # Another API's dialect (apps.gateway.dialects: "messages", "responses"): the ledger's request_type.
+    dialect: str = ""
+    # The dialect's translator, run after authentication: its body -> the chat GatewayRequest.
+    translate: Callable[[Ctx, dict | bytes], Awaitable[schemas.GatewayRequest]] | None = None
 
     @property
     def body(self) -> dict:
@@ -154,6 +158,7 @@ class Ctx:
         self.cache_key = plan["cache_key"]
         self.source_id, self.source_name, self.source_type = plan["source"]
         self.budget_id = plan["budget_id"]
+        self.dialect = self.request.dialect
         self.is_async = True
 
 
@@ -194,10 +199,12 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
     last_used.flush_soon()
 
 
-def validate(ctx: Ctx, data: dict | bytes) -> None:
-    """Parse the body once into the typed request (raw JSON or parsed, OpenAI's or the seed's shape)."""
-    ctx.raw_body = data
-    ctx.request = schemas.parse_request(ctx.kind, data)
+def validate(ctx: Ctx, data: dict | bytes | schemas.GatewayRequest) -> None:
+    """Parse the body once into the typed request (raw JSON or parsed, OpenAI's or the seed's shape;
+    or already translated from another dialect)."""
+    if not isinstance(data, schemas.GatewayRequest):
+        ctx.raw_body = data
+    ctx.request = data if isinstance(data, schemas.GatewayRequest) else schemas.parse_request(ctx.kind, data)
     # A worker may have set these already (a Batches API line is async with the batch's id).
     ctx.is_async = ctx.is_async or bool(ctx.options.async_)
     ctx.batch_id = ctx.batch_id or ctx.options.batch_id or ""
@@ -352,7 +359,7 @@ async def record(ctx: Ctx) -> None:
         source_id=ctx.source_id if ctx.request is not None else ctx.auth.source_id,
         source_type=ctx.source_type or meta.source_type or ctx.auth.source_type or "application",
         source_ref=ctx.source_name or ctx.auth.source_name,
-        request_type=ctx.kind,
+        request_type=ctx.dialect or ctx.kind,
         model=ctx.model if ctx.alias else (ctx.request.model if ctx.request else ""),
         deployment_id=d.id if d else None,
         provider=d.provider_name if d else "",
@@ -408,6 +415,10 @@ async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
     try:
         policy = await tenant_policy(ctx.auth.tenant_id)
         watch(ctx, policy)
+        if ctx.translate is not None:
+            if ctx.watch:
+                ctx.raw_body = data  # the body as the client sent it, before translation
+            data = await ctx.translate(ctx, data)
         validate(ctx, data)
         attribute(ctx, policy)
         await route(ctx)
@@ -449,6 +460,21 @@ def _upstream_body(ctx: Ctx, deployment: DeploymentRoute) -> dict:
     return body
 
 
+def _native_body(ctx: Ctx, deployment: DeploymentRoute) -> dict | None:
+    """The client's own body, when it speaks the dialect this deployment's adapter takes unchanged
+    (with the max_tokens admission settled on)."""
+    req = ctx.request
+    if not req.dialect or req.native is None or \
+            adapter_for(deployment.target.kind).takes_native(deployment.target) != req.dialect:
+        return None
+    body = {**req.native}
+    if ctx.send_max_tokens is not None:
+        body["max_tokens"] = ctx.send_max_tokens
+    if not ctx.stream:
+        body.pop("stream", None)
+    return body
+
+
 def _estimate_usage(ctx: Ctx, completion_text: str) -> Usage:
     if ctx.kind == EMBEDDINGS:
         return Usage(prompt_tokens=ctx.request.token_estimate, estimated=True)
@@ -464,6 +490,9 @@ async def execute(ctx: Ctx) -> Completion:
         body = _upstream_body(ctx, deployment)
         if ctx.kind == EMBEDDINGS:
             return await adapter.embed(deployment.target, body)
+        native = _native_body(ctx, deployment)
+        if native is not None:
+            return await adapter.complete_native(deployment.target, native)
         return await adapter.complete(deployment.target, body)
 
     try:
@@ -507,7 +536,12 @@ async def open_stream(ctx: Ctx) -> tuple[dict | None, AsyncIterator[dict]]:
     client, a failure may still fall back; after it, never."""
 
     async def invoke(deployment: DeploymentRoute):
-        agen = adapter_for(deployment.target.kind).stream(deployment.target, _upstream_body(ctx, deployment))
+        adapter = adapter_for(deployment.target.kind)
+        native = _native_body(ctx, deployment)
+        if native is not None:
+            agen = adapter.stream_native(deployment.target, native)
+        else:
+            agen = adapter.stream(deployment.target, _upstream_body(ctx, deployment))
         try:
             first = await agen.__anext__()
         except StopAsyncIteration:
@@ -593,10 +627,26 @@ class EventStream:
                     await self._upstream.aclose()
 
 
-async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    """Relay the upstream chunks as SSE; settle and write the ledger row before `[DONE]`.
-    A failure mid-stream ends the stream with an error event (which the OpenAI SDK raises); a
-    client that goes away is billed for what was produced."""
+class StreamEncoder:
+    """How a stream is written in another dialect (apps.gateway.dialects): each relayed chunk, the
+    closing events (sent after the request has ended, as `[DONE]` is) and a mid-stream error."""
+
+    def chunk(self, chunk: dict) -> bytes:
+        raise NotImplementedError
+
+    async def finish(self, ctx: Ctx) -> bytes:
+        raise NotImplementedError
+
+    def error(self, message: str, code: str) -> bytes:
+        raise NotImplementedError
+
+
+async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict],
+                        encoder: StreamEncoder | None = None) -> AsyncIterator[bytes]:
+    """Relay the upstream chunks as SSE (OpenAI's, or `encoder`'s dialect); settle and write the
+    ledger row before `[DONE]` (or the encoder's closing events). A failure mid-stream ends the
+    stream with an error event (which the SDKs raise); a client that goes away is billed for what
+    was produced."""
     produced: list[str] = []
     usage: Usage | None = None
     usage_chunk: dict | None = None
@@ -623,11 +673,18 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
                     produced.append(piece)
-            yield sse(chunk)
+            if encoder is not None:
+                yield encoder.chunk(chunk)
+            else:
+                chunk.pop(NATIVE_EVENTS, None)
+                yield sse(chunk)
             chunk = await _next_chunk(agen)
         ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
         await recorder.store(ctx.usage)
         await end(ctx)
+        if encoder is not None:
+            yield await encoder.finish(ctx)
+            return
         if ctx.include_usage:
             yield sse(usage_chunk or {"id": first.get("id") if first else ctx.request_id,
                                       "object": "chat.completion.chunk", "created": int(time.time()),
@@ -636,7 +693,10 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
     except ProviderError as exc:
         ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
         await end(ctx, GatewayError(502, exc.message, type="api_error", code=exc.code))
-        yield sse({"error": {"message": exc.message, "type": "api_error", "param": None, "code": exc.code}})
+        if encoder is not None:
+            yield encoder.error(exc.message, exc.code)
+        else:
+            yield sse({"error": {"message": exc.message, "type": "api_error", "param": None, "code": exc.code}})
     except Exception as exc:
         # Not the provider's doing (our own failure, or a ledger row that could not be made durable):
         # bill what was produced, and end without [DONE] so the client knows the answer is incomplete.
@@ -644,8 +704,11 @@ async def stream_events(ctx: Ctx, first: dict | None, agen: AsyncIterator[dict])
             ctx.usage = usage or _estimate_usage(ctx, "".join(produced))
             await end(ctx, exc)
         log.error("stream %s failed", ctx.request_id, exc_info=True)
-        yield sse({"error": {"message": "The gateway failed while streaming this answer.", "type": "api_error",
-                             "param": None, "code": "internal_error"}})
+        if encoder is not None:
+            yield encoder.error("The gateway failed while streaming this answer.", "internal_error")
+        else:
+            yield sse({"error": {"message": "The gateway failed while streaming this answer.", "type": "api_error",
+                                 "param": None, "code": "internal_error"}})
     finally:
         if not ctx.ended:  # the client went away mid-stream: bill what was produced
             ctx.usage = usage or _estimate_usage(ctx, "".join(produced))

@@ -244,6 +244,8 @@ class GatewayRequest:
     options: GatewayOptions = field(default_factory=GatewayOptions)
     prompt_bound: int = 0  # upper bound of the prompt's tokens (UTF-8 bytes, images counted at most)
     token_estimate: int = 0  # estimate of the prompt's tokens (TPM limits, fallback usage)
+    dialect: str = ""  # the API the client spoke, when not chat completions ("messages", "responses")
+    native: dict | None = None  # its body, our fields removed, for a deployment that takes it as it is
 
     @property
     def model(self) -> str:
@@ -269,13 +271,15 @@ class GatewayRequest:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "body": self.body, "options": self.options.model_dump(by_alias=True,
                                                                                           exclude_none=True),
-                "prompt_bound": self.prompt_bound, "token_estimate": self.token_estimate}
+                "prompt_bound": self.prompt_bound, "token_estimate": self.token_estimate,
+                "dialect": self.dialect, "native": self.native}
 
     @classmethod
     def from_dict(cls, data: dict) -> GatewayRequest:
         """A request parsed earlier (stored with async work): nothing is validated or derived again."""
         return cls(kind=data["kind"], body=data["body"], options=GatewayOptions.model_validate(data["options"]),
-                   prompt_bound=data["prompt_bound"], token_estimate=data["token_estimate"])
+                   prompt_bound=data["prompt_bound"], token_estimate=data["token_estimate"],
+                   dialect=data.get("dialect", ""), native=data.get("native"))
 
 
 def parse_request(kind: str, data: dict | bytes) -> GatewayRequest:
@@ -298,3 +302,17 @@ def parse_request(kind: str, data: dict | bytes) -> GatewayRequest:
     return GatewayRequest(kind=kind, body=body, options=options,
                           prompt_bound=prompt_bytes(body["messages"], extra),
                           token_estimate=estimate_messages(body["messages"]))
+
+
+def parse_translated(chat: dict, *, dialect: str, native: dict | None = None) -> GatewayRequest:
+    """The translation step of another API's dialect (apps.gateway.dialects): its body, already
+    translated to a chat-completions body with our fields, is validated and bounded exactly as a
+    chat request is. The prompt bound also covers the native body, which a deployment speaking the
+    dialect is sent instead (it may carry what the chat shape drops: thinking blocks, cache_control)."""
+    request = parse_request(CHAT, chat)
+    request.dialect, request.native = dialect, native
+    if native is not None:
+        messages = [m for m in native.get("messages") or () if isinstance(m, dict)]
+        extra = [native[k] for k in ("system", "tools", "tool_choice", "thinking") if native.get(k)]
+        request.prompt_bound = max(request.prompt_bound, prompt_bytes(messages, extra))
+    return request

@@ -76,6 +76,7 @@ def routing_table_load() -> RoutingTable:
                     upstream_model=d.upstream_model,
                     secret=decrypt(cred.encrypted_secret) if cred and cred.encrypted_secret else "",
                     options=d.provider.options or {},
+                    region=d.region or "",
                 ),
                 weight=d.weight,
                 priority=d.priority,
@@ -234,3 +235,11 @@ def queued_holds() -> list[dict]:
     rows = AsyncRequest.objects.filter(status__in=(JobStatus.QUEUED, JobStatus.RUNNING),
                                        admission__isnull=False).values_list("admission", flat=True)
     return [plan["hold"] for plan in rows if isinstance(plan, dict) and plan.get("hold")]
+
+
+def stored_response_get(*, tenant_id: int, response_id: str):
+    """A stored Responses API answer of this tenant that has not expired, or None."""
+    from .models import StoredResponse
+
+    return StoredResponse.objects.filter(tenant_id=tenant_id, id=response_id,
+                                         expires_at__gt=timezone.now()).first()

@@ -198,3 +198,35 @@ def prices_sync(*, actor: str = "cli", at=None) -> dict[str, str]:
         first_kind = alias.deployments[0].target.kind if alias.deployments else None
         refs[alias.alias] = [*found, (alias.alias, first_kind if first_kind != "mock" else None)]
     return billing_prices_sync(aliases=refs, actor=actor, at=at)
+
+
+# --- stored Responses API answers (apps/gateway/dialects/openai_responses.py) -----------------
+
+
+def stored_response_create(*, response_id: str, tenant_id: int, api_key_id: int | None, conversation: list,
+                           response: dict) -> None:
+    """Keep a `store: true` answer for GATEWAY_RESPONSES_STORE_TTL_S."""
+    from django.conf import settings
+
+    from .models import StoredResponse
+
+    StoredResponse.objects.update_or_create(
+        id=response_id, defaults={"tenant_id": tenant_id, "api_key_id": api_key_id, "conversation": conversation,
+                                  "response": response,
+                                  "expires_at": timezone.now() + timedelta(
+                                      seconds=settings.GATEWAY_RESPONSES_STORE_TTL_S)})
+
+
+def stored_response_delete(*, tenant_id: int, response_id: str) -> bool:
+    from .models import StoredResponse
+
+    deleted, _ = StoredResponse.objects.filter(tenant_id=tenant_id, id=response_id).delete()
+    return deleted > 0
+
+
+def stored_responses_purge(*, now=None) -> int:
+    """Delete stored answers past their expiry. Returns how many."""
+    from .models import StoredResponse
+
+    deleted, _ = StoredResponse.objects.filter(expires_at__lte=now or timezone.now()).delete()
+    return deleted

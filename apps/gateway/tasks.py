@@ -81,3 +81,11 @@ def ops_alerts_check() -> dict:
     from .ops_alerts import ops_alerts_check as check
 
     return check()
+
+
+@shared_task(queue="async")
+def stored_responses_purge() -> int:
+    """Beat: delete Responses API answers kept with `store: true` past GATEWAY_RESPONSES_STORE_TTL_S."""
+    from .services import stored_responses_purge as purge
+
+    return purge()

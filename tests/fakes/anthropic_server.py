@@ -6,7 +6,8 @@ message_delta / message_stop, and error bodies `{"type": "error", "error": {type
 Behaviour by model name, as in the OpenAI fake: `fail-<status>`, `break-<n>`, `slow-<ms>`,
 `limited-<s>` (429 with Retry-After: s), `tool-...` (answers with a tool_use block), `cache-...`
 (reports cache read/write tokens), `streamerror-...` (an `error` event after the first delta),
-`badkey-model` (a 401 whose message echoes the key).
+`badkey-model` (a 401 whose message echoes the key). `POST /v1/messages/count_tokens` answers
+`input_tokens` = the words of the messages + 3.
 
 A scripted usage (`script_usage(model, usage)`, Anthropic's shape) is the message's usage; in a
 stream, message_start carries its input side (input_tokens and the cache fields) with
@@ -51,6 +52,7 @@ class FakeAnthropic(FakeOpenAI):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         return app
 
     def _usage(self, body: dict, text: str, model: str) -> dict:
@@ -62,6 +64,13 @@ class FakeAnthropic(FakeOpenAI):
         if model.startswith("cache-"):
             usage.update(cache_creation_input_tokens=7, cache_read_input_tokens=11)
         return usage
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        if not request.headers.get("x-api-key"):
+            return _error(401, "x-api-key header is required")
+        words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        return web.json_response({"input_tokens": words + 3})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)

@@ -6,6 +6,8 @@ Behaviour is chosen by the requested model name, so it works across processes:
   `break-<n>`       stream n content chunks, then drop the connection
   `drip-<ms>`       stream, waiting that long before each content chunk
   `nousage-...`     leave usage out (streaming and not)
+  `tool-...`        call the tool get_weather({"city": "Paris"}) (id call_01), unless the last message
+                    is a tool result: then answer as usual
 anything else       a deterministic answer echoing the last user message.
 Every request is recorded (path, headers, JSON body) on `server.requests`.
 
@@ -100,10 +102,18 @@ class FakeOpenAI:
         if script:
             usage = script["usage"]
         created = int(time.time())
+        messages = body.get("messages") or [{}]
+        calls = None
+        if model.startswith("tool-") and messages[-1].get("role") != "tool":
+            calls = [{"id": "call_01", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
         if not body.get("stream"):
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
             data = {"id": "chatcmpl-fake", "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop", "logprobs": None}]}
+                    "choices": [{"index": 0, "message": message,
+                                 "finish_reason": "tool_calls" if calls else "stop", "logprobs": None}]}
             if usage:
                 data["usage"] = usage
             return web.Response(body=orjson.dumps(data), content_type="application/json")
@@ -126,7 +136,12 @@ class FakeOpenAI:
             await resp.write(b"data: " + orjson.dumps({"id": "", "object": "", "created": 0, "model": "",
                                                        "choices": [], "prompt_filter_results": []}) + b"\n\n")
         await resp.write(chunk({"role": "assistant", "content": ""}))
-        words = text.split()
+        words = [] if calls else text.split()
+        if calls:
+            await resp.write(chunk({"tool_calls": [{"index": 0, "id": "call_01", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": ""}}]}))
+            for piece in ('{"city": ', '"Paris"}'):
+                await resp.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
         limit = int(model.split("-")[1]) if model.startswith("break-") else None
         drip = int(model.split("-")[1]) / 1000 if model.startswith("drip-") else 0
         for i, w in enumerate(words):
@@ -138,7 +153,7 @@ class FakeOpenAI:
                 request.transport.close()  # drop the connection mid-stream
                 return resp
             await resp.write(chunk({"content": w if i == 0 else " " + w}))
-        await resp.write(chunk({}, "stop", usage if on_finish else None))
+        await resp.write(chunk({}, "tool_calls" if calls else "stop", usage if on_finish else None))
         if include and usage and not on_finish:
             final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], "usage": usage}

@@ -126,7 +126,7 @@ def test_deployment_removed_from_the_file_is_deactivated(config_file):
     [
         (("period: daily", "period: hourly"),
          "tenants[0].budgets[1].period: must be one of daily, weekly, monthly, total"),
-        (("kind: openai_compatible", "kind: bedrock"), "providers[0].kind: must be one of openai, azure_openai"),
+        (("kind: openai_compatible", "kind: cohere"), "providers[0].kind: must be one of openai, azure_openai"),
         (("{provider: local-openai,", "{provider: nowhere,"), "models[0].deployments[0].provider: unknown provider"),
         (("timezone: Europe/Berlin", "timezone: Mars/Olympus"), "tenants[0].timezone: unknown time zone"),
         (('scope: "source:etl", rpm: 60', 'scope: "source:nope", rpm: 60'),

@@ -20,7 +20,7 @@ import time
 
 import orjson
 
-from .base import GATEWAY_USAGE, Completion, ProviderAdapter, ProviderError, Target, Usage, register
+from .base import GATEWAY_USAGE, NATIVE_EVENTS, Completion, ProviderAdapter, ProviderError, Target, Usage, register
 from .transport import open_stream, post_json, sse_events
 
 DEFAULT_API_BASE = "https://api.anthropic.com"
@@ -185,6 +185,7 @@ def from_response(data: dict) -> Completion:
 @register
 class AnthropicAdapter(ProviderAdapter):
     kind = "anthropic"
+    native_dialect = "messages"  # a Messages API client's body goes through as it is
 
     def headers(self, target: Target) -> dict:
         headers = {"content-type": "application/json",
@@ -196,17 +197,88 @@ class AnthropicAdapter(ProviderAdapter):
             headers["anthropic-beta"] = ",".join(beta) if isinstance(beta, list) else str(beta)
         return headers
 
-    def url(self, target: Target) -> str:
+    def url(self, target: Target, *, stream: bool = False) -> str:
         return (target.api_base or DEFAULT_API_BASE).rstrip("/") + "/v1/messages"
 
+    def payload(self, target: Target, req: dict) -> dict:
+        """The Messages body as this endpoint takes it (Anthropic on Vertex AI moves some of it)."""
+        return req
+
     async def complete(self, target: Target, body: dict) -> Completion:
-        data = await post_json(self.url(target), headers=self.headers(target), body=to_request(target, body),
+        data = await post_json(self.url(target), headers=self.headers(target),
+                               body=self.payload(target, to_request(target, body)),
                                secrets=(target.secret,))
         return from_response(data)
 
+    async def complete_native(self, target: Target, body: dict) -> Completion:
+        data = await post_json(self.url(target), headers=self.headers(target),
+                               body=self.payload(target, {**body, "model": target.upstream_model}),
+                               secrets=(target.secret,))
+        completion = from_response(data)
+        completion.native = data
+        return completion
+
+    async def count_tokens(self, target: Target, body: dict) -> int | None:
+        url = (target.api_base or DEFAULT_API_BASE).rstrip("/") + "/v1/messages/count_tokens"
+        data = await post_json(url, headers=self.headers(target), body={**body, "model": target.upstream_model},
+                               secrets=(target.secret,))
+        tokens = data.get("input_tokens")
+        return int(tokens) if isinstance(tokens, int) else None
+
+    async def stream_native(self, target: Target, body: dict):
+        """Every upstream event, relayed under NATIVE_EVENTS (thinking and signature deltas, pings
+        included), on chunks that also say in OpenAI's shape what the event adds (for the cache,
+        the estimate of a broken stream and billing: the merged usage rides on message_delta's)."""
+        req = self.payload(target, {**body, "model": target.upstream_model, "stream": True})
+        async with open_stream(self.url(target, stream=True), headers=self.headers(target), body=req,
+                               secrets=(target.secret,)) as resp:
+            usage: dict = {}
+            tools: dict[int, int] = {}
+            async for event, data in sse_events(resp):
+                try:
+                    payload = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise ProviderError("upstream sent a stream event that is not JSON", code="upstream_bad_body")
+                kind = payload.get("type") or event or ""
+                delta: dict | None = None
+                finish = None
+                chunk: dict = {"id": "", "object": "chat.completion.chunk", "created": 0,
+                               "model": target.upstream_model, "choices": [], NATIVE_EVENTS: [(kind, data)]}
+                if kind == "message_start":
+                    usage.update((payload.get("message") or {}).get("usage") or {})
+                    delta = {"role": "assistant", "content": ""}
+                elif kind == "content_block_start" and (payload.get("content_block") or {}).get("type") == "tool_use":
+                    block = payload["content_block"]
+                    n = tools[payload.get("index", 0)] = len(tools)
+                    delta = {"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
+                                             "function": {"name": block.get("name"), "arguments": ""}}]}
+                elif kind == "content_block_delta":
+                    d = payload.get("delta") or {}
+                    if d.get("type") == "text_delta":
+                        delta = {"content": d.get("text", "")}
+                    elif d.get("type") == "input_json_delta":
+                        delta = {"tool_calls": [{"index": tools.get(payload.get("index", 0), 0),
+                                                 "function": {"arguments": d.get("partial_json", "")}}]}
+                elif kind == "message_delta":
+                    usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
+                    delta, finish = {}, STOP_REASONS.get((payload.get("delta") or {}).get("stop_reason") or "", "stop")
+                    parsed = usage_of(usage)
+                    if parsed is not None:
+                        chunk["usage"], chunk[GATEWAY_USAGE] = parsed.as_openai(), parsed
+                elif kind == "error":
+                    err = payload.get("error") or {}
+                    raise ProviderError(f"upstream stream error: {err.get('message') or err.get('type')}",
+                                        code="upstream_stream_error")
+                if delta is not None:
+                    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                yield chunk
+                if kind == "message_stop":
+                    return
+            raise ProviderError("upstream stream ended before message_stop", code="upstream_stream_broken")
+
     async def stream(self, target: Target, body: dict):
-        req = {**to_request(target, body), "stream": True}
-        async with open_stream(self.url(target), headers=self.headers(target), body=req,
+        req = self.payload(target, {**to_request(target, body), "stream": True})
+        async with open_stream(self.url(target, stream=True), headers=self.headers(target), body=req,
                                secrets=(target.secret,)) as resp:
             cid, model, created = "", target.upstream_model, int(time.time())
             usage: dict = {}

@@ -20,6 +20,10 @@ GATEWAY_USAGE = "_gateway_usage"
 """Key of the parsed `Usage` on a stream chunk that carries usage. Private to the gateway: the
 pipeline pops it before the chunk is relayed."""
 
+NATIVE_EVENTS = "_native_events"
+"""Key of the provider's own stream events `[(event, data)]` on a chunk of a native stream
+(`stream_native`): a client speaking that provider's dialect is sent them as they came."""
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -72,12 +76,14 @@ class Target:
     upstream_model: str
     secret: str = ""
     options: dict = field(default_factory=dict)
+    region: str = ""  # the deployment's region (Bedrock and Vertex AI endpoints are regional)
 
 
 @dataclass(slots=True)
 class Completion:
     body: dict  # OpenAI chat.completion (or embeddings list) object
     usage: Usage
+    native: dict | None = None  # the provider's own response body, for a client speaking its dialect
 
 
 class ProviderError(Exception):
@@ -105,6 +111,9 @@ class ProviderError(Exception):
 class ProviderAdapter:
     kind: ClassVar[str]
     supports_embeddings: ClassVar[bool] = False
+    # The inbound dialect (apps.gateway.dialects) this adapter can take as it is, unchanged:
+    # `complete_native` / `stream_native` receive that dialect's body with `model` set.
+    native_dialect: ClassVar[str] = ""
 
     async def complete(self, target: Target, body: dict) -> Completion:
         raise NotImplementedError
@@ -118,6 +127,22 @@ class ProviderAdapter:
 
     async def embed(self, target: Target, body: dict) -> Completion:
         raise ProviderError(f"{self.kind} deployments do not offer embeddings", status=400, code="unsupported")
+
+    def takes_native(self, target: Target) -> str:
+        """The dialect this target takes unchanged ("" for none); one adapter may serve several."""
+        return self.native_dialect
+
+    async def complete_native(self, target: Target, body: dict) -> Completion:
+        """A body in `native_dialect`, sent unchanged; `Completion.native` is the provider's answer."""
+        raise NotImplementedError
+
+    def stream_native(self, target: Target, body: dict) -> AsyncIterator[dict]:
+        """As `stream`, each chunk also carrying the provider's own events under NATIVE_EVENTS."""
+        raise NotImplementedError
+
+    async def count_tokens(self, target: Target, body: dict) -> int | None:
+        """Input tokens of a `native_dialect` body as the provider counts them, None if it cannot."""
+        return None
 
 
 _registry: dict[str, ProviderAdapter] = {}
