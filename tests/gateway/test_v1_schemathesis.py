@@ -45,7 +45,17 @@ def _objects(tenant, key, tag: str) -> dict[str, dict]:
     request = AsyncRequest.objects.create(id=f"req_{uuid.uuid4().hex[:24]}", tenant=tenant, api_key=key,
                                           body={"model": f"{tag}-model", "messages": []}, status="completed",
                                           result={"note": tag})
-    return {"file_id": file.id, "batch_id": batch.id, "request_id": request.id}
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.gateway.models import StoredResponse
+
+    stored = StoredResponse.objects.create(id=f"resp_{uuid.uuid4().hex[:24]}", tenant=tenant, api_key=key,
+                                           conversation=[{"role": "user", "content": tag}],
+                                           response={"id": "x", "object": "response", "note": tag},
+                                           expires_at=timezone.now() + timedelta(days=1))
+    return {"file_id": file.id, "batch_id": batch.id, "request_id": request.id, "response_id": stored.id}
 
 
 @pytest.fixture
@@ -105,3 +115,6 @@ def test_v1_conforms_to_its_schema_and_stays_in_the_tenant(tenants, live_gateway
     assert File.objects.filter(id=foreign["file_id"]).exists()
     assert Batch.objects.get(id=foreign["batch_id"]).status == "validating"
     assert AsyncRequest.objects.filter(id=foreign["request_id"]).exists()
+    from apps.gateway.models import StoredResponse
+
+    assert StoredResponse.objects.filter(id=foreign["response_id"]).exists()  # DELETE of another tenant's: 404
