@@ -144,7 +144,7 @@ class Processes:
         self.procs.clear()
 
 
-def django_setup(env: dict, upstream_base: str, features: str = "all") -> str:
+def django_setup(env: dict, upstream_base: str, features: str = "all", request_log: bool = False) -> str:
     """Migrate, apply the bench config, clear the bench ledger, create a key; returns its secret."""
     os.environ.update(env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -160,12 +160,14 @@ def django_setup(env: dict, upstream_base: str, features: str = "all") -> str:
         import redis
 
         redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    # gateway_apply adds and updates but never deletes: start from no limits and budgets.
+    from apps.analytics.models import RequestLogPolicy
     from apps.billing.models import Budget
     from apps.gateway.models import RateLimit
 
-    # gateway_apply adds and updates but never deletes: start from no limits and budgets.
     Budget.objects.filter(tenant__slug=TENANT).delete()
     RateLimit.objects.filter(tenant__slug=TENANT).delete()
+    RequestLogPolicy.objects.filter(tenant__slug=TENANT).delete()
     config = f"""\
 providers:
   - name: bench-upstream
@@ -191,6 +193,10 @@ tenants:
     budgets:
       - {name: bench-monthly, scope: tenant, limit_usd: 1000000, period: monthly, enforcement: hard,
          alert_thresholds: [0.5, 0.8, 1.0]}
+"""
+    if request_log:  # every request logged with its bodies (issue 12's cost)
+        config += """\
+    request_log: {bodies: true, retention_days: 1}
 """
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=VAR, delete=False) as fh:
         fh.write(config)
@@ -421,6 +427,8 @@ def main() -> int:
     p.add_argument("--features", choices=["all", "none"], default="all",
                    help="all (default): rate limits on key, source and tenant plus a hard budget, so admission "
                         "runs; none: no limits or budgets")
+    p.add_argument("--request-log", action="store_true",
+                   help="the bench tenant logs every request with its bodies (request logs on)")
     p.add_argument("--peers", default="",
                    help=f"comma-separated peers measured in alternating turns with the gateway: "
                         f"{','.join(peers.KNOWN)} (installed under var/peers/ at pinned versions)")
@@ -451,7 +459,7 @@ def main() -> int:
     upstream_base = f"http://127.0.0.1:{up_port}/v1"
     child_env = {**os.environ, **base_env, UPSTREAM_SECRET_ENV: peers.UPSTREAM_KEY, "DEBUG": "false",
                  "LOG_LEVEL": "WARNING", "PYTHONDONTWRITEBYTECODE": "1", **extra}
-    key = django_setup(child_env, upstream_base, args.features)
+    key = django_setup(child_env, upstream_base, args.features, args.request_log)
 
     procs = Processes(nice=args.nice)
     signal.signal(signal.SIGTERM, _interrupt)
