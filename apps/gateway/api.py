@@ -46,68 +46,24 @@ def _error(exc: GatewayError, ctx: pipeline.Ctx) -> HttpResponse:
     return resp
 
 
-def _internal_error(ctx: pipeline.Ctx) -> HttpResponse:
-    """Anything but a GatewayError: the pipeline has already ended the request (hold, ledger row)."""
-    logging.getLogger(__name__).exception("request %s failed", ctx.request_id)
-    return _error(GatewayError(500, "The gateway failed to answer this request.", type="api_error",
-                               code="internal_error"), ctx)
-
-
-async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) -> HttpResponse:
-    ctx = pipeline.Ctx(kind=kind, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
+async def _serve(request: HttpRequest, ctx: pipeline.Ctx, authorization: str | None, *, render, error=_error,
+                 encoder=None) -> HttpResponse:
+    """The one request path of every /v1 model call (chat, embeddings, the seed envelope, and the
+    Messages and Responses dialects): prepare, then answer from the cache, queue it (`async`),
+    stream it, or call the provider. `render` makes the answer's body, `error` the error shape,
+    `encoder` the dialect's stream (OpenAI's chunks when None)."""
     if tracing.ENABLED:
         ctx.traceparent = request.headers.get("traceparent", "")
     raw = request.body  # Django answers a body over its limit (413) itself
     try:
-        hit = await pipeline.prepare(ctx, request.headers.get("authorization"), raw)
+        hit = await pipeline.prepare(ctx, authorization, raw)
         if ctx.is_async:
             return await _enqueue(ctx, hit)
         ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
         if ctx.stream:
+            enc = encoder() if encoder is not None else None
             if hit is not None:
-                events = pipeline.EventStream(ctx, pipeline.replay_events(ctx, hit))
-            else:
-                first, agen = await pipeline.open_stream(ctx)
-                events = pipeline.EventStream(ctx, pipeline.stream_events(ctx, first, agen), agen)
-            resp = StreamingHttpResponse(events, content_type="text/event-stream")
-            resp["cache-control"] = "no-cache"
-            resp["x-accel-buffering"] = "no"
-            _decorate(resp, ctx)
-            return resp
-        if hit is not None:
-            await pipeline.end(ctx)
-            completion = hit
-        else:
-            completion = await pipeline.execute(ctx)
-        ctx.headers["x-gateway-cost-usd"] = f"{ctx.cost:f}"
-        body = completion.body
-        if envelope:
-            body = {"id": ctx.request_id, "status": "completed", "result": body}
-        return _json(body, ctx)
-    except GatewayError as exc:
-        return _error(exc, ctx)
-    except Exception:
-        return _internal_error(ctx)
-
-
-@api.post("/chat/completions", openapi_extra=doc.CHAT)
-async def chat_completions(request: HttpRequest):
-    """OpenAI chat completions, streaming or not, plus our `metadata`, `cache`, `async`, `batch_id`."""
-    return await _handle(request, pipeline.CHAT)
-
-
-async def _handle_dialect(request: HttpRequest, ctx: pipeline.Ctx, *, encoder, render, error) -> HttpResponse:
-    """The pipeline for another API's dialect: `ctx.translate` makes the chat request, `render`
-    answers in the dialect, `encoder` writes its stream, `error` its error shape."""
-    try:
-        hit = await pipeline.prepare(ctx, bearer(request.headers), request.body)
-        if ctx.is_async:
-            return await _enqueue(ctx, hit)
-        ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
-        if ctx.stream:
-            enc = encoder()
-            if hit is not None:
-                events = pipeline.EventStream(ctx, enc.replay(hit))
+                events = pipeline.EventStream(ctx, enc.replay(hit) if enc else pipeline.replay_events(ctx, hit))
             else:
                 first, agen = await pipeline.open_stream(ctx)
                 events = pipeline.EventStream(ctx, pipeline.stream_events(ctx, first, agen, encoder=enc), agen)
@@ -125,22 +81,35 @@ async def _handle_dialect(request: HttpRequest, ctx: pipeline.Ctx, *, encoder, r
         return _json(await render(completion), ctx)
     except GatewayError as exc:
         resp = error(exc, ctx)
-        _decorate(resp, ctx)
-        return resp
-    except Exception:
+    except Exception:  # the pipeline has already ended the request (hold, ledger row)
         logging.getLogger(__name__).exception("request %s failed", ctx.request_id)
         resp = error(GatewayError(500, "The gateway failed to answer this request.", type="api_error",
                                   code="internal_error"), ctx)
-        _decorate(resp, ctx)
-        return resp
+    _decorate(resp, ctx)
+    return resp
+
+
+async def _handle(request: HttpRequest, kind: str, *, envelope: bool = False) -> HttpResponse:
+    """An OpenAI-shaped call (chat completions, embeddings) or the seed's envelope."""
+    ctx = pipeline.Ctx(kind=kind, endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
+
+    async def render(completion) -> dict:
+        if envelope:
+            return {"id": ctx.request_id, "status": "completed", "result": completion.body}
+        return completion.body
+
+    return await _serve(request, ctx, request.headers.get("authorization"), render=render)
+
+
+@api.post("/chat/completions", openapi_extra=doc.CHAT)
+async def chat_completions(request: HttpRequest):
+    """OpenAI chat completions, streaming or not, plus our `metadata`, `cache`, `async`, `batch_id`."""
+    return await _handle(request, pipeline.CHAT)
 
 
 def _dialect_ctx(request: HttpRequest, dialect: str, translate) -> pipeline.Ctx:
-    ctx = pipeline.Ctx(kind=pipeline.CHAT, dialect=dialect, translate=translate, endpoint=request.path_info,
-                       client_ip=request.META.get("REMOTE_ADDR", ""))
-    if tracing.ENABLED:
-        ctx.traceparent = request.headers.get("traceparent", "")
-    return ctx
+    return pipeline.Ctx(kind=pipeline.CHAT, dialect=dialect, translate=translate, endpoint=request.path_info,
+                        client_ip=request.META.get("REMOTE_ADDR", ""))
 
 
 @api.post("/messages", openapi_extra=doc.MESSAGES)
@@ -149,8 +118,8 @@ async def messages(request: HttpRequest):
     `x-gateway-*` headers or `metadata` (see apps/gateway/dialects/anthropic_messages.py)."""
     m = anthropic_messages
     ctx = _dialect_ctx(request, m.NAME, m.translator(request.headers))
-    return await _handle_dialect(request, ctx, encoder=lambda: m.Encoder(ctx),
-                                 render=lambda c: m.render(ctx, c), error=m.error_response)
+    return await _serve(request, ctx, bearer(request.headers), encoder=lambda: m.Encoder(ctx),
+                        render=lambda c: m.render(ctx, c), error=m.error_response)
 
 
 @api.post("/messages/count_tokens", openapi_extra=doc.MESSAGES_COUNT_TOKENS)
@@ -178,8 +147,8 @@ async def responses(request: HttpRequest):
     r = openai_responses
     turn: list = []  # the translator hands back what the answer echoes and stores
     ctx = _dialect_ctx(request, r.NAME, r.translator(request.headers, turn))
-    return await _handle_dialect(request, ctx, encoder=lambda: r.Encoder(ctx, turn[0]),
-                                 render=lambda c: r.render(ctx, turn[0], c), error=_error)
+    return await _serve(request, ctx, bearer(request.headers), encoder=lambda: r.Encoder(ctx, turn[0]),
+                        render=lambda c: r.render(ctx, turn[0], c))
 
 
 @api.get("/responses/{response_id}", openapi_extra=doc.RESPONSE_GET)
