@@ -1,5 +1,6 @@
 """The ASGI entry point: /v1 (the data plane) goes to a lean Django handler, everything else to
-Django's standard one.
+Django's standard one. The model calls (chat, embeddings, messages, responses) skip even the lean
+handler: apps/gateway/asgi.py serves them straight from ASGI.
 
 The data-plane handler runs the middleware listed in settings.GATEWAY_MIDDLEWARE only (no
 sessions, CSRF, auth or messages: /v1 authenticates by API key), and does not wrap each request in
@@ -27,6 +28,7 @@ from django.utils.module_loading import import_string  # noqa: E402
 
 from apps.analytics.journal import replay_in_background  # noqa: E402
 from apps.core.db import server_loop_mark  # noqa: E402
+from apps.gateway import asgi as direct  # noqa: E402
 
 replay_in_background("web start-up")  # ledger rows journaled while the database was down
 
@@ -112,5 +114,7 @@ async def application(scope, receive, send):
     if scope["type"] == "http" and scope["path"].startswith("/v1/"):
         server_loop_mark()  # this loop serves until the process ends: it may keep a DB pool
         if settings.GATEWAY_LEAN_DATA_PLANE:
+            if settings.GATEWAY_DIRECT_ROUTES and (view := direct.view_for(scope)) is not None:
+                return await direct.serve(view, scope, receive, send)
             return await data_plane_application(scope, receive, send)
     return await django_application(scope, receive, send)

@@ -111,6 +111,8 @@ GATEWAY_MIDDLEWARE = [
 ]
 # False sends /v1 through Django's standard handler and MIDDLEWARE too (for comparison: bench/).
 GATEWAY_LEAN_DATA_PLANE = env.bool("GATEWAY_LEAN_DATA_PLANE", default=True)
+# The model calls straight from ASGI (apps/gateway/asgi.py); False: through the lean handler above.
+GATEWAY_DIRECT_ROUTES = env.bool("GATEWAY_DIRECT_ROUTES", default=True)
 
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"

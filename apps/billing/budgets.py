@@ -21,7 +21,9 @@ that every limit and hold is taken in one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -30,6 +32,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.utils import timezone
 
 from apps.analytics.selectors import ledger_cost_sums
@@ -324,6 +327,19 @@ async def _restore(conn, holds: list[dict]) -> None:
         await backend.admit_on(conn, request_id=data["request_id"], budgets=cells, hold_ttl_s=data.get("ttl_s", 900))
 
 
+async def _rebuilt_by_other(conn, run_id: str) -> bool:
+    """Poll the epoch until the rebuilding connection has finished (True) or gives up (False)."""
+    deadline = time.monotonic() + settings.REDIS_TIMEOUT_S
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        epoch = await core_redis.conn_command(conn, "GET", EPOCH_KEY)
+        if (epoch.decode() if isinstance(epoch, bytes) else epoch) == run_id:
+            return True
+        if not await core_redis.conn_command(conn, "EXISTS", REBUILD_LOCK):
+            return False
+    return False
+
+
 async def on_new_server(run_id: str, previous: str | None, conn) -> None:
     """A connection reached a Redis server this process has not validated (apps.core.redis). If
     the budget counters were not kept on this very server, drop them (they are rebuilt from the
@@ -335,7 +351,12 @@ async def on_new_server(run_id: str, previous: str | None, conn) -> None:
     if epoch != run_id:
         token = uuid.uuid4().hex
         if not await cmd(conn, "SET", REBUILD_LOCK, token, "NX", "PX", "15000"):
-            raise core_redis.NewServer("another process is rebuilding the budget counters")
+            # Another connection (this process's or another's) is rebuilding: wait for it rather
+            # than refuse, within the request's own Redis timeout (its caller bounds this handshake).
+            if not await _rebuilt_by_other(conn, run_id):
+                raise core_redis.NewServer("another process is rebuilding the budget counters")
+            epoch = run_id
+    if epoch != run_id:
         log.warning("redis: budget counters were kept on %s, this server is %s: rebuilding from the ledger",
                     epoch or "(none)", run_id)
         cursor = b"0"

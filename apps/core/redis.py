@@ -59,7 +59,9 @@ def client():
             if old.is_closed():
                 del _clients[key]
         timeout = settings.REDIS_TIMEOUT_S
-        common = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+        # No socket_timeout: `run` bounds every call already, and redis-py would wrap each send in
+        # one more asyncio.wait_for (a task per command).
+        common = {"socket_timeout": None, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
         sentinel = sentinel_url(settings.REDIS_URL)
         if sentinel is None:
             pool = aioredis.ConnectionPool.from_url(settings.REDIS_URL, connection_class=_ServerCheckedConnection,

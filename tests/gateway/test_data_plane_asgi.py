@@ -5,18 +5,43 @@ import orjson
 import pytest
 
 from apps.analytics.models import UsageEvent
-from apps.gateway import http
+from apps.gateway import api, http
+from apps.gateway import asgi as direct
 
 
-def test_v1_runs_without_sessions_csrf_or_frame_options(live_gateway, live_setup):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-routes", "lean-handler"])
+def test_v1_runs_without_sessions_csrf_or_frame_options(live_gateway, live_setup, settings, direct):
+    settings.GATEWAY_DIRECT_ROUTES = direct
     resp = httpx.post(f"{live_gateway}/v1/chat/completions", headers={"authorization": f"Bearer {live_setup.secret}"},
                       json={"model": live_setup.alias, "messages": [{"role": "user", "content": "hi"}]})
 
     assert resp.status_code == 200
+    assert resp.json()["choices"][0]["message"]["content"] == "Echo: hi"
     assert resp.headers["x-content-type-options"] == "nosniff"
     assert "set-cookie" not in resp.headers
     assert "x-frame-options" not in resp.headers
     assert UsageEvent.objects.get().request_id == resp.headers["x-request-id"]
+
+
+def test_model_calls_skip_django_unless_they_carry_a_query_string():
+    def scope(path, method="POST", query=b""):
+        return {"type": "http", "method": method, "path": path, "query_string": query, "root_path": ""}
+
+    assert direct.view_for(scope("/v1/chat/completions")) is api.chat_completions
+    assert direct.view_for(scope("/v1/messages")) is api.messages
+    assert direct.view_for(scope("/v1/chat/completions", query=b"x=\x00")) is None  # Django checks it
+    assert direct.view_for(scope("/v1/chat/completions", method="GET")) is None  # Django's 405
+    assert direct.view_for(scope("/v1/models", method="GET")) is None
+
+
+def test_a_query_string_takes_the_lean_handler_with_its_checks(live_gateway, live_setup):
+    auth = {"authorization": f"Bearer {live_setup.secret}"}
+    body = {"model": live_setup.alias, "messages": [{"role": "user", "content": "hi"}]}
+
+    assert httpx.post(f"{live_gateway}/v1/chat/completions?api-version=1", headers=auth, json=body).status_code == 200
+    refused = httpx.post(f"{live_gateway}/v1/chat/completions?x=%00", headers=auth, json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_characters"
 
 
 def test_other_paths_keep_the_full_middleware_stack(live_gateway):
