@@ -120,6 +120,10 @@ class RedisBackend:
         fresh_for = settings.GATEWAY_COOLDOWN_CHECK_CACHE_S
         stale = [i for i in ids if now - self._checked.get(i, (-1e9, 0.0))[0] >= fresh_for]
         if stale:
+            # One read at a time: requests arriving while it is in flight use the answers known so
+            # far (they are at most one read older), instead of each sending the same read.
+            for i in stale:
+                self._checked[i] = (now, self._checked.get(i, (0.0, 0.0))[1])
             client = self.client()
 
             async def read():
@@ -133,8 +137,6 @@ class RedisBackend:
             except core_redis.StateUnavailable:
                 # Unreachable: the last known answers stand until the next check, so a Redis that
                 # is down costs this process one timeout per check period, not one per request.
-                for i in stale:
-                    self._checked[i] = (now, self._checked.get(i, (0.0, 0.0))[1])
                 raise
             for i, ttl in zip(stale, ttls, strict=True):
                 self._checked[i] = (now, now + ttl / 1000 if ttl and ttl > 0 else 0.0)

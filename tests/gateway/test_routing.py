@@ -185,6 +185,24 @@ async def test_cooldown_is_shared_by_separate_redis_clients(settings):
     assert set(await b.cooling([4242, 4243])) == {4242}
 
 
+@pytest.mark.skipif(not django_settings.REDIS_URL, reason="needs REDIS_URL")
+async def test_concurrent_requests_share_one_cooldown_read(settings):
+    import asyncio
+
+    import redis
+
+    settings.GATEWAY_COOLDOWN_CHECK_CACHE_S = 60
+    reads = lambda: redis.Redis.from_url(settings.REDIS_URL).info("commandstats").get(  # noqa: E731
+        "cmdstat_pttl", {}).get("calls", 0)
+    backend = cooldown.RedisBackend()
+    before = reads()
+
+    answers = await asyncio.gather(*(backend.cooling([5151, 5152]) for _ in range(20)))
+
+    assert answers == [{}] * 20
+    assert reads() - before == 2  # one read of the two deployments, not twenty
+
+
 async def test_redis_down_falls_back_to_in_process_state_quickly(settings):
     settings.REDIS_URL = "redis://127.0.0.1:9/0"  # nothing listens there
     settings.GATEWAY_COOLDOWN_FAILURES = 1
