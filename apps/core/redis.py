@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -74,6 +75,108 @@ def client():
                                           **sentinel.master_kwargs(), **common)
         entry = _clients[id(loop)] = (loop, aioredis.Redis(connection_pool=pool))
     return entry[1]
+
+
+# --- commands of one event-loop turn, sent together ---------------------------------------------
+
+
+class _Batch:
+    """The commands issued in one turn of a loop, sent as one pipeline on one connection (one
+    write, one read) when the turn ends. Under load many requests reach admission or settle in the
+    same turn; each would otherwise pay its own send, its own wake-up and its own read. A lone
+    request waits for nothing: its command goes out at the end of the turn that issued it."""
+
+    __slots__ = ("entries", "loop", "pool")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool):
+        self.loop = loop
+        self.pool = pool
+        self.entries: list[tuple[tuple, tuple | None, asyncio.Future]] = []
+
+    def add(self, command: tuple, fallback: tuple | None) -> asyncio.Future:
+        if not self.entries:
+            self.loop.call_soon(self._flush)
+        fut = self.loop.create_future()
+        self.entries.append((command, fallback, fut))
+        return fut
+
+    def _flush(self) -> None:
+        entries, self.entries = self.entries, []
+        task = self.loop.create_task(self._send(entries))
+        _flushing.add(task)
+        task.add_done_callback(_flushing.discard)
+
+    async def _send(self, entries) -> None:
+        import redis
+
+        conn = None
+        try:
+            async with asyncio.timeout(settings.REDIS_TIMEOUT_S):
+                conn = await self.pool.get_connection()
+                await conn.send_packed_command(conn.pack_commands([e[0] for e in entries]))
+                replies = []
+                for _ in entries:
+                    try:
+                        replies.append(await conn.read_response())
+                    except redis.ResponseError as exc:
+                        replies.append(exc)
+                for i, (_command, fallback, _fut) in enumerate(entries):
+                    # A script the server does not know yet (restart, flush): once more, with its source.
+                    if fallback is not None and isinstance(replies[i], redis.exceptions.NoScriptError):
+                        await conn.send_command(*fallback)
+                        try:
+                            replies[i] = await conn.read_response()
+                        except redis.ResponseError as exc:
+                            replies[i] = exc
+        except BaseException as exc:
+            if conn is not None:
+                await conn.disconnect()
+            failure = exc if isinstance(exc, Exception) else redis.ConnectionError("cancelled")
+            for _command, _fallback, fut in entries:
+                if not fut.done():
+                    fut.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            if conn is not None:
+                await self.pool.release(conn)
+        for (_command, _fallback, fut), reply in zip(entries, replies, strict=True):
+            if not fut.done():
+                if isinstance(reply, Exception):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+
+
+_batches: dict[int, _Batch] = {}
+_flushing: set[asyncio.Task] = set()
+
+
+def send(*command) -> asyncio.Future:
+    """Send one command with the others of this loop turn; its reply (raw, as the server sent it)
+    is the future's result. Await it inside `run`."""
+    return _batch().add(command, None)
+
+
+def script(source: str, keys: list, args: list) -> asyncio.Future:
+    """EVALSHA of a Lua script (EVAL once when the server does not know it), batched as `send`."""
+    sha = _shas.get(source)
+    if sha is None:
+        sha = _shas[source] = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()  # as Redis names it
+    n = len(keys)
+    return _batch().add(("EVALSHA", sha, n, *keys, *args), ("EVAL", source, n, *keys, *args))
+
+
+_shas: dict[str, str] = {}
+
+
+def _batch() -> _Batch:
+    loop = asyncio.get_running_loop()
+    batch = _batches.get(id(loop))
+    if batch is None or batch.loop is not loop:
+        batch = _batches[id(loop)] = _Batch(loop, client().connection_pool)
+    return batch
 
 
 def sync_client():
@@ -174,6 +277,7 @@ def _reset() -> None:
     _down_until = 0.0
     _failures = 0
     _clients.clear()
+    _batches.clear()
 
 
 caches.on_reset(_reset)

@@ -240,23 +240,10 @@ def _outcome(raw) -> AdmitOutcome:
 class RedisState:
     """Every call is one round trip through the process's one Redis client (apps.core.redis)."""
 
-    def __init__(self):
-        self._scripts: dict[int, tuple] = {}
-
-    def _s(self):
-        client = core_redis.client()
-        entry = self._scripts.get(id(client))
-        if entry is None:
-            self._scripts = {id(client): (client, client.register_script(_ADMIT), client.register_script(_SETTLE),
-                                          client.register_script(_RECONCILE))}
-            entry = self._scripts[id(client)]
-        return entry
-
     async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
-        _, admit_script, _, _ = self._s()
         keys, args = _admit_args(request_id, limits, budgets, hold_ttl_s, force)
-        return _outcome(await core_redis.run(lambda: admit_script(keys=keys, args=args)))
+        return _outcome(await core_redis.run(lambda: core_redis.script(_ADMIT, keys, args)))
 
     async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> None:
         """Put back an open hold on one raw connection (while a new server is being validated)."""
@@ -267,14 +254,13 @@ class RedisState:
                      budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
         """Correct token limits by their delta, swap each budget's hold for the actual micros.
         Returns (spent_before, spent_after) per budget (-1 when its counter is missing)."""
-        _, _, settle_script, _ = self._s()
         keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
         args: list = [time.time() * 1000, request_id, len(limits), len(budgets)]
         for c, delta in limits:
             args += [delta, c.limit]
         for _, actual in budgets:
             args.append(actual)
-        raw = await core_redis.run(lambda: settle_script(keys=keys, args=args), own_budget=True)
+        raw = await core_redis.run(lambda: core_redis.script(_SETTLE, keys, args), own_budget=True)
         return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
@@ -284,8 +270,7 @@ class RedisState:
     async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
         """Raise `spent` to at least `micros` (a reconcile with the ledger). Returns the value it
         had when it was already at least that high, else -1."""
-        _, _, _, reconcile = self._s()
-        return int(await core_redis.run(lambda: reconcile(keys=[f"{key}:spent"], args=[micros, ttl_s])))
+        return int(await core_redis.run(lambda: core_redis.script(_RECONCILE, [f"{key}:spent"], [micros, ttl_s])))
 
     async def usage(self, *, keys: list[str]) -> list[tuple[int | None, int]]:
         client = core_redis.client()
@@ -301,7 +286,7 @@ class RedisState:
         return [(int(raw[i]) if raw[i] is not None else None, int(raw[i + 1] or 0)) for i in range(0, len(raw), 2)]
 
     def reset(self) -> None:
-        self._scripts.clear()
+        pass
 
 
 # --- embedded: one SQLite file shared by the web and worker processes ---------------------------

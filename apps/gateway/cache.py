@@ -86,12 +86,10 @@ class RedisBackend:
         self.timeout_s = timeout_s
 
     async def get(self, key: str) -> bytes | None:
-        client = core_redis.client()
-        return await core_redis.run(lambda: client.get(key), timeout_s=self.timeout_s)
+        return await core_redis.run(lambda: core_redis.send("GET", key), timeout_s=self.timeout_s)
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        client = core_redis.client()
-        await core_redis.run(lambda: client.set(key, value, ex=ttl_s), timeout_s=self.timeout_s)
+        await core_redis.run(lambda: core_redis.send("SET", key, value, "EX", ttl_s), timeout_s=self.timeout_s)
 
     def clear(self) -> None:
         pass

@@ -1,0 +1,70 @@
+"""Commands of one event-loop turn go to Redis together (apps.core.redis.send / script): one
+connection, one write, one read; each caller still gets its own reply or its own error."""
+
+import asyncio
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+
+from apps.core import caches
+from apps.core import redis as core_redis
+
+pytestmark = pytest.mark.skipif(not django_settings.REDIS_URL, reason="needs REDIS_URL")
+
+ECHO = "return {KEYS[1], ARGV[1]}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_client():
+    caches.reset_all()
+    yield
+    caches.reset_all()
+
+
+def _connections_made() -> int:
+    pool = core_redis.client().connection_pool
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+async def test_commands_issued_in_one_turn_share_one_connection_and_keep_their_own_replies():
+    replies = await asyncio.gather(*(core_redis.run(lambda i=i: core_redis.script(ECHO, [f"k{i}"], [i]))
+                                     for i in range(25)))
+
+    assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(25)]
+    assert _connections_made() == 1  # 25 commands, one pipeline
+
+
+async def test_a_script_the_server_forgot_is_sent_again_with_its_source():
+    await core_redis.run(lambda: core_redis.script(ECHO, ["a"], [1]))
+    redis.Redis.from_url(django_settings.REDIS_URL).script_flush()
+
+    assert await core_redis.run(lambda: core_redis.script(ECHO, ["b"], [2])) == [b"b", b"2"]
+
+
+async def test_one_command_failing_does_not_fail_the_others_of_its_turn():
+    key = "llms:test:batching:list"
+    sync = redis.Redis.from_url(django_settings.REDIS_URL)
+    sync.delete(key)
+    sync.rpush(key, "x")
+
+    async def wrong_type():
+        with pytest.raises(core_redis.StateUnavailable, match="ResponseError"):
+            await core_redis.run(lambda: core_redis.send("GET", key))  # a list, not a string
+        return "refused"
+
+    results = await asyncio.gather(wrong_type(), core_redis.run(lambda: core_redis.send("LLEN", key)),
+                                   core_redis.run(lambda: core_redis.script(ECHO, ["c"], [3])))
+
+    assert results == ["refused", 1, [b"c", b"3"]]
+    sync.delete(key)
+
+
+async def test_an_unreachable_server_fails_every_command_of_the_turn(settings):
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"  # nothing listens there
+    caches.reset_all()
+
+    outcomes = await asyncio.gather(*(core_redis.run(lambda: core_redis.send("PING")) for _ in range(5)),
+                                    return_exceptions=True)
+
+    assert all(isinstance(o, core_redis.StateUnavailable) for o in outcomes)
