@@ -416,7 +416,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load per target (default 3)")
     p.add_argument("--connections", default="1,32", help="comma-separated connection counts (default 1,32)")
-    p.add_argument("--workers", type=int, default=2, help="uvicorn workers (default 2)")
+    p.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
+                   help="the gateway's ASGI server (default uvicorn; granian: --loop applies, --http does not)")
+    p.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     p.add_argument("--loop", default="uvloop", help="uvicorn --loop (default uvloop)")
     p.add_argument("--http", default="httptools", help="uvicorn --http (default httptools)")
     p.add_argument("--upstream", choices=["fast", "aiohttp"], default="fast",
@@ -473,9 +475,14 @@ def main() -> int:
         up = procs.start("upstream", up_argv, child_env, VAR / "bench-upstream.log")
         wait_for(lambda: socket.create_connection(("127.0.0.1", up_port), 1).close() is None, "upstream")
 
-        gw_argv = [str(Path(PYTHON).parent / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1",
-                   "--port", str(gw_port), "--workers", str(args.workers), "--loop", args.loop, "--http", args.http,
-                   "--no-access-log", "--log-level", "warning", "--lifespan", "off"]
+        if args.server == "granian":  # `asginl`: ASGI without lifespan events (the app has none)
+            gw_argv = [str(Path(PYTHON).parent / "granian"), "--interface", "asginl", "--host", "127.0.0.1",
+                       "--port", str(gw_port), "--workers", str(args.workers), "--loop", args.loop,
+                       "--no-access-log", "--log-level", "warning", "config.asgi:application"]
+        else:
+            gw_argv = [str(Path(PYTHON).parent / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1",
+                       "--port", str(gw_port), "--workers", str(args.workers), "--loop", args.loop,
+                       "--http", args.http, "--no-access-log", "--log-level", "warning", "--lifespan", "off"]
         gw_proc = procs.start("gateway", gw_argv, child_env, VAR / "bench-gateway.log")
         gw = f"http://127.0.0.1:{gw_port}"
         if not args.skip_direct:
@@ -543,7 +550,8 @@ def main() -> int:
         "label": args.label or "default",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "config": {"duration_s": args.duration, "rounds": rounds, "nice": args.nice, "workers": args.workers,
+        "config": {"duration_s": args.duration, "rounds": rounds, "nice": args.nice, "server": args.server,
+                   "workers": args.workers,
                    "loop": args.loop, "http": args.http,
                    "upstream": args.upstream, "features": args.features, "gateway_env": extra,
                    "database": base_env["DATABASE_URL"].split("://")[0], "peers": peer_names},
@@ -570,7 +578,8 @@ def main() -> int:
 
 def print_table(report: dict, summary: dict[str, dict]) -> None:
     cfg = report["config"]
-    print(f"\n{report['label']}: {cfg['workers']} uvicorn workers ({cfg['loop']}/{cfg['http']}), "
+    server = cfg.get("server", "uvicorn")
+    print(f"\n{report['label']}: {cfg['workers']} {server} workers ({cfg['loop']}/{cfg['http']}), "
           f"{cfg['database']}, {cfg['duration_s']:g} s per run, {cfg['rounds']} round(s), nice {cfg['nice']}, "
           f"env {cfg['gateway_env'] or '{}'}")
     for name, info in report["peers"].items():

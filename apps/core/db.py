@@ -79,8 +79,11 @@ async def pg_pool():
     if _pool is None or _pool_loop is not loop:
         from psycopg_pool import AsyncConnectionPool
 
+        # synchronous_commit (GATEWAY_LEDGER_SYNCHRONOUS_COMMIT): what a ledger commit waits for;
+        # docs/benchmark.md "The ledger" says what each setting survives.
+        kwargs = {"autocommit": True, "options": f"-c synchronous_commit={settings.GATEWAY_LEDGER_SYNCHRONOUS_COMMIT}"}
         pool = AsyncConnectionPool(_conninfo(), min_size=settings.GATEWAY_PG_POOL_MIN,
-                                   max_size=settings.GATEWAY_PG_POOL_MAX, kwargs={"autocommit": True},
+                                   max_size=settings.GATEWAY_PG_POOL_MAX, kwargs=kwargs,
                                    timeout=settings.GATEWAY_PG_POOL_TIMEOUT_S, open=False, name="data-plane")
         await pool.open(wait=False)
         _pool, _pool_loop = pool, loop

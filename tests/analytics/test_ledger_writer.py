@@ -96,3 +96,13 @@ async def test_redis_stream_rows_reach_the_ledger_when_drained(settings):
     assert sorted([e.request_id async for e in UsageEvent.objects.all()]) == ["req_s1", "req_s2"]
     assert (await UsageEvent.objects.aget(request_id="req_s2")).cost == Decimal("0.0000123400")
     assert await sync_to_async(ledger_stream_drain)() == 0
+
+
+@postgres_only
+@pytest.mark.parametrize("mode", ["on", "off"])
+async def test_the_ledger_connections_commit_as_configured(server_loop, settings, mode):
+    settings.GATEWAY_LEDGER_SYNCHRONOUS_COMMIT = mode
+    pool = await db.pg_pool()
+
+    async with pool.connection() as conn:
+        assert (await (await conn.execute("SHOW synchronous_commit")).fetchone())[0] == mode
