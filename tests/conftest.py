@@ -44,7 +44,7 @@ def redis_flush() -> None:
 @pytest.fixture(autouse=True)
 def _fresh_process_state(request):
     """In-process caches must not carry one test's keys or routes into the next."""
-    pipeline._auth_cache.clear()
+    pipeline._auth_cache.forget()
     caches.reset_all()
     cooldown.reset_local()
     router.latency_reset()
@@ -52,7 +52,7 @@ def _fresh_process_state(request):
     if settings.REDIS_URL:
         redis_flush()
     yield
-    pipeline._auth_cache.clear()
+    pipeline._auth_cache.forget()
     selectors.routing_table_invalidate()
     # A hold this process took (or took over) and never ended is a bug: the test fails on it.
     left = open_holds()

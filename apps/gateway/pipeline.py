@@ -34,6 +34,7 @@ from apps.billing import alerts
 from apps.billing.budgets import Hold
 from apps.billing.selectors import PriceInfo, price_in_force
 from apps.billing.services import cost_compute
+from apps.core import caches
 from apps.core import redis as core_redis
 from apps.core.db import db_sync
 from apps.keys import last_used, security
@@ -164,7 +165,8 @@ class Ctx:
 
 # --- steps ----------------------------------------------------------------------------------
 
-_auth_cache: dict[str, tuple[float, KeyAuth | None]] = {}
+_auth_cache = caches.Loaded(lambda digest: db_sync(api_key_auth_by_digest, digest=digest),
+                           lambda: settings.GATEWAY_AUTH_CACHE_TTL_S)
 
 
 async def authenticate(ctx: Ctx, authorization: str | None) -> None:
@@ -173,16 +175,7 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
         await security.auth_failure_note(prefix="", ip=ctx.client_ip, reason="missing_key")
         raise invalid_api_key("You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'.")
     secret = authorization[7:].strip()
-    digest = api_key_digest(secret)
-    now = time.monotonic()
-    hit = _auth_cache.get(digest)
-    if hit is not None and hit[0] > now:
-        auth = hit[1]
-    else:
-        auth = await db_sync(api_key_auth_by_digest, digest=digest)
-        if len(_auth_cache) > 10_000:
-            _auth_cache.clear()
-        _auth_cache[digest] = (now + settings.GATEWAY_AUTH_CACHE_TTL_S, auth)
+    auth = await _auth_cache.get(api_key_digest(secret))
     if auth is None:
         await security.auth_failure_note(prefix=secret[:6], ip=ctx.client_ip, reason="unknown_key")
         raise invalid_api_key(f"Incorrect API key provided: {secret[:6]}***.")

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from apps.analytics.request_logs import RequestLogSettings, request_log_settings
 from apps.billing.selectors import PriceInfo, budget_refs_for_tenant, price_versions_by_model
+from apps.core import caches
 from apps.core.db import db_sync
 from apps.keys.crypto import decrypt
 from apps.keys.models import Source
@@ -109,21 +110,22 @@ def routing_table_load() -> RoutingTable:
     return table
 
 
-_table: RoutingTable | None = None
+def _routes_ttl_s() -> float:
+    return settings.GATEWAY_ROUTES_CACHE_TTL_S
+
+
+_table = caches.Loaded(lambda _key: db_sync(routing_table_load), _routes_ttl_s, max_entries=1)
 
 
 async def routing_table() -> RoutingTable:
-    """The routing table, reloaded from the database at most every GATEWAY_ROUTES_CACHE_TTL_S."""
-    global _table
-    if _table is None or time.monotonic() - _table.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
-        _table = await db_sync(routing_table_load)
-    return _table
+    """The routing table, kept in process for GATEWAY_ROUTES_CACHE_TTL_S (reloaded ahead, in the
+    background: apps.core.caches.Loaded)."""
+    return await _table.get()
 
 
 def routing_table_invalidate() -> None:
-    global _table
-    _table = None
-    _policies.clear()
+    _table.forget()
+    _policies.forget()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,15 +159,12 @@ def tenant_policy_load(tenant_id: int) -> TenantPolicy:
                         request_log=request_log_settings(tenant_id=tenant_id))
 
 
-_policies: dict[int, TenantPolicy] = {}
+_policies = caches.Loaded(lambda tenant_id: db_sync(tenant_policy_load, tenant_id=tenant_id), _routes_ttl_s)
 
 
 async def tenant_policy(tenant_id: int) -> TenantPolicy:
-    """A tenant's rate limits and budgets, reloaded at most every GATEWAY_ROUTES_CACHE_TTL_S."""
-    policy = _policies.get(tenant_id)
-    if policy is None or time.monotonic() - policy.loaded_at > settings.GATEWAY_ROUTES_CACHE_TTL_S:
-        policy = _policies[tenant_id] = await db_sync(tenant_policy_load, tenant_id=tenant_id)
-    return policy
+    """A tenant's rate limits and budgets, kept in process as the routing table is."""
+    return await _policies.get(tenant_id)
 
 
 

@@ -241,7 +241,7 @@ def test_an_undeclared_budget_id_is_refused_unless_the_tenant_allows_free_form_i
     setup.tenant.save()
     from apps.gateway import pipeline
 
-    pipeline._auth_cache.clear()
+    pipeline._auth_cache.forget()
     free = post(client, setup.secret, chat(setup.alias, metadata={"budget_id": "anything"}))
 
     assert typo.status_code == 400 and typo.json()["error"]["code"] == "unknown_budget_id"

@@ -164,7 +164,7 @@ def test_unpriced_model_is_refused_unless_tenant_allows(client, setup):
     setup.tenant.save()
     from apps.gateway import pipeline
 
-    pipeline._auth_cache.clear()
+    pipeline._auth_cache.forget()
     allowed = post(client, setup.secret, chat(setup.alias))
 
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_priced"

@@ -35,7 +35,7 @@ def chat(alias, content="hello"):
 def forget_auth_cache():
     """What an instance would see after GATEWAY_AUTH_CACHE_TTL_S (time-machine moves wall time,
     not the monotonic clock the auth cache uses)."""
-    pipeline._auth_cache.clear()
+    pipeline._auth_cache.forget()
 
 
 # --- scopes -----------------------------------------------------------------------------------
