@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
-from django.db.models import Count, Q, Sum
+from django.db.models import BigIntegerField, Count, Func, Max, Q, Sum, Value
 from django.utils import timezone
 
 from apps.core.money import MONEY_QUANT, money_str
 
+from . import recommendations as rec
 from .models import (
     LATENCY_BUCKETS_MS,
     LATENCY_FIELDS,
@@ -562,3 +563,94 @@ def attempt_stats(*, since: datetime, until: datetime) -> dict[str, dict]:
             acc["failed"] += a.get("outcome") != "ok"
             acc["latency_ms_sum"] += a.get("latency_ms") or 0
     return out
+
+
+# --- cost optimisation recommendations (apps/analytics/recommendations.py) ----------------------
+
+
+class _EpochWindow(Func):
+    """The fixed window of `ttl_s` seconds a timestamp falls in: UTC epoch seconds // ttl_s."""
+
+    output_field = BigIntegerField()
+
+    def __init__(self, expression, ttl_s: int):
+        super().__init__(expression, Value(int(ttl_s)))
+
+    def as_sql(self, compiler, connection, **extra):  # PostgreSQL
+        return self.as_sql_template(compiler, connection,
+                                    "FLOOR(EXTRACT(EPOCH FROM %(ts)s) / %(ttl)s)::bigint")
+
+    def as_sqlite(self, compiler, connection, **extra):
+        return self.as_sql_template(compiler, connection, "(CAST(strftime('%%%%s', %(ts)s) AS INTEGER) / %(ttl)s)")
+
+    def as_sql_template(self, compiler, connection, template):
+        ts_sql, ts_params = compiler.compile(self.source_expressions[0])
+        ttl_sql, ttl_params = compiler.compile(self.source_expressions[1])
+        return template % {"ts": ts_sql, "ttl": ttl_sql}, [*ts_params, *ttl_params]
+
+
+def _exact(rows, *names: str) -> list[dict]:
+    """Sums of money to 10 places (SQLite adds decimals as floats: 0.190000000000001)."""
+    rows = list(rows)
+    for r in rows:
+        for name in names:
+            r[name] = (r[name] or Decimal(0)).quantize(MONEY_QUANT)
+    return rows
+
+
+def _recommendation_rows(*, tenant_id: int, since: datetime, until: datetime):
+    """The tenant's successful requests of [since, until) the cache did not answer (the
+    (tenant, timestamp) index)."""
+    return UsageEvent.objects.filter(tenant_id=tenant_id, timestamp__gte=since, timestamp__lt=until,
+                                     status__lt=300, cached=False).order_by()
+
+
+def recommendation_model_usage(*, tenant_id: int, since: datetime, until: datetime) -> list[dict]:
+    """Per (source, model): requests, prompt and completion tokens, cost. One aggregate query on the
+    ledger: the rollups count cache hits' tokens at $0, which would make a model look cheaper."""
+    return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until)
+                  .values("source_type", "source_ref", "model")
+                  .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
+                            completion_tokens=Sum("completion_tokens"), cost=Sum("cost"))
+                  .order_by("source_type", "source_ref", "model"), "cost")
+
+
+def recommendation_repeated_prompts(*, tenant_id: int, since: datetime, until: datetime, ttl_s: int) -> list[dict]:
+    """Per (model, prompt hash, TTL window) sent more than once: requests, their cost and the most
+    expensive one's. One aggregate query."""
+    return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until).exclude(prompt_hash="")
+                  .annotate(window=_EpochWindow("timestamp", max(1, ttl_s)))
+                  .values("model", "prompt_hash", "window")
+                  .annotate(requests=Count("id"), spent=Sum("cost"), max_cost=Max("cost"))
+                  .filter(requests__gt=1)
+                  .order_by("model", "prompt_hash", "window"), "spent", "max_cost")
+
+
+def recommendation_sync_traffic(*, tenant_id: int, since: datetime, until: datetime) -> list[dict]:
+    """Per (source, model, provider): the non-stream requests not already in a batch. One aggregate query."""
+    return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until)
+                  .filter(stream=False, batch_id="")
+                  .values("source_type", "source_ref", "model", "provider")
+                  .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
+                            completion_tokens=Sum("completion_tokens"), cost=Sum("cost"))
+                  .order_by("source_type", "source_ref", "model", "provider"), "cost")
+
+
+def recommendations_for_tenant(*, tenant, at: datetime | None = None) -> dict:
+    """The tenant's recommendations over the last WINDOW_DAYS days up to `at`, biggest saving first,
+    with the window and the total of the savings (which may overlap: a request moved to a cheaper
+    model and batched saves less than both figures added)."""
+    until = at or timezone.now()
+    since = until - timedelta(days=rec.WINDOW_DAYS)
+    catalog, quote = rec.alias_catalog(), rec.price_quoter(at=until)
+    items = [
+        *rec.recommend_cheaper_model(recommendation_model_usage(tenant_id=tenant.id, since=since, until=until),
+                                     catalog=catalog, quote=quote),
+        *rec.recommend_cache(recommendation_repeated_prompts(tenant_id=tenant.id, since=since, until=until,
+                                                             ttl_s=tenant.cache_ttl_s),
+                             ttl_s=tenant.cache_ttl_s, cache_enabled=tenant.cache_enabled),
+        *rec.recommend_batch(recommendation_sync_traffic(tenant_id=tenant.id, since=since, until=until),
+                             catalog=catalog, quote=quote),
+    ]
+    return {"tenant": tenant.slug, "since": since, "until": until, "window_days": rec.WINDOW_DAYS,
+            "recommendations": rec.ranked(items)}
