@@ -122,26 +122,23 @@ class TenantRecommendationsSerializer(serializers.Serializer):
     recommendations = RecommendationSerializer(many=True, help_text="Biggest saving first")
 
 
-class RecommendationsSerializer(serializers.Serializer):
-    tenants = TenantRecommendationsSerializer(many=True)
-
-
 class RecommendationViewSet(viewsets.ViewSet):
     """Cost optimisation recommendations per tenant over the last 30 days, from the ledger."""
 
     permission_classes = [permissions.IsAuthenticated]
 
-    @extend_schema(operation_id="recommendations_list", responses=RecommendationsSerializer, parameters=[
-        OpenApiParameter("tenant", str, description="Tenant slug (default: all of yours)")])
+    @extend_schema(operation_id="recommendations_list", responses=TenantRecommendationsSerializer(many=True),
+                   parameters=[OpenApiParameter("tenant", str, description="Tenant slug (default: all of yours)")])
     def list(self, request):
-        """Per tenant: cheaper models of the same capabilities for short prompts, repeated prompts the
-        response cache would have answered, and traffic a batch API would bill at a discount; each
-        with its dollar saving over the last 30 days and the arithmetic behind it."""
+        """One entry per tenant of yours (or the one named): cheaper models of the same capabilities
+        for short prompts, repeated prompts the response cache would have answered, and traffic a
+        batch API would bill at a discount; each with its dollar saving over the last 30 days and
+        the arithmetic behind it."""
         tenants = Tenant.objects.filter(id__in=tenant_ids_for_user(user=request.user, roles=READ_ROLES))
         if slug := request.query_params.get("tenant"):
             tenants = tenants.filter(slug=slug)
         reports = [selectors.recommendations_for_tenant(tenant=t) for t in tenants.order_by("slug")]
-        return Response(RecommendationsSerializer({"tenants": reports}).data)
+        return Response(TenantRecommendationsSerializer(reports, many=True).data)
 
 
 # --- request logs -----------------------------------------------------------------------------
