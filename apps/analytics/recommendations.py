@@ -28,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
-from apps.core.money import money_str, usd_display
+from apps.core.money import money_str
 
 WINDOW_DAYS = 30
 SHORT_PROMPT_TOKENS = 1000
@@ -133,6 +133,13 @@ def _n(value: int) -> str:
     return f"{value:,}"
 
 
+def _usd(value: Decimal) -> str:
+    """Dollars in the arithmetic: to the micro-dollar, so the sums check ("$0.0114", "$1,234.50")."""
+    amount = value.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP).normalize()
+    places = max(2, -amount.as_tuple().exponent)
+    return f"${amount:,.{places}f}"
+
+
 def _rate(value: Decimal) -> str:
     return f"${format(value.normalize(), 'f')}/Mtok"
 
@@ -178,11 +185,11 @@ def recommend_cheaper_model(rows, *, catalog: Catalog, quote: QuoteFn) -> list[R
         who = f"Source {r['source_ref'] or '(none)'} ({r['source_type']})"
         arithmetic = (
             f"{who} sent {_n(requests)} requests averaging {_n(average)} prompt tokens to {r['model']}: "
-            f"{_n(prompt)} prompt and {_n(completion)} completion tokens that cost {usd_display(cost)}. "
+            f"{_n(prompt)} prompt and {_n(completion)} completion tokens that cost {_usd(cost)}. "
             f"On {other.alias} (same capabilities: {capabilities_text(other)}) the same tokens would have cost "
             f"{_n(prompt)} × {_rate(q.input_usd_per_mtok)} + {_n(completion)} × {_rate(q.output_usd_per_mtok)} "
-            f"= {usd_display(q.cost)} instead of {usd_display(cost)}: "
-            f"saving {usd_display(saving)} = {usd_display(cost)} − {usd_display(q.cost)}.")
+            f"= {_usd(q.cost)} instead of {_usd(cost)}: "
+            f"saving {_usd(saving)} = {_usd(cost)} − {_usd(q.cost)}.")
         out.append(Recommendation(
             kind="cheaper_model", title=f"Send {r['source_ref'] or '(none)'}'s short prompts to {other.alias} "
                                         f"instead of {r['model']}",
@@ -221,10 +228,10 @@ def recommend_cache(groups, *, ttl_s: int, cache_enabled: bool) -> list[Recommen
         arithmetic = (
             f"{_n(len(acc['prompts']))} distinct prompts to {model} were sent more than once within "
             f"{_n(ttl_s)} s (the tenant's cache TTL): {_n(acc['requests'])} requests in {_n(acc['windows'])} "
-            f"TTL windows cost {usd_display(acc['cost'])}. The first answer of each window would have been "
-            f"stored (counted at the most expensive request of the window, {usd_display(acc['kept'])} in all) "
-            f"and the {_n(repeats)} repeats replayed at $0: saving {usd_display(saving)} = "
-            f"{usd_display(acc['cost'])} − {usd_display(acc['kept'])}.")
+            f"TTL windows cost {_usd(acc['cost'])}. The first answer of each window would have been "
+            f"stored (counted at the most expensive request of the window, {_usd(acc['kept'])} in all) "
+            f"and the {_n(repeats)} repeats replayed at $0: saving {_usd(saving)} = "
+            f"{_usd(acc['cost'])} − {_usd(acc['kept'])}.")
         out.append(Recommendation(
             kind="cache", title=f"Cache repeated prompts to {model}", saving_usd=saving,
             current_cost_usd=acc["cost"], alternative_cost_usd=acc["kept"], arithmetic=arithmetic,
@@ -266,8 +273,8 @@ def recommend_batch(rows, *, catalog: Catalog, quote: QuoteFn) -> list[Recommend
         providers = "/".join(sorted(acc["kinds"]))
         arithmetic = (
             f"Source {source_ref or '(none)'} ({source_type}) sent {_n(acc['requests'])} synchronous, non-stream, "
-            f"uncached requests to {model} ({providers}), which cost {usd_display(acc['cost'])}. The provider's "
-            f"batch API bills {share} less: saving up to {usd_display(saving)} = {usd_display(acc['cost'])} × "
+            f"uncached requests to {model} ({providers}), which cost {_usd(acc['cost'])}. The provider's "
+            f"batch API bills {share} less: saving up to {_usd(saving)} = {_usd(acc['cost'])} × "
             f"{q.batch_discount.normalize():f}.")
         out.append(Recommendation(
             kind="batch", title=f"Send {source_ref or '(none)'}'s non-urgent {model} traffic as a batch",

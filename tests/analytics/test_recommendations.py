@@ -105,8 +105,8 @@ def test_recommendations_on_a_generated_ledger_have_the_known_answers(ledger):
     assert model.alternative_cost_usd == Decimal("0.0114")
     assert model.saving_usd == Decimal("0.1786")
     assert ("sent 200 requests averaging 180 prompt tokens to gpt-4o" in model.arithmetic
-            and "36,000 × $0.15/Mtok + 10,000 × $0.6/Mtok = $0.011 instead of $0.19" in model.arithmetic
-            and "saving $0.18 = $0.19 − $0.011" in model.arithmetic), model.arithmetic
+            and "36,000 × $0.15/Mtok + 10,000 × $0.6/Mtok = $0.0114 instead of $0.19" in model.arithmetic
+            and "saving $0.1786 = $0.19 − $0.0114" in model.arithmetic), model.arithmetic
     assert "same capabilities: chat, streaming, 128,000-token context" in model.arithmetic
     # Cache: windows (aaaa: 5), (bbbb: 3), (bbbb: 2) at 0.01: 0.10 spent, 0.03 kept, 7 repeats.
     [cache] = kinds["cache"]
@@ -154,7 +154,7 @@ def test_the_page_names_the_saving_with_its_arithmetic_and_only_the_tenants_own(
     html = client.get("/dashboard/recommendations/").content.decode()
 
     assert "Send support-bot&#x27;s short prompts to gpt-4o-mini instead of gpt-4o: save $0.18" in html
-    assert "36,000 × $0.15/Mtok + 10,000 × $0.6/Mtok = $0.011 instead of $0.19" in html
+    assert "36,000 × $0.15/Mtok + 10,000 × $0.6/Mtok = $0.0114 instead of $0.19" in html
     assert "Cache repeated prompts to gpt-4o-mini: save $0.07" in html
     assert "saving up to $5.10 = $10.20 × 0.5" in html
     assert "globex" not in html
