@@ -6,10 +6,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from time import monotonic
 
-from django.db.models import BigIntegerField, Count, Func, Max, Q, Sum, Value
+from django.db.models import BigIntegerField, BooleanField, Count, ExpressionWrapper, Func, Max, Q, Sum, Value
 from django.utils import timezone
 
+from apps.core import caches
 from apps.core.money import MONEY_QUANT, money_str
 
 from . import recommendations as rec
@@ -605,14 +607,28 @@ def _recommendation_rows(*, tenant_id: int, since: datetime, until: datetime):
                                      status__lt=300, cached=False).order_by()
 
 
-def recommendation_model_usage(*, tenant_id: int, since: datetime, until: datetime) -> list[dict]:
-    """Per (source, model): requests, prompt and completion tokens, cost. One aggregate query on the
-    ledger: the rollups count cache hits' tokens at $0, which would make a model look cheaper."""
+def recommendation_usage(*, tenant_id: int, since: datetime, until: datetime) -> list[dict]:
+    """Per (source, model, provider, stream, in a batch or not): requests, prompt and completion
+    tokens, cost. One aggregate query on the ledger for two kinds (cheaper model, batch): the rollups
+    count cache hits' tokens at $0, which would make a model look cheaper, and have no stream flag."""
     return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until)
-                  .values("source_type", "source_ref", "model")
+                  .annotate(in_batch=ExpressionWrapper(~Q(batch_id=""), output_field=BooleanField()))
+                  .values("source_type", "source_ref", "model", "provider", "stream", "in_batch")
                   .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
                             completion_tokens=Sum("completion_tokens"), cost=Sum("cost"))
-                  .order_by("source_type", "source_ref", "model"), "cost")
+                  .order_by("source_type", "source_ref", "model", "provider", "stream", "in_batch"), "cost")
+
+
+def _summed(rows, keys: tuple[str, ...]) -> list[dict]:
+    """`rows` added up per `keys` (requests, tokens, cost)."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        acc = out.setdefault(tuple(r[k] for k in keys), {**{k: r[k] for k in keys}, "requests": 0,
+                                                            "prompt_tokens": 0, "completion_tokens": 0,
+                                                            "cost": Decimal(0)})
+        for m in ("requests", "prompt_tokens", "completion_tokens", "cost"):
+            acc[m] += r[m] or 0
+    return list(out.values())
 
 
 def recommendation_repeated_prompts(*, tenant_id: int, since: datetime, until: datetime, ttl_s: int) -> list[dict]:
@@ -626,31 +642,42 @@ def recommendation_repeated_prompts(*, tenant_id: int, since: datetime, until: d
                   .order_by("model", "prompt_hash", "window"), "spent", "max_cost")
 
 
-def recommendation_sync_traffic(*, tenant_id: int, since: datetime, until: datetime) -> list[dict]:
-    """Per (source, model, provider): the non-stream requests not already in a batch. One aggregate query."""
-    return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until)
-                  .filter(stream=False, batch_id="")
-                  .values("source_type", "source_ref", "model", "provider")
-                  .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
-                            completion_tokens=Sum("completion_tokens"), cost=Sum("cost"))
-                  .order_by("source_type", "source_ref", "model", "provider"), "cost")
+# Recommendations cover 30 days: a page computed a few minutes ago is as good, and the queries read
+# a month of ledger rows. Per process, by tenant id.
+RECOMMENDATIONS_FRESH_S = 300
+_recommendations_cache: dict[int, tuple[float, dict]] = {}
+
+
+@caches.on_reset
+def recommendations_cache_reset() -> None:
+    _recommendations_cache.clear()
 
 
 def recommendations_for_tenant(*, tenant, at: datetime | None = None) -> dict:
-    """The tenant's recommendations over the last WINDOW_DAYS days up to `at`, biggest saving first,
-    with the window and the total of the savings (which may overlap: a request moved to a cheaper
-    model and batched saves less than both figures added)."""
+    """The tenant's recommendations over the last WINDOW_DAYS days up to `at` (default now; then a
+    result up to RECOMMENDATIONS_FRESH_S old may be answered), biggest saving first, with the window
+    (the savings of different kinds may overlap: a request moved to a cheaper model and batched
+    saves less than both figures added). Two aggregate queries on the ledger."""
+    if at is None:
+        cached = _recommendations_cache.get(tenant.id)
+        if cached is not None and monotonic() - cached[0] < RECOMMENDATIONS_FRESH_S:
+            return cached[1]
     until = at or timezone.now()
     since = until - timedelta(days=rec.WINDOW_DAYS)
     catalog, quote = rec.alias_catalog(), rec.price_quoter(at=until)
+    usage = recommendation_usage(tenant_id=tenant.id, since=since, until=until)
+    sync = [r for r in usage if not r["stream"] and not r["in_batch"]]
     items = [
-        *rec.recommend_cheaper_model(recommendation_model_usage(tenant_id=tenant.id, since=since, until=until),
+        *rec.recommend_cheaper_model(_summed(usage, ("source_type", "source_ref", "model")),
                                      catalog=catalog, quote=quote),
         *rec.recommend_cache(recommendation_repeated_prompts(tenant_id=tenant.id, since=since, until=until,
                                                              ttl_s=tenant.cache_ttl_s),
                              ttl_s=tenant.cache_ttl_s, cache_enabled=tenant.cache_enabled),
-        *rec.recommend_batch(recommendation_sync_traffic(tenant_id=tenant.id, since=since, until=until),
+        *rec.recommend_batch(_summed(sync, ("source_type", "source_ref", "model", "provider")),
                              catalog=catalog, quote=quote),
     ]
-    return {"tenant": tenant.slug, "since": since, "until": until, "window_days": rec.WINDOW_DAYS,
-            "recommendations": rec.ranked(items)}
+    report = {"tenant": tenant.slug, "since": since, "until": until, "window_days": rec.WINDOW_DAYS,
+              "recommendations": rec.ranked(items)}
+    if at is None:
+        _recommendations_cache[tenant.id] = (monotonic(), report)
+    return report

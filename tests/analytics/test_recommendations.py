@@ -199,3 +199,13 @@ def test_the_api_resource_is_documented_and_tenant_scoped(ledger):
 def test_anonymous_callers_get_nothing(client, ledger):
     assert APIClient().get("/api/recommendations/").status_code in (401, 403)
     assert client.get("/dashboard/recommendations/").status_code == 302
+
+
+def test_a_report_is_two_ledger_queries_and_is_reused_for_a_few_minutes(ledger, django_assert_num_queries):
+    # 2 on the ledger, 3 for the aliases (with deployments and providers), 1 for provider kinds, 1 for prices.
+    with django_assert_num_queries(7) as ctx:
+        first = recommendations_for_tenant(tenant=ledger.acme)
+    assert sum("analytics_usageevent" in q["sql"] for q in ctx.captured_queries) == 2
+    with django_assert_num_queries(0):
+        assert recommendations_for_tenant(tenant=ledger.acme) is first
+    assert recommendations_for_tenant(tenant=ledger.globex)["tenant"] == "globex"
