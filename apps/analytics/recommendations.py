@@ -195,7 +195,8 @@ def recommend_cheaper_model(rows, *, catalog: Catalog, quote: QuoteFn) -> list[R
                                         f"instead of {r['model']}",
             saving_usd=saving, current_cost_usd=cost, alternative_cost_usd=q.cost, arithmetic=arithmetic,
             assumption=(f"Prompts average at most {_n(SHORT_PROMPT_TOKENS)} tokens; {other.alias} answers them as "
-                        f"well and with as many tokens; its current price; prompt-cache discounts ignored."),
+                        f"well and with as many tokens (tools and vision are not compared: check them); its current "
+                        f"price; prompt-cache discounts ignored."),
             source_type=r["source_type"], source_id=r["source_ref"], model=r["model"], alternative=other.alias,
             requests=requests, prompt_tokens=prompt, completion_tokens=completion,
             details={"average_prompt_tokens": average, "capabilities": capabilities_text(other),
