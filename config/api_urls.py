@@ -4,7 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from apps.analytics.rest import AnalyticsViewSet, RequestLogViewSet, UsageEventViewSet
+from apps.analytics.rest import AnalyticsViewSet, RecommendationViewSet, RequestLogViewSet, UsageEventViewSet
 from apps.billing.rest import AlertViewSet, BudgetViewSet, PriceViewSet
 from apps.gateway.rest import DeploymentViewSet, ModelAliasViewSet
 from apps.keys.rest import (
@@ -27,6 +27,7 @@ router.register("deployments", DeploymentViewSet, basename="deployment")
 router.register("prices", PriceViewSet, basename="price")
 router.register("usage-events", UsageEventViewSet, basename="usage-event")
 router.register("analytics", AnalyticsViewSet, basename="analytics")
+router.register("recommendations", RecommendationViewSet, basename="recommendation")
 router.register("request-logs", RequestLogViewSet, basename="request-log")
 router.register("audit-log", AuditLogViewSet, basename="audit-log")
 router.register("alerts", AlertViewSet, basename="alert")

@@ -52,6 +52,10 @@ class UsageEvent(models.Model):
     # db_default: rows inserted without the column (bulk loaders, a process of the previous release
     # during a rolling deploy) get an empty list.
     attempts = models.JSONField(default=list, blank=True, db_default=Value([], output_field=models.JSONField()))
+    # A short digest of what the response cache keys on (tenant, endpoint, alias, messages,
+    # parameters), on requests the cache did not answer: repeats of a prompt are visible without its
+    # text (apps/analytics/recommendations.py). Tenant-scoped: the same prompt of two tenants differs.
+    prompt_hash = models.CharField(max_length=16, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["-timestamp", "-id"]

@@ -13,7 +13,7 @@ from rest_framework.response import Response
 from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, READ_ROLES, tenant_ids_for_user
 
-from . import request_logs, selectors
+from . import recommendations, request_logs, selectors
 from .forms import DEFAULT_DAYS, MAX_DAYS, usage_filters_from
 
 FILTER_PARAMS = [
@@ -87,6 +87,58 @@ class AnalyticsViewSet(viewsets.ViewSet):
             raise ValidationError({"group": f"one of {', '.join(selectors.AGGREGATE_GROUPS)}"})
         filters = _filters(request, EXPORT_ROLES)
         return Response({"group": group, "rows": list(selectors.usage_aggregate_rows(filters, group))})
+
+
+# --- cost optimisation recommendations ---------------------------------------------------------
+
+
+class RecommendationSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=list(recommendations.KINDS),
+                                   help_text="cheaper_model, cache or batch (docs/governance-and-analytics.md)")
+    title = serializers.CharField()
+    saving_usd = serializers.DecimalField(max_digits=20, decimal_places=10,
+                                          help_text="USD over the window: current_cost_usd - alternative_cost_usd")
+    current_cost_usd = serializers.DecimalField(max_digits=20, decimal_places=10,
+                                                help_text="What the traffic cost (the ledger)")
+    alternative_cost_usd = serializers.DecimalField(max_digits=20, decimal_places=10,
+                                                    help_text="What it would have cost with the recommendation")
+    arithmetic = serializers.CharField(help_text="How the figure was computed, with the numbers")
+    assumption = serializers.CharField(help_text="What the figure assumes (lower or upper bound)")
+    source_type = serializers.CharField(allow_blank=True)
+    source_id = serializers.CharField(allow_blank=True, help_text="The seed's source id (blank: all sources)")
+    model = serializers.CharField(help_text="Model alias")
+    alternative = serializers.CharField(help_text="The cheaper alias, `response cache` or `batch API`")
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    details = serializers.DictField(help_text="Figures behind the arithmetic, by kind")
+
+
+class TenantRecommendationsSerializer(serializers.Serializer):
+    tenant = serializers.CharField(help_text="Tenant slug")
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField()
+    window_days = serializers.IntegerField()
+    recommendations = RecommendationSerializer(many=True, help_text="Biggest saving first")
+
+
+class RecommendationViewSet(viewsets.ViewSet):
+    """Cost optimisation recommendations per tenant over the last 30 days, from the ledger."""
+
+    permission_classes = [permissions.IsAuthenticated]
+
+    @extend_schema(operation_id="recommendations_list", responses=TenantRecommendationsSerializer(many=True),
+                   parameters=[OpenApiParameter("tenant", str, description="Tenant slug (default: all of yours)")])
+    def list(self, request):
+        """One entry per tenant of yours (or the one named): cheaper models of the same capabilities
+        for short prompts, repeated prompts the response cache would have answered, and traffic a
+        batch API would bill at a discount; each with its dollar saving over the last 30 days and
+        the arithmetic behind it."""
+        tenants = Tenant.objects.filter(id__in=tenant_ids_for_user(user=request.user, roles=READ_ROLES))
+        if slug := request.query_params.get("tenant"):
+            tenants = tenants.filter(slug=slug)
+        reports = [selectors.recommendations_for_tenant(tenant=t) for t in tenants.order_by("slug")]
+        return Response(TenantRecommendationsSerializer(reports, many=True).data)
 
 
 # --- request logs -----------------------------------------------------------------------------

@@ -6,12 +6,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from time import monotonic
 
-from django.db.models import Count, Q, Sum
+from django.db.models import BigIntegerField, BooleanField, Count, ExpressionWrapper, Func, Max, Q, Sum, Value
 from django.utils import timezone
 
+from apps.core import caches
 from apps.core.money import MONEY_QUANT, money_str
 
+from . import recommendations as rec
 from .models import (
     LATENCY_BUCKETS_MS,
     LATENCY_FIELDS,
@@ -562,3 +565,119 @@ def attempt_stats(*, since: datetime, until: datetime) -> dict[str, dict]:
             acc["failed"] += a.get("outcome") != "ok"
             acc["latency_ms_sum"] += a.get("latency_ms") or 0
     return out
+
+
+# --- cost optimisation recommendations (apps/analytics/recommendations.py) ----------------------
+
+
+class _EpochWindow(Func):
+    """The fixed window of `ttl_s` seconds a timestamp falls in: UTC epoch seconds // ttl_s."""
+
+    output_field = BigIntegerField()
+
+    def __init__(self, expression, ttl_s: int):
+        super().__init__(expression, Value(int(ttl_s)))
+
+    def as_sql(self, compiler, connection, **extra):  # PostgreSQL
+        return self.as_sql_template(compiler, connection,
+                                    "FLOOR(EXTRACT(EPOCH FROM %(ts)s) / %(ttl)s)::bigint")
+
+    def as_sqlite(self, compiler, connection, **extra):
+        return self.as_sql_template(compiler, connection, "(CAST(strftime('%%%%s', %(ts)s) AS INTEGER) / %(ttl)s)")
+
+    def as_sql_template(self, compiler, connection, template):
+        ts_sql, ts_params = compiler.compile(self.source_expressions[0])
+        ttl_sql, ttl_params = compiler.compile(self.source_expressions[1])
+        return template % {"ts": ts_sql, "ttl": ttl_sql}, [*ts_params, *ttl_params]
+
+
+def _exact(rows, *names: str) -> list[dict]:
+    """Sums of money to 10 places (SQLite adds decimals as floats: 0.190000000000001)."""
+    rows = list(rows)
+    for r in rows:
+        for name in names:
+            r[name] = (r[name] or Decimal(0)).quantize(MONEY_QUANT)
+    return rows
+
+
+def _recommendation_rows(*, tenant_id: int, since: datetime, until: datetime):
+    """The tenant's successful requests of [since, until) the cache did not answer (the
+    (tenant, timestamp) index)."""
+    return UsageEvent.objects.filter(tenant_id=tenant_id, timestamp__gte=since, timestamp__lt=until,
+                                     status__lt=300, cached=False).order_by()
+
+
+def recommendation_usage(*, tenant_id: int, since: datetime, until: datetime) -> list[dict]:
+    """Per (source, model, provider, stream, in a batch or not): requests, prompt and completion
+    tokens, cost. One aggregate query on the ledger for two kinds (cheaper model, batch): the rollups
+    count cache hits' tokens at $0, which would make a model look cheaper, and have no stream flag."""
+    return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until)
+                  .annotate(in_batch=ExpressionWrapper(~Q(batch_id=""), output_field=BooleanField()))
+                  .values("source_type", "source_ref", "model", "provider", "stream", "in_batch")
+                  .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
+                            completion_tokens=Sum("completion_tokens"), cost=Sum("cost"))
+                  .order_by("source_type", "source_ref", "model", "provider", "stream", "in_batch"), "cost")
+
+
+def _summed(rows, keys: tuple[str, ...]) -> list[dict]:
+    """`rows` added up per `keys` (requests, tokens, cost)."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        acc = out.setdefault(tuple(r[k] for k in keys), {**{k: r[k] for k in keys}, "requests": 0,
+                                                            "prompt_tokens": 0, "completion_tokens": 0,
+                                                            "cost": Decimal(0)})
+        for m in ("requests", "prompt_tokens", "completion_tokens", "cost"):
+            acc[m] += r[m] or 0
+    return list(out.values())
+
+
+def recommendation_repeated_prompts(*, tenant_id: int, since: datetime, until: datetime, ttl_s: int) -> list[dict]:
+    """Per (model, prompt hash, TTL window) sent more than once: requests, their cost and the most
+    expensive one's. One aggregate query."""
+    return _exact(_recommendation_rows(tenant_id=tenant_id, since=since, until=until).exclude(prompt_hash="")
+                  .annotate(window=_EpochWindow("timestamp", max(1, ttl_s)))
+                  .values("model", "prompt_hash", "window")
+                  .annotate(requests=Count("id"), spent=Sum("cost"), max_cost=Max("cost"))
+                  .filter(requests__gt=1)
+                  .order_by("model", "prompt_hash", "window"), "spent", "max_cost")
+
+
+# Recommendations cover 30 days: a page computed a few minutes ago is as good, and the queries read
+# a month of ledger rows. Per process, by tenant id.
+RECOMMENDATIONS_FRESH_S = 300
+_recommendations_cache: dict[int, tuple[float, dict]] = {}
+
+
+@caches.on_reset
+def recommendations_cache_reset() -> None:
+    _recommendations_cache.clear()
+
+
+def recommendations_for_tenant(*, tenant, at: datetime | None = None) -> dict:
+    """The tenant's recommendations over the last WINDOW_DAYS days up to `at` (default now; then a
+    result up to RECOMMENDATIONS_FRESH_S old may be answered), biggest saving first, with the window
+    (the savings of different kinds may overlap: a request moved to a cheaper model and batched
+    saves less than both figures added). Two aggregate queries on the ledger."""
+    if at is None:
+        cached = _recommendations_cache.get(tenant.id)
+        if cached is not None and monotonic() - cached[0] < RECOMMENDATIONS_FRESH_S:
+            return cached[1]
+    until = at or timezone.now()
+    since = until - timedelta(days=rec.WINDOW_DAYS)
+    catalog, quote = rec.alias_catalog(), rec.price_quoter(at=until)
+    usage = recommendation_usage(tenant_id=tenant.id, since=since, until=until)
+    sync = [r for r in usage if not r["stream"] and not r["in_batch"]]
+    items = [
+        *rec.recommend_cheaper_model(_summed(usage, ("source_type", "source_ref", "model")),
+                                     catalog=catalog, quote=quote),
+        *rec.recommend_cache(recommendation_repeated_prompts(tenant_id=tenant.id, since=since, until=until,
+                                                             ttl_s=tenant.cache_ttl_s),
+                             ttl_s=tenant.cache_ttl_s, cache_enabled=tenant.cache_enabled),
+        *rec.recommend_batch(_summed(sync, ("source_type", "source_ref", "model", "provider")),
+                             catalog=catalog, quote=quote),
+    ]
+    report = {"tenant": tenant.slug, "since": since, "until": until, "window_days": rec.WINDOW_DAYS,
+              "recommendations": rec.ranked(items)}
+    if at is None:
+        _recommendations_cache[tenant.id] = (monotonic(), report)
+    return report

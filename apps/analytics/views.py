@@ -177,6 +177,18 @@ def batches(request):
     return render(request, "analytics/batches.html", context, status=200 if filters is not None else 400)
 
 
+@login_required
+def recommendations_page(request):
+    """Cost optimisation recommendations of the user's tenants (or the one chosen), last 30 days:
+    each saving with its arithmetic and assumption."""
+    tenants = list(Tenant.objects.filter(id__in=tenant_ids_for_user(user=request.user)).order_by("slug"))
+    slug = request.GET.get("tenant", "")
+    chosen = [t for t in tenants if not slug or t.slug == slug]
+    reports = [selectors.recommendations_for_tenant(tenant=t) for t in chosen]
+    return render(request, "analytics/recommendations.html", {"tenants": tenants, "reports": reports,
+                                                              "chosen": slug})
+
+
 class _Echo:
     def write(self, value):
         return value

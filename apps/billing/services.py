@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
-from .selectors import PriceInfo
+from apps.analytics.recommendations import Quote, QuoteFn
+
+from .selectors import PriceInfo, price_in_force, price_versions_by_model
 
 MTOK = Decimal(1_000_000)
 QUANT = Decimal("0.0000000001")
@@ -28,6 +31,21 @@ def cost_compute(*, price: PriceInfo, prompt_tokens: int, completion_tokens: int
     if batch and price.batch_discount:
         total *= Decimal(1) - price.batch_discount
     return total.quantize(QUANT, rounding=ROUND_HALF_UP)
+
+
+def price_quoter(at: datetime) -> QuoteFn:
+    """What a token count costs on a model alias at its price in force at `at` (None: unpriced),
+    with the rates and batch discount used; prices read once (the cost recommendations ask for many)."""
+    versions = price_versions_by_model()
+
+    def quote(*, model: str, prompt_tokens: int, completion_tokens: int) -> Quote | None:
+        price = price_in_force(versions.get(model), at)
+        if price is None:
+            return None
+        return Quote(cost=cost_compute(price=price, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+                     input_usd_per_mtok=price.input_usd_per_mtok, output_usd_per_mtok=price.output_usd_per_mtok,
+                     batch_discount=price.batch_discount)
+    return quote
 
 
 def cost_upper_bound(*, price: PriceInfo, prompt_tokens_max: int, completion_tokens_max: int) -> Decimal:

@@ -30,6 +30,7 @@ from django.conf import settings
 from apps.core import caches
 from apps.core import redis as core_redis
 
+from . import schemas
 from .providers.base import Completion, Usage
 
 if TYPE_CHECKING:
@@ -145,6 +146,16 @@ def cache_key(ctx: Ctx) -> str:
             params[name] = float(params[name])
     digest = hashlib.sha256(orjson.dumps([ctx.kind, ctx.model, params], option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"llms:rc:{ctx.auth.tenant_id}:{digest}"
+
+
+def prompt_digest(ctx: Ctx) -> str:
+    """16 hex characters naming what this request's cache key names (the key computed at lookup,
+    or now when the cache was off): recorded on the ledger row of a request the cache did not
+    answer, so repeated prompts show without their text. The key holds the tenant id: the same
+    prompt of two tenants gets two digests."""
+    if ctx.auth is None or ctx.request is None or ctx.kind not in (schemas.CHAT, schemas.EMBEDDINGS):
+        return ""
+    return hashlib.sha256((ctx.cache_key or cache_key(ctx)).encode()).hexdigest()[:16]
 
 
 def _storable(ctx: Ctx, completion: Completion) -> bool:

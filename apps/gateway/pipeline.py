@@ -378,6 +378,7 @@ async def record(ctx: Ctx) -> None:
         priority=ctx.priority,
         estimated=usage.estimated,
         attempts=attempts,
+        prompt_hash=cache.prompt_digest(ctx) if ctx.usage is not None and not ctx.cached else "",
     )
     ctx.recorded = True
     if ctx.watch:

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
+from apps.analytics.recommendations import AliasInfo, Catalog
 from apps.analytics.request_logs import RequestLogSettings, request_log_settings
 from apps.billing.selectors import PriceInfo, budget_refs_for_tenant, price_versions_by_model
 from apps.core import caches
@@ -19,7 +20,7 @@ from apps.keys.crypto import decrypt
 from apps.keys.models import Source
 
 from .capabilities import alias_capabilities
-from .models import Deployment, DeploymentHealth, ModelAlias
+from .models import Deployment, DeploymentHealth, ModelAlias, Provider
 from .providers.base import Target
 
 
@@ -224,6 +225,21 @@ def deployments_readiness() -> dict:
 
 def model_aliases() -> list[str]:
     return list(ModelAlias.objects.order_by("alias").values_list("alias", flat=True))
+
+
+def alias_catalog() -> Catalog:
+    """What each alias can do and who serves it (its active deployments), and every provider's
+    kind: what the cost recommendations call "the same capabilities" (apps/analytics/recommendations.py)."""
+    aliases = {}
+    for a in ModelAlias.objects.prefetch_related("deployments__provider"):
+        active = [d for d in a.deployments.all() if d.is_active]
+        models = [(d.upstream_model, d.provider.kind) for d in active]
+        embeddings, chat = alias_capabilities(alias=a.alias, models=models, supports_embeddings=a.supports_embeddings,
+                                              supports_chat=a.supports_chat)
+        aliases[a.alias] = AliasInfo(alias=a.alias, chat=chat, embeddings=embeddings, streaming=a.supports_streaming,
+                                     context_window=a.context_window, max_output_tokens=a.max_output_tokens,
+                                     provider_kinds=frozenset(d.provider.kind for d in active))
+    return Catalog(aliases=aliases, provider_kinds=dict(Provider.objects.values_list("name", "kind")))
 
 
 def queued_holds() -> list[dict]:

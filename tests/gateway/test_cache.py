@@ -244,3 +244,24 @@ def test_an_answer_shortened_to_fit_a_budget_is_not_cached(client, setup, upstre
 
     assert again["x-gateway-cache"] == "miss"
     assert upstream.requests[-1]["body"]["max_tokens"] == 1000
+
+
+def test_ledger_rows_name_repeats_by_a_tenant_scoped_digest_never_the_text(client, setup, upstream):
+    """What the cost recommendations count repeated prompts by: the cache key's digest, also with
+    the cache off, on every request the cache did not answer."""
+    off = [post(client, setup.secret, chat(setup.alias, "the same question", cache=False)) for _ in range(2)]
+    other = post(client, setup.secret, chat(setup.alias, "another question", cache=False))
+    outsider = post(client, f.ApiKeyFactory().secret, chat(setup.alias, "the same question", cache=False))
+    miss = post(client, setup.secret, chat(setup.alias, "the same question"))
+    hit = post(client, setup.secret, chat(setup.alias, "the same question"))
+    row = {r.request_id: r for r in UsageEvent.objects.all()}
+    digest = row[off[0]["x-request-id"]].prompt_hash
+
+    assert hit["x-gateway-cache"] == "hit"
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert row[off[1]["x-request-id"]].prompt_hash == digest
+    assert row[miss["x-request-id"]].prompt_hash == digest  # with the cache on, the same key
+    assert row[other["x-request-id"]].prompt_hash not in ("", digest)
+    assert row[outsider["x-request-id"]].prompt_hash not in ("", digest)  # another tenant
+    assert row[hit["x-request-id"]].prompt_hash == ""  # answered by the cache: nothing to save
+    assert "question" not in digest

@@ -32,7 +32,8 @@ BUDGET_IDS = ["", "", "", "campaign-q4", "research", "eu-launch"]
 COLUMNS = ["request_id", "timestamp", "tenant_id", "api_key_id", "source_id", "source_type", "source_ref",
            "request_type", "model", "provider", "upstream_model", "prompt_tokens", "completion_tokens",
            "cached_tokens", "cache_write_tokens", "reasoning_tokens", "cost", "saved_cost", "status", "error_code",
-           "latency_ms", "cached", "stream", "is_async", "batch_id", "budget_id", "priority", "estimated"]
+           "latency_ms", "cached", "stream", "is_async", "batch_id", "budget_id", "priority", "estimated",
+           "prompt_hash"]
 MTOK = Decimal(1_000_000)
 Q = Decimal("0.0000000001")
 
@@ -121,6 +122,7 @@ class Command(BaseCommand):
                 source_name, "embeddings" if embedding else "chat", alias, provider, alias, prompt,
                 completion if status == 200 else 0, 0, 0, 0, cost, full if cached else Decimal(0), status, error,
                 latency, cached, rng.random() < 0.3, False, "", rng.choice(BUDGET_IDS), 0, False,
+                "" if cached else f"{rng.randrange(max(1, n // 4)):016x}",  # a prompt sent ~4 times
             )
 
     def _copy(self, rows):
