@@ -31,6 +31,7 @@ from apps.core import caches
 from apps.core import redis as core_redis
 
 from .providers.base import Completion, Usage
+from .versions import pinned_name
 
 if TYPE_CHECKING:
     from .pipeline import Ctx
@@ -145,7 +146,8 @@ def cache_key(ctx: Ctx) -> str:
     for name in _FLOAT_PARAMS:
         if isinstance(params.get(name), int | float):
             params[name] = float(params[name])
-    digest = hashlib.sha256(orjson.dumps([ctx.kind, ctx.model, params], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    model = pinned_name(ctx.model, ctx.version) if ctx.version else ctx.model  # a pinned version: its own answers
+    digest = hashlib.sha256(orjson.dumps([ctx.kind, model, params], option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"llms:rc:{ctx.auth.tenant_id}:{digest}"
 
 
@@ -162,14 +164,15 @@ def _storable(ctx: Ctx, completion: Completion) -> bool:
     return bool(completion.body.get("choices"))
 
 
-def _encode(completion: Completion) -> bytes:
+def _encode(completion: Completion, version: str) -> bytes:
     usage = {name: getattr(completion.usage, name) for name in _USAGE_FIELDS}
-    return orjson.dumps({"body": completion.body, "usage": usage})
+    return orjson.dumps({"body": completion.body, "usage": usage, "version": version})
 
 
-def _decode(raw: bytes) -> Completion:
+def _decode(raw: bytes) -> tuple[Completion, str]:
+    """The stored completion and the model version that answered it."""
     data = orjson.loads(raw)
-    return Completion(body=data["body"], usage=Usage(**data["usage"]))
+    return Completion(body=data["body"], usage=Usage(**data["usage"])), data.get("version", "")
 
 
 # --- the two pipeline steps -----------------------------------------------------------------
@@ -202,9 +205,10 @@ async def lookup(ctx: Ctx) -> Completion | None:
     if raw is None:
         return None
     try:
-        return _decode(raw)
+        completion, ctx.hit_version = _decode(raw)
     except (ValueError, KeyError, TypeError):
         return None
+    return completion
 
 
 async def store(ctx: Ctx, completion: Completion) -> None:
@@ -213,7 +217,7 @@ async def store(ctx: Ctx, completion: Completion) -> None:
         return
     if "x-gateway-max-tokens-lowered" in ctx.headers:  # cut to fit a budget: not the answer to this request
         return
-    raw = _encode(completion)
+    raw = _encode(completion, ctx.model_version)
     if len(raw) > settings.GATEWAY_CACHE_MAX_ENTRY_BYTES:
         return
     try:
