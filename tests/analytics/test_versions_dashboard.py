@@ -70,3 +70,16 @@ def test_versions_page_needs_a_login(client):
 def test_versions_page_refuses_bad_dates(client, world):
     client.force_login(world.acme_manager)
     assert client.get("/dashboard/versions/", {"since": date(2026, 2, 1), "until": date(2026, 1, 1)}).status_code == 400
+
+
+def test_versions_api_gives_the_same_figures_to_the_tenants_people_only(rollout):
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(rollout.acme_manager)
+    [chat] = api.get("/api/analytics/versions/").json()["models"]
+    assert [(v["version"], v["requests"], v["cost_per_request"]) for v in chat["versions"]] == [
+        (OLD, 4, "0.001"), (NEW, 2, "0.003")]
+    api.force_authenticate(rollout.globex_manager)
+    [chat] = api.get("/api/analytics/versions/").json()["models"]
+    assert [v["version"] for v in chat["versions"]] == ["globex-only-version"]
