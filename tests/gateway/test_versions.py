@@ -315,6 +315,8 @@ def test_the_version_is_on_the_ledger_row_the_exports_and_the_request_log(client
     rows = list(csv.DictReader(io.StringIO(b"".join(client.get("/dashboard/usage.csv").streaming_content).decode())))
     assert [(r["request_id"], r["model"], r["model_version"]) for r in rows] == [(request_id, "chat", NEW)]
     assert client.get(f"/api/request-logs/{request_id}/").json()["model_version"] == NEW
+    assert f"chat@{NEW}" in client.get("/dashboard/requests/").content.decode()
+    assert f"chat@{NEW}" in client.get(f"/dashboard/requests/{request_id}/").content.decode()
     out = StringIO()
     call_command("usage_export", "--tenant", key.tenant.slug, "--format", "json", stdout=out)
     assert json.loads(out.getvalue().splitlines()[0])["model_version"] == NEW
