@@ -57,13 +57,7 @@ class AliasRoute:
     versions: dict[str, tuple[DeploymentRoute, ...]] = field(default_factory=dict)
     rollout_names: tuple[str, ...] = ()
     rollout_bounds: tuple[int, ...] = ()
-
-    @property
-    def live(self) -> tuple[DeploymentRoute, ...]:
-        """The deployments that serve the bare alias: those of versions with a share, else all."""
-        if not self.rollout_names:
-            return self.deployments
-        return tuple(d for d in self.deployments if d.version in self.rollout_names)
+    live: tuple[DeploymentRoute, ...] = ()  # those serving the bare alias: of versions with a share, else all
 
 
 @dataclass(slots=True)
@@ -128,6 +122,7 @@ def routing_table_load() -> RoutingTable:
             versions=by_version,
             rollout_names=names,
             rollout_bounds=bounds,
+            live=tuple(r for r in routes if r.version in names) if names else routes,
         )
     return table
 
