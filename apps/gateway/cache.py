@@ -205,10 +205,21 @@ async def lookup(ctx: Ctx) -> Completion | None:
     if raw is None:
         return None
     try:
-        completion, ctx.hit_version = _decode(raw)
+        completion, version = _decode(raw)
     except (ValueError, KeyError, TypeError):
         return None
+    if version and not _serves(ctx, version):
+        return None  # e.g. a canary's answer after its rollback
+    ctx.hit_version = version
     return completion
+
+
+def _serves(ctx: Ctx, version: str) -> bool:
+    """Does `version` still serve this request (an answer it gave may be replayed)?"""
+    alias = ctx.alias
+    if alias is None or ctx.version:  # a pinned request's answers are under its own key
+        return True
+    return version in alias.versions and (not alias.rollout_names or version in alias.rollout_names)
 
 
 async def store(ctx: Ctx, completion: Completion) -> None:

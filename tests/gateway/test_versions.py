@@ -164,6 +164,20 @@ def test_a_cached_answer_of_a_pinned_version_is_not_served_to_another(client, ch
     assert versions_of_ledger() == [OLD, OLD, NEW]  # the hit records the version whose answer it replays
 
 
+def test_a_rolled_back_versions_cached_answers_are_not_replayed(client, chat, key,
+                                                               django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        model_rollout(alias="chat", version=NEW, share=100, actor="test")
+    assert post(client, key.secret, "chat", temperature=0)["x-gateway-model-version"] == NEW
+    assert post(client, key.secret, "chat", temperature=0)["x-gateway-cache"] == "hit"
+    with django_capture_on_commit_callbacks(execute=True):
+        model_rollback(alias="chat", actor="test")
+
+    resp = post(client, key.secret, "chat", temperature=0)
+
+    assert (resp["x-gateway-cache"], resp["x-gateway-model-version"]) == ("miss", OLD)
+
+
 # --- rollouts ----------------------------------------------------------------------------------
 
 
