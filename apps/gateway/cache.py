@@ -1,6 +1,7 @@
 """The response cache: exact match, always scoped to the tenant.
 
-Key: (tenant, endpoint kind, model alias, canonical messages/input, generation parameters), hashed
+Key: (tenant, endpoint kind, model alias (or alias@version when pinned), canonical messages/input,
+generation parameters), hashed
 with SHA-256. `stream`, `stream_options` and `user` are not part of the key, so a streamed request
 hits what a non-streamed one stored and the other way round.
 
