@@ -1,9 +1,8 @@
 """The response cache: exact match, always scoped to the tenant.
 
 Key: (tenant, endpoint kind, model alias (or alias@version when pinned), canonical messages/input,
-generation parameters), hashed
-with SHA-256. `stream`, `stream_options` and `user` are not part of the key, so a streamed request
-hits what a non-streamed one stored and the other way round.
+generation parameters), hashed with SHA-256. `stream`, `stream_options` and `user` are not part of
+the key, so a streamed request hits what a non-streamed one stored and the other way round.
 
 Policy (`cacheable`): a request's own `cache: true|false` wins; otherwise the key's default (or the
 tenant's when the key has none) applies, and then only to deterministic requests (temperature 0,
