@@ -27,6 +27,9 @@ class UsageEvent(models.Model):
     deployment = models.ForeignKey("gateway.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
     provider = models.CharField(max_length=100, blank=True)
     upstream_model = models.CharField(max_length=200, blank=True)
+    # The version of the model alias that answered (apps/gateway/versions.py): the deployment's label,
+    # else its upstream model; empty when no deployment was reached. db_default as for `attempts`.
+    model_version = models.CharField(max_length=200, blank=True, default="", db_default="")
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
@@ -85,7 +88,7 @@ LATENCY_FIELDS = tuple(f"lat_le_{b}" for b in LATENCY_BUCKETS_MS) + ("lat_inf",)
 class UsageRollupBase(models.Model):
     """Ledger aggregates per bucket and dimensions, recomputed idempotently from the ledger.
 
-    Dimensions: tenant, bucket (UTC hour or day), model, provider, the seed's source (type, ref),
+    Dimensions: tenant, bucket (UTC hour or day), model, its version, provider, the seed's source (type, ref),
     the source and key ids, budget_id and the status class (2, 4 or 5 for 2xx/4xx/5xx).
     The latency histogram (`lat_le_<ms>` counts, non-cumulative) gives p50/p95 without raw rows.
     """
@@ -93,6 +96,7 @@ class UsageRollupBase(models.Model):
     tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
     bucket = models.DateTimeField()
     model = models.CharField(max_length=200)
+    model_version = models.CharField(max_length=200, blank=True, default="", db_default="")
     provider = models.CharField(max_length=100, blank=True)
     source_type = models.CharField(max_length=16)
     source_ref = models.CharField(max_length=100)
@@ -217,6 +221,7 @@ class RequestLog(models.Model):
     source_ref = models.CharField(max_length=100, blank=True)
     request_type = models.CharField(max_length=32, default="chat")
     model = models.CharField(max_length=200, blank=True)
+    model_version = models.CharField(max_length=200, blank=True, default="")
     provider = models.CharField(max_length=100, blank=True)
     status = models.PositiveSmallIntegerField()
     error_code = models.CharField(max_length=64, blank=True)

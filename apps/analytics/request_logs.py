@@ -207,7 +207,8 @@ def request_log_dict(row: RequestLog, *, bodies: bool) -> dict:
     out = {
         "request_id": row.request_id, "timestamp": row.timestamp.isoformat(), "tenant": row.tenant.slug,
         "key": row.api_key.name if row.api_key else None, "source_id": row.source_ref,
-        "request_type": row.request_type, "model": row.model, "provider": row.provider, "status": row.status,
+        "request_type": row.request_type, "model": row.model, "model_version": row.model_version,
+        "provider": row.provider, "status": row.status,
         "error_code": row.error_code, "budget_id": row.budget_id or None, "stream": row.stream,
         "cached": row.cached, "latency_ms": row.latency_ms, "attempts": row.attempts, "timings": row.timings,
     }

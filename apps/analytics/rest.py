@@ -10,6 +10,7 @@ from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
+from apps.core.money import money_str
 from apps.keys.models import Tenant
 from apps.keys.selectors import EXPORT_ROLES, READ_ROLES, tenant_ids_for_user
 
@@ -76,6 +77,16 @@ class AnalyticsViewSet(viewsets.ViewSet):
     def dashboard(self, request):
         """Totals, budgets, spend over time, breakdowns and provider availability."""
         return Response(selectors.dashboard_data(_filters(request, READ_ROLES)))
+
+    @extend_schema(parameters=FILTER_PARAMS, responses=OpenApiTypes.OBJECT)
+    @action(detail=False, methods=["get"])
+    def versions(self, request):
+        """Each model's versions side by side (the dashboard's "Model versions" page): requests, share
+        of traffic, error rate, latency p50/p95, cost and tokens per request."""
+        models = selectors.version_comparison(_filters(request, READ_ROLES))
+        for v in (v for m in models for v in m["versions"]):  # money as exact decimal strings
+            v["cost"], v["cost_per_request"] = money_str(v["cost"]), money_str(v["cost_per_request"])
+        return Response({"models": models})
 
     @extend_schema(parameters=[*FILTER_PARAMS, OpenApiParameter("group", str, enum=list(selectors.AGGREGATE_GROUPS))],
                    responses=OpenApiTypes.OBJECT)

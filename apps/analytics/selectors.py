@@ -28,7 +28,7 @@ from .models import (
 CSV_COLUMNS = [
     "request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type", "model",
     "prompt_tokens", "completion_tokens", "cost", "async", "cached", "batch_id", "budget_id", "status",
-    "latency_ms",
+    "latency_ms", "model_version",
 ]
 # Written as they are in CSVs; every other column is text, neutralised against formulas (csv_safe.py).
 CSV_NUMERIC_COLUMNS = ("prompt_tokens", "completion_tokens", "cost", "latency_ms")
@@ -107,7 +107,7 @@ def usage_events(*, tenant_ids, since: datetime | None = None, until: datetime |
 _EXPORT_FIELDS = (
     "request_id", "timestamp", "tenant__slug", "source_type", "source_ref", "api_key__name", "request_type",
     "model", "prompt_tokens", "completion_tokens", "cost", "is_async", "cached", "batch_id", "budget_id",
-    "status", "latency_ms", "saved_cost", "price_id", "deployment_id", "estimated",
+    "status", "latency_ms", "saved_cost", "price_id", "deployment_id", "estimated", "model_version",
 )
 
 EXPORT_FIELDS = _EXPORT_FIELDS  # what seed_usage_event and csv_row read from a ledger row
@@ -123,7 +123,7 @@ def csv_row(row: dict) -> list:
         row["request_id"], row["timestamp"].isoformat(), row["tenant__slug"], row["source_type"], row["source_ref"],
         row["api_key__name"] or "", row["request_type"], row["model"], row["prompt_tokens"],
         row["completion_tokens"], f"{row['cost']:f}", str(row["is_async"]).lower(), str(row["cached"]).lower(),
-        row["batch_id"], row["budget_id"], row["status"], row["latency_ms"],
+        row["batch_id"], row["budget_id"], row["status"], row["latency_ms"], row["model_version"],
     ]
 
 
@@ -148,6 +148,7 @@ def seed_usage_event(row: dict) -> dict:
         "tenant": row["tenant__slug"],
         "key": row["api_key__name"],
         "deployment_id": row["deployment_id"],
+        "model_version": row["model_version"],
         "status": row["status"],
         "latency_ms": row["latency_ms"],
         "saved_cost": f"{row['saved_cost']:f}",
@@ -395,6 +396,43 @@ def latency_by(filters: UsageFilters, by: str) -> list[dict]:
                     "mean_ms": round((r["latency_ms_sum"] or 0) / r["requests"]) if r["requests"] else None})
     out.sort(key=lambda r: (-(r["p95_ms"] or 0), r["label"]))
     return out
+
+
+def version_comparison(filters: UsageFilters) -> list[dict]:
+    """The versions of each model side by side, from the daily rollups: requests and their share of
+    the model's, error rate, latency p50/p95, cost and tokens per request. One dict per model,
+    `{"model", "requests", "versions": [...]}`, models by name, versions by name ("(none)": requests
+    that reached no deployment)."""
+    rows = (filters.rollups().values("model", "model_version")
+            .annotate(requests=Sum("requests"), errors=Sum("errors"), cost=Sum("cost"),
+                      prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"),
+                      **{f: Sum(f) for f in LATENCY_FIELDS})
+            .order_by("model", "model_version"))
+    models: dict[str, dict] = {}
+    for r in rows:
+        requests = r["requests"] or 0
+        hist = [r[f] or 0 for f in LATENCY_FIELDS]
+        tokens = (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+        cost = r["cost"] or Decimal(0)
+        entry = models.setdefault(r["model"], {"model": r["model"], "requests": 0, "versions": []})
+        entry["requests"] += requests
+        entry["versions"].append({
+            "version": r["model_version"] or "(none)", "requests": requests, "errors": r["errors"] or 0,
+            "error_rate": _ratio(r["errors"] or 0, requests),
+            "latency_p50_ms": latency_percentile(hist, 0.50), "latency_p95_ms": latency_percentile(hist, 0.95),
+            "cost": cost, "cost_per_request": (cost / requests).quantize(MONEY_QUANT) if requests else None,
+            "tokens": tokens, "tokens_per_request": round(tokens / requests, 1) if requests else None,
+        })
+    for entry in models.values():
+        for v in entry["versions"]:
+            v["traffic_share"] = _ratio(v["requests"], entry["requests"])
+            v["traffic_pct"] = _pct(v["traffic_share"])
+            v["error_pct"] = _pct(v["error_rate"])
+    return [models[k] for k in sorted(models) if k]
+
+
+def _pct(ratio: float | None) -> str | None:
+    return None if ratio is None else f"{ratio * 100:.1f}"
 
 
 def dashboard_data(filters: UsageFilters) -> dict:

@@ -143,7 +143,8 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
     if d_end < h_end:
         d_end += timedelta(days=1)
     dims = {
-        "d_tenant": F("tenant_id"), "d_model": F("model"), "d_provider": F("provider"),
+        "d_tenant": F("tenant_id"), "d_model": F("model"), "d_model_version": F("model_version"),
+        "d_provider": F("provider"),
         "d_source_type": F("source_type"), "d_source_ref": F("source_ref"),
         "d_source_id": Coalesce("source_id", Value(0)), "d_api_key_id": Coalesce("api_key_id", Value(0)),
         "d_budget_id": F("budget_id"),
@@ -164,8 +165,8 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
     )
     measure_cols = ["requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cost", "saved_cost",
                     "latency_ms_sum", *LATENCY_FIELDS]
-    dim_cols = ["bucket", "tenant_id", "model", "provider", "source_type", "source_ref", "source_id", "api_key_id",
-                "budget_id", "status_class"]
+    dim_cols = ["bucket", "tenant_id", "model", "model_version", "provider", "source_type", "source_ref",
+                "source_id", "api_key_id", "budget_id", "status_class"]
     with transaction.atomic():
         if connection.vendor == "postgresql":  # one recompute at a time (beat overlap, manual runs)
             with connection.cursor() as cur:

@@ -10,6 +10,7 @@ urlpatterns = [
     path("dashboard/requests/<str:request_id>/", views.request_page, name="request"),
     path("dashboard/batches/", views.batches, name="batches"),
     path("dashboard/recommendations/", views.recommendations_page, name="recommendations"),
+    path("dashboard/versions/", views.versions, name="versions"),
     path("dashboard/usage.csv", views.usage_csv, name="usage_csv"),
     path("dashboard/usage-summary.csv", views.usage_summary_csv, name="usage_summary_csv"),
 ]

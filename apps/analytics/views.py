@@ -189,6 +189,21 @@ def recommendations_page(request):
                                                               "chosen": slug})
 
 
+@login_required
+def versions(request):
+    """Model versions side by side (requests, error rate, latency, cost and tokens per request),
+    from the rollups of the user's tenants: a rollout's canary beside the version it replaces."""
+    tenants = _readable_tenants(request.user)
+    form, filters = usage_filters_from(request.GET, tenants=tenants)
+    context = {"form": form, "tenants": tenants}
+    if filters is not None:
+        context["models"] = selectors.version_comparison(filters)
+        context["choices"] = selectors.usage_filter_choices(tenant_ids=filters.tenant_ids, since=filters.since,
+                                                            until=filters.until)
+    context["rollup"] = _rollup_freshness()
+    return render(request, "analytics/versions.html", context, status=200 if filters is not None else 400)
+
+
 class _Echo:
     def write(self, value):
         return value

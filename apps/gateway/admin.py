@@ -1,7 +1,8 @@
 """Django admin for providers, model aliases and deployments. Every change is audited; a
 provider's credential is shown by name only, never decrypted."""
 
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
 from django.db import models
 
 from apps.core.forms import MoneyInput
@@ -11,7 +12,8 @@ from apps.keys.services import audit_record, snapshot
 from .capabilities import alias_capabilities
 from .models import Deployment, DeploymentHealth, ModelAlias, OpsIncident, Provider
 from .selectors import routing_table_invalidate
-from .services import alias_pin_audit, alias_pins
+from .services import alias_pin_audit, alias_pins, alias_versions, model_rollback, model_rollout
+from .versions import RolloutError, shares_split
 
 
 class AuditedAdmin(AuditedAdminMixin, admin.ModelAdmin):
@@ -34,8 +36,8 @@ class DeploymentInline(admin.TabularInline):
     model = Deployment
     extra = 0
     formfield_overrides = {models.DecimalField: {"widget": MoneyInput}}
-    fields = ["provider", "upstream_model", "priority", "weight", "region", "rpm", "tpm", "input_usd_per_mtok",
-              "output_usd_per_mtok", "is_active"]
+    fields = ["provider", "upstream_model", "version", "priority", "weight", "region", "rpm", "tpm",
+              "input_usd_per_mtok", "output_usd_per_mtok", "is_active"]
 
 
 @admin.register(Provider)
@@ -50,12 +52,63 @@ class ProviderAdmin(AuditedAdmin):
         return obj.credential.name if obj.credential else "-"
 
 
+class ModelAliasForm(forms.ModelForm):
+    """The alias's fields, plus a rollout step: a version and its share of the bare alias's traffic
+    (model_rollout, audited). The shares themselves change only through that service."""
+
+    rollout_to = forms.ChoiceField(label="Roll out version", required=False,
+                                   help_text="Give this version a share of the alias's traffic (a canary: 5, "
+                                             "then 50, then 100); the other versions divide the rest.")
+    rollout_share = forms.IntegerField(label="Share (%)", required=False, min_value=0, max_value=100)
+
+    class Meta:
+        model = ModelAlias
+        fields = ["alias", "strategy", "context_window", "max_output_tokens", "supports_streaming",
+                  "supports_embeddings", "supports_chat"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = alias_versions(alias=self.instance) if self.instance.pk else []
+        self.fields["rollout_to"].choices = [("", "-"), *((n, n) for n in names)]
+
+    def clean(self):
+        data = super().clean()
+        if bool(data.get("rollout_to")) != (data.get("rollout_share") is not None):
+            raise forms.ValidationError("A rollout needs both a version and a share.")
+        if data.get("rollout_to"):
+            try:
+                shares_split(alias_versions(alias=self.instance), data["rollout_to"], data["rollout_share"])
+            except RolloutError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return data
+
+
 @admin.register(ModelAlias)
 class ModelAliasAdmin(AuditedAdmin):
-    list_display = ["alias", "strategy", "context_window", "chat", "supports_streaming", "embeddings"]
+    form = ModelAliasForm
+    list_display = ["alias", "strategy", "context_window", "chat", "supports_streaming", "embeddings", "rollout"]
     list_filter = ["strategy"]
     search_fields = ["alias"]
     inlines = [DeploymentInline]
+    readonly_fields = ["rollout"]
+    actions = ["rollback"]
+
+    @admin.display(description="Rollout (share of traffic per version)")
+    def rollout(self, obj) -> str:
+        if not obj.version_shares:
+            return "none: every deployment serves the alias"
+        shares = ", ".join(f"{v} {n}%" for v, n in sorted(obj.version_shares.items()))
+        return f"{shares}" + (f" (rolling out {obj.rollout_version})" if obj.rollout_version else "")
+
+    @admin.action(description="Roll back the rollout of the selected aliases")
+    def rollback(self, request, queryset):
+        for alias in queryset:
+            try:
+                model_rollback(alias=alias.alias, actor=f"admin:{request.user.username}")
+            except RolloutError as exc:
+                self.message_user(request, str(exc), level=messages.WARNING)
+            else:
+                self.message_user(request, f"{alias.alias}: rolled back.")
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("deployments__provider")
@@ -89,13 +142,21 @@ class ModelAliasAdmin(AuditedAdmin):
     def save_related(self, request, form, formsets, change):
         before = alias_pins(alias=form.instance) if change else []
         super().save_related(request, form, formsets, change)
-        alias_pin_audit(alias=form.instance, before=before, actor=f"admin:{request.user.username}")
+        actor = f"admin:{request.user.username}"
+        alias_pin_audit(alias=form.instance, before=before, actor=actor)
+        if form.cleaned_data.get("rollout_to"):
+            try:
+                model_rollout(alias=form.instance.alias, version=form.cleaned_data["rollout_to"],
+                              share=form.cleaned_data["rollout_share"], actor=actor)
+            except RolloutError as exc:  # the inlines changed the versions since the form was checked
+                self.message_user(request, f"Rollout not done: {exc}", level=messages.ERROR)
         routing_table_invalidate()
 
 
 @admin.register(Deployment)
 class DeploymentAdmin(AuditedAdmin):
-    list_display = ["alias", "provider", "upstream_model", "priority", "weight", "region", "rpm", "tpm", "is_active"]
+    list_display = ["alias", "provider", "upstream_model", "version", "priority", "weight", "region", "rpm", "tpm",
+                    "is_active"]
     list_select_related = ["alias", "provider"]
     list_filter = ["is_active", "region", "provider__kind"]
     search_fields = ["alias__alias", "upstream_model"]

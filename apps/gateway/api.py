@@ -24,6 +24,7 @@ from .dialects import anthropic_messages, bearer, openai_responses
 from .errors import GatewayError, from_http_error, from_param_errors, invalid_request, not_found
 from .selectors import routing_table, stored_response_get
 from .services import stored_response_delete
+from .versions import pinned_name
 
 api = doc.GatewayAPI(title="LLM Service data plane", version="1", urls_namespace="v1", docs_url="/docs")
 
@@ -190,13 +191,32 @@ async def models(request: HttpRequest):
     table = await routing_table()
     created = int(time.time())
     regions = ctx.auth.allowed_regions
-    data = [
-        {"id": alias, "object": "model", "created": created, "owned_by": "llm-service"}
-        for alias, route in sorted(table.aliases.items())
-        if ctx.auth.may_use_model(alias)
-        and (not regions or any(d.region in regions for d in route.deployments))  # servable in its regions
-    ]
+
+    def servable(deployments) -> bool:  # in the tenant's regions
+        return not regions or any(d.region in regions for d in deployments)
+
+    data = []
+    for alias, route in sorted(table.aliases.items()):
+        whole = ctx.auth.may_use_model(alias)
+        if whole and servable(route.deployments):
+            data.append({"id": alias, "object": "model", "created": created, "owned_by": "llm-service"})
+        for version, deployments in sorted(route.versions.items()):  # each version, as `alias@version`
+            name = pinned_name(alias, version)
+            if (whole or ctx.auth.may_use_model(name)) and servable(deployments):
+                data.append({"id": name, "object": "model", "created": created, "owned_by": "llm-service",
+                             "parent": alias, "version": version,
+                             "share": route_share(route, version)})
     return _json({"object": "list", "data": data}, ctx)
+
+
+def route_share(route, version: str) -> int | None:
+    """The version's percent of the bare alias's traffic; None without a rollout."""
+    if not route.rollout_names:
+        return None
+    if version not in route.rollout_names:
+        return 0
+    i = route.rollout_names.index(version)
+    return route.rollout_bounds[i] - (route.rollout_bounds[i - 1] if i else 0)
 
 
 @api.get("/budget", openapi_extra=doc.BUDGET)

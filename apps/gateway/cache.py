@@ -1,8 +1,8 @@
 """The response cache: exact match, always scoped to the tenant.
 
-Key: (tenant, endpoint kind, model alias, canonical messages/input, generation parameters), hashed
-with SHA-256. `stream`, `stream_options` and `user` are not part of the key, so a streamed request
-hits what a non-streamed one stored and the other way round.
+Key: (tenant, endpoint kind, model alias (or alias@version when pinned), canonical messages/input,
+generation parameters), hashed with SHA-256. `stream`, `stream_options` and `user` are not part of
+the key, so a streamed request hits what a non-streamed one stored and the other way round.
 
 Policy (`cacheable`): a request's own `cache: true|false` wins; otherwise the key's default (or the
 tenant's when the key has none) applies, and then only to deterministic requests (temperature 0,
@@ -32,6 +32,7 @@ from apps.core import redis as core_redis
 
 from . import schemas
 from .providers.base import Completion, Usage
+from .versions import pinned_name
 
 if TYPE_CHECKING:
     from .pipeline import Ctx
@@ -144,7 +145,8 @@ def cache_key(ctx: Ctx) -> str:
     for name in _FLOAT_PARAMS:
         if isinstance(params.get(name), int | float):
             params[name] = float(params[name])
-    digest = hashlib.sha256(orjson.dumps([ctx.kind, ctx.model, params], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    model = pinned_name(ctx.model, ctx.version) if ctx.version else ctx.model  # a pinned version: its own answers
+    digest = hashlib.sha256(orjson.dumps([ctx.kind, model, params], option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"llms:rc:{ctx.auth.tenant_id}:{digest}"
 
 
@@ -171,14 +173,15 @@ def _storable(ctx: Ctx, completion: Completion) -> bool:
     return bool(completion.body.get("choices"))
 
 
-def _encode(completion: Completion) -> bytes:
+def _encode(completion: Completion, version: str) -> bytes:
     usage = {name: getattr(completion.usage, name) for name in _USAGE_FIELDS}
-    return orjson.dumps({"body": completion.body, "usage": usage})
+    return orjson.dumps({"body": completion.body, "usage": usage, "version": version})
 
 
-def _decode(raw: bytes) -> Completion:
+def _decode(raw: bytes) -> tuple[Completion, str]:
+    """The stored completion and the model version that answered it."""
     data = orjson.loads(raw)
-    return Completion(body=data["body"], usage=Usage(**data["usage"]))
+    return Completion(body=data["body"], usage=Usage(**data["usage"])), data.get("version", "")
 
 
 # --- the two pipeline steps -----------------------------------------------------------------
@@ -211,9 +214,21 @@ async def lookup(ctx: Ctx) -> Completion | None:
     if raw is None:
         return None
     try:
-        return _decode(raw)
+        completion, version = _decode(raw)
     except (ValueError, KeyError, TypeError):
         return None
+    if version and not _serves(ctx, version):
+        return None  # e.g. a canary's answer after its rollback
+    ctx.hit_version = version
+    return completion
+
+
+def _serves(ctx: Ctx, version: str) -> bool:
+    """Does `version` still serve this request (an answer it gave may be replayed)?"""
+    alias = ctx.alias
+    if alias is None or ctx.version:  # a pinned request's answers are under its own key
+        return True
+    return version in alias.versions and (not alias.rollout_names or version in alias.rollout_names)
 
 
 async def store(ctx: Ctx, completion: Completion) -> None:
@@ -222,7 +237,7 @@ async def store(ctx: Ctx, completion: Completion) -> None:
         return
     if "x-gateway-max-tokens-lowered" in ctx.headers:  # cut to fit a budget: not the answer to this request
         return
-    raw = _encode(completion)
+    raw = _encode(completion, ctx.model_version)
     if len(raw) > settings.GATEWAY_CACHE_MAX_ENTRY_BYTES:
         return
     try:

@@ -71,6 +71,7 @@ class ProviderSpec(_Strict):
 class DeploymentSpec(_Strict):
     provider: str
     model: str = Field(min_length=1)
+    version: str = Field(default="", max_length=100)  # the version's label; empty: the model is the version
     weight: int = Field(default=1, ge=0)
     priority: int = 0
     region: str = ""
@@ -91,6 +92,14 @@ class DeploymentSpec(_Strict):
         return self
 
 
+class RolloutSpec(_Strict):
+    """`rollout: {version: "2024-08-06", share: 10}`: the version gets `share` percent of the bare
+    alias's traffic, the other versions the rest (as `manage.py model_rollout`)."""
+
+    version: str = Field(min_length=1)
+    share: int = Field(ge=0, le=100)
+
+
 class ModelSpec(_Strict):
     alias: str = Field(min_length=1, max_length=200)
     input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
@@ -106,6 +115,7 @@ class ModelSpec(_Strict):
     supports_embeddings: bool | None = None  # None: inferred (apps/gateway/capabilities.py)
     supports_chat: bool | None = None
     deployments: list[DeploymentSpec] = Field(default_factory=list)
+    rollout: RolloutSpec | None = None  # left out: the shares stay as they are
 
     @field_validator("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
                      "cache_write_usd_per_mtok", "batch_discount", mode="before")
@@ -298,6 +308,14 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
                 errors.append(f"models[{i}].deployments[{j}]: duplicate deployment {d.provider}:{d.model} "
                               "(one per provider and model within an alias)")
             pairs.add((d.provider, d.model))
+        if m.rollout is not None:
+            names = {d.version or d.model for d in m.deployments}
+            if m.rollout.version not in names:
+                errors.append(f"models[{i}].rollout.version: {m.rollout.version!r} is not a version of "
+                              f"{m.alias!r} (versions: {', '.join(sorted(names)) or 'none'})")
+            elif len(names) == 1 and m.rollout.share != 100:
+                errors.append(f"models[{i}].rollout.share: {m.rollout.version!r} is the only version: "
+                              "its share is 100")
     for i, t in enumerate(cfg.tenants):
         sources = {s.name for s in t.sources}
         for j, rl in enumerate(t.rate_limits):

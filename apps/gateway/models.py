@@ -51,6 +51,13 @@ class ModelAlias(models.Model):
     supports_chat = models.BooleanField(
         null=True, blank=True, default=None,
         help_text="Empty: inferred (an embedding model does not chat; any other model does).")
+    # The rollout (apps/gateway/versions.py): the share of the bare alias's traffic, in percent, each
+    # version gets, e.g. {"2024-05-13": 90, "2024-08-06": 10}. Empty: no rollout, every active
+    # deployment serves the alias by priority and weight, whatever its version.
+    version_shares = models.JSONField(default=dict, blank=True)
+    # The version being rolled out and the shares before its rollout began (what a rollback restores).
+    rollout_version = models.CharField(max_length=200, blank=True)
+    rollout_baseline = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -65,6 +72,10 @@ class Deployment(models.Model):
     alias = models.ForeignKey(ModelAlias, on_delete=models.CASCADE, related_name="deployments")
     provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="deployments")
     upstream_model = models.CharField(max_length=200)
+    version = models.CharField(
+        max_length=100, blank=True,
+        help_text="The version's label (e.g. 2024-08-06), clients pin it as alias@label. Empty: the upstream "
+                  "model is the version.")
     weight = models.PositiveIntegerField(default=1)
     priority = models.IntegerField(default=0, help_text="Lower is tried first.")
     region = models.CharField(max_length=64, blank=True)
@@ -85,6 +96,11 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alias.alias} -> {self.provider.name}:{self.upstream_model}"
+
+    @property
+    def version_name(self) -> str:
+        """The version this deployment serves: its label, else its upstream model."""
+        return self.version or self.upstream_model
 
 
 class DeploymentHealth(models.Model):

@@ -128,10 +128,16 @@ class AsyncRequest(_Doc):
 
 
 class Model(_Doc):
+    """An alias (`gpt-4o`), or one of its versions (`gpt-4o@2024-08-06`), which a request may pin."""
+
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = Field(None, description="A version's alias.")
+    version: str | None = Field(None, description="A version's name: its label, else its upstream model.")
+    share: int | None = Field(None, description="A version's percent of the bare alias's traffic under a rollout "
+                                                "(null: no rollout, every version serves the alias).")
 
 
 class ModelList(_Doc):

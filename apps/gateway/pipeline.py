@@ -41,7 +41,7 @@ from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
-from . import admission, cache, observe, router, schemas
+from . import admission, cache, observe, router, schemas, versions
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import GATEWAY_USAGE, Completion, Usage, adapter_for
 from .providers.base import NATIVE_EVENTS, ProviderError
@@ -78,6 +78,8 @@ class Ctx:
     source_type: str = ""
     budget_id: str = ""
     alias: AliasRoute | None = None
+    version: str = ""  # the version the client pinned (`alias@version`); empty: the alias's rollout
+    hit_version: str = ""  # the version whose answer a cache hit replays
     candidates: list[DeploymentRoute] = field(default_factory=list)
     price: PriceInfo | None = None
     policy: TenantPolicy | None = None
@@ -123,6 +125,13 @@ class Ctx:
     @property
     def model(self) -> str:
         return self.alias.alias if self.alias else (self.request.model if self.request else "")
+
+    @property
+    def model_version(self) -> str:
+        """The version that answered (or was tried last): the ledger's, export's and log's."""
+        if self.deployment is not None:
+            return self.deployment.version
+        return self.hit_version or self.version
 
     @property
     def stream(self) -> bool:
@@ -241,14 +250,20 @@ async def route(ctx: Ctx) -> None:
     table = await routing_table()
     model = ctx.request.model
     alias = table.aliases.get(model)
+    if alias is None and (pinned := versions.split_pinned(model)) is not None:
+        alias = table.aliases.get(pinned[0])
+        if alias is None or pinned[1] not in alias.versions:
+            raise model_not_found(model)
+        ctx.version = pinned[1]
     auto = alias is None and model == router.AUTO
     if auto:
         alias = await router.auto_alias(ctx, table)
         ctx.headers["x-gateway-model"] = alias.alias
     if alias is None:
         raise model_not_found(model)
-    if not ctx.auth.may_use_model(alias.alias):
-        raise permission_denied(f"This API key may not use the model `{alias.alias}`.", param="model")
+    if not ctx.auth.may_use_model(alias.alias) and not (ctx.version and ctx.auth.may_use_model(model)):
+        raise permission_denied(f"This API key may not use the model `{model if ctx.version else alias.alias}`.",
+                                param="model")
     if ctx.kind == EMBEDDINGS and not alias.supports_embeddings:
         # The client hears only that the model does not embed; the operator learns which setting says so.
         log.warning("embeddings request for alias %r refused: the alias is not an embedding model (its "
@@ -258,7 +273,7 @@ async def route(ctx: Ctx) -> None:
         raise invalid_request(f"The model `{alias.alias}` does not offer embeddings.", param="model",
                               code="model_not_embedding")
     ctx.alias = alias
-    ctx.candidates = await router.candidates(ctx, alias, strategy="cheapest" if auto else None)
+    ctx.candidates = await router.candidates(ctx, alias, strategy="cheapest" if auto else None, version=ctx.version)
     ctx.price = price_in_force(list(alias.prices), ctx.timestamp)
     if ctx.price is None and not ctx.auth.allow_unpriced_models:
         raise invalid_request(
@@ -357,6 +372,7 @@ async def record(ctx: Ctx) -> None:
         deployment_id=d.id if d else None,
         provider=d.provider_name if d else "",
         upstream_model=d.target.upstream_model if d else "",
+        model_version=ctx.model_version,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
@@ -422,6 +438,8 @@ async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
             ctx.marks["cache"] = (started, time.perf_counter())
         if hit is not None:
             ctx.cached, ctx.usage = True, hit.usage
+            if ctx.hit_version:
+                ctx.headers["x-gateway-model-version"] = ctx.hit_version
             ctx.saved_cost = _cost(ctx, hit.usage)
             if ctx.watch:
                 ctx.response_body = hit.body

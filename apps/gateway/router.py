@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from apps.billing.selectors import price_in_force
 
-from . import cooldown, observe
+from . import cooldown, observe, versions
 from .errors import GatewayError, invalid_request, permission_denied, upstream_error
 from .providers import Completion
 from .providers.base import ProviderError, offers_embeddings
@@ -122,15 +122,16 @@ def _order(ctx: Ctx, alias: AliasRoute, deployments: list[DeploymentRoute], stra
     return out
 
 
-def _servable(ctx: Ctx, alias: AliasRoute) -> list[DeploymentRoute]:
-    """The alias's deployments able to serve this request in the tenant's regions (or a 4xx)."""
+def _servable(ctx: Ctx, alias: AliasRoute, pool: tuple[DeploymentRoute, ...]) -> list[DeploymentRoute]:
+    """Those of the alias's deployments `pool` able to serve this request in the tenant's regions
+    (or a 4xx)."""
     from .pipeline import EMBEDDINGS
 
-    deployments = list(alias.deployments)
+    deployments = list(pool)
     if ctx.kind == EMBEDDINGS:
         deployments = [d for d in deployments if offers_embeddings(d.target.kind)]
         if not deployments:
-            kinds = sorted({d.target.kind for d in alias.deployments})
+            kinds = sorted({d.target.kind for d in pool})
             raise invalid_request(
                 f"The model `{alias.alias}` has no deployment that offers embeddings "
                 f"({', '.join(kinds)} {'does' if len(kinds) == 1 else 'do'} not).",
@@ -148,12 +149,24 @@ def _servable(ctx: Ctx, alias: AliasRoute) -> list[DeploymentRoute]:
     return deployments
 
 
-async def candidates(ctx: Ctx, alias: AliasRoute, *, strategy: str | None = None) -> list[DeploymentRoute]:
-    """The deployments to try for this request, in order (4xx/503 GatewayError when none)."""
+async def candidates(ctx: Ctx, alias: AliasRoute, *, strategy: str | None = None,
+                     version: str = "") -> list[DeploymentRoute]:
+    """The deployments to try for this request, in order (4xx/503 GatewayError when none).
+
+    Pinned to a `version`: that version's deployments only. The bare alias under a rollout: a
+    version drawn by its share, its deployments first, then those of the other versions with a
+    share (fallbacks); a version at share 0 is never tried. Without a rollout: all deployments."""
     if ctx.stream and not alias.supports_streaming:
         raise invalid_request(f"The model `{alias.alias}` does not support streaming.", param="stream",
                               code="stream_not_supported")
-    deployments = _servable(ctx, alias)
+    first = ""
+    if version:
+        pool = alias.versions[version]
+    elif alias.rollout_names:
+        pool, first = alias.live, versions.pick(alias.rollout_names, alias.rollout_bounds)
+    else:
+        pool = alias.deployments
+    deployments = _servable(ctx, alias, pool)
     if not deployments:
         raise GatewayError(503, f"The model `{alias.alias}` has no active deployment.", type="api_error",
                            code="no_deployment")
@@ -167,7 +180,10 @@ async def candidates(ctx: Ctx, alias: AliasRoute, *, strategy: str | None = None
         raise GatewayError(503, f"Every deployment of `{alias.alias}` is cooling down after repeated failures; "
                                 f"retry in {wait}s.", type="api_error", code="deployments_cooling_down",
                            headers={"retry-after": str(wait)})
-    return _order(ctx, alias, ready, strategy or alias.strategy)
+    ordered = _order(ctx, alias, ready, strategy or alias.strategy)
+    if first:
+        ordered = [d for d in ordered if d.version == first] + [d for d in ordered if d.version != first]
+    return ordered
 
 
 async def auto_alias(ctx: Ctx, table: RoutingTable) -> AliasRoute:
@@ -190,7 +206,7 @@ async def auto_alias(ctx: Ctx, table: RoutingTable) -> AliasRoute:
             too_small.append(alias.alias)
             continue
         try:
-            deployments = _servable(ctx, alias)
+            deployments = _servable(ctx, alias, alias.live)
         except GatewayError as exc:
             if exc.code == "region_not_allowed":
                 outside.append(alias.alias)
@@ -272,6 +288,7 @@ async def call_with_fallbacks(ctx: Ctx, op: Callable[[DeploymentRoute], Awaitabl
                 await asyncio.sleep(pause)
             else:
                 latency_observe(deployment.id, time.perf_counter() - started)
+                ctx.headers["x-gateway-model-version"] = deployment.version
                 if isinstance(result, Completion) and (deployment.tpm and not result.usage.estimated):
                     actual = result.usage.prompt_tokens + result.usage.completion_tokens
                     await cooldown.quota_adjust(deployment.id, tokens=actual - tokens)

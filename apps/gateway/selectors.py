@@ -22,6 +22,7 @@ from apps.keys.models import Source
 from .capabilities import alias_capabilities
 from .models import Deployment, DeploymentHealth, ModelAlias, Provider
 from .providers.base import Target
+from .versions import cumulative
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class DeploymentRoute:
     output_usd_per_mtok: Decimal | None = None
     healthy: bool | None = None  # the last probe's verdict; None before the first probe
     probe_latency_ms: int | None = None
+    version: str = ""  # the version it serves (apps/gateway/versions.py): its label, else its upstream model
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,13 @@ class AliasRoute:
     deployments: tuple[DeploymentRoute, ...]
     supports_chat: bool = True
     prices: tuple[PriceInfo, ...] = ()  # newest first
+    # Versions (apps/gateway/versions.py): each version's deployments (routing order), and the
+    # rollout: the versions with a share of the bare alias's traffic and their running totals
+    # (empty: no rollout, every deployment serves the bare alias).
+    versions: dict[str, tuple[DeploymentRoute, ...]] = field(default_factory=dict)
+    rollout_names: tuple[str, ...] = ()
+    rollout_bounds: tuple[int, ...] = ()
+    live: tuple[DeploymentRoute, ...] = ()  # those serving the bare alias: of versions with a share, else all
 
 
 @dataclass(slots=True)
@@ -89,6 +98,7 @@ def routing_table_load() -> RoutingTable:
                 output_usd_per_mtok=d.output_usd_per_mtok,
                 healthy=d.last_ok,
                 probe_latency_ms=d.last_latency_ms,
+                version=d.version_name,
             )
         )
     table = RoutingTable(loaded_at=time.monotonic())
@@ -97,6 +107,10 @@ def routing_table_load() -> RoutingTable:
         embeddings, chat = alias_capabilities(
             alias=a.alias, models=[(r.target.upstream_model, r.target.kind) for r in routes],
             supports_embeddings=a.supports_embeddings, supports_chat=a.supports_chat)
+        by_version: dict[str, tuple[DeploymentRoute, ...]] = {}
+        for r in routes:
+            by_version[r.version] = (*by_version.get(r.version, ()), r)
+        names, bounds = cumulative(a.version_shares or {}, by_version)
         table.aliases[a.alias] = AliasRoute(
             alias=a.alias,
             strategy=a.strategy,
@@ -107,6 +121,10 @@ def routing_table_load() -> RoutingTable:
             supports_chat=chat,
             deployments=routes,
             prices=tuple(prices.get(a.alias, ())),
+            versions=by_version,
+            rollout_names=names,
+            rollout_bounds=bounds,
+            live=tuple(r for r in routes if r.version in names) if names else routes,
         )
     return table
 

@@ -27,6 +27,7 @@ from .config_schema import ConfigError, GatewayConfig
 from .models import Deployment, DeploymentHealth, ModelAlias, Provider, RateLimit
 from .providers import ProviderError, adapter_for
 from .selectors import DeploymentRoute, routing_table_invalidate, routing_table_load
+from .versions import RolloutError, shares_split
 
 
 def _split_scope(scope: str) -> tuple[str, str]:
@@ -65,6 +66,63 @@ def alias_pin_audit(*, alias: ModelAlias, before: list[str], actor: str) -> None
         audit_record(actor=actor, action="repin", obj=alias, before={"pins": before}, after={"pins": after})
 
 
+# --- versions and rollouts (apps/gateway/versions.py) ----------------------------------------
+
+
+def alias_versions(*, alias: ModelAlias) -> list[str]:
+    """The versions an alias serves: those of its active deployments."""
+    return sorted({d.version_name for d in Deployment.objects.filter(alias=alias, is_active=True)
+                   .only("version", "upstream_model")})
+
+
+def _alias_locked(alias: str) -> ModelAlias:
+    try:
+        return ModelAlias.objects.select_for_update().get(alias=alias)
+    except ModelAlias.DoesNotExist:
+        raise RolloutError(f"unknown model alias {alias!r}") from None
+
+
+@transaction.atomic
+def model_rollout(*, alias: str, version: str, share: int, actor: str) -> dict[str, int]:
+    """Give `version` `share` percent of the bare alias's traffic; the other versions divide the
+    rest in proportion to their shares (equally when they have none). Audited (`rollout`). The first
+    step of a version's rollout remembers the shares before it, which `model_rollback` restores
+    (from no rollout: all traffic to the other versions). Returns the new shares; a step that
+    changes nothing records nothing."""
+    row = _alias_locked(alias)
+    versions = alias_versions(alias=row)
+    before = dict(row.version_shares or {})
+    shares = shares_split(versions, version, share, current=before)
+    if shares == before and row.rollout_version == version:
+        return shares
+    if row.rollout_version != version:
+        row.rollout_baseline = {v: n for v, n in before.items() if v in versions} or \
+            shares_split(versions, version, 0)
+        row.rollout_version = version
+    row.version_shares = shares
+    row.save(update_fields=["version_shares", "rollout_version", "rollout_baseline"])
+    audit_record(actor=actor, action="rollout", obj=row, before={"shares": before},
+                 after={"shares": shares, "version": version, "baseline": row.rollout_baseline})
+    transaction.on_commit(routing_table_invalidate)
+    return shares
+
+
+@transaction.atomic
+def model_rollback(*, alias: str, actor: str) -> dict[str, int]:
+    """End the alias's rollout: the shares before it began come back, the rolled-out version gets
+    what it had then (nothing, for a new version). Audited (`rollback`). Returns the shares."""
+    row = _alias_locked(alias)
+    if row.rollout_baseline is None:
+        raise RolloutError(f"{alias!r} has no rollout to roll back")
+    before, version = dict(row.version_shares or {}), row.rollout_version
+    row.version_shares, row.rollout_version, row.rollout_baseline = row.rollout_baseline, "", None
+    row.save(update_fields=["version_shares", "rollout_version", "rollout_baseline"])
+    audit_record(actor=actor, action="rollback", obj=row, before={"shares": before, "version": version},
+                 after={"shares": row.version_shares})
+    transaction.on_commit(routing_table_invalidate)
+    return row.version_shares
+
+
 @transaction.atomic
 def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False) -> None:
     """Make the database match the config. Idempotent: applying the same file twice changes
@@ -97,7 +155,8 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
             dep, _ = audited_upsert(
                 Deployment, actor=actor,
                 lookup={"alias": alias, "provider": provider, "upstream_model": d.model},
-                values={"weight": d.weight, "priority": d.priority, "region": d.region, "rpm": d.rpm,
+                values={"version": d.version, "weight": d.weight, "priority": d.priority, "region": d.region,
+                        "rpm": d.rpm,
                         "tpm": d.tpm, "input_usd_per_mtok": d.input_usd_per_mtok,
                         "output_usd_per_mtok": d.output_usd_per_mtok, "is_active": True},
             )
@@ -107,6 +166,11 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
             gone.save(update_fields=["is_active"])
             audit_record(actor=actor, action="deactivate", obj=gone)
         alias_pin_audit(alias=alias, before=pins_before, actor=actor)
+        if m.rollout is not None:
+            try:
+                model_rollout(alias=m.alias, version=m.rollout.version, share=m.rollout.share, actor=actor)
+            except RolloutError as exc:
+                raise ConfigError([f"models[{cfg.models.index(m)}].rollout: {exc}"]) from None
         if m.input_usd_per_mtok is not None:
             price_set(model=m.alias, input_usd_per_mtok=m.input_usd_per_mtok,
                       output_usd_per_mtok=m.output_usd_per_mtok,

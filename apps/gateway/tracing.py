@@ -113,6 +113,7 @@ def request_spans(ctx, attempts: list[dict]) -> None:
         "llm.cached": ctx.cached,
         "llm.cost_usd": str(ctx.cost),
         "llm.attempts": len(attempts),
+        "llm.model_version": ctx.model_version,
         "http.response.status_code": ctx.status,
     }
     if d is not None:

@@ -12,7 +12,7 @@ def sdk(live_gateway, live_setup):
 
 
 def test_sdk_lists_models(sdk, live_setup):
-    assert [m.id for m in sdk.models.list()] == [live_setup.alias]
+    assert [m.id for m in sdk.models.list()] == [live_setup.alias, f"{live_setup.alias}@gpt-up"]
 
 
 def test_sdk_chat(sdk, live_setup):

@@ -204,8 +204,8 @@ def test_models_lists_only_what_the_key_may_use(client, setup):
     all_models = client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {setup.secret}").json()
     scoped_models = client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {scoped.secret}").json()
 
-    assert {m["id"] for m in all_models["data"]} == {setup.alias, "other-model"}
-    assert [m["id"] for m in scoped_models["data"]] == [setup.alias]
+    assert {m["id"] for m in all_models["data"]} == {setup.alias, f"{setup.alias}@gpt-up", "other-model"}
+    assert [m["id"] for m in scoped_models["data"]] == [setup.alias, f"{setup.alias}@gpt-up"]
 
 
 def test_models_of_a_region_restricted_tenant_lists_only_what_its_regions_serve(client, setup):
@@ -217,7 +217,7 @@ def test_models_of_a_region_restricted_tenant_lists_only_what_its_regions_serve(
 
     resp = client.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {setup.secret}")
 
-    assert [m["id"] for m in resp.json()["data"]] == [setup.alias]
+    assert [m["id"] for m in resp.json()["data"]] == [setup.alias, f"{setup.alias}@gpt-up"]
 
 
 def test_unknown_v1_path_is_an_openai_error_with_request_id(client):

@@ -69,7 +69,7 @@ def test_model_scope_filters_models_and_refuses_others(client, setup):
     f.ModelAliasFactory(alias="other-model")
     key = f.ApiKeyFactory(tenant=setup.tenant, allowed_models=[setup.alias])
 
-    assert [m["id"] for m in models(client, key.secret).json()["data"]] == [setup.alias]
+    assert [m["id"] for m in models(client, key.secret).json()["data"]] == [setup.alias, f"{setup.alias}@gpt-up"]
     resp = post(client, key.secret, chat("other-model"))
     assert resp.status_code == 403
     assert resp.json()["error"]["code"] == "model_not_allowed"
