@@ -78,6 +78,8 @@ class DeploymentSpec(_Strict):
     tpm: int | None = Field(default=None, ge=1)
     input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    # Batches API lines routed here go to the provider's own batch API (openai and anthropic kinds).
+    provider_batch: bool = False
 
     @field_validator("input_usd_per_mtok", "output_usd_per_mtok", mode="before")
     @classmethod
