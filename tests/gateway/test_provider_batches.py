@@ -262,3 +262,41 @@ def test_polling_survives_a_worker_restart(case, live_gateway):
     assert [o["custom_id"] for o in read_jsonl(case.sdk, done.output_file_id)] == ["q0", "q1", "q2"]
     assert len(case.fake.batches) == 1  # submitted once
     assert UsageEvent.objects.filter(batch_id=batch.id, status=200).count() == 3
+
+
+# --- the adapters' result parsers, on the providers' documented shapes ----------------------------
+
+
+def test_openai_batch_lines_map_to_results():
+    from apps.gateway.providers.openai import batch_line_result
+
+    ok = batch_line_result({"id": "batch_req_1", "custom_id": "line-0", "error": None, "response": {
+        "status_code": 200, "request_id": "req_1", "body": {"id": "chatcmpl-1", "object": "chat.completion",
+                                                            "choices": [], "usage": {"prompt_tokens": 10,
+                                                                                     "completion_tokens": 4,
+                                                                                     "total_tokens": 14}}}})
+    assert (ok.outcome, ok.completion.usage.prompt_tokens, ok.completion.usage.batch_priced) == ("succeeded", 10, True)
+    failed = batch_line_result({"custom_id": "line-1", "error": None, "response": {
+        "status_code": 429, "request_id": "req_2", "body": {"error": {"message": "slow down", "type": "tokens",
+                                                                      "code": "rate_limit_exceeded"}}}})
+    assert (failed.outcome, failed.status, failed.code) == ("errored", 429, "rate_limit_exceeded")
+    expired = batch_line_result({"custom_id": "line-2", "response": None,
+                                 "error": {"code": "batch_expired", "message": "not completed in time"}})
+    assert expired.outcome == "expired"
+
+
+def test_anthropic_batch_results_map_to_results():
+    from apps.gateway.providers.anthropic import batch_item_result
+
+    ok = batch_item_result({"custom_id": "line-0", "result": {"type": "succeeded", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 7, "output_tokens": 2, "cache_read_input_tokens": 3,
+                  "cache_creation_input_tokens": 0}}}})
+    assert (ok.outcome, ok.completion.usage.prompt_tokens, ok.completion.usage.cached_tokens) == ("succeeded", 10, 3)
+    assert ok.completion.usage.batch_priced
+    errored = batch_item_result({"custom_id": "line-1", "result": {"type": "errored", "error": {
+        "type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}}})
+    assert (errored.outcome, errored.status, errored.message) == ("errored", 400, "max_tokens: Field required")
+    assert batch_item_result({"custom_id": "line-2", "result": {"type": "expired"}}).outcome == "expired"
+    assert batch_item_result({"custom_id": "line-3", "result": {"type": "canceled"}}).outcome == "canceled"

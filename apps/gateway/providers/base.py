@@ -203,3 +203,9 @@ def adapter_for(kind: str) -> ProviderAdapter:
 def offers_embeddings(kind: str) -> bool:
     adapter = _registry.get(kind)
     return adapter is not None and adapter.supports_embeddings
+
+
+def offers_batch(kind: str) -> bool:
+    """Whether deployments of this kind can send Batches API lines to the provider's batch API."""
+    adapter = _registry.get(kind)
+    return adapter is not None and adapter.supports_batch
