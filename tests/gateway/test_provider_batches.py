@@ -173,6 +173,13 @@ def test_batch_through_the_provider_batch_api_costs_half_with_line_errors_in_the
     spent, held = spend(lifetime)
     assert held == 0
     assert spent >= sum(events.values_list("cost", flat=True)) + sync.cost
+    # Another tenant's key sees neither the batch nor its files.
+    outsider = make_setup(case.fake, kind=case.kind, upstream_model="other")
+    other = openai.OpenAI(base_url=case.sdk.base_url, api_key=outsider.secret, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(done.output_file_id)
 
 
 def test_a_line_a_budget_refuses_goes_to_the_error_file_and_is_never_submitted(case, worker):
