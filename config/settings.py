@@ -506,6 +506,10 @@ GATEWAY_JOBS_PURGE_EVERY_S = env.float("GATEWAY_JOBS_PURGE_EVERY_S", default=360
 GATEWAY_BATCH_CONCURRENCY = env.int("GATEWAY_BATCH_CONCURRENCY", default=4)
 # Seconds one batch task works before handing over to a fresh task (stays under the time limits).
 GATEWAY_BATCH_TASK_BUDGET_S = env.float("GATEWAY_BATCH_TASK_BUDGET_S", default=60.0)
+# Provider batch APIs (Deployment.provider_batch): how often an upstream batch is polled, and how
+# long the budget hold of a line sent there lasts (the provider's 24 h window, with a margin).
+GATEWAY_PROVIDER_BATCH_POLL_S = env.float("GATEWAY_PROVIDER_BATCH_POLL_S", default=60.0)
+GATEWAY_PROVIDER_BATCH_HOLD_TTL_S = env.int("GATEWAY_PROVIDER_BATCH_HOLD_TTL_S", default=172_800)
 GATEWAY_FILE_MAX_BYTES = env.int("GATEWAY_FILE_MAX_BYTES", default=100 * 1024 * 1024)
 GATEWAY_BATCH_MAX_LINES = env.int("GATEWAY_BATCH_MAX_LINES", default=50_000)
 GATEWAY_WEBHOOK_TIMEOUT_S = env.float("GATEWAY_WEBHOOK_TIMEOUT_S", default=10.0)

@@ -12,11 +12,24 @@ from .selectors import PriceInfo, price_in_force, price_versions_by_model
 MTOK = Decimal(1_000_000)
 QUANT = Decimal("0.0000000001")
 
+# What a provider's own batch API takes off its sync price, when the price in force names no
+# batch discount of its own (a price from the config file or the admin without `batch_discount`,
+# or a model genai-prices has no batch price for). Both providers document half price:
+# OpenAI Batch API and Anthropic Message Batches, "50% of standard prices", input and output.
+PROVIDER_BATCH_DISCOUNT: dict[str, Decimal] = {"openai": Decimal("0.5"), "anthropic": Decimal("0.5")}
+
+
+def batch_discount_of(*, price: PriceInfo, provider_kind: str = "") -> Decimal:
+    """The share taken off a call the provider billed at its batch price: the price's own
+    `batch_discount`, else the provider's documented one (PROVIDER_BATCH_DISCOUNT), else none."""
+    return price.batch_discount or PROVIDER_BATCH_DISCOUNT.get(provider_kind, Decimal(0))
+
 
 def cost_compute(*, price: PriceInfo, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-                 cache_write_tokens: int = 0, batch: bool = False) -> Decimal:
+                 cache_write_tokens: int = 0, batch: bool = False, provider_kind: str = "") -> Decimal:
     """USD cost of one request. Cached reads and cache writes are billed at their own rates where
-    the price has them (else as plain input); reasoning tokens are part of completion tokens."""
+    the price has them (else as plain input); reasoning tokens are part of completion tokens.
+    `batch`: the provider billed it at its batch price (`batch_discount_of`)."""
     cached_rate = price.cached_input_usd_per_mtok if price.cached_input_usd_per_mtok is not None \
         else price.input_usd_per_mtok
     write_rate = price.cache_write_usd_per_mtok if price.cache_write_usd_per_mtok is not None \
@@ -28,8 +41,8 @@ def cost_compute(*, price: PriceInfo, prompt_tokens: int, completion_tokens: int
         + cache_write_tokens * write_rate
         + completion_tokens * price.output_usd_per_mtok
     ) / MTOK
-    if batch and price.batch_discount:
-        total *= Decimal(1) - price.batch_discount
+    if batch:
+        total *= Decimal(1) - batch_discount_of(price=price, provider_kind=provider_kind)
     return total.quantize(QUANT, rounding=ROUND_HALF_UP)
 
 

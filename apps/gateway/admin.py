@@ -37,7 +37,7 @@ class DeploymentInline(admin.TabularInline):
     extra = 0
     formfield_overrides = {models.DecimalField: {"widget": MoneyInput}}
     fields = ["provider", "upstream_model", "version", "priority", "weight", "region", "rpm", "tpm",
-              "input_usd_per_mtok", "output_usd_per_mtok", "is_active"]
+              "input_usd_per_mtok", "output_usd_per_mtok", "provider_batch", "is_active"]
 
 
 @admin.register(Provider)
@@ -156,9 +156,9 @@ class ModelAliasAdmin(AuditedAdmin):
 @admin.register(Deployment)
 class DeploymentAdmin(AuditedAdmin):
     list_display = ["alias", "provider", "upstream_model", "version", "priority", "weight", "region", "rpm", "tpm",
-                    "is_active"]
+                    "provider_batch", "is_active"]
     list_select_related = ["alias", "provider"]
-    list_filter = ["is_active", "region", "provider__kind"]
+    list_filter = ["is_active", "region", "provider__kind", "provider_batch"]
     search_fields = ["alias__alias", "upstream_model"]
 
     def save_model(self, request, obj, form, change):

@@ -172,7 +172,10 @@ def _shrunk_bound(ctx: Ctx, remaining_micros: int) -> int | None:
 
 def _hold_ttl_s(ctx: Ctx) -> int:
     """A request queued for a worker (`async: true`, not a batch line, which runs as it is admitted)
-    keeps its hold until the worker settles or releases it; the sync TTL would let it expire first."""
+    keeps its hold until the worker settles or releases it; the sync TTL would let it expire first.
+    A batch line sent to a provider's batch API keeps it until the provider's results arrive."""
+    if ctx.batch_api_deployment is not None:
+        return max(settings.GATEWAY_PROVIDER_BATCH_HOLD_TTL_S, settings.GATEWAY_HOLD_TTL_S)
     if ctx.is_async and not ctx.batch_id:
         return max(settings.GATEWAY_ASYNC_HOLD_TTL_S, settings.GATEWAY_HOLD_TTL_S)
     return settings.GATEWAY_HOLD_TTL_S

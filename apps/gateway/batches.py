@@ -16,10 +16,15 @@ How a batch runs:
   Retry-After; any other failure (a budget's 402 included) fails the line, and it is recorded.
 - Cancel: remaining queued lines are marked cancelled; in-flight lines finish.
 - The last lane to find no work left finalizes: output and error files, counts, final status.
+- Provider batch APIs: a line whose first-choice deployment allows it (`provider_batch`) is admitted
+  the same way and then parked (status `submitted`, its plan with the hold) in an UpstreamBatch
+  instead of called; once no line is left to admit, finalize hands the upstreams to their poll
+  task (apps/gateway/provider_batches.py), and the batch finalizes when their results are in.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,7 +43,9 @@ from apps.keys.selectors import KeyAuth, api_key_auth_by_id
 from . import pipeline, queues, schemas
 from .async_requests import worker_failed
 from .errors import GatewayError, invalid_api_key, invalid_request, not_found
-from .models import Batch, BatchLine, BatchStatus, File, JobStatus
+from .models import Batch, BatchLine, BatchStatus, File, JobStatus, UpstreamBatch, UpstreamStatus
+
+log = logging.getLogger(__name__)
 
 BATCH_ENDPOINTS = {"/v1/chat/completions": pipeline.CHAT, "/v1/embeddings": pipeline.EMBEDDINGS}
 ACTIVE = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.CANCELLING)
@@ -149,9 +156,7 @@ def _publish_start(batch_id: str) -> None:
     try:
         queues.publish(queues.BATCH_START, batch_id)
     except Exception:  # the broker is down: the resume sweep starts the batch later
-        import logging
-
-        logging.getLogger(__name__).exception("could not enqueue batch %s", batch_id)
+        log.exception("could not enqueue batch %s", batch_id)
 
 
 def batch_get(*, tenant_id: int, batch_id: str) -> Batch:
@@ -178,6 +183,8 @@ def batch_cancel(*, tenant_id: int, batch_id: str) -> Batch:
         Batch.objects.filter(id=batch_id, status__in=(BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)).update(
             status=BatchStatus.CANCELLING, cancelling_at=timezone.now())
         transaction.on_commit(lambda: queues.publish(queues.BATCH_LANE, batch_id))
+        live = upstreams_live(batch_id=batch_id)  # the cancel goes on to the provider with the next poll, now
+        transaction.on_commit(lambda: publish_polls(live))
     elif batch.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
         raise GatewayError(409, f"Cannot cancel a batch with status '{batch.status}'.", code="batch_not_cancellable")
     batch.refresh_from_db()
@@ -292,6 +299,47 @@ def line_save(*, line_pk: int, status: str, response: dict | None, error: dict |
         status=status, response=response, error=error, lease_until=None)
 
 
+def line_response(batch_id: str, line: BatchLine, *, status: int, body: dict) -> dict:
+    """A line's entry in the output or error file (OpenAI's batch output line)."""
+    rid = line_request_id(batch_id, line.index)
+    return {"id": "batch_req_" + rid.removeprefix("batch_"), "custom_id": line.custom_id,
+            "response": {"status_code": status, "request_id": rid, "body": body}, "error": None}
+
+
+# --- lines for a provider's batch API (the talking to the provider: provider_batches.py) ----------
+
+
+def line_park(*, line_pk: int, batch_id: str, plan: dict, provider_kind: str) -> None:
+    """Store a line admitted for a provider batch, with its plan (the hold in it), in the upstream
+    batch of its batch and deployment."""
+    upstream, _ = UpstreamBatch.objects.get_or_create(batch_id=batch_id, deployment_id=plan["deployment_id"],
+                                                      defaults={"provider_kind": provider_kind})
+    BatchLine.objects.filter(pk=line_pk, status=JobStatus.RUNNING).update(
+        status=JobStatus.SUBMITTED, plan=plan, upstream=upstream, lease_until=None, response=None, error=None)
+
+
+def upstreams_open_to_submit(*, batch_id: str) -> list[tuple[int, int]]:
+    """Call in the batch's row lock once no line is left to admit: its open upstreams become
+    `submitting`. Returns (upstream id, poll token) of each, for their poll tasks."""
+    ids = list(UpstreamBatch.objects.filter(batch_id=batch_id, status=UpstreamStatus.OPEN).values_list("id", flat=True))
+    UpstreamBatch.objects.filter(id__in=ids).update(status=UpstreamStatus.SUBMITTING, next_poll_at=timezone.now())
+    return list(UpstreamBatch.objects.filter(id__in=ids).values_list("id", "polls"))
+
+
+def upstreams_live(*, batch_id: str) -> list[tuple[int, int]]:
+    """(id, poll token) of the batch's upstreams being submitted or run by the provider."""
+    return list(UpstreamBatch.objects.filter(
+        batch_id=batch_id, status__in=(UpstreamStatus.SUBMITTING, UpstreamStatus.SUBMITTED)).values_list("id", "polls"))
+
+
+def publish_polls(pairs: list[tuple[int, int]]) -> None:
+    for upstream_id, token in pairs:
+        try:
+            queues.publish(queues.BATCH_UPSTREAM, upstream_id, token)
+        except Exception:  # the broker is down: the resume sweep publishes it later
+            log.exception("could not enqueue the poll of upstream batch %s", upstream_id)
+
+
 def line_requeue(*, line_pk: int) -> None:
     """Back to the queue (the rate limiter asked to wait); the attempt does not count."""
     BatchLine.objects.filter(pk=line_pk, status=JobStatus.RUNNING).update(
@@ -323,10 +371,12 @@ def batch_status(*, batch_id: str) -> str | None:
 
 @dataclass(slots=True)
 class LineOutcome:
-    status: str  # completed | failed | retry
+    status: str  # completed | failed | retry | submitted (parked for a provider batch API)
     response: dict | None = None
     error: dict | None = None
     retry_after_s: float = 0.0
+    plan: dict | None = None  # a parked line's plan (pipeline.defer)
+    provider_kind: str = ""
 
 
 def _line_body(line: BatchLine, endpoint: str) -> dict:
@@ -367,7 +417,7 @@ async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> Li
         return LineOutcome(JobStatus.FAILED, {**envelope, "response": None, "error": error}, error)
     # A line our rate limiter turns away is retried later under the same request id: no 429 row.
     ctx = pipeline.Ctx(kind=BATCH_ENDPOINTS[batch.endpoint], request_id=rid, is_async=True, batch_id=batch.id,
-                       retry_rate_limited=True)
+                       retry_rate_limited=True, batch_line=True)
     try:
         if line.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
             raise worker_failed(line.attempts - 1)
@@ -379,6 +429,9 @@ async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> Li
         if hit is not None:
             await pipeline.end(ctx)
             completion = hit
+        elif (deployment := ctx.batch_api_deployment) is not None:
+            return LineOutcome(JobStatus.SUBMITTED, plan=pipeline.defer(ctx, deployment),
+                               provider_kind=deployment.target.kind)
         else:
             completion = await pipeline.execute(ctx)
     except GatewayError as exc:
@@ -426,8 +479,12 @@ async def lane_run(*, batch_id: str) -> float | None:
         if outcome.status == "retry":
             await sync_to_async(line_requeue)(line_pk=line.pk)
             return max(0.5, min(outcome.retry_after_s, 60.0))
-        await sync_to_async(line_save)(line_pk=line.pk, status=outcome.status, response=outcome.response,
-                                       error=outcome.error)
+        if outcome.status == JobStatus.SUBMITTED:
+            await sync_to_async(line_park)(line_pk=line.pk, batch_id=batch_id, plan=outcome.plan,
+                                           provider_kind=outcome.provider_kind)
+        else:
+            await sync_to_async(line_save)(line_pk=line.pk, status=outcome.status, response=outcome.response,
+                                           error=outcome.error)
         if time.monotonic() > deadline:
             return 0.0
 
@@ -443,6 +500,11 @@ def batch_finalize(*, batch_id: str) -> bool:
             lines_cancel(batch_id=batch_id)
         if BatchLine.objects.filter(batch_id=batch_id, status__in=(JobStatus.QUEUED, JobStatus.RUNNING)).exists():
             return False
+        opened = upstreams_open_to_submit(batch_id=batch_id)
+        if opened:
+            transaction.on_commit(lambda: publish_polls(opened))
+        if BatchLine.objects.filter(batch_id=batch_id, status=JobStatus.SUBMITTED).exists():
+            return False  # waiting on a provider's batch API; its poll task finalizes
         now = timezone.now()
         cancelled = batch.status == BatchStatus.CANCELLING
         batch.finalizing_at = batch.finalizing_at or now

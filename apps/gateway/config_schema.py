@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .providers import base as _providers
+
 
 class ConfigError(Exception):
     """A bad config file. `errors` are lines of `path: problem`."""
@@ -79,6 +81,8 @@ class DeploymentSpec(_Strict):
     tpm: int | None = Field(default=None, ge=1)
     input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    # Batches API lines routed here go to the provider's own batch API (openai and anthropic kinds).
+    provider_batch: bool = False
 
     @field_validator("input_usd_per_mtok", "output_usd_per_mtok", mode="before")
     @classmethod
@@ -291,6 +295,7 @@ def _message(err: dict) -> str:
 def _cross_check(cfg: GatewayConfig) -> list[str]:
     errors = []
     seen = set()
+    kinds = {p.name: p.kind for p in cfg.providers}
     for i, p in enumerate(cfg.providers):
         if p.name in seen:
             errors.append(f"providers[{i}].name: duplicate provider {p.name!r}")
@@ -304,6 +309,9 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
         for j, d in enumerate(m.deployments):
             if d.provider not in seen:
                 errors.append(f"models[{i}].deployments[{j}].provider: unknown provider {d.provider!r}")
+            elif d.provider_batch and not _providers.offers_batch(kinds[d.provider]):
+                errors.append(f"models[{i}].deployments[{j}].provider_batch: {kinds[d.provider]} providers have no "
+                              "batch API the gateway speaks (openai and anthropic do)")
             if (d.provider, d.model) in pairs:  # a deployment is stored by (alias, provider, model)
                 errors.append(f"models[{i}].deployments[{j}]: duplicate deployment {d.provider}:{d.model} "
                               "(one per provider and model within an alias)")

@@ -87,6 +87,12 @@ class Deployment(models.Model):
     input_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     output_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     is_active = models.BooleanField(default=True)
+    # Batches API lines routed here go to the provider's own batch API (OpenAI Batch API, Anthropic
+    # Message Batches) at its batch price, instead of one call each (docs/async-and-batches.md).
+    provider_batch = models.BooleanField(
+        "provider batch API", default=False,
+        help_text="Send Batches API lines routed here to the provider's own batch API (OpenAI, Anthropic), "
+                  "billed at its batch price.")
 
     class Meta:
         ordering = ["alias", "priority", "id"]
@@ -127,6 +133,7 @@ class JobStatus(models.TextChoices):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SUBMITTED = "submitted"  # a batch line admitted and waiting on a provider's batch API
 
 
 class AsyncRequest(models.Model):
@@ -233,6 +240,11 @@ class BatchLine(models.Model):
     error = models.JSONField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # A line sent to a provider's batch API: its upstream batch, and what admission decided (the
+    # plan, with its budget hold handed over) for whoever settles it when the results arrive.
+    upstream = models.ForeignKey("UpstreamBatch", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="lines")
+    plan = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["batch", "index"]
@@ -240,6 +252,38 @@ class BatchLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch_id}#{self.index}"
+
+
+class UpstreamStatus(models.TextChoices):
+    OPEN = "open"  # lines are being admitted into it
+    SUBMITTING = "submitting"  # every line admitted; to be sent to the provider
+    SUBMITTED = "submitted"  # the provider has it; polled until it ends
+    ENDED = "ended"  # results collected, every line settled or released
+
+
+class UpstreamBatch(models.Model):
+    """The part of a batch sent to one deployment's provider batch API (OpenAI Batch API, Anthropic
+    Message Batches). Its state lives here, so polling survives any worker (apps/gateway/provider_batches.py)."""
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="upstreams")
+    deployment = models.ForeignKey(Deployment, null=True, on_delete=models.SET_NULL, related_name="+")
+    provider_kind = models.CharField(max_length=32)
+    status = models.CharField(max_length=16, choices=UpstreamStatus.choices, default=UpstreamStatus.OPEN)
+    upstream_id = models.CharField(max_length=200, blank=True)
+    upstream_status = models.CharField(max_length=32, blank=True)
+    cancel_sent = models.BooleanField(default=False)
+    polls = models.PositiveIntegerField(default=0)
+    # When the next poll is due; a row overdue by a lease period lost its task (the resume sweep).
+    next_poll_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["batch", "deployment"], name="uniq_upstream_batch")]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id} -> {self.provider_kind}:{self.upstream_id or '-'} ({self.status})"
 
 
 class RateLimitScope(models.TextChoices):

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -102,6 +102,7 @@ class Ctx:
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
     retry_rate_limited: bool = False  # a batch line: a 429 of our limiter is retried later, not recorded
+    batch_line: bool = False  # a Batches API line: it may go to its deployment's provider batch API
     # observability (observe.py): all left alone unless the tenant logs requests or tracing is on
     watch: bool = False
     log: RequestLogSettings | None = None
@@ -144,6 +145,18 @@ class Ctx:
     @property
     def metadata(self) -> schemas.GatewayMetadata:
         return self.options.metadata or schemas.GatewayMetadata()
+
+    @property
+    def batch_api_deployment(self) -> DeploymentRoute | None:
+        """Where this line goes through a provider's own batch API: a Batches API chat line whose
+        first-choice deployment opted in (`provider_batch`) and whose adapter speaks a batch API.
+        (No fallback there: the provider's batch answers only once the whole batch has ended.)"""
+        if not self.batch_line or self.kind != CHAT or not self.candidates:
+            return None
+        first = self.candidates[0]
+        if not first.provider_batch or not adapter_for(first.target.kind).supports_batch:
+            return None
+        return first
 
     @property
     def priority(self) -> int:
@@ -296,6 +309,7 @@ def _cost(ctx: Ctx, usage: Usage) -> Decimal:
         cached_tokens=usage.cached_tokens,
         cache_write_tokens=usage.cache_write_tokens,
         batch=usage.batch_priced,
+        provider_kind=ctx.deployment.target.kind if ctx.deployment else "",
     )
 
 
@@ -533,6 +547,47 @@ async def run(ctx: Ctx, authorization: str | None, data: dict | bytes) -> Comple
         await end(ctx)
         return hit
     return await execute(ctx)
+
+
+# --- deferred: a batch line run by a provider's own batch API ----------------------------------
+
+
+def defer(ctx: Ctx, deployment: DeploymentRoute) -> dict:
+    """A batch line admitted (its hold taken) for `deployment`'s provider batch API, handed over:
+    the plan (`Ctx.plan`, the hold with it), the alias and the body the upstream is sent. Whoever
+    collects the provider's result ends it with `end_deferred` (or `release_deferred`)."""
+    return {**ctx.plan(), "alias": ctx.alias.alias, "deployment_id": deployment.id,
+            "upstream_body": _upstream_body(ctx, deployment)}
+
+
+async def end_deferred(ctx: Ctx, plan: dict, deployment: DeploymentRoute | None, *,
+                       completion: Completion | None = None, error: GatewayError | None = None) -> None:
+    """End a deferred line as any request ends (`end`): settled at the price the provider billed
+    (its batch price: the result's usage says so) with its ledger row, or released on an error.
+    The price is the version in force when the line was admitted."""
+    ctx.resume(plan)
+    ctx.alias = (await routing_table()).aliases.get(plan.get("alias") or ctx.request.model)
+    if ctx.alias is not None:
+        ctx.price = price_in_force(list(ctx.alias.prices), ctx.timestamp)
+    ctx.deployment = deployment
+    if completion is None:
+        await end(ctx, error or GatewayError(502, "The provider's batch failed this request.", type="api_error",
+                                             code="upstream_error"))
+        return
+    usage = completion.usage
+    if usage.estimated:
+        text = "".join(text_of((c.get("message") or {}).get("content")) for c in completion.body.get("choices", ()))
+        usage = _estimate_usage(ctx, text)
+    ctx.usage = replace(usage, batch_priced=True)
+    await end(ctx)
+
+
+async def release_deferred(plan: dict, *, keep_limits: bool = False) -> None:
+    """Give back a deferred line's hold without a ledger row: the provider never ran it
+    (cancelled, expired). `keep_limits`: its rate-limit counts stand (the line did run)."""
+    data = plan.get("hold") if isinstance(plan, dict) else None
+    if data:
+        await Hold.from_dict({**data, "limits": []} if keep_limits else data).release()
 
 
 # --- streaming ------------------------------------------------------------------------------

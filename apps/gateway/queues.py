@@ -10,9 +10,10 @@ ASYNC_NOTIFY = "gateway.async_request_notify"
 BATCH_START = "gateway.batch_start"
 BATCH_LANE = "gateway.batch_lane"
 BATCH_FINALIZE = "gateway.batch_finalize"
+BATCH_UPSTREAM = "gateway.batch_upstream_poll"
 
 QUEUE_OF = {ASYNC_RUN: "async", ASYNC_NOTIFY: "async", BATCH_START: "batch", BATCH_LANE: "batch",
-            BATCH_FINALIZE: "batch"}
+            BATCH_FINALIZE: "batch", BATCH_UPSTREAM: "batch"}
 
 
 def publish(name: str, *args, **options) -> None:

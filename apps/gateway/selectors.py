@@ -40,6 +40,7 @@ class DeploymentRoute:
     healthy: bool | None = None  # the last probe's verdict; None before the first probe
     probe_latency_ms: int | None = None
     version: str = ""  # the version it serves (apps/gateway/versions.py): its label, else its upstream model
+    provider_batch: bool = False  # Batches API lines may go to the provider's own batch API
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,40 @@ class RoutingTable:
     loaded_at: float = 0.0
 
 
+def _route_of(d: Deployment, *, healthy: bool | None = None, latency_ms: int | None = None) -> DeploymentRoute:
+    cred = d.provider.credential
+    return DeploymentRoute(
+        id=d.id,
+        provider_name=d.provider.name,
+        target=Target(
+            kind=d.provider.kind,
+            api_base=d.provider.api_base,
+            upstream_model=d.upstream_model,
+            secret=decrypt(cred.encrypted_secret) if cred and cred.encrypted_secret else "",
+            options=d.provider.options or {},
+            region=d.region or "",
+        ),
+        weight=d.weight,
+        priority=d.priority,
+        region=d.region,
+        rpm=d.rpm,
+        tpm=d.tpm,
+        input_usd_per_mtok=d.input_usd_per_mtok,
+        output_usd_per_mtok=d.output_usd_per_mtok,
+        healthy=healthy,
+        probe_latency_ms=latency_ms,
+        provider_batch=d.provider_batch,
+        version=d.version_name,
+    )
+
+
+def deployment_route(*, deployment_id: int) -> DeploymentRoute | None:
+    """One deployment as the router sees it, active or not (a provider batch sent to it is polled
+    and collected there even after the deployment was switched off)."""
+    d = Deployment.objects.select_related("provider", "provider__credential").filter(id=deployment_id).first()
+    return _route_of(d) if d is not None else None
+
+
 def routing_table_load() -> RoutingTable:
     prices = price_versions_by_model()
     deployments: dict[int, list[DeploymentRoute]] = {}
@@ -76,31 +111,7 @@ def routing_table_load() -> RoutingTable:
             .annotate(last_ok=Subquery(latest.values("ok")[:1]),
                       last_latency_ms=Subquery(latest.values("latency_ms")[:1])))
     for d in rows:
-        cred = d.provider.credential
-        deployments.setdefault(d.alias_id, []).append(
-            DeploymentRoute(
-                id=d.id,
-                provider_name=d.provider.name,
-                target=Target(
-                    kind=d.provider.kind,
-                    api_base=d.provider.api_base,
-                    upstream_model=d.upstream_model,
-                    secret=decrypt(cred.encrypted_secret) if cred and cred.encrypted_secret else "",
-                    options=d.provider.options or {},
-                    region=d.region or "",
-                ),
-                weight=d.weight,
-                priority=d.priority,
-                region=d.region,
-                rpm=d.rpm,
-                tpm=d.tpm,
-                input_usd_per_mtok=d.input_usd_per_mtok,
-                output_usd_per_mtok=d.output_usd_per_mtok,
-                healthy=d.last_ok,
-                probe_latency_ms=d.last_latency_ms,
-                version=d.version_name,
-            )
-        )
+        deployments.setdefault(d.alias_id, []).append(_route_of(d, healthy=d.last_ok, latency_ms=d.last_latency_ms))
     table = RoutingTable(loaded_at=time.monotonic())
     for a in ModelAlias.objects.all():
         routes = tuple(sorted(deployments.get(a.id, ()), key=lambda r: (r.priority, r.id)))
@@ -261,12 +272,14 @@ def alias_catalog() -> Catalog:
 
 
 def queued_holds() -> list[dict]:
-    """The budget holds stored with async requests no worker has finished (billing puts them back
-    when the budget counters are rebuilt)."""
-    from .models import AsyncRequest, JobStatus
+    """The budget holds stored with async requests no worker has finished and with batch lines
+    waiting on a provider's batch API (billing puts them back when the budget counters are rebuilt)."""
+    from .models import AsyncRequest, BatchLine, JobStatus
 
-    rows = AsyncRequest.objects.filter(status__in=(JobStatus.QUEUED, JobStatus.RUNNING),
-                                       admission__isnull=False).values_list("admission", flat=True)
+    rows = list(AsyncRequest.objects.filter(status__in=(JobStatus.QUEUED, JobStatus.RUNNING),
+                                            admission__isnull=False).values_list("admission", flat=True))
+    # Batch lines waiting on a provider's batch API hold their budget until the results arrive.
+    rows += BatchLine.objects.filter(status=JobStatus.SUBMITTED, plan__isnull=False).values_list("plan", flat=True)
     return [plan["hold"] for plan in rows if isinstance(plan, dict) and plan.get("hold")]
 
 

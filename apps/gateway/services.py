@@ -158,7 +158,8 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
                 values={"version": d.version, "weight": d.weight, "priority": d.priority, "region": d.region,
                         "rpm": d.rpm,
                         "tpm": d.tpm, "input_usd_per_mtok": d.input_usd_per_mtok,
-                        "output_usd_per_mtok": d.output_usd_per_mtok, "is_active": True},
+                        "output_usd_per_mtok": d.output_usd_per_mtok, "provider_batch": d.provider_batch,
+                        "is_active": True},
             )
             keep.append(dep.id)
         for gone in Deployment.objects.filter(alias=alias, is_active=True).exclude(id__in=keep):

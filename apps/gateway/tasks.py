@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from celery import shared_task
 from django.conf import settings
 
-from . import async_requests, batches, queues
+from . import async_requests, batches, provider_batches, queues
 
 
 @shared_task(name=queues.ASYNC_RUN, queue="async", acks_late=True)
@@ -47,6 +47,18 @@ def batch_finalize(batch_id: str) -> None:
     batches.batch_finalize(batch_id=batch_id)
 
 
+@shared_task(name=queues.BATCH_UPSTREAM, queue="batch", acks_late=True)
+def batch_upstream_poll(upstream_id: int, token: int) -> None:
+    """One poll of a batch sent to a provider's batch API; reschedules itself (a countdown, never a
+    sleeping worker) until the provider's batch has ended and its results are settled, then
+    finalizes the gateway batch. The state is in the database (UpstreamBatch)."""
+    step, after, batch_id = async_to_sync(provider_batches.upstream_step)(upstream_pk=upstream_id, token=token)
+    if step == "again":
+        batch_upstream_poll.apply_async(args=[upstream_id, token + 1], countdown=after)
+    elif step == "ended":
+        batches.batch_finalize(batch_id=batch_id)
+
+
 @shared_task(queue="async")
 def jobs_resume() -> None:
     """Beat: restart async requests and batches whose worker died or whose task was lost."""
@@ -59,6 +71,8 @@ def jobs_resume() -> None:
                 batch_lane.apply_async(args=[batch_id])
         else:
             batch_finalize.apply_async(args=[batch_id])
+    for upstream_id, token in provider_batches.upstreams_resume():
+        batch_upstream_poll.apply_async(args=[upstream_id, token])
 
 
 @shared_task(queue="async")

@@ -267,9 +267,24 @@ async def test_batch_price_applies_only_when_the_provider_billed_one(scripted, n
     target = scripted(name)
     completion = await adapter_for(golden.kind).complete(target, body(target))
 
-    assert completion.usage.batch_priced is False  # no adapter reports a batch price today
+    assert completion.usage.batch_priced is False  # a call is batch priced only as a provider batch API's result
     assert cost_of(golden.price, completion.usage) == golden.cost
     assert cost_of(golden.price, replace(completion.usage, batch_priced=True)) == expected
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("openai", D("0.000002")),  # OpenAI Batch API: half
+    ("anthropic", D("0.000002")),  # Anthropic Message Batches: half
+    ("gemini", D("0.000004")),  # no documented batch discount here: the full price
+])
+def test_a_batch_priced_call_without_a_batch_discount_in_its_price_takes_the_providers(kind, expected):
+    plain = price("1", "1")  # e.g. a price from the config file that names no batch_discount
+
+    assert cost_compute(price=plain, prompt_tokens=2, completion_tokens=2, batch=True, provider_kind=kind) == expected
+    assert cost_compute(price=plain, prompt_tokens=2, completion_tokens=2, provider_kind=kind) == D("0.000004")
+    own = price("1", "1", batch="0.25")  # the price's own batch discount wins
+    cost = cost_compute(price=own, prompt_tokens=2, completion_tokens=2, batch=True, provider_kind=kind)
+    assert cost == D("0.000003")
 
 
 def test_cost_below_the_quantum_rounds_half_up():

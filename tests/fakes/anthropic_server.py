@@ -13,11 +13,22 @@ A scripted usage (`script_usage(model, usage)`, Anthropic's shape) is the messag
 stream, message_start carries its input side (input_tokens and the cache fields) with
 output_tokens 1, and message_delta carries output_tokens alone or, with `delta="full"` (as newer
 API versions send), every field again.
+
+Message Batches (Anthropic's wire format): `POST /v1/messages/batches` {requests: [{custom_id,
+params}]} (custom_id must match ^[a-zA-Z0-9_-]{1,64}$ and be unique; params need max_tokens)
+returns a `message_batch` (`in_progress`); `GET /v1/messages/batches/{id}` ends it (`ended`, with
+`results_url`) unless `server.batch_hold` is set; `GET .../{id}/results` is the JSONL of
+`{"custom_id", "result": {"type": "succeeded", "message"} | {"type": "errored", "error": {"type":
+"error", "error": {type, message}}} | {"type": "canceled"} | {"type": "expired"}}`, in reverse
+order (results come in any order); a `fail-<status>` model errors its request, `expire-...`
+expires it. `POST .../{id}/cancel` -> `canceling`, then `ended` with the requests canceled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from aiohttp import web
@@ -53,7 +64,111 @@ class FakeAnthropic(FakeOpenAI):
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_post("/v1/messages/batches", self.message_batch_create)
+        app.router.add_get("/v1/messages/batches/{batch_id}", self.message_batch_retrieve)
+        app.router.add_get("/v1/messages/batches/{batch_id}/results", self.message_batch_results)
+        app.router.add_post("/v1/messages/batches/{batch_id}/cancel", self.message_batch_cancel)
         return app
+
+    # --- Message Batches ---
+
+    @staticmethod
+    def _refused(request: web.Request) -> web.Response | None:
+        if not request.headers.get("x-api-key"):
+            return _error(401, "x-api-key header is required")
+        if not request.headers.get("anthropic-version"):
+            return _error(400, "anthropic-version header is required")
+        return None
+
+    def _message_batch_view(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    async def message_batch_create(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        if (refused := self._refused(request)) is not None:
+            return refused
+        requests = body.get("requests")
+        if not isinstance(requests, list) or not requests:
+            return _error(400, "requests: Field required")
+        seen = set()
+        for i, r in enumerate(requests):
+            cid = r.get("custom_id", "")
+            if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", cid) or cid in seen:
+                return _error(400, f"requests.{i}.custom_id: must be unique and match ^[a-zA-Z0-9_-]{{1,64}}$")
+            seen.add(cid)
+            if "max_tokens" not in (r.get("params") or {}):
+                return _error(400, f"requests.{i}.params.max_tokens: Field required")
+        now = datetime.now(UTC)
+        batch_id = f"msgbatch_fake{len(self.batches) + 1:04d}"
+        self.batches[batch_id] = {
+            "id": batch_id, "type": "message_batch", "processing_status": "in_progress",
+            "request_counts": {"processing": len(requests), "succeeded": 0, "errored": 0, "canceled": 0,
+                               "expired": 0},
+            "ended_at": None, "created_at": now.isoformat(), "expires_at": (now + timedelta(hours=24)).isoformat(),
+            "archived_at": None, "cancel_initiated_at": None, "results_url": None, "_requests": requests,
+            "_results": None}
+        return web.json_response(self._message_batch_view(self.batches[batch_id]))
+
+    def _message_batch_end(self, batch: dict, *, canceled: bool) -> None:
+        results = []
+        for r in batch["_requests"]:
+            params, model = r["params"], r["params"].get("model", "")
+            if canceled:
+                result = {"type": "canceled"}
+            elif model.startswith("expire-"):
+                result = {"type": "expired"}
+            elif model.startswith("fail-"):
+                status = int(model.split("-")[1])
+                result = {"type": "errored", "error": {"type": "error", "error": {
+                    "type": ERROR_TYPES.get(status, "api_error"), "message": f"fake anthropic error {status}"}}}
+            else:
+                text = _answer(params)
+                result = {"type": "succeeded", "message": {
+                    "id": "msg_fakebatch", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+                    "usage": self._usage(params, text, model)}}
+            results.append({"custom_id": r["custom_id"], "result": result})
+        counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        for item in results:
+            counts[item["result"]["type"]] += 1
+        batch.update(processing_status="ended", ended_at=datetime.now(UTC).isoformat(), request_counts=counts,
+                     results_url=f"{self.base_url}/v1/messages/batches/{batch['id']}/results",
+                     _results=list(reversed(results)))
+
+    async def message_batch_retrieve(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return _error(404, "batch not found")
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {}, "query": {}})
+        if batch["processing_status"] == "canceling":
+            self._message_batch_end(batch, canceled=True)
+        elif batch["processing_status"] == "in_progress" and not self.batch_hold:
+            self._message_batch_end(batch, canceled=False)
+        return web.json_response(self._message_batch_view(batch))
+
+    async def message_batch_results(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None or batch["_results"] is None:
+            return _error(404, "results not available")
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {}, "query": {}})
+        content = b"\n".join(orjson.dumps(item) for item in batch["_results"]) + b"\n"
+        return web.Response(body=content, content_type="application/binary")
+
+    async def message_batch_cancel(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return _error(404, "batch not found")
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {}, "query": {}})
+        self.batch_cancels.append(batch["id"])
+        if batch["processing_status"] == "in_progress":
+            batch.update(processing_status="canceling", cancel_initiated_at=datetime.now(UTC).isoformat())
+        return web.json_response(self._message_batch_view(batch))
 
     def _usage(self, body: dict, text: str, model: str) -> dict:
         if model in self.scripts:

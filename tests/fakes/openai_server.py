@@ -17,6 +17,16 @@ cost tests send real providers' usage through the adapters. Here, with `on_finis
 a stream carries it on the chunk with the finish reason, as DeepSeek does; otherwise, as OpenAI
 does, every chunk has `"usage": null` and a last chunk without choices has the usage.
 
+Batch API (OpenAI's wire format): `POST /v1/files` (multipart: `file`, `purpose=batch`) returns a
+File object; `POST /v1/batches` {input_file_id, endpoint, completion_window, metadata} returns a
+Batch (`validating`); `GET /v1/batches/{id}` runs every line through the same answers as a chat
+call (a `fail-<status>` model fails its line into the error file with that status) and reports
+`completed` with `output_file_id` / `error_file_id`, unless `server.batch_hold` is set (then it
+stays `in_progress`); `POST /v1/batches/{id}/cancel` -> `cancelling`, then `cancelled` with the
+lines it had not run left out; `GET /v1/files/{id}/content` serves the files. An input line whose
+`url` is not the batch's endpoint fails the whole batch (`failed`, `errors.data`), as OpenAI does.
+`server.batches` keeps each batch (its input lines under `_lines`), `server.batch_cancels` the ids cancelled.
+
 Run standalone for benchmarks: `python -m tests.fakes.openai_server --port 9100`.
 """
 
@@ -52,6 +62,11 @@ class FakeOpenAI:
     def __init__(self):
         self.requests: collections.deque[dict] = collections.deque(maxlen=100_000)
         self.scripts: dict[str, dict] = {}  # model -> {"usage": provider-shaped usage, **how to stream it}
+        # provider batch APIs (OpenAI's here, Anthropic's in its fake)
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_cancels: list[str] = []
+        self.batch_hold = False  # True: batches stay in progress until it is cleared
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -71,7 +86,142 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/files", self.file_upload)
+        app.router.add_get("/v1/files/{file_id}/content", self.file_content)
+        app.router.add_post("/v1/batches", self.batch_create)
+        app.router.add_get("/v1/batches/{batch_id}", self.batch_retrieve)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self.batch_cancel)
         return app
+
+    # --- Batch API ---
+
+    @staticmethod
+    def _unauthorized(request: web.Request) -> web.Response | None:
+        if not request.headers.get("authorization", "").startswith("Bearer "):
+            return web.json_response({"error": {"message": "You didn't provide an API key.", "type":
+                                                "invalid_request_error", "param": None, "code": None}}, status=401)
+        return None
+
+    async def file_upload(self, request: web.Request) -> web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
+        form = await request.post()
+        upload = form.get("file")
+        if form.get("purpose") != "batch" or upload is None or not hasattr(upload, "file"):
+            return web.json_response({"error": {"message": "purpose must be batch, with a file", "type":
+                                                "invalid_request_error", "param": "purpose", "code": None}},
+                                     status=400)
+        content = upload.file.read()
+        file_id = f"file-fake{len(self.files) + 1:04d}"
+        self.files[file_id] = content
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {
+            "purpose": form.get("purpose"), "filename": upload.filename}, "query": {}})
+        return web.json_response({"id": file_id, "object": "file", "bytes": len(content),
+                                  "created_at": int(time.time()), "filename": upload.filename, "purpose": "batch",
+                                  "status": "processed", "expires_at": None, "status_details": None})
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
+        content = self.files.get(request.match_info["file_id"])
+        if content is None:
+            return web.json_response({"error": {"message": "No such File object", "type": "invalid_request_error",
+                                                "param": "id", "code": None}}, status=404)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {}, "query": {}})
+        return web.Response(body=content, content_type="application/octet-stream")
+
+    async def batch_create(self, request: web.Request) -> web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
+        body = await self._record(request)
+        content = self.files.get(body.get("input_file_id", ""))
+        if content is None or body.get("completion_window") != "24h" or body.get("endpoint") != "/v1/chat/completions":
+            return web.json_response({"error": {"message": "invalid batch", "type": "invalid_request_error",
+                                                "param": "input_file_id", "code": None}}, status=400)
+        lines = [orjson.loads(line) for line in content.splitlines() if line.strip()]
+        batch_id = f"batch_fake{len(self.batches) + 1:04d}"
+        self.batches[batch_id] = {
+            "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+            "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": int(time.time()), "in_progress_at": None,
+            "expires_at": int(time.time()) + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"), "_lines": lines}
+        return web.json_response(self._batch_view(batch_id))
+
+    def _batch_view(self, batch_id: str) -> dict:
+        return {k: v for k, v in self.batches[batch_id].items() if not k.startswith("_")}
+
+    def batch_answer(self, body: dict) -> tuple[int, dict]:
+        """A line's answer, as the chat endpoint would give it (status, body)."""
+        model = body.get("model", "")
+        if model.startswith("fail-"):
+            status = int(model.split("-")[1])
+            return status, {"error": {"message": f"fake upstream error {status}", "type": "invalid_request_error",
+                                      "param": None, "code": None}}
+        text = _answer(body)
+        usage = self.scripts[model]["usage"] if model in self.scripts else _usage(body, text)
+        return 200, {"id": "chatcmpl-fakebatch", "object": "chat.completion", "created": int(time.time()),
+                     "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                  "finish_reason": "stop", "logprobs": None}], "usage": usage}
+
+    def _batch_store(self, batch: dict, entries: list[dict], kind: str) -> str | None:
+        if not entries:
+            return None
+        file_id = f"file-{batch['id']}-{kind}"
+        self.files[file_id] = b"\n".join(orjson.dumps(e) for e in entries) + b"\n"
+        return file_id
+
+    def _batch_run(self, batch: dict) -> None:
+        now = int(time.time())
+        bad = [i for i, line in enumerate(batch["_lines"]) if line.get("url") != batch["endpoint"]
+               or line.get("method") != "POST" or not line.get("custom_id")]
+        if bad:
+            batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [
+                {"code": "invalid_request", "line": i + 1, "message": "bad line", "param": "url"} for i in bad]})
+            return
+        out, err = [], []
+        for n, line in enumerate(batch["_lines"]):
+            status, body = self.batch_answer(line["body"])
+            entry = {"id": f"batch_req_fake{n}", "custom_id": line["custom_id"],
+                     "response": {"status_code": status, "request_id": f"req_fake{n}", "body": body}, "error": None}
+            (out if status == 200 else err).append(entry)
+        batch.update(status="completed", in_progress_at=batch["in_progress_at"] or now, finalizing_at=now,
+                     completed_at=now, output_file_id=self._batch_store(batch, out, "out"),
+                     error_file_id=self._batch_store(batch, err, "err"),
+                     request_counts={"total": len(batch["_lines"]), "completed": len(out), "failed": len(err)})
+
+    async def batch_retrieve(self, request: web.Request) -> web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response({"error": {"message": "No such batch", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=404)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {}, "query": {}})
+        now = int(time.time())
+        if batch["status"] == "cancelling":
+            batch.update(status="cancelled", cancelled_at=now)  # the lines it had not run are in no file
+        elif batch["status"] in ("validating", "in_progress"):
+            if self.batch_hold:
+                batch.update(status="in_progress", in_progress_at=batch["in_progress_at"] or now)
+            else:
+                self._batch_run(batch)
+        return web.json_response(self._batch_view(batch["id"]))
+
+    async def batch_cancel(self, request: web.Request) -> web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response({"error": {"message": "No such batch", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=404)
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": {}, "query": {}})
+        self.batch_cancels.append(batch["id"])
+        if batch["status"] in ("validating", "in_progress"):
+            batch.update(status="cancelling", cancelling_at=int(time.time()))
+        return web.json_response(self._batch_view(batch["id"]))
 
     async def _record(self, request: web.Request) -> dict:
         body = orjson.loads(await request.read() or b"{}")

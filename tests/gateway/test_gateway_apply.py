@@ -110,6 +110,17 @@ def test_price_change_adds_a_version_never_edits(config_file):
     assert [v.output_usd_per_mtok for v in versions] == [Decimal("0.60"), Decimal("0.70")]
 
 
+def test_provider_batch_is_set_on_the_deployment(config_file):
+    opted = CONFIG.replace("kind: openai_compatible", "kind: openai").replace(
+        "weight: 1, priority: 0}", "weight: 1, priority: 0, provider_batch: true}")
+
+    call_command("gateway_apply", config_file(opted), stdout=StringIO())
+    assert Deployment.objects.get(upstream_model="gpt-4o-mini").provider_batch is True
+
+    call_command("gateway_apply", config_file(opted.replace(", provider_batch: true", "")), stdout=StringIO())
+    assert Deployment.objects.get(upstream_model="gpt-4o-mini").provider_batch is False
+
+
 def test_deployment_removed_from_the_file_is_deactivated(config_file):
     call_command("gateway_apply", config_file(), stdout=StringIO())
     second = CONFIG.replace("      - {provider: local-openai, model: gpt-4o-mini, weight: 1, priority: 0}",
@@ -136,6 +147,8 @@ def test_deployment_removed_from_the_file_is_deactivated(config_file):
         (("retention_days: 30}", "retention_days: 30, redact: ['(unclosed']}"),
          "tenants[0].request_log.redact: [0] is not a valid regular expression"),
         (("retention_days: 30}", "retention_days: 0}"), "tenants[0].request_log.retention_days"),
+        (("weight: 1, priority: 0}", "weight: 1, priority: 0, provider_batch: true}"),
+         "models[0].deployments[0].provider_batch: openai_compatible providers have no batch API"),
     ],
 )
 def test_bad_file_names_the_field_and_changes_nothing(config_file, change, message):

@@ -12,16 +12,36 @@ Streams: message_start / content_block_* / message_delta / message_stop events b
 chunks; usage comes in message_start (input side) and message_delta (output_tokens, and in newer
 API versions the input side again), merged field by field; the usage chunk follows the finish
 chunk. An `error` event mid-stream raises. Anthropic has no embeddings API.
+
+Message Batches (a deployment with `provider_batch`): `POST /v1/messages/batches` {requests:
+[{custom_id, params}]} (params: a Messages body; custom_id `^[a-zA-Z0-9_-]{1,64}$`);
+`GET /v1/messages/batches/{id}` until `processing_status` is `ended`, then its `results_url`, a
+JSONL of `{"custom_id", "result": {"type": succeeded (with `message`) | errored (with `error`:
+{type: error, error: {type, message}}) | canceled | expired}}`, in any order;
+`POST /v1/messages/batches/{id}/cancel`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from urllib.parse import urlsplit
 
 import orjson
 
-from .base import GATEWAY_USAGE, NATIVE_EVENTS, Completion, ProviderAdapter, ProviderError, Target, Usage, register
-from .transport import open_stream, post_json, sse_events
+from .base import (
+    GATEWAY_USAGE,
+    NATIVE_EVENTS,
+    BatchPoll,
+    BatchResult,
+    Completion,
+    ProviderAdapter,
+    ProviderError,
+    Target,
+    Usage,
+    register,
+)
+from .transport import jsonl, open_stream, post_json, request, request_json, sse_events
 
 DEFAULT_API_BASE = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
@@ -182,10 +202,34 @@ def from_response(data: dict) -> Completion:
     return Completion(body=body, usage=usage)
 
 
+ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                "overloaded_error": 529}
+
+
+def batch_item_result(item: dict) -> BatchResult:
+    """One line of a Message Batch's results."""
+    custom_id = str(item.get("custom_id") or "")
+    result = item.get("result") if isinstance(item.get("result"), dict) else {}
+    kind = result.get("type")
+    if kind == "succeeded" and isinstance(result.get("message"), dict):
+        completion = from_response(result["message"])
+        completion.usage = replace(completion.usage, batch_priced=True)
+        return BatchResult(custom_id, "succeeded", completion)
+    if kind in ("canceled", "expired"):
+        return BatchResult(custom_id, kind)
+    outer = result.get("error") if isinstance(result.get("error"), dict) else {}
+    err = outer.get("error") if isinstance(outer.get("error"), dict) else outer
+    etype = str(err.get("type") or "api_error")
+    return BatchResult(custom_id, "errored", status=ERROR_STATUS.get(etype, 502),
+                       message=str(err.get("message") or "the upstream failed this request"), code=etype)
+
+
 @register
 class AnthropicAdapter(ProviderAdapter):
     kind = "anthropic"
     native_dialect = "messages"  # a Messages API client's body goes through as it is
+    supports_batch = True
 
     def headers(self, target: Target) -> dict:
         headers = {"content-type": "application/json",
@@ -224,6 +268,39 @@ class AnthropicAdapter(ProviderAdapter):
                                secrets=(target.secret,))
         tokens = data.get("input_tokens")
         return int(tokens) if isinstance(tokens, int) else None
+
+    def _batches_url(self, target: Target, suffix: str = "") -> str:
+        return (target.api_base or DEFAULT_API_BASE).rstrip("/") + "/v1/messages/batches" + suffix
+
+    def _plain_headers(self, target: Target) -> dict:
+        return {k: v for k, v in self.headers(target).items() if k != "content-type"}
+
+    async def batch_submit(self, target: Target, requests: list[tuple[str, dict]], *, metadata: dict) -> str:
+        body = {"requests": [{"custom_id": cid, "params": self.payload(target, to_request(target, b))}
+                             for cid, b in requests]}
+        created = await request_json("POST", self._batches_url(target), headers=self.headers(target), body=body,
+                                     secrets=(target.secret,))
+        return str(created["id"])
+
+    async def batch_poll(self, target: Target, upstream_id: str) -> BatchPoll:
+        data = await request_json("GET", self._batches_url(target, f"/{upstream_id}"),
+                                  headers=self._plain_headers(target), secrets=(target.secret,))
+        status = str(data.get("processing_status") or "")
+        return BatchPoll(status=status, ended=status == "ended", data=data)
+
+    async def batch_results(self, target: Target, poll: BatchPoll) -> list[BatchResult]:
+        # The results_url as given, when it is on the API's own host (the key goes with it);
+        # otherwise the documented results path of the batch.
+        url = str(poll.data.get("results_url") or "")
+        base = urlsplit(target.api_base or DEFAULT_API_BASE)
+        if not url or urlsplit(url)[:2] != base[:2]:
+            url = self._batches_url(target, f"/{poll.data.get('id')}/results")
+        content = await request("GET", url, headers=self._plain_headers(target), secrets=(target.secret,))
+        return [batch_item_result(item) for item in jsonl(content)]
+
+    async def batch_cancel(self, target: Target, upstream_id: str) -> None:
+        await request_json("POST", self._batches_url(target, f"/{upstream_id}/cancel"),
+                           headers=self._plain_headers(target), secrets=(target.secret,))
 
     async def stream_native(self, target: Target, body: dict):
         """Every upstream event, relayed under NATIVE_EVENTS (thinking and signature deltas, pings

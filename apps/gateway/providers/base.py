@@ -42,7 +42,7 @@ class Usage:
     cache_write_tokens: int = 0  # prompt tokens written to the provider's prompt cache
     reasoning_tokens: int = 0  # part of completion_tokens
     estimated: bool = False  # counted by us because the provider reported none
-    batch_priced: bool = False  # the provider billed this call at its batch price (no adapter reports it yet)
+    batch_priced: bool = False  # the provider billed this call at its batch price (a provider batch API's result)
 
     def as_openai(self) -> dict:
         data: dict[str, Any] = {
@@ -84,6 +84,29 @@ class Completion:
     body: dict  # OpenAI chat.completion (or embeddings list) object
     usage: Usage
     native: dict | None = None  # the provider's own response body, for a client speaking its dialect
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPoll:
+    """What a provider says of one of its batches: its own status word, whether it has ended
+    (no request will change any more: results can be collected), and its body as sent."""
+
+    status: str
+    ended: bool
+    data: dict
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """One request's result in a provider batch: `succeeded` (with its completion, usage billed at
+    the batch price), `errored` (the upstream status and message), `canceled` or `expired` (never run)."""
+
+    custom_id: str
+    outcome: str
+    completion: Completion | None = None
+    status: int = 0
+    message: str = ""
+    code: str = ""
 
 
 class ProviderError(Exception):
@@ -144,6 +167,23 @@ class ProviderAdapter:
         """Input tokens of a `native_dialect` body as the provider counts them, None if it cannot."""
         return None
 
+    # --- the provider's own batch API (Deployment.provider_batch; apps/gateway/provider_batches.py) ---
+    supports_batch: ClassVar[bool] = False
+
+    async def batch_submit(self, target: Target, requests: list[tuple[str, dict]], *, metadata: dict) -> str:
+        """Send OpenAI-shaped chat bodies `[(custom_id, body)]` as one provider batch; returns its id."""
+        raise NotImplementedError
+
+    async def batch_poll(self, target: Target, upstream_id: str) -> BatchPoll:
+        raise NotImplementedError
+
+    async def batch_results(self, target: Target, poll: BatchPoll) -> list[BatchResult]:
+        """Every result of an ended batch, in the provider's order (match them by custom_id)."""
+        raise NotImplementedError
+
+    async def batch_cancel(self, target: Target, upstream_id: str) -> None:
+        raise NotImplementedError
+
 
 _registry: dict[str, ProviderAdapter] = {}
 
@@ -163,3 +203,9 @@ def adapter_for(kind: str) -> ProviderAdapter:
 def offers_embeddings(kind: str) -> bool:
     adapter = _registry.get(kind)
     return adapter is not None and adapter.supports_embeddings
+
+
+def offers_batch(kind: str) -> bool:
+    """Whether deployments of this kind can send Batches API lines to the provider's batch API."""
+    adapter = _registry.get(kind)
+    return adapter is not None and adapter.supports_batch

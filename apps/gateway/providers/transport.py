@@ -139,3 +139,47 @@ async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str | None, st
     except httpx.HTTPError as exc:
         raise ProviderError(f"upstream stream broke ({type(exc).__name__})", status=502, retryable=False,
                             code="upstream_stream_broken")
+
+
+async def request(method: str, url: str, *, headers: dict, body: dict | None = None, files: dict | None = None,
+                  data: dict | None = None, secrets: tuple[str, ...] = ()) -> bytes:
+    """One call off the hot path (provider batch APIs: uploads, polls, downloads), through the
+    shared httpx client; the raw body of a 2xx, else a ProviderError as `post_json` raises."""
+    kwargs: dict = {"headers": headers}
+    if body is not None:
+        kwargs["content"] = orjson.dumps(body)
+    if files is not None:
+        kwargs["files"], kwargs["data"] = files, data
+    try:
+        resp = await http.client().request(method, url, **kwargs)
+    except httpx.HTTPError as exc:
+        raise _network_error(exc)
+    if resp.status_code >= 400:
+        raise error_from_response(resp, resp.content, secrets)
+    return resp.content
+
+
+async def request_json(method: str, url: str, **kwargs) -> dict:
+    content = await request(method, url, **kwargs)
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise ProviderError("upstream returned a body that is not JSON", retryable=True, code="upstream_bad_body")
+    if not isinstance(data, dict):
+        raise ProviderError("upstream returned a JSON body that is not an object", code="upstream_bad_body")
+    return data
+
+
+def jsonl(content: bytes) -> list[dict]:
+    """The objects of a JSONL download; a line that is not a JSON object is skipped."""
+    out = []
+    for line in content.splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out

@@ -129,6 +129,7 @@ class _VertexGemini(GeminiAdapter):
 
 
 class _VertexAnthropic(AnthropicAdapter):
+    supports_batch = False  # Vertex AI batch prediction is another API
     """Anthropic's Messages format at Vertex's rawPredict, with a bearer token (in `target.secret`)."""
 
     def headers(self, target: Target) -> dict:
