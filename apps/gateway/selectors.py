@@ -49,6 +49,7 @@ class AliasRoute:
     deployments: tuple[DeploymentRoute, ...]
     supports_chat: bool = True
     prices: tuple[PriceInfo, ...] = ()  # newest first
+    semantic_cache_threshold: Decimal | None = None  # the floor of a semantic hit on this alias
 
 
 @dataclass(slots=True)
@@ -105,6 +106,7 @@ def routing_table_load() -> RoutingTable:
             supports_chat=chat,
             deployments=routes,
             prices=tuple(prices.get(a.alias, ())),
+            semantic_cache_threshold=a.semantic_cache_threshold,
         )
     return table
 
