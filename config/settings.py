@@ -518,6 +518,8 @@ CELERY_BEAT_SCHEDULE.update({
                                      "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
     "gateway-stored-responses-purge": {"task": "apps.gateway.tasks.stored_responses_purge",
                                        "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
+    "gateway-semantic-cache-purge": {"task": "apps.gateway.tasks.semantic_cache_purge",
+                                     "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
 })
 # /metrics names every tenant and budget: with a token, scrapes send `Authorization: Bearer <token>`
 # (Prometheus: `authorization: {credentials: ...}`); without one, only loopback may scrape.

@@ -1,7 +1,10 @@
 """The data plane's configuration (providers, model aliases, deployments) and its durable work
 (async requests, files and batches)."""
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+UNIT_INTERVAL = [MinValueValidator(0), MaxValueValidator(1)]  # a similarity threshold
 
 
 class ProviderKind(models.TextChoices):
@@ -52,7 +55,7 @@ class ModelAlias(models.Model):
         null=True, blank=True, default=None,
         help_text="Empty: inferred (an embedding model does not chat; any other model does).")
     semantic_cache_threshold = models.DecimalField(
-        max_digits=5, decimal_places=4, null=True, blank=True,
+        max_digits=5, decimal_places=4, null=True, blank=True, validators=UNIT_INTERVAL,
         help_text="The least similarity a semantic cache hit on this model needs, whatever the tenant, key or "
                   "request asks (a stricter floor against false positives). Empty: no floor.")
     created_at = models.DateTimeField(auto_now_add=True)

@@ -48,9 +48,10 @@ def _answer(body: dict) -> str:
     return f"Echo: {content}"
 
 
-_STOP_WORDS = frozenset(
-    "a an the is are was were be of to in on for and or what whats which who how tell me please can could you "
-    "i do does give show about it its this that there s".split())
+_STOP_WORDS = frozenset((
+    "a", "an", "the", "is", "are", "was", "were", "be", "of", "to", "in", "on", "for", "and", "or", "what", "whats",
+    "which", "who", "how", "tell", "me", "please", "can", "could", "you", "i", "do", "does", "give", "show",
+    "about", "it", "its", "this", "that", "there", "s"))
 
 
 def bag_of_words(text: str, dims: int = 256) -> list[float]:

@@ -347,3 +347,18 @@ def test_pgvector_store_threshold_and_tenants():
     assert _search(store, a, PARAPHRASE).payload == {"text": CAPITAL}
     assert _search(store, a, UNRELATED) is None
     assert _search(store, b, CAPITAL) is None
+
+
+def test_a_large_index_is_searched_off_the_event_loop(monkeypatch):
+    a = f.TenantFactory()
+    store = semantic.IndexStore(max_indexes=10)
+    _add(store, a, CAPITAL)
+    assert _search(store, a, CAPITAL) is not None  # caught up (in a thread)
+    monkeypatch.setattr(semantic, "INLINE_SEARCH_MAX", 0)
+    seen = []
+    real = semantic._Index.catch_up_and_search
+    monkeypatch.setattr(semantic._Index, "catch_up_and_search",
+                        lambda self, *args: seen.append(len(args[0])) or real(self, *args))
+
+    assert _search(store, a, PARAPHRASE).payload == {"text": CAPITAL}
+    assert seen == [0]  # nothing new to add, but too large to search inline
