@@ -316,6 +316,7 @@ class IndexStore:
         dims = int(vector.shape[0])
         idx = self._index((tenant_id, namespace, dims))
         rows = await db_sync(_rows_after, tenant_id=tenant_id, namespace=namespace, dims=dims, after=idx.last_id)
+        rows = [row for row in rows if row[0] not in idx.expires]  # the young ones re-read are mostly known
         candidates = None if rows else idx.search_inline(vector, threshold_bp)
         if candidates is None:  # adding vectors (HNSW inserts) and large searches run off the event loop
             candidates = await asyncio.to_thread(idx.catch_up_and_search, rows, vector, threshold_bp)
