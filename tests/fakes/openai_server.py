@@ -10,7 +10,7 @@ Behaviour is chosen by the requested model name, so it works across processes:
                     is a tool result: then answer as usual
 anything else       a deterministic answer echoing the last user message.
 Embeddings: `bow-...` models answer a deterministic bag-of-words embedding (`bag_of_words`: the
-input's content words, lower-cased, stop words dropped, hashed into 256 dimensions), so that a
+input's content words, lower-cased, stop words dropped, hashed into 1024 dimensions), so that a
 paraphrase using the same content words is close and another question is far; other models answer
 [0.1, 0.2, 0.3].
 Every request is recorded (path, headers, JSON body) on `server.requests`.
@@ -54,7 +54,7 @@ _STOP_WORDS = frozenset((
     "about", "it", "its", "this", "that", "there", "s"))
 
 
-def bag_of_words(text: str, dims: int = 256) -> list[float]:
+def bag_of_words(text: str, dims: int = 1024) -> list[float]:
     """A deterministic stand-in for a sentence embedding: content words hashed into `dims` counts
     (a plural's trailing s dropped), unit length."""
     vector = [0.0] * dims
