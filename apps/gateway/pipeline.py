@@ -478,7 +478,8 @@ async def _embed_for_cache(ctx: Ctx, alias: str, text: str):
     if ctx.budget_id:
         meta["budget_id"] = ctx.budget_id
     child = Ctx(kind=EMBEDDINGS, request_id=f"{ctx.request_id}_emb", endpoint=ENDPOINT_PATHS[EMBEDDINGS],
-                client_ip=ctx.client_ip, is_async=ctx.is_async, batch_id=ctx.batch_id)
+                client_ip=ctx.client_ip, is_async=ctx.is_async, batch_id=ctx.batch_id,
+                retry_rate_limited=ctx.retry_rate_limited)  # a batch line retried later: its embedding too
     data = {"model": alias, "input": text, "metadata": meta}
 
     async def run_child() -> Completion:
