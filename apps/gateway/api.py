@@ -60,7 +60,8 @@ async def _serve(request: HttpRequest, ctx: pipeline.Ctx, authorization: str | N
         hit = await pipeline.prepare(ctx, authorization, raw)
         if ctx.is_async:
             return await _enqueue(ctx, hit)
-        ctx.headers["x-gateway-cache"] = ctx.cache_kind.replace("exact", "hit") if hit is not None else "miss"
+        ctx.headers["x-gateway-cache"] = ("semantic" if ctx.cache_kind == "semantic" else "hit") if hit is not None \
+            else "miss"
         if ctx.cache_similarity is not None:
             ctx.headers["x-gateway-cache-similarity"] = f"{ctx.cache_similarity:.4f}"
         if ctx.stream:

@@ -472,11 +472,9 @@ async def semantic_lookup(ctx: Ctx) -> Completion | None:
 
 
 async def _embed_for_cache(ctx: Ctx, alias: str, text: str):
-    meta: dict = {}
-    if ctx.auth.source_id is None and ctx.source_name:
-        meta["source_id"] = ctx.source_name
-    if ctx.budget_id:
-        meta["budget_id"] = ctx.budget_id
+    named = ctx.metadata  # the same attribution as the request: what it named, checked again
+    meta = {k: v for k, v in (("source_id", named.source_id), ("source_type", named.source_type),
+                              ("budget_id", named.budget_id), ("priority", named.priority)) if v is not None}
     child = Ctx(kind=EMBEDDINGS, request_id=f"{ctx.request_id}_emb", endpoint=ENDPOINT_PATHS[EMBEDDINGS],
                 client_ip=ctx.client_ip, is_async=ctx.is_async, batch_id=ctx.batch_id,
                 retry_rate_limited=ctx.retry_rate_limited)  # a batch line retried later: its embedding too

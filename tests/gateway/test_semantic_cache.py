@@ -126,6 +126,17 @@ def test_the_embedding_call_is_billed_to_the_tenant(client, sem, upstream):
     assert [r["body"]["input"] for r in sent] == [CAPITAL]
 
 
+def test_the_embedding_books_on_the_source_the_request_named(client, sem, upstream):
+    wide = f.ApiKeyFactory(tenant=sem.tenant, source=None)  # a tenant-wide key
+    etl = f.SourceFactory(tenant=sem.tenant, name="etl", type="service")
+
+    resp = post(client, wide.secret, chat(CAPITAL, metadata={"source_id": "etl"}))
+
+    rows = UsageEvent.objects.filter(request_id__in=[resp["x-request-id"], resp["x-request-id"] + "_emb"])
+    assert {(r.request_type, r.source_id, r.source_ref) for r in rows} == {
+        ("chat", etl.id, "etl"), ("embeddings", etl.id, "etl")}
+
+
 def test_requests_with_tools_are_excluded(client, sem, upstream):
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
     post(client, sem.secret, chat(CAPITAL, tools=tools))
