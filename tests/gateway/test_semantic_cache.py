@@ -14,7 +14,7 @@ from apps.analytics.models import UsageEvent
 from apps.gateway import semantic
 from apps.gateway.models import ModelAlias, SemanticCacheEntry
 from tests import factories as f
-from tests.conftest import make_setup
+from tests.conftest import make_setup, requires_shared_state
 from tests.fakes import minilm
 from tests.fakes.openai_server import bag_of_words
 
@@ -147,6 +147,17 @@ def test_requests_with_tools_are_excluded(client, sem, upstream):
     assert not SemanticCacheEntry.objects.exists()
 
 
+def test_a_prompt_with_an_image_is_excluded(client, sem, upstream):
+    def with_image(url):
+        return {**chat(CAPITAL), "messages": [{"role": "user", "content": [
+            {"type": "text", "text": CAPITAL}, {"type": "image_url", "image_url": {"url": url}}]}]}
+
+    post(client, sem.secret, with_image("https://example.test/a.png"))
+
+    assert post(client, sem.secret, with_image("https://example.test/b.png"))["x-gateway-cache"] == "miss"
+    assert embed_calls(upstream) == 0
+
+
 def test_non_deterministic_requests_are_excluded_unless_asked(client, sem, upstream):
     for body in (chat(CAPITAL, temperature=0.7), {"model": "gpt-test", "messages": [{"role": "user",
                                                                                        "content": CAPITAL}]}):
@@ -244,6 +255,25 @@ def test_a_failing_embedding_is_a_miss_and_the_request_goes_on(client, upstream)
 
     assert resp.status_code == 200
     assert resp["x-gateway-cache"] == "miss"
+
+
+@requires_shared_state
+def test_an_answer_stored_by_one_gateway_process_is_found_by_another(gateway_instances, upstream):
+    key = semantic_key()
+    make_setup(upstream, tenant=key.tenant)
+    make_setup(upstream, alias=EMBED, upstream_model="bow-embed", tenant=key.tenant)
+    ModelAlias.objects.filter(alias=EMBED).update(supports_embeddings=True)
+    first, second = gateway_instances(2)
+    headers = {"authorization": f"Bearer {key.secret}"}
+
+    with httpx.Client(headers=headers, timeout=30) as http:
+        assert http.post(f"{second}/v1/chat/completions", json=chat(UNRELATED)).headers["x-gateway-cache"] == "miss"
+        assert http.post(f"{first}/v1/chat/completions", json=chat(CAPITAL)).headers["x-gateway-cache"] == "miss"
+        # the second process built its index of this tenant above; it catches up before searching
+        resp = http.post(f"{second}/v1/chat/completions", json=chat(PARAPHRASE))
+
+    assert resp.headers["x-gateway-cache"] == "semantic"
+    assert f"Echo: {CAPITAL}" in resp.text
 
 
 # --- the batch_id fix -------------------------------------------------------------------------
@@ -404,3 +434,14 @@ def test_a_real_paraphrase_hits_its_own_tenant_only(client, upstream):
     assert different["x-gateway-cache"] == "miss"
     assert outsider["x-gateway-cache"] == "miss"
     assert chat_calls(upstream) == 3
+
+
+def test_the_catch_up_looks_back_only_until_ids_have_settled(monkeypatch):
+    idx = semantic._Index(3)
+    vec = np.ones(3, dtype="<f4").tobytes()
+    assert idx.since() == 0  # empty: everything
+    idx.catch_up_and_search([(1500, vec, 4e9)], np.ones(3, dtype=np.float32), 0)
+
+    assert idx.since() == 500  # LOOKBACK_IDS below the newest while it is young
+    monkeypatch.setattr(semantic, "SETTLE_S", 0.0)
+    assert idx.since() == 1500  # once settled, nothing older can still commit
