@@ -68,6 +68,7 @@ _TOOLS = ("tools", "functions", "tool_choice", "function_call")
 # below the newest it has for rows it lacks.
 LOOKBACK_IDS = 1_000
 SETTLE_S = 5.0  # ... but an id seen this long ago has no older id still to commit
+CATCH_UP_CHUNK = 1_000  # rows read per query when an index catches up (a rebuild reads many)
 # An index of more floats than this (about 2,600 vectors of 384 dimensions) is searched in a thread:
 # measured on this machine, a search of 1,000 x 384 takes ~0.07 ms, of 10,000 x 384 ~0.3 ms, of
 # 1,000 x 1,536 up to 1 ms (docs/cache-and-keys.md).
@@ -231,7 +232,8 @@ def _entry_payload(*, tenant_id: int, entry_id: int) -> dict | None:
             .values_list("response", flat=True).first())
 
 
-def _rows_after(*, tenant_id: int, namespace: str, dims: int, since: int, known: list[int]) -> list[tuple]:
+def _rows_after(*, tenant_id: int, namespace: str, dims: int, since: int, known: list[int],
+                limit: int = 0) -> list[tuple]:
     """Rows of one tenant and namespace the index lacks: ids above `since` (the newest it has, less
     LOOKBACK_IDS: an id taken earlier may commit later) that it does not hold yet. One range scan
     of the (tenant, namespace, id) index; the vectors of known rows are not read again."""
@@ -239,7 +241,7 @@ def _rows_after(*, tenant_id: int, namespace: str, dims: int, since: int, known:
     qs = (SemanticCacheEntry.objects.filter(tenant_id=tenant_id, namespace=namespace, dims=dims, id__gt=since,
                                             expires_at__gt=now)
           .exclude(id__in=known).order_by("id").values_list("id", "vector", "expires_at"))
-    return [(pk, bytes(vec), exp.timestamp()) for pk, vec, exp in qs]
+    return [(pk, bytes(vec), exp.timestamp()) for pk, vec, exp in (qs[:limit] if limit else qs)]
 
 
 class _Index:
@@ -373,8 +375,16 @@ class IndexStore:
         dims = int(vector.shape[0])
         idx = self._index((tenant_id, namespace, dims))
         since = idx.since()
-        rows = await db_sync(_rows_after, tenant_id=tenant_id, namespace=namespace, dims=dims, since=since,
-                             known=idx.known_since(since))
+        known = idx.known_since(since)
+        rows: list[tuple] = []
+        while True:  # in chunks: the process's one sync DB thread is never held long by a rebuild
+            chunk = await db_sync(_rows_after, tenant_id=tenant_id, namespace=namespace, dims=dims, since=since,
+                                  known=known, limit=CATCH_UP_CHUNK)
+            rows += chunk
+            if len(chunk) < CATCH_UP_CHUNK:
+                break
+            since = chunk[-1][0]
+            known = [pk for pk in known if pk > since]
         candidates = None if rows else idx.search_inline(vector, threshold_bp)
         if candidates is None:  # catching up (copying vectors in) and large searches run off the event loop
             candidates = await asyncio.to_thread(idx.catch_up_and_search, rows, vector, threshold_bp)

@@ -366,6 +366,18 @@ def test_expired_entries_are_not_served():
     assert semantic.entries_purge() == 1
 
 
+def test_an_index_catches_up_in_chunks(monkeypatch):
+    monkeypatch.setattr(semantic, "CATCH_UP_CHUNK", 2)
+    a = f.TenantFactory()
+    store = semantic.IndexStore(max_indexes=10)
+    for text in ("one apple", "two pears", "three plums", "four figs", UNRELATED):
+        _add(store, a, text)
+    _add(store, a, CAPITAL)
+
+    assert _search(store, a, PARAPHRASE).payload == {"text": CAPITAL}
+    assert len(store._index((a.id, "ns", 1024))) == 6
+
+
 def test_an_evicted_index_is_rebuilt_from_the_rows():
     a, b = f.TenantFactory(), f.TenantFactory()
     store = semantic.IndexStore(max_indexes=1)
