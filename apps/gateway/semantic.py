@@ -275,7 +275,9 @@ class _Index:
         return max(self.last_id - LOOKBACK_IDS, settled, 0)
 
     def known_since(self, since: int) -> list[int]:
-        return [pk for pk in self.expires if pk > since]
+        # list(dict) copies in one step under the GIL: safe while a thread catches up (no lock is
+        # taken on the event loop, where a long search in a thread would hold it)
+        return [pk for pk in list(self.expires) if pk > since]
 
     def _append(self, rows: list[tuple[int, bytes, float]]) -> None:
         new = [(pk, vec, exp) for pk, vec, exp in rows if pk not in self.expires]
