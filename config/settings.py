@@ -9,6 +9,7 @@ and CELERY_BROKER_URL switches to PostgreSQL, Redis and Celery on Redis.
 import base64
 import hashlib
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import environ
@@ -434,6 +435,13 @@ GATEWAY_CACHE_BACKEND = env("GATEWAY_CACHE_BACKEND", default="redis" if REDIS_UR
 GATEWAY_CACHE_TIMEOUT_S = env.float("GATEWAY_CACHE_TIMEOUT_S", default=REDIS_TIMEOUT_S)
 GATEWAY_CACHE_MAX_ENTRIES = env.int("GATEWAY_CACHE_MAX_ENTRIES", default=10_000)
 GATEWAY_CACHE_MAX_ENTRY_BYTES = env.int("GATEWAY_CACHE_MAX_ENTRY_BYTES", default=256 * 1024)
+# Semantic cache (apps/gateway/semantic.py; docs/cache-and-keys.md): opt-in per tenant or key.
+GATEWAY_SEMANTIC_CACHE_ENABLED = env.bool("GATEWAY_SEMANTIC_CACHE_ENABLED", default=True)
+# "auto": pgvector when the PostgreSQL server has the extension, else "index" (rows in the database,
+# searched with an in-process usearch index per tenant); "pgvector" or "index" to force one.
+GATEWAY_SEMANTIC_CACHE_STORE = env("GATEWAY_SEMANTIC_CACHE_STORE", default="auto")
+GATEWAY_SEMANTIC_CACHE_THRESHOLD = Decimal(env("GATEWAY_SEMANTIC_CACHE_THRESHOLD", default="0.95"))
+GATEWAY_SEMANTIC_CACHE_MAX_INDEXES = env.int("GATEWAY_SEMANTIC_CACHE_MAX_INDEXES", default=1000)
 # last_used_at is collected in process and written in bulk at most this often (never per request).
 GATEWAY_LAST_USED_FLUSH_S = env.float("GATEWAY_LAST_USED_FLUSH_S", default=30.0)
 # Failed API-key authentications, counted per (key prefix, client address) and per client address
@@ -521,6 +529,8 @@ CELERY_BEAT_SCHEDULE.update({
                                      "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
     "gateway-stored-responses-purge": {"task": "apps.gateway.tasks.stored_responses_purge",
                                        "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
+    "gateway-semantic-cache-purge": {"task": "apps.gateway.tasks.semantic_cache_purge",
+                                     "schedule": GATEWAY_JOBS_PURGE_EVERY_S, "options": {"queue": "async"}},
 })
 # /metrics names every tenant and budget: with a token, scrapes send `Authorization: Bearer <token>`
 # (Prometheus: `authorization: {credentials: ...}`); without one, only loopback may scrape.

@@ -44,6 +44,10 @@ class UsageEvent(models.Model):
     error_code = models.CharField(max_length=64, blank=True)
     latency_ms = models.PositiveIntegerField(default=0)
     cached = models.BooleanField(default=False)
+    # How a cached answer was found: "exact" (apps/gateway/cache.py) or "semantic" (semantic.py),
+    # with the prompt's similarity in basis points (0-10000) for a semantic hit. Empty on a miss.
+    cache_kind = models.CharField(max_length=16, blank=True, default="", db_default="")
+    cache_similarity_bp = models.PositiveSmallIntegerField(null=True, blank=True)
     stream = models.BooleanField(default=False)
     is_async = models.BooleanField(default=False)
     batch_id = models.CharField(max_length=100, blank=True, db_index=True)

@@ -18,7 +18,7 @@ from apps.billing.budgets import Hold, budget_statuses_for_key
 from apps.core import workers
 from apps.core.db import db_sync
 
-from . import async_requests, batches, pipeline, schemas, tracing
+from . import async_requests, batches, pipeline, schemas, semantic, tracing
 from . import openapi as doc
 from .dialects import anthropic_messages, bearer, openai_responses
 from .errors import GatewayError, from_http_error, from_param_errors, invalid_request, not_found
@@ -57,10 +57,14 @@ async def _serve(request: HttpRequest, ctx: pipeline.Ctx, authorization: str | N
         ctx.traceparent = request.headers.get("traceparent", "")
     raw = request.body  # Django answers a body over its limit (413) itself
     try:
+        ctx.semantic_asked, ctx.semantic_threshold_asked = semantic.asked(request.headers)
         hit = await pipeline.prepare(ctx, authorization, raw)
         if ctx.is_async:
             return await _enqueue(ctx, hit)
-        ctx.headers["x-gateway-cache"] = "hit" if hit is not None else "miss"
+        ctx.headers["x-gateway-cache"] = ("semantic" if ctx.cache_kind == "semantic" else "hit") if hit is not None \
+            else "miss"
+        if ctx.cache_similarity is not None:
+            ctx.headers["x-gateway-cache-similarity"] = f"{ctx.cache_similarity:.4f}"
         if ctx.stream:
             enc = encoder() if encoder is not None else None
             if hit is not None:

@@ -30,7 +30,7 @@ from django.conf import settings
 from apps.core import caches
 from apps.core import redis as core_redis
 
-from . import schemas
+from . import schemas, semantic
 from .providers.base import Completion, Usage
 from .versions import pinned_name
 
@@ -125,7 +125,7 @@ caches.on_reset(cache_reset)
 
 
 def cacheable(ctx: Ctx) -> bool:
-    if not settings.GATEWAY_CACHE_ENABLED or ctx.auth is None or ctx.batch_id:
+    if not settings.GATEWAY_CACHE_ENABLED or ctx.auth is None:
         return False
     if ctx.options.cache is not None:
         return ctx.options.cache
@@ -173,15 +173,20 @@ def _storable(ctx: Ctx, completion: Completion) -> bool:
     return bool(completion.body.get("choices"))
 
 
-def _encode(completion: Completion, version: str) -> bytes:
+def _entry(completion: Completion, version: str) -> dict:
     usage = {name: getattr(completion.usage, name) for name in _USAGE_FIELDS}
-    return orjson.dumps({"body": completion.body, "usage": usage, "version": version})
+    return {"body": completion.body, "usage": usage, "version": version}
+
+
+def decode_entry(data: dict) -> Completion:
+    """A stored entry (exact or semantic) as the completion it keeps."""
+    return Completion(body=data["body"], usage=Usage(**data["usage"]))
 
 
 def _decode(raw: bytes) -> tuple[Completion, str]:
     """The stored completion and the model version that answered it."""
     data = orjson.loads(raw)
-    return Completion(body=data["body"], usage=Usage(**data["usage"])), data.get("version", "")
+    return decode_entry(data), data.get("version", "")
 
 
 # --- the two pipeline steps -----------------------------------------------------------------
@@ -231,19 +236,29 @@ def _serves(ctx: Ctx, version: str) -> bool:
     return version in alias.versions and (not alias.rollout_names or version in alias.rollout_names)
 
 
+def _semantic_miss(ctx: Ctx) -> bool:
+    return ctx.semantic is not None and ctx.semantic.vector is not None
+
+
 async def store(ctx: Ctx, completion: Completion) -> None:
-    """Keep a successful completion for the key's (or tenant's) TTL. Never fails the request."""
-    if ctx.cached or ctx.status != 200 or not cacheable(ctx) or not _storable(ctx, completion):
+    """Keep a successful completion for the key's (or tenant's) TTL, in the exact cache and, when
+    the request looked it up there, the semantic cache (semantic.py). Never fails the request."""
+    exact = cacheable(ctx)
+    if ctx.cached or ctx.status != 200 or not (exact or _semantic_miss(ctx)) or not _storable(ctx, completion):
         return
     if "x-gateway-max-tokens-lowered" in ctx.headers:  # cut to fit a budget: not the answer to this request
         return
-    raw = _encode(completion, ctx.model_version)
+    entry = _entry(completion, ctx.model_version)
+    raw = orjson.dumps(entry)
     if len(raw) > settings.GATEWAY_CACHE_MAX_ENTRY_BYTES:
         return
-    try:
-        await backend().set(ctx.cache_key or cache_key(ctx), raw, ctx.auth.cache_ttl_s)
-    except Exception as exc:  # a cache that cannot store is not the client's problem
-        _warn("store", exc)
+    if exact:
+        try:
+            await backend().set(ctx.cache_key or cache_key(ctx), raw, ctx.auth.cache_ttl_s)
+        except Exception as exc:  # a cache that cannot store is not the client's problem
+            _warn("store", exc)
+    if _semantic_miss(ctx):
+        await semantic.keep(ctx, entry)
 
 
 class StreamRecorder:
@@ -254,7 +269,7 @@ class StreamRecorder:
 
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
-        self.enabled = cacheable(ctx)
+        self.enabled = cacheable(ctx) or _semantic_miss(ctx)
         self.head: dict | None = None
         self.parts: list[str] = []
         self.finish_reason: str | None = None

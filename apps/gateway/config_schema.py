@@ -118,11 +118,13 @@ class ModelSpec(_Strict):
     supports_streaming: bool = True
     supports_embeddings: bool | None = None  # None: inferred (apps/gateway/capabilities.py)
     supports_chat: bool | None = None
+    # The least similarity of a semantic cache hit on this model, whatever else asks for less.
+    semantic_cache_threshold: Decimal | None = Field(default=None, ge=0, le=1)
     deployments: list[DeploymentSpec] = Field(default_factory=list)
     rollout: RolloutSpec | None = None  # left out: the shares stay as they are
 
     @field_validator("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
-                     "cache_write_usd_per_mtok", "batch_discount", mode="before")
+                     "cache_write_usd_per_mtok", "batch_discount", "semantic_cache_threshold", mode="before")
     @classmethod
     def _no_float_drift(cls, v):
         return Decimal(str(v)) if isinstance(v, float) else v
@@ -204,9 +206,30 @@ class BudgetSpec(_Strict):
         return v
 
 
+class SemanticCacheSpec(_Strict):
+    """`semantic: {enabled: true, embedding_alias: text-embedding-3-small, threshold: 0.95}` (the
+    semantic cache, apps/gateway/semantic.py). Threshold empty: GATEWAY_SEMANTIC_CACHE_THRESHOLD."""
+
+    enabled: bool = True
+    embedding_alias: str = Field(default="", max_length=200)
+    threshold: Decimal | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _no_float_drift(cls, v):
+        return Decimal(str(v)) if isinstance(v, float) else v
+
+    @model_validator(mode="after")
+    def _alias_when_enabled(self):
+        if self.enabled and not self.embedding_alias:
+            raise ValueError("embedding_alias is required when the semantic cache is enabled")
+        return self
+
+
 class CacheSpec(_Strict):
     enabled: bool = True
     ttl_s: int = Field(default=3600, ge=1)
+    semantic: SemanticCacheSpec | None = None
 
 
 class RequestLogSpec(_Strict):

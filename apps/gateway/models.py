@@ -1,7 +1,10 @@
 """The data plane's configuration (providers, model aliases, deployments) and its durable work
 (async requests, files and batches)."""
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+UNIT_INTERVAL = [MinValueValidator(0), MaxValueValidator(1)]  # a similarity threshold
 
 
 class ProviderKind(models.TextChoices):
@@ -58,6 +61,10 @@ class ModelAlias(models.Model):
     # The version being rolled out and the shares before its rollout began (what a rollback restores).
     rollout_version = models.CharField(max_length=200, blank=True)
     rollout_baseline = models.JSONField(null=True, blank=True)
+    semantic_cache_threshold = models.DecimalField(
+        max_digits=5, decimal_places=4, null=True, blank=True, validators=UNIT_INTERVAL,
+        help_text="The least similarity a semantic cache hit on this model needs, whatever the tenant, key or "
+                  "request asks (a stricter floor against false positives). Empty: no floor.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -351,3 +358,23 @@ class StoredResponse(models.Model):
 
     def __str__(self) -> str:
         return self.id
+
+
+class SemanticCacheEntry(models.Model):
+    """One answer kept by the semantic cache (apps/gateway/semantic.py), with its prompt's embedding.
+    Always searched within (tenant, namespace): the namespace hashes the endpoint, model alias,
+    embedding alias and every generation parameter but the messages, so only the prompt may differ."""
+
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="+")
+    namespace = models.CharField(max_length=64)
+    dims = models.PositiveIntegerField()
+    vector = models.BinaryField(help_text="float32, little-endian, unit length.")
+    response = models.JSONField()
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "namespace", "id"], name="semcache_tenant_ns_id")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.namespace[:8]}#{self.pk}"

@@ -50,7 +50,8 @@ def _with_options(model: type[BaseModel], name: str) -> dict:
     body["properties"].update(options["properties"])
     body["title"] = name
     body["description"] = (model.__doc__ or "").strip() + (
-        " Our fields ride along the OpenAI body: `metadata` (source_id, source_type, priority, budget_id), "
+        " Our fields ride along the OpenAI body: `metadata` (source_id, source_type, priority, budget_id, "
+        "semantic_cache, semantic_cache_threshold), "
         "`cache`, `async` (answer 202 and run later), `batch_id`, `callback_url`.")
     return _register_schema(name, body)
 

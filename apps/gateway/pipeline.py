@@ -41,7 +41,7 @@ from apps.keys import last_used, security
 from apps.keys.crypto import api_key_digest
 from apps.keys.selectors import KeyAuth, api_key_auth_by_digest
 
-from . import admission, cache, observe, router, schemas, versions
+from . import admission, cache, observe, router, schemas, semantic, versions
 from .errors import GatewayError, invalid_api_key, invalid_request, model_not_found, permission_denied
 from .providers import GATEWAY_USAGE, Completion, Usage, adapter_for
 from .providers.base import NATIVE_EVENTS, ProviderError
@@ -91,6 +91,11 @@ class Ctx:
     attempts: int = 0
     attempt_log: list[observe.Attempt] = field(default_factory=list)  # every upstream try (observe.py)
     cached: bool = False
+    cache_kind: str = ""  # how a cached answer was found: "exact" or "semantic"
+    cache_similarity: Decimal | None = None  # a semantic hit's similarity (4 decimals)
+    semantic: semantic.Probe | None = None  # the semantic cache's view of this request (semantic.py)
+    semantic_asked: bool | None = None  # the request's x-gateway-semantic-cache header
+    semantic_threshold_asked: Decimal | None = None
     usage: Usage | None = None
     cost: Decimal = Decimal(0)
     saved_cost: Decimal = Decimal(0)
@@ -401,6 +406,8 @@ async def record(ctx: Ctx) -> None:
         error_code=ctx.error_code,
         latency_ms=latency_ms,
         cached=ctx.cached,
+        cache_kind=ctx.cache_kind,
+        cache_similarity_bp=int(ctx.cache_similarity * 10_000) if ctx.cache_similarity is not None else None,
         stream=ctx.stream,
         is_async=ctx.is_async,
         batch_id=ctx.batch_id,
@@ -448,6 +455,10 @@ async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
         await route(ctx)
         started = time.perf_counter()
         hit = await cache.lookup(ctx)
+        if hit is not None:
+            ctx.cache_kind = "exact"
+        else:
+            hit = await semantic_lookup(ctx)
         if ctx.watch:
             ctx.marks["cache"] = (started, time.perf_counter())
         if hit is not None:
@@ -466,6 +477,48 @@ async def prepare(ctx: Ctx, authorization: str | None, data: dict | bytes, *,
         await end(ctx, exc)
         raise
     return None
+
+
+async def semantic_lookup(ctx: Ctx) -> Completion | None:
+    """The semantic cache (semantic.py): embed the prompt with the tenant's embedding alias, as an
+    embeddings request of the same key through this same pipeline (admitted, billed, on the ledger
+    as `<request id>_emb`), then search the tenant's entries. Any failure is a miss."""
+    ctx.semantic = semantic.probe(ctx)
+    if ctx.semantic is None:
+        return None
+    vector = await _embed_for_cache(ctx, ctx.semantic.embedding_alias, semantic.prompt_text(ctx))
+    if vector is None:
+        ctx.semantic = None
+        return None
+    match = await semantic.search(ctx, vector)
+    if match is None:
+        return None
+    ctx.cache_kind, ctx.cache_similarity = "semantic", match.similarity
+    return cache.decode_entry(match.payload)
+
+
+async def _embed_for_cache(ctx: Ctx, alias: str, text: str):
+    named = ctx.metadata  # the same attribution as the request: what it named, checked again
+    meta = {k: v for k, v in (("source_id", named.source_id), ("source_type", named.source_type),
+                              ("budget_id", named.budget_id), ("priority", named.priority)) if v is not None}
+    child = Ctx(kind=EMBEDDINGS, request_id=f"{ctx.request_id}_emb", endpoint=ENDPOINT_PATHS[EMBEDDINGS],
+                client_ip=ctx.client_ip, is_async=ctx.is_async, batch_id=ctx.batch_id,
+                retry_rate_limited=ctx.retry_rate_limited)  # a batch line retried later: its embedding too
+    data = {"model": alias, "input": text, "metadata": meta}
+
+    async def run_child() -> Completion:
+        hit = await prepare(child, None, data, auth=ctx.auth)
+        if hit is not None:
+            await end(child)
+            return hit
+        return await execute(child)
+
+    try:  # its own task: the child's Redis wait budget is its own, not taken from the request's
+        completion = await asyncio.create_task(run_child())
+        return semantic.unit_vector(completion.body["data"][0]["embedding"])
+    except Exception as exc:  # noqa: BLE001 - refused, failed or malformed: a miss, the request goes on
+        semantic.warn(f"embedding with `{alias}`", exc)
+        return None
 
 
 def watch(ctx: Ctx, policy: TenantPolicy) -> None:

@@ -51,6 +51,9 @@ class GatewayMetadata(_Open):
     source_type: Literal["application", "service"] | None = None
     priority: int | None = Field(default=None, ge=0, le=9)
     budget_id: Label | None = Field(default=None, max_length=100)
+    # The semantic cache (apps/gateway/semantic.py): on or off for this request, and its threshold.
+    semantic_cache: bool | None = None
+    semantic_cache_threshold: float | None = Field(default=None, ge=0, le=1)
 
 
 class GatewayOptions(BaseModel):

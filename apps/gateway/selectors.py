@@ -61,6 +61,7 @@ class AliasRoute:
     rollout_names: tuple[str, ...] = ()
     rollout_bounds: tuple[int, ...] = ()
     live: tuple[DeploymentRoute, ...] = ()  # those serving the bare alias: of versions with a share, else all
+    semantic_cache_threshold: Decimal | None = None  # the floor of a semantic hit on this alias
 
 
 @dataclass(slots=True)
@@ -136,6 +137,7 @@ def routing_table_load() -> RoutingTable:
             rollout_names=names,
             rollout_bounds=bounds,
             live=tuple(r for r in routes if r.version in names) if names else routes,
+            semantic_cache_threshold=a.semantic_cache_threshold,
         )
     return table
 

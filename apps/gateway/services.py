@@ -146,7 +146,8 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
             ModelAlias, actor=actor, lookup={"alias": m.alias},
             values={"strategy": m.strategy, "context_window": m.context_window,
                     "max_output_tokens": m.max_output_tokens, "supports_streaming": m.supports_streaming,
-                    "supports_embeddings": m.supports_embeddings, "supports_chat": m.supports_chat},
+                    "supports_embeddings": m.supports_embeddings, "supports_chat": m.supports_chat,
+                    "semantic_cache_threshold": m.semantic_cache_threshold},
         )
         pins_before = alias_pins(alias=alias)
         keep = []
@@ -184,6 +185,10 @@ def config_apply(*, cfg: GatewayConfig, actor: str = "cli", adopt: bool = False)
                  "allow_freeform_budget_ids": t.allow_freeform_budget_ids}
         if t.cache is not None:
             extra.update(cache_enabled=t.cache.enabled, cache_ttl_s=t.cache.ttl_s)
+            sem = t.cache.semantic
+            if sem is not None:
+                extra.update(semantic_cache_enabled=sem.enabled, semantic_cache_embedding_alias=sem.embedding_alias,
+                             semantic_cache_threshold=sem.threshold)
         tenant = tenant_upsert(slug=t.slug, name=t.name, timezone_name=t.timezone, actor=actor, adopt=adopt,
                                **extra)
         if t.request_log is not None:

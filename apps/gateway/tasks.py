@@ -103,3 +103,11 @@ def stored_responses_purge() -> int:
     from .services import stored_responses_purge as purge
 
     return purge()
+
+
+@shared_task(queue="async")
+def semantic_cache_purge() -> int:
+    """Beat: delete semantic cache entries past their TTL (they are never served after it anyway)."""
+    from .semantic import entries_purge
+
+    return entries_purge()

@@ -311,12 +311,16 @@ class ApiKeyForm(forms.ModelForm):
     cache_enabled = forms.NullBooleanField(required=False, widget=TenantDefaultBooleanSelect(),
                                            label="Response cache",
                                            help_text="Tenant default: whatever the tenant's setting says.")
+    semantic_cache_enabled = forms.NullBooleanField(
+        required=False, widget=TenantDefaultBooleanSelect(), label="Semantic cache",
+        help_text="Tenant default: whatever the tenant's setting says. See docs/cache-and-keys.md.")
     expires_days = forms.IntegerField(required=False, min_value=1, help_text="Days until the key expires.")
 
     class Meta:
         model = ApiKey
         fields = ["tenant", "source", "name", "allowed_models", "allowed_endpoints", "rpm", "tpm",
-                  "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_days"]
+                  "default_budget_id", "cache_enabled", "cache_ttl_s", "semantic_cache_enabled",
+                  "semantic_cache_embedding_alias", "semantic_cache_threshold", "expires_days"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -360,9 +364,11 @@ class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     def get_fields(self, request, obj=None):
         if obj is None:
             return ["tenant", "source", "name", "allowed_models", "allowed_endpoints", "rpm", "tpm",
-                    "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_days"]
+                    "default_budget_id", "cache_enabled", "cache_ttl_s", "semantic_cache_enabled",
+                  "semantic_cache_embedding_alias", "semantic_cache_threshold", "expires_days"]
         return ["tenant", "source", "name", "prefix", "allowed_models", "allowed_endpoints", "rpm", "tpm",
-                "default_budget_id", "cache_enabled", "cache_ttl_s", "expires_at", "revoked_at",
+                "default_budget_id", "cache_enabled", "cache_ttl_s", "semantic_cache_enabled",
+                "semantic_cache_embedding_alias", "semantic_cache_threshold", "expires_at", "revoked_at",
                 "previous_digest_expires_at", "last_used_at", "created_at"]
 
     def get_readonly_fields(self, request, obj=None):
@@ -387,7 +393,10 @@ class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 tenant=obj.tenant, source=obj.source, name=obj.name, actor=request.user.get_username(),
                 allowed_models=obj.allowed_models, rpm=obj.rpm, tpm=obj.tpm, expires_days=d.get("expires_days"),
                 default_budget_id=obj.default_budget_id, allowed_endpoints=obj.allowed_endpoints or [],
-                cache_enabled=obj.cache_enabled, cache_ttl_s=obj.cache_ttl_s, via="admin",
+                cache_enabled=obj.cache_enabled, cache_ttl_s=obj.cache_ttl_s,
+                semantic_cache_enabled=obj.semantic_cache_enabled,
+                semantic_cache_embedding_alias=obj.semantic_cache_embedding_alias,
+                semantic_cache_threshold=obj.semantic_cache_threshold, via="admin",
             )
         for field in ("id", "digest", "prefix", "expires_at", "created_at"):
             setattr(obj, field, getattr(created.key, field))

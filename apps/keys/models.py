@@ -5,9 +5,12 @@ import zoneinfo
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from . import crypto
+
+UNIT_INTERVAL = [MinValueValidator(0), MaxValueValidator(1)]  # a similarity threshold
 
 
 def validate_timezone(value: str) -> None:
@@ -31,6 +34,16 @@ class Tenant(models.Model):
     allow_freeform_budget_ids = models.BooleanField(default=False)
     cache_enabled = models.BooleanField(default=True)
     cache_ttl_s = models.PositiveIntegerField("cache TTL (seconds)", default=3600)
+    # Semantic cache (apps/gateway/semantic.py): off unless the tenant opts in; prompts are embedded
+    # with this embedding alias (a billed request of the tenant) and a stored answer whose prompt is
+    # at least this similar (cosine) is served.
+    semantic_cache_enabled = models.BooleanField("semantic cache", default=False)
+    semantic_cache_embedding_alias = models.CharField(
+        "semantic cache embedding model", max_length=200, blank=True,
+        help_text="The embedding model alias prompts are embedded with (billed to the tenant).")
+    semantic_cache_threshold = models.DecimalField(
+        "semantic cache threshold", max_digits=5, decimal_places=4, null=True, blank=True, validators=UNIT_INTERVAL,
+        help_text="Minimum cosine similarity of a hit (0-1). Empty: GATEWAY_SEMANTIC_CACHE_THRESHOLD.")
     # Signs this tenant's webhooks (budget alerts, callback_url), Fernet-encrypted. Made on first
     # use; tenant admins read and rotate it (services.tenant_webhook_secret*).
     webhook_secret_encrypted = models.TextField(blank=True, default="", editable=False)
@@ -110,6 +123,13 @@ class ApiKey(models.Model):
     cache_enabled = models.BooleanField(null=True, blank=True, help_text="Tenant default: the tenant's setting.")
     cache_ttl_s = models.PositiveIntegerField("cache TTL (seconds)", null=True, blank=True,
                                               help_text="Empty: the tenant's TTL.")
+    semantic_cache_enabled = models.BooleanField("semantic cache", null=True, blank=True,
+                                                 help_text="Tenant default: the tenant's setting.")
+    semantic_cache_embedding_alias = models.CharField("semantic cache embedding model", max_length=200, blank=True,
+                                                      help_text="Empty: the tenant's.")
+    semantic_cache_threshold = models.DecimalField("semantic cache threshold", max_digits=5, decimal_places=4,
+                                                   null=True, blank=True, validators=UNIT_INTERVAL,
+                                                   help_text="Empty: the tenant's.")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     # Rotation: the previous digest keeps working until previous_digest_expires_at.

@@ -100,7 +100,8 @@ class TenantSerializer(serializers.ModelSerializer):
     class Meta:
         model = Tenant
         fields = ["id", "slug", "created_slug", "name", "timezone", "allowed_regions", "allow_unpriced_models",
-                  "cache_enabled", "cache_ttl_s", "created_at"]
+                  "cache_enabled", "cache_ttl_s", "semantic_cache_enabled", "semantic_cache_embedding_alias",
+                  "semantic_cache_threshold", "created_at"]
         read_only_fields = ["created_slug", "created_at"]
 
     def get_fields(self):
@@ -263,7 +264,8 @@ class ApiKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields = ["id", "tenant", "source", "name", "prefix", "allowed_models", "allowed_endpoints", "rpm", "tpm",
-                  "default_budget_id", "cache_enabled", "expires_at", "expires_days", "revoked_at", "last_used_at",
+                  "default_budget_id", "cache_enabled", "semantic_cache_enabled", "semantic_cache_embedding_alias",
+                  "semantic_cache_threshold", "expires_at", "expires_days", "revoked_at", "last_used_at",
                   "created_at"]
         read_only_fields = ["prefix", "expires_at", "revoked_at", "last_used_at", "created_at"]
 
@@ -299,7 +301,10 @@ class ApiKeyViewSet(TenantScopedViewSetMixin, viewsets.ModelViewSet):
             tenant=d["tenant"], source=d["source"], name=d["name"], actor=actor_of(request),
             allowed_models=d.get("allowed_models"), rpm=d.get("rpm"), tpm=d.get("tpm"),
             expires_days=d.get("expires_days"), default_budget_id=d.get("default_budget_id", ""),
-            allowed_endpoints=d.get("allowed_endpoints"), cache_enabled=d.get("cache_enabled"), via="api",
+            allowed_endpoints=d.get("allowed_endpoints"), cache_enabled=d.get("cache_enabled"),
+            semantic_cache_enabled=d.get("semantic_cache_enabled"),
+            semantic_cache_embedding_alias=d.get("semantic_cache_embedding_alias", ""),
+            semantic_cache_threshold=d.get("semantic_cache_threshold"), via="api",
         )
         out = ApiKeyCreatedSerializer(created.key, context=self.get_serializer_context()).data
         out["secret"] = created.secret

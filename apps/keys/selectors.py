@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 from django.db.models import Q
 from django.utils import timezone
@@ -32,6 +33,9 @@ class KeyAuth:
     allow_freeform_budget_ids: bool
     cache_enabled: bool
     cache_ttl_s: int
+    semantic_cache_enabled: bool
+    semantic_cache_embedding_alias: str
+    semantic_cache_threshold: Decimal | None
     allowed_regions: tuple[str, ...]
     allow_unpriced_models: bool
     expires_at: object  # aware datetime or None
@@ -91,6 +95,11 @@ def _key_auth(key: ApiKey) -> KeyAuth:
         allow_freeform_budget_ids=tenant.allow_freeform_budget_ids,
         cache_enabled=tenant.cache_enabled if key.cache_enabled is None else key.cache_enabled,
         cache_ttl_s=key.cache_ttl_s or tenant.cache_ttl_s,
+        semantic_cache_enabled=(tenant.semantic_cache_enabled if key.semantic_cache_enabled is None
+                                else key.semantic_cache_enabled),
+        semantic_cache_embedding_alias=key.semantic_cache_embedding_alias or tenant.semantic_cache_embedding_alias,
+        semantic_cache_threshold=(key.semantic_cache_threshold if key.semantic_cache_threshold is not None
+                                  else tenant.semantic_cache_threshold),
         allowed_regions=tuple(tenant.allowed_regions or ()),
         allow_unpriced_models=tenant.allow_unpriced_models,
         expires_at=key.expires_at,

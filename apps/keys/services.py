@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -126,7 +127,9 @@ def api_key_create(*, tenant: Tenant, source: Source | None, name: str, actor: s
                    allowed_models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None,
                    expires_days: int | None = None, default_budget_id: str = "", budget_id_binding: bool = False,
                    allowed_endpoints: list[str] | None = None, cache_enabled: bool | None = None,
-                   cache_ttl_s: int | None = None, via: str = "") -> CreatedKey:
+                   cache_ttl_s: int | None = None, semantic_cache_enabled: bool | None = None,
+                   semantic_cache_embedding_alias: str = "", semantic_cache_threshold: Decimal | None = None,
+                   via: str = "") -> CreatedKey:
     """A new key; `source` None makes a tenant-wide key (it may name any declared source)."""
     if source is not None and source.tenant_id != tenant.pk:
         raise ValidationError({"source": f"source {source.name!r} belongs to another tenant"})
@@ -142,6 +145,9 @@ def api_key_create(*, tenant: Tenant, source: Source | None, name: str, actor: s
         budget_id_binding=budget_id_binding,
         cache_enabled=cache_enabled,
         cache_ttl_s=cache_ttl_s,
+        semantic_cache_enabled=semantic_cache_enabled,
+        semantic_cache_embedding_alias=semantic_cache_embedding_alias,
+        semantic_cache_threshold=semantic_cache_threshold,
         expires_at=timezone.now() + timedelta(days=expires_days) if expires_days else None,
     )
     secret = api_key_set_secret(key=key)
@@ -153,7 +159,8 @@ def api_key_create(*, tenant: Tenant, source: Source | None, name: str, actor: s
 # Fields api_key_update may change; the secret only changes through api_key_rotate.
 API_KEY_EDITABLE = frozenset({
     "name", "source", "allowed_models", "allowed_endpoints", "rpm", "tpm", "default_budget_id",
-    "cache_enabled", "cache_ttl_s", "expires_at",
+    "cache_enabled", "cache_ttl_s", "semantic_cache_enabled", "semantic_cache_embedding_alias",
+    "semantic_cache_threshold", "expires_at",
 })
 
 

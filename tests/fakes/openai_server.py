@@ -9,6 +9,11 @@ Behaviour is chosen by the requested model name, so it works across processes:
   `tool-...`        call the tool get_weather({"city": "Paris"}) (id call_01), unless the last message
                     is a tool result: then answer as usual
 anything else       a deterministic answer echoing the last user message.
+Embeddings: `bow-...` models answer a deterministic bag-of-words embedding (`bag_of_words`: the
+input's content words, lower-cased, stop words dropped, hashed into 1024 dimensions), so that a
+paraphrase using the same content words is close and another question is far; other models answer
+[0.1, 0.2, 0.3]. `minilm-...` models answer real sentence embeddings (all-MiniLM-L6-v2, run
+with numpy: tests/fakes/minilm.py) when its optional packages are installed.
 Every request is recorded (path, headers, JSON body) on `server.requests`.
 
 `server.script_usage(model, usage)` makes the server report that usage object, verbatim, for
@@ -36,12 +41,16 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import hashlib
+import re
 import socket
 import threading
 import time
 
 import orjson
 from aiohttp import web
+
+from tests.fakes import minilm
 
 
 def _answer(body: dict) -> str:
@@ -50,6 +59,26 @@ def _answer(body: dict) -> str:
     if isinstance(content, list):
         content = " ".join(p.get("text", "") for p in content)
     return f"Echo: {content}"
+
+
+_STOP_WORDS = frozenset((
+    "a", "an", "the", "is", "are", "was", "were", "be", "of", "to", "in", "on", "for", "and", "or", "what", "whats",
+    "which", "who", "how", "tell", "me", "please", "can", "could", "you", "i", "do", "does", "give", "show",
+    "about", "it", "its", "this", "that", "there", "s"))
+
+
+def bag_of_words(text: str, dims: int = 1024) -> list[float]:
+    """A deterministic stand-in for a sentence embedding: content words hashed into `dims` counts
+    (a plural's trailing s dropped), unit length."""
+    vector = [0.0] * dims
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        if word in _STOP_WORDS:
+            continue
+        if len(word) > 3 and word.endswith("s"):
+            word = word[:-1]
+        vector[int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dims] += 1.0
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [x / norm for x in vector]
 
 
 def _usage(body: dict, text: str) -> dict:
@@ -320,10 +349,19 @@ class FakeOpenAI:
         if model.startswith("fail-"):
             return self._error(int(model.split("-")[1]))
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
+        data = [{"object": "embedding", "index": i,
+                 "embedding": self._embedding(model, str(text))} for i, text in enumerate(inputs)]
         tokens = sum(len(str(i).split()) for i in inputs)
         return web.json_response({"object": "list", "data": data, "model": model,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @staticmethod
+    def _embedding(model: str, text: str) -> list[float]:
+        if model.startswith("bow-"):
+            return bag_of_words(text)
+        if model.startswith("minilm-"):
+            return minilm.embed(text)
+        return [0.1, 0.2, 0.3]
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})

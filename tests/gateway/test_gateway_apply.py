@@ -178,3 +178,30 @@ def test_audit_never_holds_the_provider_secret(config_file):
 
     dumped = str(list(AuditLog.objects.values("before", "after")))
     assert "sk-upstream-very-secret" not in dumped
+
+
+def test_semantic_cache_settings_are_applied(config_file):
+    text = CONFIG.replace("    timezone: Europe/Berlin\n", "    timezone: Europe/Berlin\n    cache: {enabled: true, "
+                          "ttl_s: 600, semantic: {embedding_alias: text-embedding-3-small, threshold: 0.92}}\n")
+    text = text.replace("    output_usd_per_mtok: 0.60\n", "    output_usd_per_mtok: 0.60\n"
+                        "    semantic_cache_threshold: 0.97\n")
+    call_command("gateway_apply", config_file(text), stdout=StringIO())
+
+    acme = Tenant.objects.get(slug="acme")
+    assert (acme.semantic_cache_enabled, acme.semantic_cache_embedding_alias, acme.semantic_cache_threshold) == (
+        True, "text-embedding-3-small", Decimal("0.92"))
+    assert ModelAlias.objects.get(alias="gpt-4o-mini").semantic_cache_threshold == Decimal("0.97")
+
+    call_command("gateway_apply", config_file(text.replace("semantic: {", "semantic: {enabled: false, ")),
+                 stdout=StringIO())
+    assert not Tenant.objects.get(slug="acme").semantic_cache_enabled
+
+
+def test_semantic_cache_needs_an_embedding_alias(config_file):
+    text = CONFIG.replace("    timezone: Europe/Berlin\n", "    timezone: Europe/Berlin\n"
+                          "    cache: {semantic: {threshold: 0.9}}\n")
+    with pytest.raises(CommandError) as exc:
+        call_command("gateway_apply", config_file(text), stdout=StringIO())
+
+    assert "tenants[0].cache.semantic" in str(exc.value) and "embedding_alias is required" in str(exc.value)
+    assert not Tenant.objects.exists()

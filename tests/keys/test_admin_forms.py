@@ -42,6 +42,24 @@ def test_key_created_with_two_allowed_endpoints_without_typing_json(client, worl
     assert key.cache_enabled is None
 
 
+def test_key_created_with_its_own_semantic_cache_settings(client, world):
+    login(client, world.acme_admin)
+    resp = client.post("/admin/keys/apikey/add/", {
+        "tenant": world.acme.pk, "source": world.acme_source.pk, "name": "semantic", "cache_enabled": "unknown",
+        "semantic_cache_enabled": "true", "semantic_cache_embedding_alias": "text-embedding-3-small",
+        "semantic_cache_threshold": "0.93"})
+    assert resp.status_code == 200, resp.content[:3000]
+    key = ApiKey.objects.get(name="semantic")
+    assert (key.semantic_cache_enabled, key.semantic_cache_embedding_alias, key.semantic_cache_threshold) == (
+        True, "text-embedding-3-small", Decimal("0.93"))
+
+    resp = client.post("/admin/keys/apikey/add/", {
+        "tenant": world.acme.pk, "source": world.acme_source.pk, "name": "too-strict", "cache_enabled": "unknown",
+        "semantic_cache_enabled": "unknown", "semantic_cache_threshold": "1.5"})
+    assert "Ensure this value is less than or equal to 1" in resp.content.decode()
+    assert not ApiKey.objects.filter(name="too-strict").exists()
+
+
 def test_budget_created_with_percent_thresholds_and_an_email_list(client, world):
     login(client, world.acme_admin)
     data = {"tenant": world.acme.pk, "name": "team", "scope": "tenant", "scope_value": "", "limit_usd": "50",
