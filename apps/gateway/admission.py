@@ -4,8 +4,9 @@ in one atomic step (one Redis round trip in production), and settled after the c
 Rate limits: RPM and TPM on the key (ApiKey.rpm/tpm and `key:<name>` limits), its source, its
 tenant, each of the request's tags (`tag:<name>`) and its end user (OpenAI's `user`: `user:<id>`,
 else the per-end-user `user:*`, which gives every end user a window of their own). TPM is
-charged the prompt estimate at admission and corrected to the actual tokens at settle. Priority (`metadata.priority`, 0-9, 9 most important, 5 when absent): requests below 5 may
-use only GATEWAY_LOW_PRIORITY_SHARE of each limit, leaving the rest as headroom for the others.
+charged the prompt estimate at admission and corrected to the actual tokens at settle. Priority
+(`metadata.priority`, 0-9, 9 most important, 5 when absent): requests below 5 may use only
+GATEWAY_LOW_PRIORITY_SHARE of each limit, leaving the rest as headroom for the others.
 
 Budgets (apps.billing.budgets owns them; this module says which apply and how much to hold): the
 hold is an upper bound of the request's cost (prompt tokens <= prompt UTF-8 bytes,
