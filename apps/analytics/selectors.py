@@ -154,10 +154,11 @@ def seed_usage_event(row: dict) -> dict:
                 "cached": row["cached"],
                 "batch_id": row["batch_id"] or None,
                 "budget_id": row["budget_id"] or None,
-                "tags": row["tags"] or [],
-                "user": row["end_user"] or None,
             },
         },
+        # Beside the seed's shape (which is produced as written): the request's tags and end user.
+        "tags": row["tags"] or [],
+        "end_user": row["end_user"] or None,
         "request_id": row["request_id"],
         "tenant": row["tenant__slug"],
         "key": row["api_key__name"],

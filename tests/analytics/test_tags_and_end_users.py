@@ -151,8 +151,8 @@ def test_usage_events_api_filters_by_tag_and_user_and_shows_them(tagged):
     dashboard = api.get("/api/analytics/dashboard/", {"user": "alice"}).json()
 
     assert len(eu) == 2
-    assert {tuple(e["usage_event"]["metadata"]["tags"]) for e in eu} == {("support", "eu")}
-    assert {e["usage_event"]["metadata"]["user"] for e in eu} == {"alice"}
+    assert {tuple(e["tags"]) for e in eu} == {("support", "eu")}
+    assert {e["end_user"] for e in eu} == {"alice"}
     assert [e["usage_event"]["cost"] for e in bob] == ["1.0000000000"]
     assert dashboard["totals"]["requests"] == 2 and dashboard["filters"]["user"] == "alice"
 
