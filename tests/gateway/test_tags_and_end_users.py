@@ -268,3 +268,53 @@ def test_per_end_user_budgets_are_never_overspent_under_concurrency(live_gateway
     assert Decimal("0.05") <= tagged <= Decimal("0.15")
     assert any(a.status_code == 402 for a in answers[:40]) and any(a.status_code == 402 for a in answers[40:80])
     assert not open_holds()
+
+
+# --- every path: the seed envelope, async work, the config file --------------------------------------
+
+
+def test_the_seed_envelope_books_tags_on_a_tag_budget(client, setup):
+    f.BudgetFactory(tenant=setup.tenant, name="t", scope="tag", scope_value="seed", limit_usd=Decimal("0.00000001"))
+    body = {"request": {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}],
+                        "options": {"max_tokens": 5}, "metadata": {"tags": ["seed"]}}}
+
+    refused = post(client, setup.secret, body, path="/v1/requests")
+
+    assert refused.status_code == 402
+    assert UsageEvent.objects.get(request_id=refused["x-request-id"]).tags == ["seed"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_async_requests_worker_books_its_tags_and_end_user(client, setup, monkeypatch):
+    from apps.gateway import async_requests, queues
+
+    monkeypatch.setattr(queues, "publish", lambda *a, **k: None)
+    f.BudgetFactory(tenant=setup.tenant, name="each", scope="user", scope_value="*", limit_usd=Decimal("1"))
+
+    resp = post(client, setup.secret, chat(setup.alias, max_tokens=5, user="erin", metadata={"tags": ["later"]},
+                                           **{"async": True}))
+    assert resp.status_code == 202
+    async_requests.async_request_run(request_id=resp.json()["id"])
+
+    row = UsageEvent.objects.get(status=200)
+    assert (row.tags, row.end_user) == (["later"], "erin")
+    status = client.get("/v1/budget?user=erin", HTTP_AUTHORIZATION=f"Bearer {setup.secret}").json()["data"]
+    assert Decimal(status[0]["spent_usd"]) >= row.cost > 0 and Decimal(status[0]["held_usd"]) == 0
+
+
+def test_the_config_file_takes_tag_and_user_scopes():
+    from apps.gateway.config_schema import ConfigError, config_parse
+
+    cfg = config_parse("""
+tenants:
+  - slug: acme
+    name: Acme
+    rate_limits: [{scope: "tag:bulk", rpm: 10}, {scope: "user:*", rpm: 5}, {scope: "user:big-co", rpm: 50}]
+    budgets:
+      - {name: each, scope: "user:*", limit_usd: 2}
+      - {name: pilot, scope: "tag:eu-pilot", limit_usd: 50}
+""")
+    assert [rl.scope for rl in cfg.tenants[0].rate_limits] == ["tag:bulk", "user:*", "user:big-co"]
+    with pytest.raises(ConfigError) as exc:
+        config_parse("tenants: [{slug: a, name: A, budgets: [{name: x, scope: 'tags:x', limit_usd: 1}]}]")
+    assert "tenants[0].budgets[0].scope" in str(exc.value.errors)
