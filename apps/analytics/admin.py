@@ -15,7 +15,7 @@ class UsageEventAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                     "completion_tokens", "cost", "cached", "status", "latency_ms"]
     list_select_related = ["tenant", "api_key"]
     list_filter = ["status", "cached", "request_type"]
-    search_fields = ["=request_id", "=batch_id", "=budget_id"]
+    search_fields = ["=request_id", "=batch_id", "=budget_id", "=end_user"]
     show_full_result_count = False
     read_roles = EXPORT_ROLES
 

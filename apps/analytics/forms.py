@@ -19,6 +19,8 @@ class UsageFilterForm(forms.Form):
     tenant = forms.CharField(required=False)
     source = forms.CharField(required=False, max_length=100)
     model = forms.CharField(required=False, max_length=200)
+    tag = forms.CharField(required=False, max_length=64)
+    user = forms.CharField(required=False, max_length=256, label="End user")
     granularity = forms.ChoiceField(required=False, choices=[("", "auto"), ("hour", "hourly"), ("day", "daily")])
 
     def clean(self):
@@ -30,6 +32,8 @@ class UsageFilterForm(forms.Form):
             raise forms.ValidationError("The start date is after the end date.")
         if (until - since).days > MAX_DAYS:
             raise forms.ValidationError(f"Choose at most {MAX_DAYS} days.")
+        if data.get("tag") and data.get("user"):
+            raise forms.ValidationError("Filter by a tag or by an end user, not both at once.")
         data["since"], data["until"] = since, until
         return data
 
@@ -37,7 +41,8 @@ class UsageFilterForm(forms.Form):
         d = self.cleaned_data
         return UsageFilters(tenant_ids=tuple(tenant_ids), since=d["since"], until=d["until"],
                             source=d.get("source") or "", model=d.get("model") or "",
-                            granularity=d.get("granularity") or "")
+                            granularity=d.get("granularity") or "", tag=d.get("tag") or "",
+                            end_user=d.get("user") or "")
 
 
 def usage_filters_from(params, *, tenants) -> tuple[UsageFilterForm, UsageFilters | None]:

@@ -1,10 +1,30 @@
 """The usage ledger: one row per gateway request, idempotent on request_id."""
 
+import json
+
 from django.db import models
-from django.db.models import Value
+from django.db.models import Lookup, Value
 
 from apps.core.money import MONEY
 from apps.keys.outbound import webhook_url_validator
+
+
+class TagsField(models.JSONField):
+    """A JSON list of short strings (a request's `metadata.tags`), with the `has_tag` lookup:
+    `filter(tags__has_tag="x")`, on PostgreSQL `tags @> '["x"]'`, on SQLite through json_each."""
+
+
+@TagsField.register_lookup
+class HasTag(Lookup):
+    lookup_name = "has_tag"
+    prepare_rhs = False
+
+    def as_sql(self, compiler, connection):
+        lhs, params = self.process_lhs(compiler, connection)
+        if connection.vendor == "postgresql":
+            return f"{lhs} @> %s::jsonb", [*params, json.dumps([str(self.rhs)])]
+        sql = f"EXISTS (SELECT 1 FROM json_each({lhs}) WHERE json_each.value = %s)"  # noqa: S608 - a column
+        return sql, [*params, str(self.rhs)]
 
 
 class UsageEvent(models.Model):
@@ -63,10 +83,15 @@ class UsageEvent(models.Model):
     # parameters), on requests the cache did not answer: repeats of a prompt are visible without its
     # text (apps/analytics/recommendations.py). Tenant-scoped: the same prompt of two tenants differs.
     prompt_hash = models.CharField(max_length=16, blank=True, default="", db_default="")
+    # The request's `metadata.tags` (a list of short strings, at most 10) and OpenAI's `user` (the
+    # calling application's end user). db_default as for `attempts`.
+    tags = TagsField(default=list, blank=True, db_default=Value([], output_field=models.JSONField()))
+    end_user = models.CharField(max_length=256, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["-timestamp", "-id"]
-        indexes = [models.Index(fields=["tenant", "timestamp"])]
+        indexes = [models.Index(fields=["tenant", "timestamp"]),
+                   models.Index(fields=["tenant", "end_user", "timestamp"], name="usage_tenant_enduser_ts")]
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost}"
@@ -139,6 +164,36 @@ class UsageRollupDaily(UsageRollupBase):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d} {self.model} {self.requests}"
+
+
+class UsageDimRollupBase(UsageRollupBase):
+    """The rollups again, split by one more dimension that the main rollups leave out on purpose:
+    `dim` "tag" (one row per tag of a request: a request with two tags counts in both) or "user"
+    (the end user; requests without one are not here). Only requests that have tags or an end user
+    land here, so the main rollups keep their size; end users can be many, so this table grows with
+    the number of active end users per hour, and the dashboard shows only the top ones."""
+
+    dim = models.CharField(max_length=8)  # tag | user
+    value = models.CharField(max_length=256)
+
+    class Meta:
+        abstract = True
+
+
+class UsageDimRollupHourly(UsageDimRollupBase):
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "dim", "bucket"], name="dimrollup_h_tenant_dim_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.dim}={self.value} {self.requests}"
+
+
+class UsageDimRollupDaily(UsageDimRollupBase):
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "dim", "bucket"], name="dimrollup_d_tenant_dim_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.bucket:%Y-%m-%d} {self.dim}={self.value} {self.requests}"
 
 
 class LedgerRetention(models.Model):
@@ -230,6 +285,8 @@ class RequestLog(models.Model):
     status = models.PositiveSmallIntegerField()
     error_code = models.CharField(max_length=64, blank=True)
     budget_id = models.CharField(max_length=100, blank=True)
+    tags = TagsField(default=list, blank=True)
+    end_user = models.CharField(max_length=256, blank=True)
     stream = models.BooleanField(default=False)
     cached = models.BooleanField(default=False)
     latency_ms = models.PositiveIntegerField(default=0)

@@ -175,8 +175,9 @@ def request_logs_purge(*, now: datetime | None = None) -> int:
 
 def request_logs_query(*, tenant_ids, since: datetime | None = None, until: datetime | None = None,
                        model: str = "", source: str = "", key: str = "", status: int | None = None,
-                       budget_id: str = "", q: str = ""):
-    """The request logs of `tenant_ids` under the filters, newest first; `q` searches both bodies."""
+                       budget_id: str = "", tag: str = "", end_user: str = "", q: str = ""):
+    """The request logs of `tenant_ids` under the filters, newest first; `q` searches both bodies,
+    `tag` matches one of the request's `metadata.tags`, `end_user` its `user`."""
     qs = RequestLog.objects.filter(tenant_id__in=tenant_ids)
     if since is not None:
         qs = qs.filter(timestamp__gte=since)
@@ -192,6 +193,10 @@ def request_logs_query(*, tenant_ids, since: datetime | None = None, until: date
         qs = qs.filter(status=status)
     if budget_id:
         qs = qs.filter(budget_id=budget_id)
+    if tag:
+        qs = qs.filter(tags__has_tag=tag)
+    if end_user:
+        qs = qs.filter(end_user=end_user)
     if q:
         qs = qs.filter(Q(request_body__icontains=q) | Q(response_body__icontains=q))
     return qs.select_related("tenant", "api_key").order_by("-timestamp", "-id")
@@ -209,7 +214,8 @@ def request_log_dict(row: RequestLog, *, bodies: bool) -> dict:
         "key": row.api_key.name if row.api_key else None, "source_id": row.source_ref,
         "request_type": row.request_type, "model": row.model, "model_version": row.model_version,
         "provider": row.provider, "status": row.status,
-        "error_code": row.error_code, "budget_id": row.budget_id or None, "stream": row.stream,
+        "error_code": row.error_code, "budget_id": row.budget_id or None, "tags": row.tags,
+        "end_user": row.end_user or None, "stream": row.stream,
         "cached": row.cached, "latency_ms": row.latency_ms, "attempts": row.attempts, "timings": row.timings,
     }
     if bodies:

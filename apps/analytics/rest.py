@@ -25,6 +25,8 @@ FILTER_PARAMS = [
     OpenApiParameter("tenant", str, description="Tenant slug (default: all of yours)"),
     OpenApiParameter("source", str, description="The seed's source id"),
     OpenApiParameter("model", str, description="Model alias"),
+    OpenApiParameter("tag", str, description="Only requests carrying this metadata.tags value"),
+    OpenApiParameter("user", str, description="Only requests of this end user (OpenAI's `user`)"),
 ]
 
 
@@ -163,6 +165,8 @@ REQUEST_LOG_PARAMS = [
     OpenApiParameter("key", str, description="API key name"),
     OpenApiParameter("status", int, description="HTTP status the client got"),
     OpenApiParameter("budget_id", str, description="metadata.budget_id"),
+    OpenApiParameter("tag", str, description="One of the request's metadata.tags"),
+    OpenApiParameter("user", str, description="The request's end user (OpenAI's `user`)"),
     OpenApiParameter("q", str, description="Free text, searched in the request and response bodies"),
 ]
 
@@ -225,7 +229,7 @@ class RequestLogViewSet(viewsets.GenericViewSet):
         return request_logs.request_logs_query(
             tenant_ids=self._tenant_ids(), since=_when(p, "since"), until=_when(p, "until"), model=p.get("model", ""),
             source=p.get("source", ""), key=p.get("key", ""), status=int(status) if status else None,
-            budget_id=p.get("budget_id", ""), q=p.get("q", ""))
+            budget_id=p.get("budget_id", ""), tag=p.get("tag", ""), end_user=p.get("user", ""), q=p.get("q", ""))
 
     @extend_schema(operation_id="request_logs_list", parameters=REQUEST_LOG_PARAMS, responses=OpenApiTypes.OBJECT)
     def list(self, request):

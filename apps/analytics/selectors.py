@@ -20,6 +20,8 @@ from .models import (
     LATENCY_FIELDS,
     AttemptRollupHourly,
     LedgerArchive,
+    UsageDimRollupDaily,
+    UsageDimRollupHourly,
     UsageEvent,
     UsageRollupDaily,
     UsageRollupHourly,
@@ -28,8 +30,9 @@ from .models import (
 CSV_COLUMNS = [
     "request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type", "model",
     "prompt_tokens", "completion_tokens", "cost", "async", "cached", "batch_id", "budget_id", "status",
-    "latency_ms", "model_version",
+    "latency_ms", "model_version", "tags", "end_user",
 ]
+TAGS_SEPARATOR = ";"  # the CSV's `tags` cell: the request's tags joined
 # Written as they are in CSVs; every other column is text, neutralised against formulas (csv_safe.py).
 CSV_NUMERIC_COLUMNS = ("prompt_tokens", "completion_tokens", "cost", "latency_ms")
 
@@ -37,7 +40,8 @@ CSV_NUMERIC_COLUMNS = ("prompt_tokens", "completion_tokens", "cost", "latency_ms
 def ledger_cost_sums(*, items) -> dict:
     """What the ledger says each (key, tenant_id, scope, scope_value, start, end) spent: the sum of
     `cost` of the tenant's rows in [start, end) (end None: open), narrowed by the scope (`tenant`,
-    `source` by source name, `key` by key name, `budget_id`). One query for all. Budget spend
+    `source` by source name, `key` by key name, `budget_id`, `tag` (rows carrying it), `user` by
+    end user, `*` meaning every row that has one). One query for all. Budget spend
     (apps.billing.budgets) is rebuilt and reconciled from this read."""
     items = list(items)
     if not items:
@@ -53,6 +57,10 @@ def ledger_cost_sums(*, items) -> dict:
             q &= Q(api_key__name=scope_value)
         elif scope == "budget_id":
             q &= Q(budget_id=scope_value)
+        elif scope == "tag":
+            q &= Q(tags__has_tag=scope_value)
+        elif scope == "user":
+            q &= ~Q(end_user="") if scope_value == "*" else Q(end_user=scope_value)
         sums[f"s{len(sums)}"] = Sum("cost", filter=q)
     row = UsageEvent.objects.filter(tenant_id__in={i[1] for i in items},
                                     timestamp__gte=min(i[4] for i in items)).aggregate(**sums)
@@ -85,6 +93,12 @@ def _add_dropped_months(items: list, out: dict) -> None:
                 q |= Q(bucket__gte=lo, bucket__lt=hi)
         if not q:
             continue
+        if scope in ("tag", "user"):
+            qs = UsageDimRollupHourly.objects.filter(q, tenant_id=tenant_id, dim=scope)
+            if scope_value != "*":
+                qs = qs.filter(value=scope_value)
+            out[key] += qs.aggregate(c=Sum("cost"))["c"] or Decimal(0)
+            continue
         qs = UsageRollupHourly.objects.filter(q, tenant_id=tenant_id)
         if scope == "source":
             qs = qs.filter(source_id__in=Source.objects.filter(tenant_id=tenant_id, name=scope_value).values("id"))
@@ -107,7 +121,7 @@ def usage_events(*, tenant_ids, since: datetime | None = None, until: datetime |
 _EXPORT_FIELDS = (
     "request_id", "timestamp", "tenant__slug", "source_type", "source_ref", "api_key__name", "request_type",
     "model", "prompt_tokens", "completion_tokens", "cost", "is_async", "cached", "batch_id", "budget_id",
-    "status", "latency_ms", "saved_cost", "price_id", "deployment_id", "estimated", "model_version",
+    "status", "latency_ms", "saved_cost", "price_id", "deployment_id", "estimated", "model_version", "tags", "end_user",
 )
 
 EXPORT_FIELDS = _EXPORT_FIELDS  # what seed_usage_event and csv_row read from a ledger row
@@ -124,6 +138,7 @@ def csv_row(row: dict) -> list:
         row["api_key__name"] or "", row["request_type"], row["model"], row["prompt_tokens"],
         row["completion_tokens"], f"{row['cost']:f}", str(row["is_async"]).lower(), str(row["cached"]).lower(),
         row["batch_id"], row["budget_id"], row["status"], row["latency_ms"], row["model_version"],
+        TAGS_SEPARATOR.join(row["tags"] or ()), row["end_user"],
     ]
 
 
@@ -144,6 +159,9 @@ def seed_usage_event(row: dict) -> dict:
                 "budget_id": row["budget_id"] or None,
             },
         },
+        # Beside the seed's shape (which is produced as written): the request's tags and end user.
+        "tags": row["tags"] or [],
+        "end_user": row["end_user"] or None,
         "request_id": row["request_id"],
         "tenant": row["tenant__slug"],
         "key": row["api_key__name"],
@@ -180,6 +198,9 @@ def cache_stats(*, tenant_ids, since: datetime | None = None, until: datetime | 
 HOURLY_MAX_DAYS = 3
 BREAKDOWNS = {"model": "model", "source": "source_ref", "key": "api_key_id", "budget_id": "budget_id",
               "provider": "provider"}
+# Breakdowns read from the tag and end-user rollups (UsageDimRollup*): the dimension stored there.
+DIM_BREAKDOWNS = {"tag": "tag", "end_user": "user"}
+DIM_BREAKDOWN_TOP = 20  # end users can be many: the dashboard shows the biggest spenders only
 _MEASURES = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cost", "saved_cost",
              "latency_ms_sum")
 
@@ -187,7 +208,9 @@ _MEASURES = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_to
 @dataclass(frozen=True)
 class UsageFilters:
     """What the dashboard, its CSVs and the analytics API filter by. Dates are UTC calendar days,
-    `until` inclusive; empty strings mean no filter."""
+    `until` inclusive; empty strings mean no filter. `tag` and `end_user` (one of them at a time)
+    switch the rollups read to the tag or end-user rollups, which hold the same figures for the
+    requests carrying that tag or end user."""
 
     tenant_ids: tuple[int, ...]
     since: date
@@ -195,6 +218,8 @@ class UsageFilters:
     source: str = ""
     model: str = ""
     granularity: str = ""  # "hour" | "day" | "" (hour for ranges up to HOURLY_MAX_DAYS days)
+    tag: str = ""
+    end_user: str = ""
 
     @property
     def start(self) -> datetime:
@@ -210,6 +235,15 @@ class UsageFilters:
             return self.granularity
         return "hour" if (self.until - self.since).days < HOURLY_MAX_DAYS else "day"
 
+    @property
+    def by_dim(self) -> tuple[str, str] | None:
+        """("tag", name) or ("user", end user) when one of those filters is set."""
+        if self.tag:
+            return "tag", self.tag
+        if self.end_user:
+            return "user", self.end_user
+        return None
+
     def ledger(self):
         """The raw ledger under these filters (for row-level exports only)."""
         extra = {}
@@ -217,11 +251,18 @@ class UsageFilters:
             extra["source_ref"] = self.source
         if self.model:
             extra["model"] = self.model
+        if self.tag:
+            extra["tags__has_tag"] = self.tag
+        if self.end_user:
+            extra["end_user"] = self.end_user
         return usage_events(tenant_ids=self.tenant_ids, since=self.start, until=self.end, **extra)
 
     def rollups(self, granularity: str = "day"):
         """Rollups under these filters. The range is whole UTC days, so sums over daily rows equal
         sums over hourly ones: only the hourly time series needs the (24x larger) hourly table."""
+        dim = self.by_dim
+        if dim is not None:
+            return self.dim_rollups(dim[0], granularity).filter(value=dim[1])
         model = UsageRollupHourly if granularity == "hour" else UsageRollupDaily
         qs = model.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start, bucket__lt=self.end)
         if self.source:
@@ -230,8 +271,20 @@ class UsageFilters:
             qs = qs.filter(model=self.model)
         return qs.order_by()
 
+    def dim_rollups(self, dim: str, granularity: str = "day"):
+        """The tag (`dim` "tag") or end-user ("user") rollups under the date, source and model filters."""
+        model = UsageDimRollupHourly if granularity == "hour" else UsageDimRollupDaily
+        qs = model.objects.filter(tenant_id__in=self.tenant_ids, dim=dim, bucket__gte=self.start,
+                                  bucket__lt=self.end)
+        if self.source:
+            qs = qs.filter(source_ref=self.source)
+        if self.model:
+            qs = qs.filter(model=self.model)
+        return qs.order_by()
+
     def attempt_rollups(self):
-        """Upstream attempt rollups under these filters."""
+        """Upstream attempt rollups under these filters (not narrowed by tag or end user: attempts
+        are rolled up without them)."""
         qs = AttemptRollupHourly.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start,
                                                 bucket__lt=self.end)
         if self.source:
@@ -300,7 +353,20 @@ def usage_series(filters: UsageFilters) -> list[dict]:
 
 
 def usage_breakdown(filters: UsageFilters, by: str) -> list[dict]:
-    """Spend and requests per model, source, key, budget_id or provider, biggest spend first."""
+    """Spend and requests per model, source, key, budget_id or provider, biggest spend first; per
+    tag or end user (`by` "tag", "end_user": the top DIM_BREAKDOWN_TOP, from their rollups, under
+    the date, source and model filters; empty while a tag or end-user filter is set)."""
+    if by in DIM_BREAKDOWNS:
+        if filters.by_dim is not None:
+            return []
+        rows = list(filters.dim_rollups(DIM_BREAKDOWNS[by]).values("value")
+                    .annotate(cost=Sum("cost"), requests=Sum("requests"), errors=Sum("errors"),
+                              tokens=Sum("prompt_tokens") + Sum("completion_tokens"), saved_cost=Sum("saved_cost"))
+                    .order_by("-cost", "-requests", "value")[:DIM_BREAKDOWN_TOP])
+        for r in rows:
+            r["label"] = r.pop("value")
+            r["error_rate"] = _ratio(r["errors"], r["requests"])
+        return rows
     field = BREAKDOWNS[by]
     rows = list(filters.rollups().values(field)
                 .annotate(cost=Sum("cost"), requests=Sum("requests"), errors=Sum("errors"),
@@ -439,11 +505,12 @@ def dashboard_data(filters: UsageFilters) -> dict:
     """Everything the dashboard shows; the analytics API returns the same dict."""
     return {
         "filters": {"since": filters.since.isoformat(), "until": filters.until.isoformat(),
-                    "source": filters.source, "model": filters.model,
-                    "granularity": filters.resolved_granularity},
+                    "source": filters.source, "model": filters.model, "tag": filters.tag,
+                    "user": filters.end_user, "granularity": filters.resolved_granularity},
         "totals": usage_totals(filters),
         "series": usage_series(filters),
-        "breakdowns": {by: usage_breakdown(filters, by) for by in ("model", "source", "key", "budget_id")},
+        "breakdowns": {by: usage_breakdown(filters, by)
+                       for by in ("model", "source", "key", "budget_id", "tag", "end_user")},
         "providers": provider_availability(filters),
         "latency": {by: latency_by(filters, by) for by in ("model", "provider")},
     }
@@ -462,16 +529,24 @@ def usage_filter_choices(*, tenant_ids, since: date, until: date) -> dict[str, l
 AGGREGATE_GROUPS = {
     "day_model": ("day", "tenant", "model"),
     "source": ("tenant", "source_type", "source_id"),
+    "tag": ("tenant", "tag"),
+    "end_user": ("tenant", "end_user"),
 }
 AGGREGATE_MEASURES = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cost",
                       "saved_cost")
 
 
 def usage_aggregate_rows(filters: UsageFilters, group: str) -> Iterator[dict]:
-    """Daily rollups grouped per (UTC day, model) or per source over the range: the aggregated CSV
-    and its JSON twin."""
+    """Daily rollups grouped per (UTC day, model), per source, per tag or per end user over the
+    range: the aggregated CSV and its JSON twin. Per tag, a request with two tags counts in both."""
     qs = filters.rollups("day")
-    if group == "day_model":
+    if group in DIM_BREAKDOWNS:
+        dim = DIM_BREAKDOWNS[group]
+        qs = filters.dim_rollups(dim)
+        if filters.by_dim is not None:
+            qs = qs.filter(value=filters.by_dim[1]) if filters.by_dim[0] == dim else qs.none()
+        qs = qs.values("tenant__slug", "value").order_by("tenant__slug", "value")
+    elif group == "day_model":
         qs = qs.values("bucket", "tenant__slug", "model").order_by("bucket", "tenant__slug", "model")
     else:
         qs = qs.values("tenant__slug", "source_type", "source_ref").order_by("tenant__slug", "source_type",
@@ -482,6 +557,8 @@ def usage_aggregate_rows(filters: UsageFilters, group: str) -> Iterator[dict]:
             out = {"day": r.pop("bucket").date().isoformat(), **out}
         if "source_ref" in r:
             r["source_id"] = r.pop("source_ref")
+        if "value" in r:
+            r[group] = r.pop("value")
         out.update(r)
         # Money as exact decimal strings without trailing zeros, the same on every database.
         for money in ("cost", "saved_cost"):

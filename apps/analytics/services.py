@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import cache
 
 import orjson
@@ -21,6 +22,8 @@ from .models import (
     LATENCY_BUCKETS_MS,
     LATENCY_FIELDS,
     AttemptRollupHourly,
+    UsageDimRollupDaily,
+    UsageDimRollupHourly,
     UsageEvent,
     UsageRollupDaily,
     UsageRollupHourly,
@@ -184,9 +187,64 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
         n_daily = _insert_select(UsageRollupDaily, daily, dim_cols + measure_cols)
         AttemptRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end).delete()
         n_attempts = _attempt_rollup_insert(h_start, h_end)
+        kept(UsageDimRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end)).delete()
+        n_dims = _dim_rollup_insert(h_start, h_end, exclude_tenants)
+        dim_cols = ["dim", "value", *dim_cols]
+        day_dims = {f"d_{c}": F(c) for c in dim_cols if c != "bucket"}
+        dim_daily = (
+            kept(UsageDimRollupHourly.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).order_by()
+            .annotate(d_bucket=TruncDay("bucket", tzinfo=UTC), **day_dims)
+            .values("d_bucket", *day_dims)
+            .annotate(**{f"a_{c}": Sum(c) for c in measure_cols})
+        )
+        kept(UsageDimRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).delete()
+        n_dims_daily = _insert_select(UsageDimRollupDaily, dim_daily,
+                                      ["bucket", *[c for c in dim_cols if c != "bucket"], *measure_cols])
     # The dashboards' "last updated": ledger rows up to here are in the rollups.
     stamp_write(ROLLUP_STAMP, min(until, started))
-    return {"hourly": n_hourly, "daily": n_daily, "attempts": n_attempts}
+    return {"hourly": n_hourly, "daily": n_daily, "attempts": n_attempts, "dims": n_dims, "dims_daily": n_dims_daily}
+
+
+def _dim_rollup_insert(start: datetime, end: datetime, exclude_tenants: set[int]) -> int:
+    """The tag and end-user rollups of [start, end): the ledger rows that carry tags or an end user,
+    summed per hour, main dimensions, and tag (one row per tag of a request) or end user. Summed in
+    Python (the same on both databases; only tagged or attributed rows are read)."""
+    import bisect
+
+    rows = (UsageEvent.objects.filter(timestamp__gte=start, timestamp__lt=end)
+            .filter(~Q(tags=[]) | ~Q(end_user="")).exclude(tenant_id__in=exclude_tenants)
+            .values_list("timestamp", "tenant_id", "model", "provider", "source_type", "source_ref", "source_id",
+                         "api_key_id", "budget_id", "status", "cached", "prompt_tokens", "completion_tokens", "cost",
+                         "saved_cost", "latency_ms", "tags", "end_user"))
+    n_lat = len(LATENCY_FIELDS)
+    sums: dict[tuple, list] = {}
+    for (at, tenant_id, model, provider, source_type, source_ref, source_id, key_id, budget_id, status, cached,
+         prompt, completion, cost, saved, latency, tags, end_user) in rows.iterator(chunk_size=2000):
+        status_class = 2 if status < 300 else 4 if status < 500 else 5
+        base = (_hour_floor(at), tenant_id, model, provider, source_type, source_ref, source_id or 0, key_id or 0,
+                budget_id, status_class)
+        lat = bisect.bisect_left(LATENCY_BUCKETS_MS, latency)  # bucket i: latency <= LATENCY_BUCKETS_MS[i]
+        for dim, value in [*(("tag", t) for t in tags or ()), *((("user", end_user),) if end_user else ())]:
+            acc = sums.get((dim, value, *base))
+            if acc is None:
+                acc = sums[(dim, value, *base)] = [0, 0, 0, 0, 0, Decimal(0), Decimal(0), 0] + [0] * n_lat
+            acc[0] += 1
+            acc[1] += status >= 400
+            acc[2] += bool(cached)
+            acc[3] += prompt
+            acc[4] += completion
+            acc[5] += cost
+            acc[6] += saved
+            acc[7] += latency
+            acc[8 + lat] += 1
+    names = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cost", "saved_cost",
+             "latency_ms_sum", *LATENCY_FIELDS)
+    UsageDimRollupHourly.objects.bulk_create([
+        UsageDimRollupHourly(dim=k[0], value=k[1], bucket=k[2], tenant_id=k[3], model=k[4], provider=k[5],
+                             source_type=k[6], source_ref=k[7], source_id=k[8], api_key_id=k[9], budget_id=k[10],
+                             status_class=k[11], **dict(zip(names, v, strict=True)))
+        for k, v in sums.items()], batch_size=1000)
+    return len(sums)
 
 
 def _attempt_rollup_insert(start: datetime, end: datetime) -> int:

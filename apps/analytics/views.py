@@ -102,6 +102,7 @@ def dashboard(request):
                                                             until=filters.until)
         context["query"] = request.GET.urlencode()
         context["archived"] = selectors.ledger_archived_months(tenant_ids=filters.tenant_ids)
+        context["dim_top"] = selectors.DIM_BREAKDOWN_TOP
     context["queues"] = workers.queue_report()
     context["rollup"] = _rollup_freshness()
     return render(request, "analytics/dashboard.html", context, status=200 if filters is not None else 400)
@@ -137,7 +138,8 @@ def requests_page(request):
                                        until=_moment(p.get("until")), model=p.get("model", ""),
                                        source=p.get("source", ""), key=p.get("key", ""),
                                        status=int(status) if status.isdigit() else None,
-                                       budget_id=p.get("budget_id", ""), q=p.get("q", ""))[:REQUESTS_PAGE_SIZE])
+                                       budget_id=p.get("budget_id", ""), tag=p.get("tag", ""),
+                                       end_user=p.get("user", ""), q=p.get("q", ""))[:REQUESTS_PAGE_SIZE])
     except ValueError:
         return HttpResponseBadRequest("since/until: an ISO 8601 date and time")
     return render(request, "analytics/requests.html", {"rows": rows, "params": p, "any_tenant": bool(tenant_ids)})

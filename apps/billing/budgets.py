@@ -22,11 +22,12 @@ that every limit and hold is taken in one round trip.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -93,10 +94,17 @@ def budget_periods(*, budgets: list[BudgetRef], at: datetime, hold_micros: int =
         start, end = period_bounds(period=ref.period, tz=ref.timezone, at=at)
         ttl = int((end - at + KEY_GRACE).total_seconds()) if end else 0
         label = period_key(period=ref.period, tz=ref.timezone, at=at)
-        cell = BudgetCell(key=f"{BUDGET_PREFIX}{ref.id}:{label}", limit_micros=micros(ref.limit_usd),
+        key = f"{BUDGET_PREFIX}{ref.id}:{_subject_part(ref.subject)}{label}"
+        cell = BudgetCell(key=key, limit_micros=micros(ref.limit_usd),
                           hold_micros=hold_micros, hard=ref.hard, ttl_s=ttl)
         out.append(HoldPeriod(ref=ref, cell=cell, period_start=start, period_end=end))
     return out
+
+
+def _subject_part(subject: str) -> str:
+    """A `user:*` budget's counter for one end user: keyed by a digest of the id (bounded length,
+    any characters)."""
+    return f"u{hashlib.sha256(subject.encode()).hexdigest()[:32]}:" if subject else ""
 
 
 _open: dict[str, Hold] = {}
@@ -211,12 +219,14 @@ async def _rebuild(periods: list[HoldPeriod]) -> None:
     spent = await ledger_spend(periods=periods)
     backend = state()
     for p in periods:
-        await backend.set_spent(key=p.cell.key, micros=micros(spent[p.ref.id]), ttl_s=p.cell.ttl_s)
+        await backend.set_spent(key=p.cell.key, micros=micros(spent[p.ref.spend_key]), ttl_s=p.cell.ttl_s)
 
 
-async def ledger_spend(*, periods: list[HoldPeriod]) -> dict[int, Decimal]:
-    """What the ledger says each budget spent in its period: the truth the counters copy."""
-    items = [(p.ref.id, p.ref.tenant_id, p.ref.scope, p.ref.scope_value, p.period_start, p.period_end)
+async def ledger_spend(*, periods: list[HoldPeriod]) -> dict[int | str, Decimal]:
+    """What the ledger says each budget (by `spend_key`) spent in its period: the truth the counters
+    copy. A `user:*` budget counted for one end user reads that end user's rows; read as a whole,
+    every end user's."""
+    items = [(p.ref.spend_key, p.ref.tenant_id, p.ref.scope, p.ref.ledger_value, p.period_start, p.period_end)
              for p in periods]
     return await db_sync(ledger_cost_sums, items=items)
 
@@ -262,12 +272,21 @@ def hold_unbacked(*, request_id: str, ttl_s: int) -> Hold:
 # --- the one read of spend ------------------------------------------------------------------------
 
 
-async def budget_spend(*, budgets: list[BudgetRef], at: datetime) -> dict[int, tuple[Decimal, Decimal]]:
-    """budget id -> (spent, held) in the period containing `at`, from the counters; the missing
-    ones are rebuilt from the ledger in one query. Without the shared state, the ledger alone."""
+async def budget_spend(*, budgets: list[BudgetRef], at: datetime) -> dict[int | str, tuple[Decimal, Decimal]]:
+    """`spend_key` (the budget id; with the end user for a `user:*` budget counted for one) ->
+    (spent, held) in the period containing `at`, from the counters; the missing ones are rebuilt
+    from the ledger in one query. Without the shared state, the ledger alone. A `user:*` budget read
+    as a whole has no counter (each end user has one): its spend is the sum over its end users,
+    from the ledger, and nothing is held."""
     periods = budget_periods(budgets=budgets, at=at)
+    whole = [p for p in periods if p.ref.per_end_user and not p.ref.subject]
+    out: dict[int | str, tuple[Decimal, Decimal]] = {}
+    if whole:
+        for key, amount in (await ledger_spend(periods=whole)).items():
+            out[key] = (amount, Decimal(0))
+        periods = [p for p in periods if not (p.ref.per_end_user and not p.ref.subject)]
     if not periods:
-        return {}
+        return out
     backend = state()
     try:
         found = await backend.usage(keys=[p.cell.key for p in periods])
@@ -275,22 +294,23 @@ async def budget_spend(*, budgets: list[BudgetRef], at: datetime) -> dict[int, t
         found = [(None, 0)] * len(periods)
     missing = [p for p, (spent, _) in zip(periods, found, strict=True) if spent is None]
     ledger = await ledger_spend(periods=missing) if missing else {}
-    out: dict[int, tuple[Decimal, Decimal]] = {}
     for p, (spent, held) in zip(periods, found, strict=True):
         if spent is None:
-            spent = micros(ledger[p.ref.id])
+            spent = micros(ledger[p.ref.spend_key])
             try:
                 await backend.set_spent(key=p.cell.key, micros=spent, ttl_s=p.cell.ttl_s)
             except StateUnavailable:
                 pass
-        out[p.ref.id] = (usd(spent), usd(held))
+        out[p.ref.spend_key] = (usd(spent), usd(held))
     return out
 
 
 async def budget_counters_reconcile(*, budgets: list[BudgetRef], at: datetime) -> list[tuple[int, Decimal, Decimal]]:
     """Raise every counter the ledger shows to be low (lost state, a settle that never reached the
-    counters). Returns (budget id, counter, ledger) for each one raised."""
-    periods = budget_periods(budgets=budgets, at=at)
+    counters). Returns (budget id, counter, ledger) for each one raised. The per-end-user counters
+    of `user:*` budgets are not enumerated here (they are rebuilt from the ledger when missing, and
+    dropped and rebuilt with every other counter on a new Redis server)."""
+    periods = budget_periods(budgets=[b for b in budgets if not b.per_end_user], at=at)
     if not periods:
         return []
     ledger = await ledger_spend(periods=periods)
@@ -403,6 +423,7 @@ class BudgetStatus:
     resets_at: datetime | None  # None: a `total` budget never resets
     timezone: str
     tenant_id: int = 0
+    end_user: str = ""  # a `user:*` budget counted for this end user ("" : the sum over all of them)
 
     @property
     def budget_id(self) -> str | None:
@@ -417,7 +438,8 @@ class BudgetStatus:
         """Money as decimal strings (exact), datetimes ISO 8601 with the tenant's UTC offset."""
         return {
             "id": self.id, "object": "budget", "name": self.name, "budget_id": self.budget_id,
-            "scope": self.scope, "scope_value": self.scope_value or None, "period": self.period,
+            "scope": self.scope, "scope_value": self.scope_value or None, "end_user": self.end_user or None,
+            "period": self.period,
             "enforcement": self.enforcement, "currency": "USD", "limit_usd": money_str(self.limit_usd),
             "spent_usd": money_str(self.spent_usd), "held_usd": money_str(self.held_usd),
             "remaining_usd": money_str(self.remaining_usd),
@@ -426,29 +448,40 @@ class BudgetStatus:
         }
 
 
-async def budget_statuses(*, budgets, at: datetime) -> list[BudgetStatus]:
-    """Limit, spent, held, remaining and reset time of each budget (Budget rows, tenants loaded)."""
+async def budget_statuses(*, budgets, at: datetime, end_user: str = "") -> list[BudgetStatus]:
+    """Limit, spent, held, remaining and reset time of each budget (Budget rows, tenants loaded).
+    With `end_user`, a `user:*` budget is counted for that end user; without, it shows the sum over
+    its end users (the limit applies to each of them)."""
     budgets = list(budgets)
     refs = [budget_ref(b) for b in budgets]
+    if end_user:
+        refs = [replace(r, subject=end_user) if r.per_end_user else r for r in refs]
     spend = await budget_spend(budgets=refs, at=at)
     out = []
     for ref in refs:
         zone = ZoneInfo(ref.timezone)
         start, end = period_bounds(period=ref.period, tz=ref.timezone, at=at)
-        spent, held = spend.get(ref.id, (Decimal(0), Decimal(0)))
+        spent, held = spend.get(ref.spend_key, (Decimal(0), Decimal(0)))
         out.append(BudgetStatus(
             id=ref.id, name=ref.name, scope=ref.scope, scope_value=ref.scope_value, period=ref.period,
             enforcement="hard" if ref.hard else "soft", limit_usd=ref.limit_usd, spent_usd=spent, held_usd=held,
             remaining_usd=max(Decimal(0), ref.limit_usd - spent - held), period_start=start.astimezone(zone),
             resets_at=end.astimezone(zone) if end else None, timezone=ref.timezone, tenant_id=ref.tenant_id,
+            end_user=ref.subject,
         ))
     return out
 
 
-async def budget_statuses_for_key(*, auth, budget_id: str | None = None, at: datetime) -> list[BudgetStatus]:
-    """`GET /v1/budget`: the status of every budget that applies to the key."""
-    budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id)))
-    return await budget_statuses(budgets=budgets, at=at)
+async def budget_statuses_for_key(*, auth, budget_id: str | None = None, tags=(), end_user: str = "",
+                                  at: datetime) -> list[BudgetStatus]:
+    """`GET /v1/budget`: the status of every budget that applies to the key (and to requests with
+    these tags and this end user)."""
+    budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id, tags=tags,
+                                                         end_user=end_user)))
+    if end_user:  # the end user's own budget replaces the per-end-user one
+        mine = any(b.scope == "user" and b.scope_value == end_user for b in budgets)
+        budgets = [b for b in budgets if not (mine and b.scope == "user" and b.scope_value == "*")]
+    return await budget_statuses(budgets=budgets, at=at, end_user=end_user)
 
 
 def budget_statuses_sync(*, budgets, at: datetime | None = None) -> list[BudgetStatus]:

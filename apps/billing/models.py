@@ -46,6 +46,8 @@ class BudgetScope(models.TextChoices):
     SOURCE = "source"
     KEY = "key"
     BUDGET_ID = "budget_id"
+    TAG = "tag"
+    USER = "user"
 
 
 class BudgetPeriod(models.TextChoices):
@@ -66,9 +68,10 @@ class Budget(models.Model):
     scope = models.CharField(max_length=16, choices=BudgetScope.choices, default=BudgetScope.TENANT)
     # Source name, key name or budget id, by scope; empty for tenant scope.
     scope_value = models.CharField(
-        max_length=100, blank=True,
+        max_length=256, blank=True,
         help_text="Which one, by scope: the source's name (scope source), the key's name (key), the "
-                  "metadata.budget_id clients send (budget_id). Empty for scope tenant.")
+                  "metadata.budget_id clients send (budget_id), a metadata.tags value (tag), an end user's id "
+                  "(user; * gives every end user a budget of this limit of their own). Empty for scope tenant.")
     limit_usd = models.DecimalField("limit (USD)", **MONEY)
     period = models.CharField(max_length=16, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY)
     enforcement = models.CharField(max_length=8, choices=Enforcement.choices, default=Enforcement.HARD)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -68,8 +68,27 @@ class BudgetRef:
     shrink_max_tokens: bool
     timezone: str = "UTC"  # the tenant's: periods are calendar-aligned there
     budget_id: str = ""  # the string a client sends as metadata.budget_id (scope budget_id)
+    # A `user:*` budget counted for one end user (each end user has a counter of their own); "" for
+    # every other budget, and for a `user:*` budget read as a whole (the sum over its end users).
+    subject: str = ""
 
-    def applies(self, *, source_name: str, key_name: str, budget_id: str) -> bool:
+    @property
+    def per_end_user(self) -> bool:
+        """A `user:*` budget: the limit applies to each end user on their own."""
+        return self.scope == "user" and self.scope_value == "*"
+
+    @property
+    def spend_key(self) -> int | str:
+        """What `budget_spend` keys this budget's numbers by: its id, with the end user for a
+        `user:*` budget counted for one."""
+        return f"{self.id}:{self.subject}" if self.subject else self.id
+
+    @property
+    def ledger_value(self) -> str:
+        """The scope value the ledger is read by: the end user of a per-end-user counter."""
+        return self.subject or self.scope_value
+
+    def applies(self, *, source_name: str, key_name: str, budget_id: str, tags=(), end_user: str = "") -> bool:
         if self.scope == "tenant":
             return True
         if self.scope == "source":
@@ -78,7 +97,27 @@ class BudgetRef:
             return self.scope_value == key_name
         if self.scope == "budget_id":
             return bool(budget_id) and self.scope_value == budget_id
+        if self.scope == "tag":
+            return self.scope_value in tags
+        if self.scope == "user":
+            return bool(end_user) and self.scope_value == end_user
         return False
+
+
+def budgets_applying(refs, *, source_name: str, key_name: str, budget_id: str, tags=(),
+                     end_user: str = "") -> list[BudgetRef]:
+    """The budgets that apply to a request. A `user:*` budget applies to every end user who has no
+    `user:<id>` budget of their own, each on a counter of their own (`subject`)."""
+    explicit = {r.scope_value for r in refs if r.scope == "user" and not r.per_end_user}
+    out = []
+    for ref in refs:
+        if ref.per_end_user:
+            if end_user and end_user not in explicit:
+                out.append(replace(ref, subject=end_user))
+        elif ref.applies(source_name=source_name, key_name=key_name, budget_id=budget_id, tags=tags,
+                         end_user=end_user):
+            out.append(ref)
+    return out
 
 
 def budget_refs_for_tenant(*, tenant_id: int) -> list[BudgetRef]:
@@ -100,9 +139,10 @@ def budget_ref(b) -> BudgetRef:
 # --- budgets ----------------------------------------------------------------------------------
 
 
-def budgets_for_key(*, auth, budget_id: str | None = None):
+def budgets_for_key(*, auth, budget_id: str | None = None, tags=(), end_user: str = ""):
     """The budgets that apply to a request with this key (a `KeyAuth`): the tenant's, its source's,
-    its own, and the budget_id budgets of the key's default_budget_id and of `budget_id`."""
+    its own, the budget_id budgets of the key's default_budget_id and of `budget_id`, those of
+    `tags`, and the end user's (`user:<id>`, else `user:*`; budget_statuses counts them for them)."""
     from django.db.models import Q
 
     from .models import Budget, BudgetScope
@@ -111,6 +151,10 @@ def budgets_for_key(*, auth, budget_id: str | None = None):
     match = (Q(scope=BudgetScope.TENANT) | Q(scope=BudgetScope.SOURCE, scope_value=auth.source_name)
              | Q(scope=BudgetScope.KEY, scope_value=auth.key_name)
              | Q(scope=BudgetScope.BUDGET_ID, scope_value__in=ids))
+    if tags:
+        match |= Q(scope=BudgetScope.TAG, scope_value__in=list(tags))
+    if end_user:
+        match |= Q(scope=BudgetScope.USER, scope_value__in=[end_user, "*"])
     return Budget.objects.filter(match, tenant_id=auth.tenant_id).select_related("tenant").order_by("name", "id")
 
 
@@ -162,7 +206,8 @@ def budget_burndown(*, budget, at: datetime | None = None) -> dict:
         t = t + step
         ticks.append(min(t, horizon))
     past = [t for t in ticks if t <= at]
-    items = [(i, budget.tenant_id, status.scope, status.scope_value, status.period_start, min(t, at))
+    items = [(i, budget.tenant_id, status.scope, status.end_user or status.scope_value, status.period_start,
+              min(t, at))
              for i, t in enumerate(past)]
     sums = ledger_cost_sums(items=items) if items else {}
     spent = [sums.get(i, Decimal(0)) for i in range(len(past))]

@@ -1,10 +1,12 @@
 """Admission: every rate limit and every budget hold that applies to a request, checked and taken
 in one atomic step (one Redis round trip in production), and settled after the call.
 
-Rate limits: RPM and TPM on the key (ApiKey.rpm/tpm and `key:<name>` limits), its source and its
-tenant. TPM is charged the prompt estimate at admission and corrected to the actual tokens at
-settle. Priority (`metadata.priority`, 0-9, 9 most important, 5 when absent): requests below 5 may
-use only GATEWAY_LOW_PRIORITY_SHARE of each limit, leaving the rest as headroom for the others.
+Rate limits: RPM and TPM on the key (ApiKey.rpm/tpm and `key:<name>` limits), its source, its
+tenant, each of the request's tags (`tag:<name>`) and its end user (OpenAI's `user`: `user:<id>`,
+else the per-end-user `user:*`, which gives every end user a window of their own). TPM is
+charged the prompt estimate at admission and corrected to the actual tokens at settle. Priority
+(`metadata.priority`, 0-9, 9 most important, 5 when absent): requests below 5 may use only
+GATEWAY_LOW_PRIORITY_SHARE of each limit, leaving the rest as headroom for the others.
 
 Budgets (apps.billing.budgets owns them; this module says which apply and how much to hold): the
 hold is an upper bound of the request's cost (prompt tokens <= prompt UTF-8 bytes,
@@ -20,6 +22,7 @@ GATEWAY_BUDGET_ON_STATE_ERROR ("open" or "closed") decide; the response says whi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from decimal import Decimal
@@ -29,6 +32,7 @@ from zoneinfo import ZoneInfo
 from django.conf import settings
 
 from apps.billing.budgets import Hold, Refusal, StateUnavailable, hold_take, hold_unbacked
+from apps.billing.selectors import budgets_applying
 from apps.billing.services import cost_upper_bound
 from apps.core.money import usd
 from apps.core.state import LimitCell
@@ -53,6 +57,11 @@ def _duration(ms: int) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60)}s"
 
 
+def _digest(end_user: str) -> str:
+    """An end user's id in a counter's key: bounded length, any characters."""
+    return hashlib.sha256(end_user.encode()).hexdigest()[:32]
+
+
 def _limit_cells(ctx: Ctx, policy) -> list[tuple[LimitCell, str]]:
     """(cell, human name) for every RPM/TPM that applies: the key's, its source's (the source the
     request books on), its tenant's."""
@@ -63,6 +72,9 @@ def _limit_cells(ctx: Ctx, policy) -> list[tuple[LimitCell, str]]:
     found: list[tuple[str, str, int | None, int | None]] = []
     if auth.rpm or auth.tpm:
         found.append((f"llms:rl:k{auth.key_id}", f"key '{auth.key_name}'", auth.rpm, auth.tpm))
+    tags, end_user = ctx.request.tags, ctx.request.end_user
+    own_user_limit = bool(end_user) and any(rl.scope == "user" and rl.scope_value == end_user
+                                            for rl in policy.rate_limits)
     for rl in policy.rate_limits:
         if rl.scope == "tenant":
             found.append((f"{prefix}:tenant", f"tenant '{auth.tenant_slug}'", rl.rpm, rl.tpm))
@@ -70,6 +82,11 @@ def _limit_cells(ctx: Ctx, policy) -> list[tuple[LimitCell, str]]:
             found.append((f"{prefix}:source:{rl.scope_value}", f"source '{rl.scope_value}'", rl.rpm, rl.tpm))
         elif rl.scope == "key" and rl.scope_value == auth.key_name:
             found.append((f"{prefix}:key:{rl.scope_value}", f"key '{rl.scope_value}'", rl.rpm, rl.tpm))
+        elif rl.scope == "tag" and rl.scope_value in tags:
+            found.append((f"{prefix}:tag:{rl.scope_value}", f"tag '{rl.scope_value}'", rl.rpm, rl.tpm))
+        elif rl.scope == "user" and end_user and (rl.scope_value == end_user
+                                                  or (rl.scope_value == "*" and not own_user_limit)):
+            found.append((f"{prefix}:user:{_digest(end_user)}", f"end user '{end_user}'", rl.rpm, rl.tpm))
     cells = []
     estimate = ctx.request.token_estimate
     for key, name, rpm, tpm in found:
@@ -134,7 +151,7 @@ def _budget_error(ctx: Ctx, refusal: Refusal, amount: Decimal) -> GatewayError:
     period = refusal.period
     ref = period.ref
     remaining = usd(max(refusal.remaining_micros, 0))
-    where = "" if ref.scope == "tenant" else f" for {ref.scope} '{ref.scope_value}'"
+    where = "" if ref.scope == "tenant" else f" for {ref.scope} '{ref.subject or ref.scope_value}'"
     if period.period_end is None:
         when = "it does not reset (period: total)"
     else:
@@ -192,8 +209,8 @@ async def admit(ctx: Ctx, policy) -> Hold:
             raise GatewayError(429, f"This request needs about {cell.cost} {cell.kind}, more than the {cell.kind} "
                                f"per minute limit of {name} allows ({int(cell.limit * cell.share)}).",
                                type=cell.kind, code="rate_limit_exceeded")
-    budgets = [b for b in policy.budgets
-               if b.applies(source_name=ctx.source_name, key_name=auth.key_name, budget_id=ctx.budget_id)]
+    budgets = budgets_applying(policy.budgets, source_name=ctx.source_name, key_name=auth.key_name,
+                               budget_id=ctx.budget_id, tags=ctx.request.tags, end_user=ctx.request.end_user)
     ctx.completion_bound = completion_bound(ctx)
     if budgets and ctx.price is not None and ctx.kind == "chat" and any(b.hard for b in budgets):
         ctx.send_max_tokens = ctx.completion_bound  # the hold assumes it: make the upstream honour it

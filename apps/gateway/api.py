@@ -227,14 +227,16 @@ def route_share(route, version: str) -> int | None:
 async def budget_status(request: HttpRequest):
     """Every budget that applies to the calling key: limit, spent, held, remaining, resets_at, and the
     `budget_id` a client sends as metadata.budget_id to book on it. `?budget_id=` also includes
-    the budget_id budget a request with that metadata.budget_id would hit."""
+    the budget_id budget a request with that metadata.budget_id would hit, `?tag=` (repeatable) the
+    budgets of those tags, `?user=` the end user's budget (`user:<id>`, else `user:*` counted for them)."""
     ctx = pipeline.Ctx(endpoint=request.path_info, client_ip=request.META.get("REMOTE_ADDR", ""))
     try:
         await pipeline.authenticate(ctx, request.headers.get("authorization"))
     except GatewayError as exc:
         return _error(exc, ctx)
     statuses = await budget_statuses_for_key(auth=ctx.auth, budget_id=request.GET.get("budget_id") or None,
-                                             at=timezone.now())
+                                             tags=[t for t in request.GET.getlist("tag") if t],
+                                             end_user=request.GET.get("user") or "", at=timezone.now())
     return _json({"object": "list", "data": [s.as_json() for s in statuses]}, ctx)
 
 

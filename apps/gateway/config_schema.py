@@ -149,7 +149,7 @@ class MemberSpec(_Strict):
 
 
 Scope = str
-_SCOPE_RE = re.compile(r"^(tenant|source:.+|key:.+|budget_id:.+)$")
+_SCOPE_RE = re.compile(r"^(tenant|source:.+|key:.+|budget_id:.+|tag:.+|user:.+)$")
 
 
 class RateLimitSpec(_Strict):
@@ -160,8 +160,8 @@ class RateLimitSpec(_Strict):
     @field_validator("scope")
     @classmethod
     def _scope(cls, v: str) -> str:
-        if not re.match(r"^(tenant|source:.+|key:.+)$", v):
-            raise ValueError("must be tenant, source:<name> or key:<name>")
+        if not re.match(r"^(tenant|source:.+|key:.+|tag:.+|user:.+)$", v):
+            raise ValueError("must be tenant, source:<name>, key:<name>, tag:<name>, user:<id> or user:*")
         return v
 
 
@@ -202,7 +202,8 @@ class BudgetSpec(_Strict):
     @classmethod
     def _scope(cls, v: str) -> str:
         if not _SCOPE_RE.match(v):
-            raise ValueError("must be tenant, source:<name>, key:<name> or budget_id:<id>")
+            raise ValueError("must be tenant, source:<name>, key:<name>, budget_id:<id>, tag:<name>, user:<id> "
+                             "or user:*")
         return v
 
 

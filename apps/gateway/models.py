@@ -297,14 +297,20 @@ class RateLimitScope(models.TextChoices):
     TENANT = "tenant"
     SOURCE = "source"
     KEY = "key"
+    TAG = "tag"
+    USER = "user"
 
 
 class RateLimit(models.Model):
-    """RPM/TPM for a tenant, or one of its sources or keys (key limits may also sit on the key)."""
+    """RPM/TPM for a tenant, or one of its sources or keys (key limits may also sit on the key), the
+    requests carrying a tag (`tag:<name>`), or end users (`user:<id>` one end user, `user:*` each end
+    user on its own counter, unless it has a `user:<id>` limit of its own)."""
 
     tenant = models.ForeignKey("keys.Tenant", on_delete=models.CASCADE, related_name="rate_limits")
     scope = models.CharField(max_length=16, choices=RateLimitScope.choices, default=RateLimitScope.TENANT)
-    scope_value = models.CharField(max_length=100, blank=True, help_text="Source or key name; empty for tenant.")
+    scope_value = models.CharField(
+        max_length=256, blank=True,
+        help_text="Source or key name, tag, end user id or * (each end user); empty for tenant.")
     rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True)
     tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True)
 

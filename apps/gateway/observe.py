@@ -173,7 +173,10 @@ async def finished(ctx, attempts: list[dict], latency_ms: int) -> None:
             "source_ref": ctx.source_name or ctx.auth.source_name, "request_type": ctx.kind,
             "model": ctx.model, "model_version": ctx.model_version, "provider": d.provider_name if d else "",
             "status": ctx.status,
-            "error_code": ctx.error_code, "budget_id": ctx.budget_id, "stream": ctx.stream, "cached": ctx.cached,
+            "error_code": ctx.error_code, "budget_id": ctx.budget_id,
+            "tags": ctx.request.tags if ctx.request is not None else [],
+            "end_user": ctx.request.end_user if ctx.request is not None else "",
+            "stream": ctx.stream, "cached": ctx.cached,
             "latency_ms": latency_ms, "attempts": attempts, "timings": _timings(ctx, latency_ms),
             "request": ctx.raw_body, "response": response,
         })

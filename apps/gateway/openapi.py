@@ -51,7 +51,7 @@ def _with_options(model: type[BaseModel], name: str) -> dict:
     body["title"] = name
     body["description"] = (model.__doc__ or "").strip() + (
         " Our fields ride along the OpenAI body: `metadata` (source_id, source_type, priority, budget_id, "
-        "semantic_cache, semantic_cache_threshold), "
+        "tags, semantic_cache, semantic_cache_threshold), "
         "`cache`, `async` (answer 202 and run later), `batch_id`, `callback_url`.")
     return _register_schema(name, body)
 
@@ -155,6 +155,7 @@ class Budget(_Doc):
     budget_id: str | None
     scope: str
     scope_value: str | None
+    end_user: str | None  # a user:* budget counted for the end user asked about (?user=)
     period: str
     enforcement: Literal["hard", "soft"]
     currency: Literal["USD"]
@@ -346,7 +347,15 @@ SEED = operation(
               "content": {"application/json": {"schema": _register(SeedResult)}, **_SSE}}, **_ASYNC},
     errors=PIPELINE_ERRORS)
 MODELS = operation(ok={200: _json(_register(ModelList), "The models this key may use.")})
-BUDGET = operation(ok={200: _json(_register(BudgetList), "Every budget that applies to the calling key.")})
+BUDGET = {**operation(ok={200: _json(_register(BudgetList), "Every budget that applies to the calling key.")}),
+          "parameters": [
+              {"name": "budget_id", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "Also the budget a request with this metadata.budget_id would hit."},
+              {"name": "tag", "in": "query", "required": False,
+               "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True,
+               "description": "Also the budgets of these metadata.tags values (repeatable)."},
+              {"name": "user", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "Also this end user's budget (user:<id>, else user:* counted for them)."}]}
 REQUEST_GET = operation(ok={200: _json(_register(AsyncRequest), "The async request.")}, errors=(*BASE_ERRORS, 404))
 
 FILE = _register(File)

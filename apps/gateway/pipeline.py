@@ -412,6 +412,8 @@ async def record(ctx: Ctx) -> None:
         is_async=ctx.is_async,
         batch_id=ctx.batch_id,
         budget_id=ctx.budget_id,
+        tags=ctx.request.tags if ctx.request is not None else [],
+        end_user=ctx.request.end_user if ctx.request is not None else "",
         priority=ctx.priority,
         estimated=usage.estimated,
         attempts=attempts,

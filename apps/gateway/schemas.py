@@ -30,6 +30,21 @@ def _no_control(value: str | None) -> str | None:
 
 Label = Annotated[str, AfterValidator(_no_control)]
 
+# `metadata.tags`: short labels a client attaches to a request (ledger, filters, group-by, and the
+# `tag:<name>` budgets and rate limits). Capped so a client cannot blow up counters or rollups.
+MAX_TAGS = 10
+MAX_TAG_LENGTH = 64
+MAX_END_USER_LENGTH = 256  # OpenAI's `user`: the application's end user
+
+
+def _tags_clean(value: list[str] | None) -> list[str] | None:
+    """Order kept, duplicates dropped."""
+    return list(dict.fromkeys(value)) if value else value
+
+
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LENGTH), AfterValidator(_no_control)]
+EndUser = Annotated[str, Field(max_length=MAX_END_USER_LENGTH), AfterValidator(_no_control)]
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
@@ -51,6 +66,7 @@ class GatewayMetadata(_Open):
     source_type: Literal["application", "service"] | None = None
     priority: int | None = Field(default=None, ge=0, le=9)
     budget_id: Label | None = Field(default=None, max_length=100)
+    tags: Annotated[list[Tag], AfterValidator(_tags_clean)] | None = Field(default=None, max_length=MAX_TAGS)
     # The semantic cache (apps/gateway/semantic.py): on or off for this request, and its threshold.
     semantic_cache: bool | None = None
     semantic_cache_threshold: float | None = Field(default=None, ge=0, le=1)
@@ -93,7 +109,7 @@ class ChatBody(_Open):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
-    user: str | None = None
+    user: EndUser | None = None
 
 
 class EmbeddingsBody(_Open):
@@ -101,7 +117,7 @@ class EmbeddingsBody(_Open):
     input: str | list[str]
     dimensions: int | None = Field(default=None, ge=1)
     encoding_format: Literal["float", "base64"] | None = None
-    user: str | None = None
+    user: EndUser | None = None
 
 
 _OUR_FIELDS = ("metadata", "cache", "async", "batch_id", "callback_url")
@@ -265,6 +281,18 @@ class GatewayRequest:
     @property
     def asked_max_tokens(self) -> int | None:
         return self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+
+    @property
+    def tags(self) -> list[str]:
+        """`metadata.tags`, validated (at most MAX_TAGS, each 1-MAX_TAG_LENGTH characters, no control
+        characters), duplicates dropped."""
+        meta = self.options.metadata
+        return list(meta.tags or ()) if meta is not None else []
+
+    @property
+    def end_user(self) -> str:
+        """OpenAI's `user` field: the calling application's end user ("" when none)."""
+        return self.body.get("user") or ""
 
     @property
     def inputs(self) -> list:

@@ -162,7 +162,7 @@ def routing_table_invalidate() -> None:
 
 @dataclass(frozen=True, slots=True)
 class RateLimitRef:
-    scope: str  # tenant | source | key
+    scope: str  # tenant | source | key | tag | user
     scope_value: str
     rpm: int | None
     tpm: int | None

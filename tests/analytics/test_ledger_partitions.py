@@ -65,6 +65,36 @@ def test_rows_land_in_their_month(months):
 
 
 @pytest.mark.django_db
+def test_columns_added_by_migration_reach_every_partition_with_their_defaults(months):
+    """analytics/0007 added `tags` and `end_user` (and an index) to the partitioned parent: every
+    partition, old and new, has them, and a writer that leaves them out (the previous release during
+    a rolling deploy) gets the defaults."""
+    partitions.partition_ensure(date(2026, 3, 1))  # made after the migration
+    tenant = f.TenantFactory()
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO analytics_usageevent (request_id, timestamp, tenant_id, source_type, source_ref, "
+                    "request_type, model, provider, upstream_model, prompt_tokens, completion_tokens, cached_tokens, "
+                    "cache_write_tokens, reasoning_tokens, cost, saved_cost, status, error_code, latency_ms, cached, "
+                    "stream, is_async, batch_id, budget_id, priority, estimated) VALUES (%s, %s, %s, 'application', "
+                    "'app', 'chat', 'm', '', '', 0, 0, 0, 0, 0, 0, 0, 200, '', 0, false, false, false, '', '', 0, "
+                    "false)", ["req_old_writer", LAST_INSTANT, tenant.id])
+    usage_event_record_sync(**fields(tenant, "req_tagged", FIRST_INSTANT, tags=["a", "b"], end_user="alice"))
+
+    old, tagged = UsageEvent.objects.get(request_id="req_old_writer"), UsageEvent.objects.get(request_id="req_tagged")
+    assert (old.tags, old.end_user) == ([], "")
+    assert (tagged.tags, tagged.end_user) == (["a", "b"], "alice")
+    assert list(UsageEvent.objects.filter(tags__has_tag="b").values_list("request_id", flat=True)) == ["req_tagged"]
+    with connection.cursor() as cur:
+        for month in ("2026_01", "2026_02", "2026_03"):
+            cur.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = %s "
+                        "AND column_name IN ('tags', 'end_user')", [f"analytics_usageevent_p{month}"])
+            assert cur.fetchone()[0] == 2
+            cur.execute("SELECT count(*) FROM pg_indexes WHERE tablename = %s AND indexdef LIKE '%%end_user%%'",
+                        [f"analytics_usageevent_p{month}"])
+            assert cur.fetchone()[0] == 1
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(("first", "second"), [(LAST_INSTANT, FIRST_INSTANT), (FIRST_INSTANT, LAST_INSTANT)])
 def test_a_request_written_on_both_sides_of_midnight_is_one_row(months, first, second):
     """Starts 23:59:59.9 on the last day of January, written again (retry, journal replay) with a

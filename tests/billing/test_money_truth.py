@@ -285,9 +285,15 @@ def test_a_warm_chat_with_every_admission_feature_is_one_db_write_and_two_redis_
     f.BudgetFactory(tenant=setup.tenant, name="s", scope="source", scope_value=setup.source.name,
                     limit_usd=Decimal("50"), period="daily")
     f.BudgetFactory(tenant=setup.tenant, name="b", scope="budget_id", scope_value="team-red", enforcement="soft")
+    # tag and end-user scopes: a tag's and each end user's own limits and budgets, in the same round trip
+    f.RateLimitFactory(tenant=setup.tenant, scope="tag", scope_value="support", rpm=1000, tpm=1_000_000)
+    f.RateLimitFactory(tenant=setup.tenant, scope="user", scope_value="*", rpm=1000)
+    f.BudgetFactory(tenant=setup.tenant, name="tag", scope="tag", scope_value="support", limit_usd=Decimal("10"))
+    f.BudgetFactory(tenant=setup.tenant, name="each-user", scope="user", scope_value="*", limit_usd=Decimal("1"))
+    tagged = {"user": "alice", "metadata": {"tags": ["support", "eu"]}}
     settings.GATEWAY_AUTH_CACHE_TTL_S = settings.GATEWAY_ROUTES_CACHE_TTL_S = 60
     settings.GATEWAY_COOLDOWN_CHECK_CACHE_S = 60
-    warm = post(client, setup.secret, chat(setup.alias, max_tokens=10))  # warms the caches
+    warm = post(client, setup.secret, chat(setup.alias, max_tokens=10, **tagged))  # warms the caches
     assert warm.status_code == 200, warm.content
 
     trips = []
@@ -299,9 +305,18 @@ def test_a_warm_chat_with_every_admission_feature_is_one_db_write_and_two_redis_
 
     monkeypatch.setattr(core_redis, "run", counting_run)
     with CaptureQueriesContext(connection) as queries:
-        resp = post(client, setup.secret, chat(setup.alias, max_tokens=10))
+        resp = post(client, setup.secret, chat(setup.alias, max_tokens=10, **tagged))
 
     assert resp.status_code == 200
+    assert len(queries.captured_queries) == 1  # no read either: limits and budgets come from the cached policy
+    import redis
+
+    from apps.billing.models import Budget
+
+    r = redis.Redis.from_url(settings.REDIS_URL)
+    each_user = Budget.objects.get(name="each-user")
+    assert r.keys(f"llms:rl:t{setup.tenant.id}:tag:support:rpm:*") and r.keys(f"llms:rl:t{setup.tenant.id}:user:*")
+    assert r.keys(f"llms:bud:{each_user.id}:u*:spent")  # alice's own counter of the per-end-user budget
     writes = [q["sql"] for q in queries.captured_queries if q["sql"].split()[0] in ("INSERT", "UPDATE", "DELETE")]
     assert len(writes) == 1 and "analytics_usageevent" in writes[0]
     assert len(trips) == REDIS_ROUND_TRIPS_PER_REQUEST

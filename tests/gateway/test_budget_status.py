@@ -64,7 +64,8 @@ def test_spent_comes_from_the_ledger_of_the_period_and_scope(client, berlin):
 
     assert data == [{
         "id": budget.id, "object": "budget", "name": "src-monthly", "budget_id": None, "scope": "source",
-        "scope_value": berlin.source.name, "period": "monthly", "enforcement": "hard", "currency": "USD",
+        "scope_value": berlin.source.name, "end_user": None, "period": "monthly", "enforcement": "hard",
+        "currency": "USD",
         # admission's counters are whole micro-dollars, rounded up (never below the ledger)
         "limit_usd": "1", "spent_usd": "0.300001", "held_usd": "0",
         "remaining_usd": "0.699999", "period_start": "2026-03-01T00:00:00+01:00",

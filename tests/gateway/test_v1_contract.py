@@ -136,8 +136,8 @@ def test_document_describes_request_bodies_from_the_validating_models(document):
     assert upload["required"] == ["file", "purpose"]
     assert set(batch["required"]) == {"input_file_id", "endpoint"}
     metadata = document["components"]["schemas"]["GatewayMetadata"]
-    assert set(metadata["properties"]) == {"source_id", "source_type", "priority", "budget_id", "semantic_cache",
-                                          "semantic_cache_threshold"}
+    assert set(metadata["properties"]) == {"source_id", "source_type", "priority", "budget_id", "tags",
+                                          "semantic_cache", "semantic_cache_threshold"}
 
 
 def test_document_describes_answers_and_the_error_shape(document):

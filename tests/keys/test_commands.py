@@ -92,7 +92,7 @@ def test_usage_export_csv_columns_and_date_filters():
     rows = list(csv.reader(StringIO(out.getvalue())))
     assert rows[0] == ["request_id", "timestamp", "tenant", "source_type", "source_id", "key", "request_type",
                        "model", "prompt_tokens", "completion_tokens", "cost", "async", "cached", "batch_id",
-                       "budget_id", "status", "latency_ms", "model_version"]
+                       "budget_id", "status", "latency_ms", "model_version", "tags", "end_user"]
     assert len(rows) == 2 and rows[1][1].startswith("2026-02-05")
 
 
