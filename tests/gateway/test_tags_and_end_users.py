@@ -261,11 +261,13 @@ def test_per_end_user_budgets_are_never_overspent_under_concurrency(live_gateway
     assert {a.status_code for a in answers} <= {200, 402}
     rows = UsageEvent.objects.filter(status=200)
     assert rows.count() == sum(a.status_code == 200 for a in answers)
+    # Never passed. How full each gets depends on timing: requests admitted together are bounded by
+    # their holds (their most expensive answer), requests admitted after others settled by the cost.
     for user in ("alice", "bob"):
         spent = sum(r.cost for r in rows.filter(end_user=user))
-        assert Decimal("0.1") <= spent <= Decimal("0.2")  # each its own budget, filled, never passed
+        assert Decimal("0.03") <= spent <= Decimal("0.2")  # each its own budget
     tagged = sum(r.cost for r in rows.filter(tags__has_tag="capped"))
-    assert Decimal("0.05") <= tagged <= Decimal("0.15")
+    assert Decimal("0.03") <= tagged <= Decimal("0.15")
     assert any(a.status_code == 402 for a in answers[:40]) and any(a.status_code == 402 for a in answers[40:80])
     assert not open_holds()
 
