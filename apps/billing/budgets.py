@@ -38,7 +38,7 @@ from apps.core import redis as core_redis
 from apps.core.db import db_sync
 from apps.core.money import micros, money_str, usd
 from apps.core.state import (
-    BUDGET_PREFIX,
+    BUDGET_MATCH,
     EPOCH_KEY,
     REBUILD_LOCK,
     AdmitOutcome,
@@ -46,6 +46,7 @@ from apps.core.state import (
     LimitCell,
     StateUnavailable,
     state,
+    tenant_key,
 )
 
 from . import alerts
@@ -90,7 +91,7 @@ def budget_periods(*, budgets: list[BudgetRef], at: datetime, hold_micros: int =
         start, end = period_bounds(period=ref.period, tz=ref.timezone, at=at)
         ttl = int((end - at + KEY_GRACE).total_seconds()) if end else 0
         label = period_key(period=ref.period, tz=ref.timezone, at=at)
-        cell = BudgetCell(key=f"{BUDGET_PREFIX}{ref.id}:{label}", limit_micros=micros(ref.limit_usd),
+        cell = BudgetCell(key=tenant_key(ref.tenant_id, "bud", ref.id, label), limit_micros=micros(ref.limit_usd),
                           hold_micros=hold_micros, hard=ref.hard, ttl_s=ttl)
         out.append(HoldPeriod(ref=ref, cell=cell, period_start=start, period_end=end))
     return out
@@ -316,6 +317,8 @@ def durable_holds_source(fn: Callable[[], list[dict]]) -> None:
 
 
 async def _restore(conn, holds: list[dict]) -> None:
+    """Put these holds back on the server behind `conn` (on a cluster: those whose tenant's slot
+    that node serves; the other nodes kept theirs)."""
     backend = state()
     for data in holds:
         if not data.get("budgets") or not data.get("backed", True):
@@ -327,21 +330,27 @@ async def _restore(conn, holds: list[dict]) -> None:
 async def on_new_server(run_id: str, previous: str | None, conn) -> None:
     """A connection reached a Redis server this process has not validated (apps.core.redis). If
     the budget counters were not kept on this very server, drop them (they are rebuilt from the
-    ledger as admission needs them) and put back the open holds; every process puts back its own."""
+    ledger as admission needs them) and put back the open holds; every process puts back its own.
+    On a cluster this runs per node, for the counters of the slots that node serves."""
     cmd = core_redis.conn_command
-    epoch = await cmd(conn, "GET", EPOCH_KEY)
+    tag = await core_redis.node_tag(conn)  # "" unless a cluster node
+    epoch_key, lock_key = f"{EPOCH_KEY}{tag}", f"{REBUILD_LOCK}{tag}"
+    epoch = await cmd(conn, "GET", epoch_key)
     epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
     rebuilt = False
     if epoch != run_id:
         token = uuid.uuid4().hex
-        if not await cmd(conn, "SET", REBUILD_LOCK, token, "NX", "PX", "15000"):
+        if not await cmd(conn, "SET", lock_key, token, "NX", "PX", "15000"):
             raise core_redis.NewServer("another process is rebuilding the budget counters")
         log.warning("redis: budget counters were kept on %s, this server is %s: rebuilding from the ledger",
                     epoch or "(none)", run_id)
         cursor = b"0"
         while True:
-            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_PREFIX}*", "COUNT", "1000")
-            if keys:
+            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", BUDGET_MATCH, "COUNT", "1000")
+            if keys and tag:  # a cluster node: one slot per DEL
+                for key in keys:
+                    await cmd(conn, "DEL", key)
+            elif keys:
                 await cmd(conn, "DEL", *keys)
             if cursor in (b"0", 0, "0"):
                 break
@@ -349,8 +358,8 @@ async def on_new_server(run_id: str, previous: str | None, conn) -> None:
         for source in _durable_sources:
             durable += await db_sync(source)
         await _restore(conn, durable)
-        await cmd(conn, "SET", EPOCH_KEY, run_id)
-        await cmd(conn, "DEL", REBUILD_LOCK)
+        await cmd(conn, "SET", epoch_key, run_id)
+        await cmd(conn, "DEL", lock_key)
         rebuilt = True
     if rebuilt or previous is not None:
         await _restore(conn, [h.to_dict() for h in _open.values()])

@@ -13,6 +13,10 @@ Admission is idempotent by request id: a cell that already has an entry for the 
 same request admitted again, e.g. a batch line run again after its worker died) is not charged a
 second time.
 
+Key layout: every key one admission (or settle) touches carries its tenant's hash tag
+(`llms:{t<tenant id>}:...`, see `tenant_key`), so on a Redis Cluster they all sit in one slot
+and each script runs on one node; a script never mixes two tenants' keys (`RedisState` refuses).
+
 This module knows cells and counters, not what they mean: gateway names the rate limits, billing
 the budgets.
 """
@@ -33,12 +37,39 @@ from . import caches
 from . import redis as core_redis
 from .redis import StateUnavailable
 
-__all__ = ["AdmitOutcome", "BudgetCell", "LimitCell", "StateUnavailable", "state"]
+__all__ = ["AdmitOutcome", "BudgetCell", "LimitCell", "StateUnavailable", "state", "tenant_key"]
 
 WINDOW_MS = 60_000.0
-BUDGET_PREFIX = "llms:bud:"
-EPOCH_KEY = "llms:state:epoch"  # the Redis run id the budget counters were last validated for
+BUDGET_MATCH = "llms:{t*}:bud:*"  # every budget counter (SCAN pattern)
+# The Redis run id the budget counters were last validated for, and the lock of that rebuild (on a
+# cluster, one of each per node: the name gets the node's hash tag, apps.core.redis.node_tag).
+EPOCH_KEY = "llms:state:epoch"
 REBUILD_LOCK = "llms:state:rebuilding"
+
+
+def tenant_key(tenant_id: int, *parts) -> str:
+    """`llms:{t<tenant id>}:<part>:<part>...`: a key of a tenant's admission state. The hash tag
+    puts all of a tenant's keys in one Redis Cluster slot (atomic scripts across them)."""
+    return ":".join([f"llms:{{t{tenant_id}}}", *(str(p) for p in parts)])
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of `key` Redis Cluster hashes (between the first `{` and the next `}`), or None."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return None
+
+
+def _one_slot(keys: list[str]) -> list[str]:
+    """The keys of one script must share one hash tag (one tenant): a cluster would refuse them
+    (CROSSSLOT), and one admission never spans tenants."""
+    tags = {hash_tag(k) for k in keys}
+    if len(tags) > 1:
+        raise ValueError(f"one admission's keys span hash tags {sorted(map(str, tags))}")
+    return keys
 
 
 @dataclass(slots=True)
@@ -256,12 +287,22 @@ class RedisState:
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
         _, admit_script, _, _ = self._s()
         keys, args = _admit_args(request_id, limits, budgets, hold_ttl_s, force)
+        _one_slot(keys)
         return _outcome(await core_redis.run(lambda: admit_script(keys=keys, args=args)))
 
-    async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> None:
-        """Put back an open hold on one raw connection (while a new server is being validated)."""
+    async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> bool:
+        """Put back an open hold on one raw connection (while a new server is being validated).
+        False when its keys live on another node of the cluster (that node kept them)."""
+        import redis
+
         keys, args = _admit_args(request_id, [], budgets, hold_ttl_s, True)
-        await core_redis.conn_command(conn, "EVAL", _ADMIT, len(keys), *keys, *args)
+        try:
+            await core_redis.conn_command(conn, "EVAL", _ADMIT, len(_one_slot(keys)), *keys, *args)
+        except redis.ResponseError as exc:
+            if str(exc).startswith(("MOVED", "ASK")):
+                return False
+            raise
+        return True
 
     async def settle(self, *, request_id: str, limits: list[tuple[LimitCell, int]],
                      budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
@@ -269,6 +310,7 @@ class RedisState:
         Returns (spent_before, spent_after) per budget (-1 when its counter is missing)."""
         _, _, settle_script, _ = self._s()
         keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
+        _one_slot(keys)
         args: list = [time.time() * 1000, request_id, len(limits), len(budgets)]
         for c, delta in limits:
             args += [delta, c.limit]

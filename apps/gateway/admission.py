@@ -31,7 +31,7 @@ from django.conf import settings
 from apps.billing.budgets import Hold, Refusal, StateUnavailable, hold_take, hold_unbacked
 from apps.billing.services import cost_upper_bound
 from apps.core.money import usd
-from apps.core.state import LimitCell
+from apps.core.state import LimitCell, tenant_key
 
 from .errors import GatewayError
 
@@ -59,10 +59,10 @@ def _limit_cells(ctx: Ctx, policy) -> list[tuple[LimitCell, str]]:
     auth = ctx.auth
     priority = ctx.metadata.priority
     share = settings.GATEWAY_LOW_PRIORITY_SHARE if priority is not None and priority < NORMAL_PRIORITY else 1.0
-    prefix = f"llms:rl:t{auth.tenant_id}"
+    prefix = tenant_key(auth.tenant_id, "rl")  # one hash tag per tenant: one Cluster slot per admission
     found: list[tuple[str, str, int | None, int | None]] = []
     if auth.rpm or auth.tpm:
-        found.append((f"llms:rl:k{auth.key_id}", f"key '{auth.key_name}'", auth.rpm, auth.tpm))
+        found.append((f"{prefix}:k{auth.key_id}", f"key '{auth.key_name}'", auth.rpm, auth.tpm))
     for rl in policy.rate_limits:
         if rl.scope == "tenant":
             found.append((f"{prefix}:tenant", f"tenant '{auth.tenant_slug}'", rl.rpm, rl.tpm))
