@@ -329,8 +329,13 @@ async def _restore(conn, holds: list[dict]) -> None:
 
 async def on_new_server(run_id: str, previous: str | None, conn) -> None:
     """A connection reached a Redis server this process has not validated (apps.core.redis). If
-    the budget counters were not kept on this very server, drop them (they are rebuilt from the
-    ledger as admission needs them) and put back the open holds; every process puts back its own.
+    the budget counters were not kept on this very server (a restart, a failover to a replica, a
+    restore), drop their `spent` (rebuilt from the ledger as admission needs it: a settled cost is
+    in the ledger before its hold ends, apps.gateway.pipeline.end) and put back the open holds;
+    every process puts back its own. The holds the server has (a promoted replica's, replicated
+    from the old master) are kept: other processes' requests in flight are not forgotten while they
+    have not reconnected yet; a hold that ended on the old master after the last replication stays
+    until it expires (counted twice meanwhile: refusing early, never overspending).
     On a cluster this runs per node, for the counters of the slots that node serves."""
     cmd = core_redis.conn_command
     tag = await core_redis.node_tag(conn)  # "" unless a cluster node
@@ -346,7 +351,7 @@ async def on_new_server(run_id: str, previous: str | None, conn) -> None:
                     epoch or "(none)", run_id)
         cursor = b"0"
         while True:
-            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", BUDGET_MATCH, "COUNT", "1000")
+            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_MATCH}:spent", "COUNT", "1000")
             if keys and tag:  # a cluster node: one slot per DEL
                 for key in keys:
                     await cmd(conn, "DEL", key)
