@@ -285,9 +285,9 @@ class RedisState:
 
     async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
-        _, admit_script, _, _ = self._s()
         keys, args = _admit_args(request_id, limits, budgets, hold_ttl_s, force)
         _one_slot(keys)
+        _, admit_script, _, _ = self._s()
         return _outcome(await core_redis.run(lambda: admit_script(keys=keys, args=args)))
 
     async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> bool:
