@@ -206,8 +206,9 @@ async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
 
 async def _rebuild(periods: list[HoldPeriod]) -> None:
     """Set the counters of these periods from the ledger where they are missing (one query)."""
-    spent = await ledger_spend(periods=periods)
     backend = state()
+    await backend.rebuild_begin(keys=[p.cell.key for p in periods])  # settles from now on are kept
+    spent = await ledger_spend(periods=periods)
     for p in periods:
         await backend.set_spent(key=p.cell.key, micros=micros(spent[p.ref.id]), ttl_s=p.cell.ttl_s)
 
@@ -272,6 +273,11 @@ async def budget_spend(*, budgets: list[BudgetRef], at: datetime) -> dict[int, t
     except StateUnavailable:
         found = [(None, 0)] * len(periods)
     missing = [p for p, (spent, _) in zip(periods, found, strict=True) if spent is None]
+    if missing:
+        try:
+            await backend.rebuild_begin(keys=[p.cell.key for p in missing])
+        except StateUnavailable:
+            pass
     ledger = await ledger_spend(periods=missing) if missing else {}
     out: dict[int, tuple[Decimal, Decimal]] = {}
     for p, (spent, held) in zip(periods, found, strict=True):
@@ -328,46 +334,50 @@ async def _restore(conn, holds: list[dict]) -> None:
 
 
 async def on_new_server(run_id: str, previous: str | None, conn) -> None:
-    """A connection reached a Redis server this process has not validated (apps.core.redis). If
-    the budget counters were not kept on this very server (a restart, a failover to a replica, a
-    restore), drop their `spent` (rebuilt from the ledger as admission needs it: a settled cost is
-    in the ledger before its hold ends, apps.gateway.pipeline.end) and put back the open holds;
-    every process puts back its own. The holds the server has (a promoted replica's, replicated
-    from the old master) are kept: other processes' requests in flight are not forgotten while they
-    have not reconnected yet; a hold that ended on the old master after the last replication stays
-    until it expires (counted twice meanwhile: refusing early, never overspending).
+    """A connection reached a Redis server this process has not validated (apps.core.redis).
+
+    If the budget counters were not kept on this very server (a restart, a failover to a replica,
+    a restore), or this process was on another server until now (it may have settled there after
+    the counters here were rebuilt: during a Sentinel failover the old master takes writes until it
+    is demoted, and they are lost), drop every `spent` (rebuilt from the ledger as admission needs
+    it; a settled cost is in the ledger before its hold ends, apps.gateway.pipeline.end) and put
+    back this process's open holds (every process puts back its own when it arrives). The holds
+    the server has (a promoted replica's, replicated from the old master) are kept: other
+    processes' requests in flight are not forgotten before those processes arrive; a hold that
+    ended on the old master after the last replication stays until it expires (counted twice
+    meanwhile: refusing early, never overspending).
     On a cluster this runs per node, for the counters of the slots that node serves."""
     cmd = core_redis.conn_command
     tag = await core_redis.node_tag(conn)  # "" unless a cluster node
     epoch_key, lock_key = f"{EPOCH_KEY}{tag}", f"{REBUILD_LOCK}{tag}"
     epoch = await cmd(conn, "GET", epoch_key)
     epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
-    rebuilt = False
-    if epoch != run_id:
-        token = uuid.uuid4().hex
-        if not await cmd(conn, "SET", lock_key, token, "NX", "PX", "15000"):
-            raise core_redis.NewServer("another process is rebuilding the budget counters")
-        log.warning("redis: budget counters were kept on %s, this server is %s: rebuilding from the ledger",
-                    epoch or "(none)", run_id)
-        cursor = b"0"
-        while True:
-            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_MATCH}:spent", "COUNT", "1000")
-            if keys and tag:  # a cluster node: one slot per DEL
-                for key in keys:
-                    await cmd(conn, "DEL", key)
-            elif keys:
-                await cmd(conn, "DEL", *keys)
-            if cursor in (b"0", 0, "0"):
-                break
+    stale = epoch != run_id
+    if not stale and previous is None:
+        return  # first contact with the server the counters are kept on: nothing of ours elsewhere
+    token = uuid.uuid4().hex
+    if not await cmd(conn, "SET", lock_key, token, "NX", "PX", "15000"):
+        raise core_redis.NewServer("another process is rebuilding the budget counters")
+    log.warning("redis: budget counters were kept on %s, this server is %s (this process was on %s): "
+                "rebuilding them from the ledger", epoch or "(none)", run_id, previous or "(none)")
+    cursor = b"0"
+    while True:
+        cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_MATCH}:spent", "COUNT", "1000")
+        if keys and tag:  # a cluster node: one slot per DEL
+            for key in keys:
+                await cmd(conn, "DEL", key)
+        elif keys:
+            await cmd(conn, "DEL", *keys)
+        if cursor in (b"0", 0, "0"):
+            break
+    if stale:
         durable = []
         for source in _durable_sources:
             durable += await db_sync(source)
         await _restore(conn, durable)
         await cmd(conn, "SET", epoch_key, run_id)
-        await cmd(conn, "DEL", lock_key)
-        rebuilt = True
-    if rebuilt or previous is not None:
-        await _restore(conn, [h.to_dict() for h in _open.values()])
+    await _restore(conn, [h.to_dict() for h in _open.values()])
+    await cmd(conn, "DEL", lock_key)
 
 
 def _reset() -> None:

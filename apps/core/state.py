@@ -5,7 +5,9 @@ semantics for the embedded default, shared by the web and worker processes throu
 Rate limits are sliding-window logs: each admitted request (or its tokens) is an entry that
 counts for exactly 60 s, so no 60-second window ever admits more than the limit.
 
-Budgets are integer micro-dollars: `spent` (settled cost, rebuilt from the ledger when missing),
+Budgets are integer micro-dollars: `spent` (settled cost, rebuilt from the ledger when missing:
+`rebuild_begin`, read the ledger, `set_spent`; a settle in between is kept in `pending` and added,
+so a cost settled while the ledger was being read is never lost: counted twice at worst),
 `held` (sum of open holds) and the open holds themselves, each with an expiry so the hold of a
 crashed request is given back.
 
@@ -218,6 +220,8 @@ for j = 1, nb do
       table.insert(out, tonumber(before))
     end
   else
+    local pending = KEYS[nl * 3 + nb * 4 + j]
+    if actual > 0 and redis.call('EXISTS', pending) == 1 then redis.call('INCRBY', pending, actual) end
     table.insert(out, -1)
     table.insert(out, -1)
   end
@@ -233,6 +237,19 @@ def _limit_keys(key: str) -> list[str]:
 def _budget_keys(key: str) -> list[str]:
     return [f"{key}:spent", f"{key}:held", f"{key}:holds", f"{key}:amounts"]
 
+
+_SET_SPENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local v = tonumber(ARGV[1]) + tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], v, 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], v)
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+PENDING_TTL_S = 600  # a rebuild's ledger read taking longer loses the settles meanwhile to the reconcile
 
 _RECONCILE = """
 local cur = redis.call('GET', KEYS[1])
@@ -279,7 +296,7 @@ class RedisState:
         entry = self._scripts.get(id(client))
         if entry is None:
             self._scripts = {id(client): (client, client.register_script(_ADMIT), client.register_script(_SETTLE),
-                                          client.register_script(_RECONCILE))}
+                                          client.register_script(_RECONCILE), client.register_script(_SET_SPENT))}
             entry = self._scripts[id(client)]
         return entry
 
@@ -287,7 +304,7 @@ class RedisState:
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
         keys, args = _admit_args(request_id, limits, budgets, hold_ttl_s, force)
         _one_slot(keys)
-        _, admit_script, _, _ = self._s()
+        _, admit_script, *_ = self._s()
         return _outcome(await core_redis.run(lambda: admit_script(keys=keys, args=args)))
 
     async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> bool:
@@ -308,8 +325,9 @@ class RedisState:
                      budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
         """Correct token limits by their delta, swap each budget's hold for the actual micros.
         Returns (spent_before, spent_after) per budget (-1 when its counter is missing)."""
-        _, _, settle_script, _ = self._s()
+        _, _, settle_script, *_ = self._s()
         keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
+        keys += [f"{b.key}:pending" for b, _ in budgets]
         _one_slot(keys)
         args: list = [time.time() * 1000, request_id, len(limits), len(budgets)]
         for c, delta in limits:
@@ -319,14 +337,29 @@ class RedisState:
         raw = await core_redis.run(lambda: settle_script(keys=keys, args=args), own_budget=True)
         return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
-    async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
+    async def rebuild_begin(self, *, keys: list[str]) -> None:
+        """Before the ledger is read for these missing counters: from now on a settle that finds
+        the counter missing keeps its cost in `pending`, which `set_spent` adds."""
         client = core_redis.client()
-        await core_redis.run(lambda: client.set(f"{key}:spent", micros, nx=True, ex=ttl_s or None))
+
+        async def mark():
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(f"{key}:pending", 0, nx=True, ex=PENDING_TTL_S)
+            return await pipe.execute()
+
+        await core_redis.run(mark)
+
+    async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
+        """Set a missing counter to what the ledger said (read after `rebuild_begin`) plus what was
+        settled since; a counter that is there already is left alone."""
+        *_, set_spent = self._s()
+        await core_redis.run(lambda: set_spent(keys=[f"{key}:spent", f"{key}:pending"], args=[micros, ttl_s]))
 
     async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
         """Raise `spent` to at least `micros` (a reconcile with the ledger). Returns the value it
         had when it was already at least that high, else -1."""
-        _, _, _, reconcile = self._s()
+        _, _, _, reconcile, _ = self._s()
         return int(await core_redis.run(lambda: reconcile(keys=[f"{key}:spent"], args=[micros, ttl_s])))
 
     async def usage(self, *, keys: list[str]) -> list[tuple[int | None, int]]:
@@ -352,6 +385,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS limit_log (key TEXT NOT NULL, rid TEXT NOT NULL, at_ms REAL NOT NULL,
     cost INTEGER NOT NULL, PRIMARY KEY (key, rid));
 CREATE TABLE IF NOT EXISTS spent (key TEXT PRIMARY KEY, micros INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, micros INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, rid TEXT NOT NULL, amount INTEGER NOT NULL,
     expires_ms REAL NOT NULL, PRIMARY KEY (key, rid));
 """
@@ -456,6 +490,7 @@ class SqliteState:
                 db.execute("DELETE FROM holds WHERE key = ? AND rid = ?", (b.key, request_id))
                 row = db.execute("SELECT micros FROM spent WHERE key = ?", (b.key,)).fetchone()
                 if row is None:
+                    db.execute("UPDATE pending SET micros = micros + ? WHERE key = ?", (actual, b.key))
                     out.append((-1, -1))
                     continue
                 db.execute("UPDATE spent SET micros = micros + ? WHERE key = ?", (actual, b.key))
@@ -464,8 +499,21 @@ class SqliteState:
 
         return await self._run(step)
 
+    async def rebuild_begin(self, *, keys: list[str]) -> None:
+        def step(db):
+            for key in keys:
+                db.execute("INSERT OR IGNORE INTO pending (key, micros) VALUES (?, 0)", (key,))
+
+        await self._run(step)
+
     async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
-        await self._run(lambda db: db.execute("INSERT OR IGNORE INTO spent (key, micros) VALUES (?, ?)", (key, micros)))
+        def step(db):
+            if db.execute("SELECT 1 FROM spent WHERE key = ?", (key,)).fetchone() is None:
+                row = db.execute("SELECT micros FROM pending WHERE key = ?", (key,)).fetchone()
+                db.execute("INSERT INTO spent (key, micros) VALUES (?, ?)", (key, micros + (row[0] if row else 0)))
+            db.execute("DELETE FROM pending WHERE key = ?", (key,))
+
+        await self._run(step)
 
     async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
         def step(db) -> int:
@@ -491,7 +539,7 @@ class SqliteState:
 
     def reset(self) -> None:
         def step(db):
-            for table in ("limit_log", "spent", "holds"):
+            for table in ("limit_log", "spent", "holds", "pending"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
 
         self._tx(step)
