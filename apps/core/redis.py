@@ -151,7 +151,9 @@ async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None, 
     try:
         async with asyncio.timeout(limit):
             result = await make()
-    except (redis.RedisError, OSError, TimeoutError) as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, TimeoutError, AttributeError) as exc:
+        if isinstance(exc, AttributeError) and not _inside_redis_py(exc):
+            raise  # a bug of ours, not the connection
         if not isinstance(exc, redis.ResponseError) or isinstance(exc, NewServer):
             _failures += 1
             if _failures >= BREAKER_FAILURES or isinstance(exc, redis.ConnectionError | ConnectionRefusedError):
@@ -162,6 +164,16 @@ async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None, 
             budget[0] -= time.monotonic() - now
     _failures = 0
     return result
+
+
+def _inside_redis_py(exc: BaseException) -> bool:
+    """An exception raised inside redis-py itself: during a cluster failover, a connection another
+    task closed mid-handshake fails with an AttributeError on its missing writer (a lost connection
+    for us). SlotNotCoveredError and other RedisClusterException are not RedisError either."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/redis/" in tb.tb_frame.f_code.co_filename
 
 
 # --- the server behind the URL ------------------------------------------------------------------

@@ -6,6 +6,7 @@ are rebuilt from the ledger; a cluster is refused as the Celery broker."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -213,3 +214,30 @@ def test_a_promoted_replica_is_a_new_server_whose_budget_counters_are_rebuilt(fa
         assert [node(replica).get(k).decode() for k in epochs] == [new_run_id]
     finally:
         caches.reset_all()
+
+
+def test_a_connection_closed_under_redis_py_is_unavailable_state_but_our_own_bug_is_not(settings):
+    """During a cluster failover redis-py may close a connection another task is opening; the
+    AttributeError on its missing writer (raised inside redis-py) is a lost connection, answered as
+    `StateUnavailable` (503), not a 500. The same error from our code stays a bug."""
+    from redis import crc
+
+    from apps.core import redis as core_redis
+
+    settings.REDIS_RETRY_AFTER_S = 0.0
+
+    async def lost():
+        crc.key_slot(None)  # an AttributeError raised inside redis-py, as on the missing writer
+
+    async def ours():
+        raise AttributeError("a bug of ours")
+
+    async def scenario():
+        with pytest.raises(core_redis.StateUnavailable):
+            await core_redis.run(lost)
+        with pytest.raises(AttributeError, match="a bug of ours"):
+            await core_redis.run(ours)
+
+    caches.reset_all()
+    asyncio.run(scenario())
+    caches.reset_all()
