@@ -109,6 +109,11 @@ def _drill(s, budget, limit: Decimal, urls: list[str], fail_over, new_port_now, 
         return False
 
     answers = asyncio.run(_load(urls, s.secret, body, fail_over, failed_over))
+    # one more through each gateway: a process that arrived on the new server after the load's last
+    # admission dropped the counters again; admission rebuilds them before deciding
+    for url in urls:
+        answers.append(("after", httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                                            headers={"Authorization": f"Bearer {s.secret}"})))
 
     by_status: dict[int, int] = {}
     for _, r in answers:
