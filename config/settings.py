@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
 from apps.core import redis_url
-from apps.core.redis_url import SENTINEL_SCHEMES
+from apps.core.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -166,6 +166,12 @@ REDIS_RETRY_AFTER_S = env.float("REDIS_RETRY_AFTER_S", default=1.0)
 if REDIS_URL.startswith(SENTINEL_SCHEMES):  # redis+sentinel://host:26379,host2:26379/service/db
     CACHES = {"default": redis_url.django_cache(REDIS_URL, REDIS_TIMEOUT_S)}
     DJANGO_REDIS_CONNECTION_FACTORY = "django_redis.pool.SentinelConnectionFactory"
+elif REDIS_URL.startswith(CLUSTER_SCHEMES):  # redis+cluster://host:6379,host2:6379
+    redis_url.cluster_url(REDIS_URL)  # a malformed URL fails here, at startup
+    # Django's own cache framework is not used by the application (the response cache, the
+    # counters and the cooldowns go through apps.core.redis, which speaks Cluster); django-redis has
+    # no Cluster client, so it stays in process.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llms"}}
 elif REDIS_URL:
     CACHES = {
         "default": {
@@ -183,6 +189,8 @@ else:
 
 # --- Celery -----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
+if redis_url.celery_broker_refused(CELERY_BROKER_URL):
+    raise ImproperlyConfigured(redis_url.celery_broker_refused(CELERY_BROKER_URL))
 if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT = "config.kombu_filesystem:Transport"  # atomic message writes
     _queue_dir = VAR_DIR / "celery" / "queue"

@@ -42,7 +42,7 @@ from apps.core import redis as core_redis
 from apps.core.db import db_sync
 from apps.core.money import micros, money_str, usd
 from apps.core.state import (
-    BUDGET_PREFIX,
+    BUDGET_MATCH,
     EPOCH_KEY,
     REBUILD_LOCK,
     AdmitOutcome,
@@ -50,6 +50,7 @@ from apps.core.state import (
     LimitCell,
     StateUnavailable,
     state,
+    tenant_key,
 )
 
 from . import alerts
@@ -94,7 +95,7 @@ def budget_periods(*, budgets: list[BudgetRef], at: datetime, hold_micros: int =
         start, end = period_bounds(period=ref.period, tz=ref.timezone, at=at)
         ttl = int((end - at + KEY_GRACE).total_seconds()) if end else 0
         label = period_key(period=ref.period, tz=ref.timezone, at=at)
-        key = f"{BUDGET_PREFIX}{ref.id}:{_subject_part(ref.subject)}{label}"
+        key = tenant_key(ref.tenant_id, "bud", ref.id, f"{_subject_part(ref.subject)}{label}")
         cell = BudgetCell(key=key, limit_micros=micros(ref.limit_usd),
                           hold_micros=hold_micros, hard=ref.hard, ttl_s=ttl)
         out.append(HoldPeriod(ref=ref, cell=cell, period_start=start, period_end=end))
@@ -216,8 +217,9 @@ async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
 
 async def _rebuild(periods: list[HoldPeriod]) -> None:
     """Set the counters of these periods from the ledger where they are missing (one query)."""
-    spent = await ledger_spend(periods=periods)
     backend = state()
+    await backend.rebuild_begin(keys=[p.cell.key for p in periods])  # settles from now on are kept
+    spent = await ledger_spend(periods=periods)
     for p in periods:
         await backend.set_spent(key=p.cell.key, micros=micros(spent[p.ref.spend_key]), ttl_s=p.cell.ttl_s)
 
@@ -293,6 +295,11 @@ async def budget_spend(*, budgets: list[BudgetRef], at: datetime) -> dict[int | 
     except StateUnavailable:
         found = [(None, 0)] * len(periods)
     missing = [p for p, (spent, _) in zip(periods, found, strict=True) if spent is None]
+    if missing:
+        try:
+            await backend.rebuild_begin(keys=[p.cell.key for p in missing])
+        except StateUnavailable:
+            pass
     ledger = await ledger_spend(periods=missing) if missing else {}
     for p, (spent, held) in zip(periods, found, strict=True):
         if spent is None:
@@ -339,6 +346,8 @@ def durable_holds_source(fn: Callable[[], list[dict]]) -> None:
 
 
 async def _restore(conn, holds: list[dict]) -> None:
+    """Put these holds back on the server behind `conn` (on a cluster: those whose tenant's slot
+    that node serves; the other nodes kept theirs)."""
     backend = state()
     for data in holds:
         if not data.get("budgets") or not data.get("backed", True):
@@ -347,54 +356,60 @@ async def _restore(conn, holds: list[dict]) -> None:
         await backend.admit_on(conn, request_id=data["request_id"], budgets=cells, hold_ttl_s=data.get("ttl_s", 900))
 
 
-async def _rebuilt_by_other(conn, run_id: str) -> bool:
-    """Poll the epoch until the rebuilding connection has finished (True) or gives up (False)."""
-    deadline = time.monotonic() + settings.REDIS_TIMEOUT_S
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-        epoch = await core_redis.conn_command(conn, "GET", EPOCH_KEY)
-        if (epoch.decode() if isinstance(epoch, bytes) else epoch) == run_id:
-            return True
-        if not await core_redis.conn_command(conn, "EXISTS", REBUILD_LOCK):
-            return False
-    return False
-
-
 async def on_new_server(run_id: str, previous: str | None, conn) -> None:
-    """A connection reached a Redis server this process has not validated (apps.core.redis). If
-    the budget counters were not kept on this very server, drop them (they are rebuilt from the
-    ledger as admission needs them) and put back the open holds; every process puts back its own."""
+    """A connection reached a Redis server this process has not validated (apps.core.redis).
+
+    If the budget counters were not kept on this very server (a restart, a failover to a replica,
+    a restore), or this process was on another server until now (it may have settled there after
+    the counters here were rebuilt: during a Sentinel failover the old master takes writes until it
+    is demoted, and they are lost), drop every `spent` (rebuilt from the ledger as admission needs
+    it; a settled cost is in the ledger before its hold ends, apps.gateway.pipeline.end) and put
+    back this process's open holds (every process puts back its own when it arrives). The holds
+    the server has (a promoted replica's, replicated from the old master) are kept: other
+    processes' requests in flight are not forgotten before those processes arrive; a hold that
+    ended on the old master after the last replication stays until it expires (counted twice
+    meanwhile: refusing early, never overspending).
+    On a cluster this runs per node, for the counters of the slots that node serves."""
     cmd = core_redis.conn_command
-    epoch = await cmd(conn, "GET", EPOCH_KEY)
+    tag = await core_redis.node_tag(conn)  # "" unless a cluster node
+    epoch_key, lock_key = f"{EPOCH_KEY}{tag}", f"{REBUILD_LOCK}{tag}"
+    epoch = await cmd(conn, "GET", epoch_key)
     epoch = epoch.decode() if isinstance(epoch, bytes) else epoch
-    rebuilt = False
-    if epoch != run_id:
-        token = uuid.uuid4().hex
-        if not await cmd(conn, "SET", REBUILD_LOCK, token, "NX", "PX", "15000"):
-            # Another connection (this process's or another's) is rebuilding: wait for it rather
-            # than refuse, within the request's own Redis timeout (its caller bounds this handshake).
-            if not await _rebuilt_by_other(conn, run_id):
-                raise core_redis.NewServer("another process is rebuilding the budget counters")
-            epoch = run_id
-    if epoch != run_id:
-        log.warning("redis: budget counters were kept on %s, this server is %s: rebuilding from the ledger",
-                    epoch or "(none)", run_id)
-        cursor = b"0"
-        while True:
-            cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_PREFIX}*", "COUNT", "1000")
-            if keys:
-                await cmd(conn, "DEL", *keys)
-            if cursor in (b"0", 0, "0"):
-                break
+    stale = epoch != run_id
+    if not stale and previous is None:
+        return  # first contact with the server the counters are kept on: nothing of ours elsewhere
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + settings.REDIS_TIMEOUT_S
+    while not await cmd(conn, "SET", lock_key, token, "NX", "PX", "15000"):
+        # Another connection (this process's or another's) is rebuilding: wait for it rather than
+        # refuse the requests behind this one (within REDIS_TIMEOUT_S; the caller bounds it too).
+        if time.monotonic() >= deadline:
+            raise core_redis.NewServer("another process is rebuilding the budget counters")
+        await asyncio.sleep(0.005)
+        epoch = await cmd(conn, "GET", epoch_key)
+        stale = (epoch.decode() if isinstance(epoch, bytes) else epoch) != run_id
+        if not stale and previous is None:
+            return
+    log.warning("redis: budget counters were kept on %s, this server is %s (this process was on %s): "
+                "rebuilding them from the ledger", epoch or "(none)", run_id, previous or "(none)")
+    cursor = b"0"
+    while True:
+        cursor, keys = await cmd(conn, "SCAN", cursor, "MATCH", f"{BUDGET_MATCH}:spent", "COUNT", "1000")
+        if keys and tag:  # a cluster node: one slot per DEL
+            for key in keys:
+                await cmd(conn, "DEL", key)
+        elif keys:
+            await cmd(conn, "DEL", *keys)
+        if cursor in (b"0", 0, "0"):
+            break
+    if stale:
         durable = []
         for source in _durable_sources:
             durable += await db_sync(source)
         await _restore(conn, durable)
-        await cmd(conn, "SET", EPOCH_KEY, run_id)
-        await cmd(conn, "DEL", REBUILD_LOCK)
-        rebuilt = True
-    if rebuilt or previous is not None:
-        await _restore(conn, [h.to_dict() for h in _open.values()])
+        await cmd(conn, "SET", epoch_key, run_id)
+    await _restore(conn, [h.to_dict() for h in _open.values()])
+    await cmd(conn, "DEL", lock_key)
 
 
 def _reset() -> None:

@@ -12,6 +12,9 @@
 - A new connection checks the server's run id: a restarted server, a failover to a replica or a
   restore from an old snapshot has another run id, and whatever counters it holds are suspect.
   Listeners registered with `on_new_server` are told (the budget counters rebuild themselves).
+- `redis://`, `redis+sentinel://` (the master the Sentinels name) and `redis+cluster://` (Redis
+  Cluster; each node is a server of its own, checked on its own: a failover promotes a replica
+  with another run id, and the keys of that node's slots are validated again).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from django.conf import settings
 
 from . import caches
-from .redis_url import SentinelURL, sentinel_url  # noqa: F401 - `redis+sentinel://` URLs
+from .redis_url import ClusterURL, SentinelURL, cluster_url, sentinel_url  # noqa: F401 - the URL forms
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ def client():
         # one more asyncio.wait_for (a task per command).
         common = {"socket_timeout": None, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
         sentinel = sentinel_url(settings.REDIS_URL)
+        cluster = cluster_url(settings.REDIS_URL)
+        if cluster is not None:
+            entry = _clients[id(loop)] = (loop, _cluster_client(cluster, common))
+            return entry[1]
         if sentinel is None:
             pool = aioredis.ConnectionPool.from_url(settings.REDIS_URL, connection_class=_ServerCheckedConnection,
                                                     **common)
@@ -153,19 +160,41 @@ _batches: dict[int, _Batch] = {}
 _flushing: set[asyncio.Task] = set()
 
 
-def send(*command) -> asyncio.Future:
+def send(*command) -> Awaitable:
     """Send one command with the others of this loop turn; its reply (raw, as the server sent it)
-    is the future's result. Await it inside `run`."""
+    is the awaitable's result. Await it inside `run`. On a Redis Cluster each command goes on its
+    own to the node of its keys (commands of one turn may be for different nodes)."""
+    c = client()
+    if _is_cluster(c):
+        return c.execute_command(*command)
     return _batch().add(command, None)
 
 
-def script(source: str, keys: list, args: list) -> asyncio.Future:
+def script(source: str, keys: list, args: list) -> Awaitable:
     """EVALSHA of a Lua script (EVAL once when the server does not know it), batched as `send`."""
     sha = _shas.get(source)
     if sha is None:
         sha = _shas[source] = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()  # as Redis names it
     n = len(keys)
+    c = client()
+    if _is_cluster(c):
+        return _cluster_script(c, ("EVALSHA", sha, n, *keys, *args), ("EVAL", source, n, *keys, *args))
     return _batch().add(("EVALSHA", sha, n, *keys, *args), ("EVAL", source, n, *keys, *args))
+
+
+async def _cluster_script(c, command: tuple, fallback: tuple):
+    import redis
+
+    try:
+        return await c.execute_command(*command)
+    except redis.exceptions.NoScriptError:
+        return await c.execute_command(*fallback)
+
+
+def _is_cluster(c) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(c, RedisCluster)
 
 
 _shas: dict[str, str] = {}
@@ -179,16 +208,37 @@ def _batch() -> _Batch:
     return batch
 
 
+def _cluster_client(cluster: ClusterURL, common: dict):
+    """A RedisCluster whose connections (to whichever node the slot map names) check their server.
+    MOVED/ASK redirects are followed by redis-py (they are not retries); nothing else is retried."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.hosts], **common,
+                          **cluster.node_kwargs())
+    checked = _ClusterSSLServerChecked if cluster.ssl else _ClusterServerChecked
+    client.connection_kwargs["connection_class"] = checked  # the nodes it discovers later
+    for node in client.startup_nodes:
+        node.connection_class = checked
+    return client
+
+
 def sync_client():
     """A blocking client, for management commands, beat tasks and tests (never the hot path)."""
     return sync_client_for(settings.REDIS_URL)
 
 
 def sync_client_for(url: str, *, timeout_s: float | None = None):
-    """A blocking client for a `redis://` URL or a `redis+sentinel://` one (then of the current master)."""
+    """A blocking client for a `redis://` URL, a `redis+sentinel://` one (then of the current master)
+    or a `redis+cluster://` one (a RedisCluster)."""
     import redis
 
     timeout = settings.REDIS_TIMEOUT_S if timeout_s is None else timeout_s
+    cluster = cluster_url(url)
+    if cluster is not None:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.hosts], socket_timeout=timeout,
+                            socket_connect_timeout=timeout, **cluster.node_kwargs())
     sentinel = sentinel_url(url)
     if sentinel is None:
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -228,7 +278,9 @@ async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None, 
     try:
         async with asyncio.timeout(limit):
             result = await make()
-    except (redis.RedisError, OSError, TimeoutError) as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, TimeoutError, AttributeError) as exc:
+        if isinstance(exc, AttributeError) and not _inside_redis_py(exc):
+            raise  # a bug of ours, not the connection
         if not isinstance(exc, redis.ResponseError) or isinstance(exc, NewServer):
             _failures += 1
             if _failures >= BREAKER_FAILURES or isinstance(exc, redis.ConnectionError | ConnectionRefusedError):
@@ -241,9 +293,19 @@ async def run(make: Callable[[], Awaitable], *, timeout_s: float | None = None, 
     return result
 
 
+def _inside_redis_py(exc: BaseException) -> bool:
+    """An exception raised inside redis-py itself: during a cluster failover, a connection another
+    task closed mid-handshake fails with an AttributeError on its missing writer (a lost connection
+    for us). SlotNotCoveredError and other RedisClusterException are not RedisError either."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/redis/" in tb.tb_frame.f_code.co_filename
+
+
 # --- the server behind the URL ------------------------------------------------------------------
 
-_known_run_id: str | None = None
+_known_run_ids: dict[str, str] = {}  # scope ("" for the one server, "host:port" per cluster node) -> run id
 _listeners: list[Callable[..., Awaitable[None]]] = []
 
 
@@ -256,9 +318,44 @@ async def conn_command(conn, *args):
 def on_new_server(fn: Callable[..., Awaitable[None]]) -> None:
     """`await fn(run_id, previous_run_id, conn)` when a connection finds a server this process has not
     validated yet (first contact, restart, failover, restore). It runs before that connection
-    serves any command (use `conn_command(conn, ...)`); while it fails, the connection is refused."""
+    serves any command (use `conn_command(conn, ...)`); while it fails, the connection is refused.
+    On a cluster, `conn` is one node's: only keys of that node's slots can be used on it (see
+    `node_tag`), and the previous run id is that node address's."""
     if fn not in _listeners:
         _listeners.append(fn)
+
+
+async def node_tag(conn) -> str:
+    """A hash tag (`{...}`) of a slot the node behind `conn` serves, for keys about that node itself
+    (which server its keys were validated on); "" when `conn` is not a cluster node's."""
+    if not getattr(conn, "cluster_node", False):
+        return ""
+    nodes = await conn_command(conn, "CLUSTER", "NODES")
+    nodes = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    for line in nodes.splitlines():
+        fields = line.split()
+        if len(fields) > 8 and "myself" in fields[2].split(","):
+            for item in fields[8:]:
+                if item[:1].isdigit():
+                    return "{" + _tag_for_slot(int(item.split("-")[0])) + "}"
+    raise _connection_error()("this cluster node serves no slot (a replica?)")
+
+
+def _tag_for_slot(slot: int) -> str:
+    """The first `n<i>` that Redis Cluster hashes to `slot` (a few thousand CRC16s at most, cached)."""
+    from redis.crc import key_slot
+
+    found = _slot_tags.get(slot)
+    i = 0
+    while found is None:
+        tag = f"n{i}"
+        _slot_tags.setdefault(key_slot(tag.encode()), tag)
+        found = _slot_tags.get(slot)
+        i += 1
+    return found
+
+
+_slot_tags: dict[int, str] = {}
 
 
 def _connection_error():
@@ -272,8 +369,8 @@ class NewServer(_connection_error()):
 
 
 def _reset() -> None:
-    global _known_run_id, _down_until, _failures
-    _known_run_id = None
+    global _down_until, _failures
+    _known_run_ids.clear()
     _down_until = 0.0
     _failures = 0
     _clients.clear()
@@ -299,8 +396,9 @@ class _RunIdCheck:
         if not hasattr(super(), "on_connect_check_health"):  # redis-py < 6: on_connect is the handshake
             await self._check_server()
 
+    cluster_node = False  # True: one node of a cluster, its own server (validated by address)
+
     async def _check_server(self) -> None:
-        global _known_run_id
         info = await conn_command(self, "INFO", "server")
         if isinstance(info, bytes):
             info = info.decode()
@@ -309,9 +407,10 @@ class _RunIdCheck:
             if line.startswith("run_id:"):
                 run_id = line.split(":", 1)[1].strip()
                 break
-        if run_id == _known_run_id:
+        scope = f"{self.host}:{self.port}" if self.cluster_node else ""
+        if run_id == _known_run_ids.get(scope):
             return
-        previous = _known_run_id
+        previous = _known_run_ids.get(scope)
         for fn in _listeners:
             try:
                 await fn(run_id, previous, self)
@@ -319,7 +418,7 @@ class _RunIdCheck:
                 log.warning("redis: new server %s not validated yet (%s)", run_id, exc)
                 await self.disconnect()
                 raise NewServer(f"Redis server {run_id} is being validated") from exc
-        _known_run_id = run_id
+        _known_run_ids[scope] = run_id
 
 
 def _connection_base():
@@ -341,3 +440,19 @@ class _ServerCheckedConnection(_RunIdCheck, _connection_base()):
 class _SentinelServerChecked(_RunIdCheck, _sentinel_connection_base()):
     """A connection to the master the Sentinels name now: after a failover, the promoted replica has
     another run id, so the budget counters are checked and rebuilt as after a restart."""
+
+
+def _ssl_connection_base():
+    from redis.asyncio.connection import SSLConnection
+
+    return SSLConnection
+
+
+class _ClusterServerChecked(_RunIdCheck, _connection_base()):
+    """A connection to one node of a cluster: its run id is checked against that node's last."""
+
+    cluster_node = True
+
+
+class _ClusterSSLServerChecked(_RunIdCheck, _ssl_connection_base()):
+    cluster_node = True

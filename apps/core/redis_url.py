@@ -1,11 +1,25 @@
-"""`redis+sentinel://` URLs: Redis behind Sentinel for the admission state, the cache and the Celery
-broker. Pure parsing, no Django: config/settings.py uses it too."""
+"""`redis+sentinel://` URLs (Redis behind Sentinel: the admission state, the cache and the Celery
+broker) and `redis+cluster://` URLs (Redis Cluster: the admission state and the cache; kombu has no
+Cluster transport, so never the broker). Pure parsing, no Django: config/settings.py uses it too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def _hosts(hostlist: str, default_port: int) -> list[tuple[str, int]]:
+    hosts = []
+    for item in filter(None, hostlist.split(",")):
+        if item.startswith("["):  # [IPv6]:port
+            host, _, port = item[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = item.partition(":")
+        hosts.append((host, int(port) if port else default_port))
+    return hosts
 
 
 @dataclass(frozen=True)
@@ -50,14 +64,7 @@ def sentinel_url(url: str) -> SentinelURL | None:
     netloc, _, path = rest.partition("/")
     userinfo, _, hostlist = netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    hosts = []
-    for item in filter(None, hostlist.split(",")):
-        if item.startswith("["):  # [IPv6]:port
-            host, _, port = item[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = item.partition(":")
-        hosts.append((host, int(port) if port else 26379))
+    hosts = _hosts(hostlist, 26379)
     parts = [p for p in path.split("/") if p]
     if not hosts or not parts:
         raise ValueError(f"{scheme}:// URL needs host:port[,host:port...]/service[/db]")
@@ -66,6 +73,57 @@ def sentinel_url(url: str) -> SentinelURL | None:
                        username=unquote(username) or None, password=unquote(password) or None,
                        sentinel_password=params.get("sentinel_password", [None])[0],
                        ssl=scheme.startswith("rediss"))
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """`redis+cluster://[[user]:password@]host:port[,host:port...][/]` (port 6379 when left out;
+    `rediss+cluster://` for TLS): a few nodes of a Redis Cluster, from which the client learns the
+    rest and the slot map. A cluster has one database, so no `/db`."""
+
+    hosts: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+    def node_kwargs(self) -> dict:
+        out: dict = {}
+        if self.username:
+            out["username"] = self.username
+        if self.password:
+            out["password"] = self.password
+        if self.ssl:
+            out["ssl"] = True
+        return out
+
+
+def cluster_url(url: str) -> ClusterURL | None:
+    """The parts of a `redis+cluster://` URL, or None for any other URL."""
+    from urllib.parse import unquote
+
+    if not url.startswith(CLUSTER_SCHEMES):
+        return None
+    scheme, rest = url.split("://", 1)
+    rest, _, _query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    hosts = _hosts(hostlist, 6379)
+    if not hosts:
+        raise ValueError(f"{scheme}:// URL needs host:port[,host:port...]")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"{scheme}:// URL: a Redis Cluster has only database 0 (got /{path.strip('/')})")
+    return ClusterURL(hosts=tuple(hosts), username=unquote(username) or None, password=unquote(password) or None,
+                      ssl=scheme.startswith("rediss"))
+
+
+def celery_broker_refused(url: str) -> str:
+    """Why a broker URL cannot be used ("" when it can): kombu has no Redis Cluster transport."""
+    if url.startswith(CLUSTER_SCHEMES):
+        return ("CELERY_BROKER_URL: Redis Cluster (redis+cluster://) is not supported as the Celery broker: "
+                "kombu has no Cluster transport. Use a single Redis (redis://) or Redis behind Sentinel "
+                "(redis+sentinel://) for the broker; REDIS_URL may still be a cluster.")
+    return ""
 
 
 def celery_broker(url: str) -> tuple[str, dict]:

@@ -5,13 +5,19 @@ semantics for the embedded default, shared by the web and worker processes throu
 Rate limits are sliding-window logs: each admitted request (or its tokens) is an entry that
 counts for exactly 60 s, so no 60-second window ever admits more than the limit.
 
-Budgets are integer micro-dollars: `spent` (settled cost, rebuilt from the ledger when missing),
+Budgets are integer micro-dollars: `spent` (settled cost, rebuilt from the ledger when missing:
+`rebuild_begin`, read the ledger, `set_spent`; a settle in between is kept in `pending` and added,
+so a cost settled while the ledger was being read is never lost: counted twice at worst),
 `held` (sum of open holds) and the open holds themselves, each with an expiry so the hold of a
 crashed request is given back.
 
 Admission is idempotent by request id: a cell that already has an entry for the request id (the
 same request admitted again, e.g. a batch line run again after its worker died) is not charged a
 second time.
+
+Key layout: every key one admission (or settle) touches carries its tenant's hash tag
+(`llms:{t<tenant id>}:...`, see `tenant_key`), so on a Redis Cluster they all sit in one slot
+and each script runs on one node; a script never mixes two tenants' keys (`RedisState` refuses).
 
 This module knows cells and counters, not what they mean: gateway names the rate limits, billing
 the budgets.
@@ -33,12 +39,39 @@ from . import caches
 from . import redis as core_redis
 from .redis import StateUnavailable
 
-__all__ = ["AdmitOutcome", "BudgetCell", "LimitCell", "StateUnavailable", "state"]
+__all__ = ["AdmitOutcome", "BudgetCell", "LimitCell", "StateUnavailable", "state", "tenant_key"]
 
 WINDOW_MS = 60_000.0
-BUDGET_PREFIX = "llms:bud:"
-EPOCH_KEY = "llms:state:epoch"  # the Redis run id the budget counters were last validated for
+BUDGET_MATCH = "llms:{t*}:bud:*"  # every budget counter (SCAN pattern)
+# The Redis run id the budget counters were last validated for, and the lock of that rebuild (on a
+# cluster, one of each per node: the name gets the node's hash tag, apps.core.redis.node_tag).
+EPOCH_KEY = "llms:state:epoch"
 REBUILD_LOCK = "llms:state:rebuilding"
+
+
+def tenant_key(tenant_id: int, *parts) -> str:
+    """`llms:{t<tenant id>}:<part>:<part>...`: a key of a tenant's admission state. The hash tag
+    puts all of a tenant's keys in one Redis Cluster slot (atomic scripts across them)."""
+    return ":".join([f"llms:{{t{tenant_id}}}", *(str(p) for p in parts)])
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of `key` Redis Cluster hashes (between the first `{` and the next `}`), or None."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return None
+
+
+def _one_slot(keys: list[str]) -> list[str]:
+    """The keys of one script must share one hash tag (one tenant): a cluster would refuse them
+    (CROSSSLOT), and one admission never spans tenants."""
+    tags = {hash_tag(k) for k in keys}
+    if len(tags) > 1:
+        raise ValueError(f"one admission's keys span hash tags {sorted(map(str, tags))}")
+    return keys
 
 
 @dataclass(slots=True)
@@ -187,6 +220,8 @@ for j = 1, nb do
       table.insert(out, tonumber(before))
     end
   else
+    local pending = KEYS[nl * 3 + nb * 4 + j]
+    if actual > 0 and redis.call('EXISTS', pending) == 1 then redis.call('INCRBY', pending, actual) end
     table.insert(out, -1)
     table.insert(out, -1)
   end
@@ -202,6 +237,19 @@ def _limit_keys(key: str) -> list[str]:
 def _budget_keys(key: str) -> list[str]:
     return [f"{key}:spent", f"{key}:held", f"{key}:holds", f"{key}:amounts"]
 
+
+_SET_SPENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local v = tonumber(ARGV[1]) + tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], v, 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], v)
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+PENDING_TTL_S = 600  # a rebuild's ledger read taking longer loses the settles meanwhile to the reconcile
 
 _RECONCILE = """
 local cur = redis.call('GET', KEYS[1])
@@ -243,18 +291,30 @@ class RedisState:
     async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
         keys, args = _admit_args(request_id, limits, budgets, hold_ttl_s, force)
+        _one_slot(keys)
         return _outcome(await core_redis.run(lambda: core_redis.script(_ADMIT, keys, args)))
 
-    async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> None:
-        """Put back an open hold on one raw connection (while a new server is being validated)."""
+    async def admit_on(self, conn, *, request_id: str, budgets: list[BudgetCell], hold_ttl_s: int) -> bool:
+        """Put back an open hold on one raw connection (while a new server is being validated).
+        False when its keys live on another node of the cluster (that node kept them)."""
+        import redis
+
         keys, args = _admit_args(request_id, [], budgets, hold_ttl_s, True)
-        await core_redis.conn_command(conn, "EVAL", _ADMIT, len(keys), *keys, *args)
+        try:
+            await core_redis.conn_command(conn, "EVAL", _ADMIT, len(_one_slot(keys)), *keys, *args)
+        except redis.ResponseError as exc:
+            if str(exc).startswith(("MOVED", "ASK")):
+                return False
+            raise
+        return True
 
     async def settle(self, *, request_id: str, limits: list[tuple[LimitCell, int]],
                      budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
         """Correct token limits by their delta, swap each budget's hold for the actual micros.
         Returns (spent_before, spent_after) per budget (-1 when its counter is missing)."""
         keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
+        keys += [f"{b.key}:pending" for b, _ in budgets]
+        _one_slot(keys)
         args: list = [time.time() * 1000, request_id, len(limits), len(budgets)]
         for c, delta in limits:
             args += [delta, c.limit]
@@ -263,9 +323,23 @@ class RedisState:
         raw = await core_redis.run(lambda: core_redis.script(_SETTLE, keys, args), own_budget=True)
         return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
-    async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
+    async def rebuild_begin(self, *, keys: list[str]) -> None:
+        """Before the ledger is read for these missing counters: from now on a settle that finds
+        the counter missing keeps its cost in `pending`, which `set_spent` adds."""
         client = core_redis.client()
-        await core_redis.run(lambda: client.set(f"{key}:spent", micros, nx=True, ex=ttl_s or None))
+
+        async def mark():
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(f"{key}:pending", 0, nx=True, ex=PENDING_TTL_S)
+            return await pipe.execute()
+
+        await core_redis.run(mark)
+
+    async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
+        """Set a missing counter to what the ledger said (read after `rebuild_begin`) plus what was
+        settled since; a counter that is there already is left alone."""
+        await core_redis.run(lambda: core_redis.script(_SET_SPENT, [f"{key}:spent", f"{key}:pending"], [micros, ttl_s]))
 
     async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
         """Raise `spent` to at least `micros` (a reconcile with the ledger). Returns the value it
@@ -295,6 +369,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS limit_log (key TEXT NOT NULL, rid TEXT NOT NULL, at_ms REAL NOT NULL,
     cost INTEGER NOT NULL, PRIMARY KEY (key, rid));
 CREATE TABLE IF NOT EXISTS spent (key TEXT PRIMARY KEY, micros INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (key TEXT PRIMARY KEY, micros INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, rid TEXT NOT NULL, amount INTEGER NOT NULL,
     expires_ms REAL NOT NULL, PRIMARY KEY (key, rid));
 """
@@ -399,6 +474,7 @@ class SqliteState:
                 db.execute("DELETE FROM holds WHERE key = ? AND rid = ?", (b.key, request_id))
                 row = db.execute("SELECT micros FROM spent WHERE key = ?", (b.key,)).fetchone()
                 if row is None:
+                    db.execute("UPDATE pending SET micros = micros + ? WHERE key = ?", (actual, b.key))
                     out.append((-1, -1))
                     continue
                 db.execute("UPDATE spent SET micros = micros + ? WHERE key = ?", (actual, b.key))
@@ -407,8 +483,21 @@ class SqliteState:
 
         return await self._run(step)
 
+    async def rebuild_begin(self, *, keys: list[str]) -> None:
+        def step(db):
+            for key in keys:
+                db.execute("INSERT OR IGNORE INTO pending (key, micros) VALUES (?, 0)", (key,))
+
+        await self._run(step)
+
     async def set_spent(self, *, key: str, micros: int, ttl_s: int) -> None:
-        await self._run(lambda db: db.execute("INSERT OR IGNORE INTO spent (key, micros) VALUES (?, ?)", (key, micros)))
+        def step(db):
+            if db.execute("SELECT 1 FROM spent WHERE key = ?", (key,)).fetchone() is None:
+                row = db.execute("SELECT micros FROM pending WHERE key = ?", (key,)).fetchone()
+                db.execute("INSERT INTO spent (key, micros) VALUES (?, ?)", (key, micros + (row[0] if row else 0)))
+            db.execute("DELETE FROM pending WHERE key = ?", (key,))
+
+        await self._run(step)
 
     async def raise_spent(self, *, key: str, micros: int, ttl_s: int) -> int:
         def step(db) -> int:
@@ -434,7 +523,7 @@ class SqliteState:
 
     def reset(self) -> None:
         def step(db):
-            for table in ("limit_log", "spent", "holds"):
+            for table in ("limit_log", "spent", "holds", "pending"):
                 db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
 
         self._tx(step)

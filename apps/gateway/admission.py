@@ -35,7 +35,7 @@ from apps.billing.budgets import Hold, Refusal, StateUnavailable, hold_take, hol
 from apps.billing.selectors import budgets_applying
 from apps.billing.services import cost_upper_bound
 from apps.core.money import usd
-from apps.core.state import LimitCell
+from apps.core.state import LimitCell, tenant_key
 
 from .errors import GatewayError
 
@@ -68,10 +68,10 @@ def _limit_cells(ctx: Ctx, policy) -> list[tuple[LimitCell, str]]:
     auth = ctx.auth
     priority = ctx.metadata.priority
     share = settings.GATEWAY_LOW_PRIORITY_SHARE if priority is not None and priority < NORMAL_PRIORITY else 1.0
-    prefix = f"llms:rl:t{auth.tenant_id}"
+    prefix = tenant_key(auth.tenant_id, "rl")  # one hash tag per tenant: one Cluster slot per admission
     found: list[tuple[str, str, int | None, int | None]] = []
     if auth.rpm or auth.tpm:
-        found.append((f"llms:rl:k{auth.key_id}", f"key '{auth.key_name}'", auth.rpm, auth.tpm))
+        found.append((f"{prefix}:k{auth.key_id}", f"key '{auth.key_name}'", auth.rpm, auth.tpm))
     tags, end_user = ctx.request.tags, ctx.request.end_user
     own_user_limit = bool(end_user) and any(rl.scope == "user" and rl.scope_value == end_user
                                             for rl in policy.rate_limits)

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 PREFIX = "llms:gw:"
 
 
+def _key(deployment_id: int, what: str) -> str:
+    """`llms:gw:{d<id>}:<what>`: a deployment's keys share a hash tag (one Redis Cluster slot), so
+    the failure script can touch its failure log and its cooldown together."""
+    return f"{PREFIX}{{d{deployment_id}}}:{what}"
+
+
 def _failures() -> int:
     return int(getattr(settings, "GATEWAY_COOLDOWN_FAILURES", 3))
 
@@ -129,7 +135,7 @@ class RedisBackend:
             async def read():
                 async with client.pipeline(transaction=False) as pipe:
                     for i in stale:
-                        pipe.pttl(f"{PREFIX}cool:{i}")
+                        pipe.pttl(_key(i, "cool"))
                     return await pipe.execute()
 
             try:
@@ -150,7 +156,7 @@ class RedisBackend:
     async def failure_record(self, deployment_id: int) -> bool:
         client = self.client()
         result = await core_redis.run(lambda: client.eval(
-            _FAILURE_LUA, 2, f"{PREFIX}fail:{deployment_id}", f"{PREFIX}cool:{deployment_id}",
+            _FAILURE_LUA, 2, _key(deployment_id, "fail"), _key(deployment_id, "cool"),
             int(_window_s() * 1000), _failures(), int(_cooldown_s() * 1000)))
         if result:
             now = time.monotonic()
@@ -159,13 +165,13 @@ class RedisBackend:
 
     async def quota_take(self, deployment_id: int, minute: int, rpm: int, tpm: int, tokens: int) -> bool:
         client = self.client()
-        result = await core_redis.run(lambda: client.eval(_QUOTA_LUA, 1, f"{PREFIX}quota:{deployment_id}:{minute}",
+        result = await core_redis.run(lambda: client.eval(_QUOTA_LUA, 1, _key(deployment_id, f"quota:{minute}"),
                                                           rpm, tpm, tokens))
         return bool(result)
 
     async def quota_adjust(self, deployment_id: int, minute: int, tokens: int) -> None:
         client = self.client()
-        await core_redis.run(lambda: client.hincrby(f"{PREFIX}quota:{deployment_id}:{minute}", "t", tokens))
+        await core_redis.run(lambda: client.hincrby(_key(deployment_id, f"quota:{minute}"), "t", tokens))
 
 
 _local = LocalBackend()

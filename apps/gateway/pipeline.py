@@ -5,10 +5,11 @@
 
 Each step is a small function over a request context (`Ctx`). `prepare` runs the steps up to and
 including admission; `execute` and `stream_events` call the provider. Whatever happens after
-authentication, a request ends in exactly one place, `end`: its budget hold (apps.billing.budgets)
-is settled with the actual cost or released, and its ledger row is written, concurrently, before
-the response completes (a stream's `[DONE]` is sent only after its row is durable). Provider
-errors, any other exception, a cancelled view and a client that goes away all end there.
+authentication, a request ends in exactly one place, `end`: its ledger row is written, then its
+budget hold (apps.billing.budgets) is settled with the actual cost (or released, concurrently with
+the row, when nothing was spent), before the response completes (a stream's `[DONE]` is sent
+only after its row is durable). Provider errors, any other exception, a cancelled view and a
+client that goes away all end there.
 """
 
 from __future__ import annotations
@@ -329,8 +330,8 @@ def _error_of(exc: BaseException) -> tuple[int, str]:
 
 
 async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
-    """The one place a request ends: its hold is settled with the actual cost (anything produced,
-    a partial stream included, is billed) or released, and its ledger row is written, at once.
+    """The one place a request ends: its ledger row is written and its hold is settled with the actual
+    cost (anything produced, a partial stream included, is billed; after the row) or released.
     Both always run to the end; then a failure to make the row durable is raised (the caller must
     not answer 2xx without it). Safe to call again: only the first call acts."""
     if ctx.ended or ctx.auth is None:
@@ -355,14 +356,18 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
             log.error("request %s: cost not computed", ctx.request_id, exc_info=True)
             ctx.cost = hold.amount_usd if hold is not None else Decimal(0)
             ctx.status, ctx.error_code = 500, "cost_unknown"
+    settle = hold is not None and ctx.usage is not None and not ctx.cached
     exits = [record(ctx)]
-    if hold is not None:
-        if ctx.usage is not None and not ctx.cached:
-            tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
-            exits.append(hold.settle(cost_usd=ctx.cost, tokens=tokens))
-        else:
-            exits.append(hold.release())
-    for result in await asyncio.gather(*exits, return_exceptions=True):
+    if hold is not None and not settle:
+        exits.append(hold.release())  # nothing spent: at once
+    results = await asyncio.gather(*exits, return_exceptions=True)
+    if settle:
+        # The hold is swapped for the cost only after the row is written: at every moment a request's
+        # cost is in its open hold or in the ledger, so budget counters rebuilt from the ledger (a
+        # Redis failover, a restart) plus the open holds put back never miss it.
+        tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
+        results += await asyncio.gather(hold.settle(cost_usd=ctx.cost, tokens=tokens), return_exceptions=True)
+    for result in results:
         if isinstance(result, BaseException) and failure is None:
             failure = result
     if failure is not None:

@@ -49,7 +49,7 @@ def _count_local(key: tuple[str, ...], *, window: int, reason: str) -> tuple[int
 async def _count_shared(*, prefix: str, ip: str, window: int, reason: str) -> tuple[int, int, dict[str, int]]:
     """(count of the prefix from this address, count of the address, reasons of the address) in Redis."""
     ttl = settings.GATEWAY_AUTH_FAILURE_WINDOW_S * 2
-    base = f"llms:authfail:{window}"
+    base = f"llms:authfail:{{{ip}:{window}}}"  # one hash tag: the transaction's keys share a Cluster slot
     by_prefix, by_ip, reasons_key = f"{base}:p:{ip}:{prefix}", f"{base}:ip:{ip}", f"{base}:why:{ip}"
 
     async def count():

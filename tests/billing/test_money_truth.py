@@ -141,10 +141,10 @@ def test_a_provider_error_of_any_type_answers_500_with_a_row_and_no_locked_budge
 def test_admitting_the_same_request_id_twice_takes_one_hold_and_one_slot(setup, hard):
     """Break 6: a batch line run again after its worker died took a second hold under the same id,
     and `held` stayed above zero forever on a total budget."""
-    from apps.core.state import LimitCell
+    from apps.core.state import LimitCell, tenant_key
 
     ref = budget_ref(Budget.objects.select_related("tenant").get(pk=hard.pk))
-    slot = LimitCell(key=f"llms:rl:test:{setup.key.id}:rpm", limit=1, cost=1)
+    slot = LimitCell(key=tenant_key(ref.tenant_id, "rl", "test", setup.key.id, "rpm"), limit=1, cost=1)
 
     def take():
         billing_budgets._open.clear()  # a fresh worker process: it knows nothing of the first run

@@ -5,95 +5,20 @@ killed) moves them to the promoted replica, whose new run id triggers the budget
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
-import redis
 
 from apps.core import caches
 from apps.core import redis as core_redis
 from apps.core.redis_url import celery_broker, django_cache, sentinel_url
 from apps.core.state import EPOCH_KEY
+from tests.redis_servers import REDIS_SERVER, SentinelSet, free_port, needs_redis_server, poll
 
-REDIS_SERVER = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs the redis-server binary")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _poll(check, what: str, bound_s: float = 30.0):
-    deadline = time.monotonic() + bound_s
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (redis.RedisError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class SentinelSet:
-    def __init__(self, tmp_path):
-        self.master_port, self.replica_port, self.sentinel_port = _free_port(), _free_port(), _free_port()
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.tmp = tmp_path
-
-    def _start(self, name, *args):
-        self.procs[name] = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=self.tmp)
-
-    def start(self):
-        base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self._start("master", "--port", str(self.master_port), *base)
-        self._start("replica", "--port", str(self.replica_port), *base,
-                    "--replicaof", "127.0.0.1", str(self.master_port))
-        conf = self.tmp / "sentinel.conf"
-        conf.write_text(f"port {self.sentinel_port}\nbind 127.0.0.1\n"
-                        f"sentinel monitor mymaster 127.0.0.1 {self.master_port} 1\n"
-                        "sentinel down-after-milliseconds mymaster 400\n"
-                        "sentinel failover-timeout mymaster 4000\n")
-        self._start("sentinel", str(conf), "--sentinel")
-        replica = self.client(self.replica_port)
-        _poll(lambda: replica.info("replication").get("master_link_status") == "up", "the replica to sync")
-        sentinel = self.client(self.sentinel_port)
-        _poll(lambda: sentinel.sentinel_slaves("mymaster"), "the Sentinel to see the replica")
-        return self
-
-    @staticmethod
-    def client(port):
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
-
-    def url(self, db=0):
-        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/mymaster/{db}"
-
-    def master_port_now(self) -> int:
-        host, port = self.client(self.sentinel_port).sentinel_get_master_addr_by_name("mymaster")
-        return int(port)
-
-    def kill(self, name):
-        proc = self.procs[name]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-    def stop(self):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+pytestmark = needs_redis_server
+_free_port, _poll = free_port, poll
 
 
 @pytest.fixture

@@ -340,3 +340,34 @@ def test_redis_stopped_during_requests_applies_the_policy_and_nobody_waits(clien
     assert closed["x-gateway-admission"] == "fail-closed"
     assert waited < 10  # two requests, each bounded by REDIS_TIMEOUT_S: no hang
     assert UsageEvent.objects.filter(status=200).count() == 2  # nothing lost from the ledger
+
+
+def test_a_settle_while_the_counter_is_rebuilt_is_not_lost():
+    """A rebuild reads the ledger, then sets the counter: a request that settles in between (its
+    row written after the read) finds no counter. Its cost is kept and added, so the counter is
+    never below the ledger (Redis failover drill: tests/billing/test_redis_failover_drill.py)."""
+    import asyncio
+
+    from apps.core.state import BudgetCell, tenant_key
+
+    backend, key = core_state.state(), tenant_key(1, "bud", "test", "rebuild")
+    cell = BudgetCell(key=key, limit_micros=1000, hold_micros=100, hard=True, ttl_s=3600)
+
+    async def rebuild_with_a_settle_in_between():
+        # "late" was admitted (its hold taken), then the counter was lost (a failover)
+        assert (await backend.admit(request_id="late", limits=[], budgets=[cell], hold_ttl_s=60)).reason == "rebuild"
+        await backend.rebuild_begin(keys=[key])
+        ledger_read = 500  # what the ledger said, without "late" (its row is written after the read)
+        assert await backend.settle(request_id="late", limits=[], budgets=[(cell, 70)]) == [(-1, -1)]
+        await backend.set_spent(key=key, micros=ledger_read, ttl_s=3600)
+        return await backend.usage(keys=[key])
+
+    async def without_a_rebuild_under_way():
+        other = tenant_key(1, "bud", "test", "other")
+        assert await backend.settle(request_id="x", limits=[], budgets=[(BudgetCell(
+            key=other, limit_micros=1000, hold_micros=0, hard=True, ttl_s=3600), 70)]) == [(-1, -1)]
+        await backend.set_spent(key=other, micros=500, ttl_s=3600)  # the ledger already has it
+        return await backend.usage(keys=[other])
+
+    assert asyncio.run(rebuild_with_a_settle_in_between()) == [(570, 0)]
+    assert asyncio.run(without_a_rebuild_under_way()) == [(500, 0)]

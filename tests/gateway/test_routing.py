@@ -149,7 +149,7 @@ def test_two_gateway_instances_agree_on_a_cooldown(live_gateway, providers, upst
     if django_settings.REDIS_URL:  # the state is in Redis, not in either instance's memory
         import redis
 
-        assert redis.Redis.from_url(django_settings.REDIS_URL).pttl(f"llms:gw:cool:{dead.id}") > 0
+        assert redis.Redis.from_url(django_settings.REDIS_URL).pttl(f"llms:gw:{{d{dead.id}}}:cool") > 0
         assert not cooldown._local.until
     else:
         assert dead.id in cooldown._local.until
