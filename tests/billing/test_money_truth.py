@@ -315,8 +315,9 @@ def test_a_warm_chat_with_every_admission_feature_is_one_db_write_and_two_redis_
 
     r = redis.Redis.from_url(settings.REDIS_URL)
     each_user = Budget.objects.get(name="each-user")
-    assert r.keys(f"llms:rl:t{setup.tenant.id}:tag:support:rpm:*") and r.keys(f"llms:rl:t{setup.tenant.id}:user:*")
-    assert r.keys(f"llms:bud:{each_user.id}:u*:spent")  # alice's own counter of the per-end-user budget
+    tenant = f"llms:{{t{setup.tenant.id}}}"
+    assert r.keys(f"{tenant}:rl:tag:support:rpm:*") and r.keys(f"{tenant}:rl:user:*")
+    assert r.keys(f"{tenant}:bud:{each_user.id}:u*:spent")  # alice's own counter of the per-end-user budget
     writes = [q["sql"] for q in queries.captured_queries if q["sql"].split()[0] in ("INSERT", "UPDATE", "DELETE")]
     assert len(writes) == 1 and "analytics_usageevent" in writes[0]
     assert len(trips) == REDIS_ROUND_TRIPS_PER_REQUEST
