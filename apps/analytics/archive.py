@@ -529,7 +529,7 @@ def _copy_rows(rows: list[dict], fields: dict) -> None:
     trigger, as for an INSERT (so a restore stays idempotent)."""
     from psycopg.types.json import Jsonb
 
-    names = list(fields)
+    names = [n for n in fields if n in rows[0]]  # an older archive may lack a newer column: its default
     json_at = [i for i, n in enumerate(names) if fields[n].get_internal_type() == "JSONField"]
     cols = ", ".join(f'"{fields[n].column}"' for n in names)
     with connection.cursor() as cur, cur.cursor.copy(f'COPY "{partitions.TABLE}" ({cols}) FROM STDIN') as copy:

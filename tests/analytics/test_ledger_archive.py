@@ -2,8 +2,10 @@
 checksums (local directory, or S3 through a local moto server), dropped, and restored with identical
 rows and totals; per-tenant retention; rollups kept; the dashboard lists archived months."""
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import socket
 import urllib.request
@@ -234,6 +236,31 @@ def test_archive_to_s3_drop_and_restore(ledger, s3):
     archive.ledger_restore_month(month=JAN)
 
     assert snapshot() == before and totals() == before_totals
+
+
+def test_an_archive_written_before_a_column_existed_is_restored_with_its_default(ledger, store, tmp_path):
+    """A month archived by an older release has fewer columns (here: no `attempts`); its rows come
+    back with the column's default."""
+    acme, _globex = ledger
+    UsageEvent.objects.filter(tenant=acme).update(attempts=[])
+    before = snapshot([acme.id])
+    archive.ledger_archive_and_drop(month=JAN, tenant_ids={acme.id})
+    path = tmp_path / "archive" / "2026-01" / f"tenant-{acme.id}.csv.gz"
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines(keepends=True)
+    drop_at = lines[0].rstrip("\r\n").split(",").index("attempts")
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for row in csv.reader(io.StringIO("".join(lines))):
+        writer.writerow(row[:drop_at] + row[drop_at + 1:])
+    path.write_bytes(gzip.compress(out.getvalue().encode()))
+    manifest_path = tmp_path / "archive" / "2026-01" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tenants"][str(acme.id)]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+    archive.ledger_restore_month(month=JAN, tenant_ids={acme.id})
+
+    assert snapshot([acme.id]) == before
 
 
 # --- Parquet (LEDGER_ARCHIVE_FORMAT=parquet) ---------------------------------------------------------
