@@ -418,11 +418,15 @@ def main() -> None:
         report["steps"].append(step)
         print(json.dumps(step, default=str), flush=True)
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    # Linear fits of what grows with the size (latencies, seconds, bytes). Rates are not fitted: per
+    # row they do not depend on the size, and on a shared machine their trend is the load's.
     fits = {}
-    for key in ("rollup_recent_s", "dashboard_7d_ms", "dashboard_30d_ms", "api_analytics_30d_ms",
-                "api_usage_events_first_page_ms", "api_usage_events_page_6_ms", "writer_batch_rows_s",
-                "copy_rows_s", "usage_export_csv_rows_s", "dashboard_csv_rows_s"):
-        fit = slope([(s["rows"], s[key]) for s in report["steps"]])
+    for step in report["steps"]:
+        step.update({f"bytes_{k}": v for k, v in step["bytes"].items()})
+    for key in ("rollup_full_s", "rollup_recent_s", "dashboard_7d_ms", "dashboard_30d_ms", "api_analytics_30d_ms",
+                "api_usage_events_first_page_ms", "api_usage_events_page_6_ms", "batches_30d_ms",
+                "bytes_ledger", "bytes_usageeventrequest", "bytes_usagerolluphourly", "bytes_usagerollupdaily"):
+        fit = slope([(s["rows"], s[key]) for s in report["steps"] if key in s])
         if fit:
             a, b = fit
             fits[key] = {"intercept": round(a, 3), "per_million_rows": round(b * 1e6, 4),
