@@ -6,11 +6,11 @@ PORT ?= 8000
 PEERS ?=
 HOST ?= 127.0.0.1
 
-.PHONY: install run test lint bench migrate demo clean
+.PHONY: install run test lint bench bench-ledger migrate demo clean
 
 # The embedded demo, the suite and the benchmark may use the published demo SECRET_KEY (only when
 # SECRET_KEY is unset); anything else refuses to start without one (config/settings.py).
-migrate demo run test bench: export LLMS_DEMO = 1
+migrate demo run test bench bench-ledger: export LLMS_DEMO = 1
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,13 @@ lint: install
 # versions) and measured in alternating turns with the gateway; prints the ratios (docs/benchmark.md).
 bench: install
 	$(BIN)/python bench/run.py $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
+
+# `make bench-ledger ROWS=1000000,2000000,4000000 MINUTES=25`: the ledger at scale on a PostgreSQL
+# database named *_bench (DATABASE_URL; it is truncated), niced; figures in docs/ledger-at-scale.md.
+ROWS ?= 1000000,2000000,4000000,8000000
+MINUTES ?= 25
+bench-ledger: install
+	nice -n 10 $(BIN)/python bench/ledger_scale.py --sizes $(ROWS) --minutes $(MINUTES) $(BENCH_ARGS)
 
 clean:
 	rm -rf var/db.sqlite3 var/test.sqlite3 var/celery

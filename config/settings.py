@@ -475,6 +475,8 @@ LEDGER_PARTITIONS_AHEAD = env.int("LEDGER_PARTITIONS_AHEAD", default=3)
 LEDGER_RETENTION_MONTHS = env.int("LEDGER_RETENTION_MONTHS", default=0)
 # Where archived months go: a local directory (path or file:///path) or s3://bucket/prefix.
 LEDGER_ARCHIVE_URL = env("LEDGER_ARCHIVE_URL", default=str(VAR_DIR / "ledger-archive"))
+# How a month is archived: gzip'ed CSV ("csv") or Parquet ("parquet", zstd, typed columns).
+LEDGER_ARCHIVE_FORMAT = env("LEDGER_ARCHIVE_FORMAT", default="csv")
 # S3-compatible storage (credentials from the usual AWS_* variables or the instance's role).
 LEDGER_ARCHIVE_S3_ENDPOINT_URL = env("LEDGER_ARCHIVE_S3_ENDPOINT_URL", default="")
 LEDGER_ARCHIVE_S3_REGION = env("LEDGER_ARCHIVE_S3_REGION", default="us-east-1")

@@ -152,7 +152,9 @@ for _name in LATENCY_FIELDS:
 
 class UsageRollupHourly(UsageRollupBase):
     class Meta:
-        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_h_tenant_bucket")]
+        # bucket alone: the beat's recompute deletes and re-reads recent hours of every tenant
+        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_h_tenant_bucket"),
+                   models.Index(fields=["bucket"], name="rollup_h_bucket")]
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.model} {self.requests}"
@@ -160,7 +162,8 @@ class UsageRollupHourly(UsageRollupBase):
 
 class UsageRollupDaily(UsageRollupBase):
     class Meta:
-        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_d_tenant_bucket")]
+        indexes = [models.Index(fields=["tenant", "bucket"], name="rollup_d_tenant_bucket"),
+                   models.Index(fields=["bucket"], name="rollup_d_bucket")]
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d} {self.model} {self.requests}"
@@ -247,7 +250,8 @@ class AttemptRollupHourly(models.Model):
     latency_ms_sum = models.BigIntegerField(default=0)
 
     class Meta:
-        indexes = [models.Index(fields=["tenant", "bucket"], name="attempt_h_tenant_bucket")]
+        indexes = [models.Index(fields=["tenant", "bucket"], name="attempt_h_tenant_bucket"),
+                   models.Index(fields=["bucket"], name="attempt_h_bucket")]
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.bucket:%Y-%m-%d %H}h {self.provider} {self.outcome} {self.attempts}"

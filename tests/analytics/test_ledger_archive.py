@@ -2,10 +2,13 @@
 checksums (local directory, or S3 through a local moto server), dropped, and restored with identical
 rows and totals; per-tenant retention; rollups kept; the dashboard lists archived months."""
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import socket
+import urllib.request
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -212,6 +215,8 @@ def s3(settings, monkeypatch):
     store = archive.archive_store()
     store.client.create_bucket(Bucket="ledger-archive")
     yield store
+    # moto keeps its buckets in the process, not per server: forget them for the next test
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
     server.stop()
 
 
@@ -226,6 +231,139 @@ def test_archive_to_s3_drop_and_restore(ledger, s3):
                            f"prod/ledger/2026-01/tenant-{_globex.id}.csv.gz"])
     location = LedgerArchive.objects.get(tenant=acme).location
     assert location == f"s3://ledger-archive/prod/ledger/2026-01/tenant-{acme.id}.csv.gz"
+    assert UsageEvent.objects.count() == 5
+
+    archive.ledger_restore_month(month=JAN)
+
+    assert snapshot() == before and totals() == before_totals
+
+
+def test_an_archive_written_before_a_column_existed_is_restored_with_its_default(ledger, store, tmp_path):
+    """A month archived by an older release has fewer columns (here: no `attempts`); its rows come
+    back with the column's default."""
+    acme, _globex = ledger
+    UsageEvent.objects.filter(tenant=acme).update(attempts=[])
+    before = snapshot([acme.id])
+    archive.ledger_archive_and_drop(month=JAN, tenant_ids={acme.id})
+    path = tmp_path / "archive" / "2026-01" / f"tenant-{acme.id}.csv.gz"
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines(keepends=True)
+    drop_at = lines[0].rstrip("\r\n").split(",").index("attempts")
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for row in csv.reader(io.StringIO("".join(lines))):
+        writer.writerow(row[:drop_at] + row[drop_at + 1:])
+    path.write_bytes(gzip.compress(out.getvalue().encode()))
+    manifest_path = tmp_path / "archive" / "2026-01" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tenants"][str(acme.id)]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+    archive.ledger_restore_month(month=JAN, tenant_ids={acme.id})
+
+    assert snapshot([acme.id]) == before
+
+
+# --- Parquet (LEDGER_ARCHIVE_FORMAT=parquet) ---------------------------------------------------------
+
+def test_a_month_archived_as_parquet_is_dropped_and_restored_with_identical_rows(ledger, store, tmp_path, settings):
+    pq = pytest.importorskip("pyarrow.parquet")
+    acme, globex = ledger
+    settings.LEDGER_ARCHIVE_FORMAT = "parquet"
+    before, before_totals = snapshot(), totals()
+
+    archive.ledger_archive_and_drop(month=JAN)
+
+    manifest = json.loads((tmp_path / "archive" / "2026-01" / "manifest.json").read_text())
+    entry = manifest["tenants"][str(acme.id)]
+    assert entry["file"] == f"2026-01/tenant-{acme.id}.parquet" and entry["format"] == "parquet"
+    path = tmp_path / "archive" / entry["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"] == LedgerArchive.objects.get(
+        tenant=acme).sha256
+    table = pq.read_table(path)
+    assert table.column_names == COLUMNS and table.num_rows == 30
+    # typed columns: exact decimals, aware timestamps, real nulls
+    assert str(table.schema.field("cost").type) == "decimal128(20, 10)"
+    assert sum(table.column("cost").to_pylist()) == Decimal(entry["cost"]) == sum(
+        r[COLUMNS.index("cost")] for r in before if r[COLUMNS.index("tenant_id")] == acme.id
+        and r[COLUMNS.index("timestamp")] < datetime(2026, 2, 1, tzinfo=UTC))
+    assert table.column("input_usd_per_mtok").null_count == 15
+    assert UsageEvent.objects.count() == 5
+
+    restored = archive.ledger_restore_month(month=JAN)
+
+    assert restored["tenants"][globex.id]["rows"] == 12
+    assert snapshot() == before and totals() == before_totals
+
+
+def test_restores_from_csv_and_from_parquet_give_identical_totals(ledger, store, settings):
+    pytest.importorskip("pyarrow")
+    acme, globex = ledger
+    before, before_totals = snapshot(), totals()
+    results = {}
+    for fmt in ("csv", "parquet"):
+        settings.LEDGER_ARCHIVE_FORMAT = fmt
+        archive.ledger_archive_and_drop(month=JAN)
+        assert UsageEvent.objects.count() == 5
+        results[fmt] = archive.ledger_restore_month(month=JAN)["tenants"]
+        assert snapshot() == before and totals() == before_totals
+
+    assert results["csv"] == results["parquet"]
+    assert results["parquet"][acme.id]["rows"] == 30 and results["parquet"][globex.id]["rows"] == 12
+
+
+def test_a_month_archived_partly_as_csv_partly_as_parquet_is_restored(ledger, store, settings):
+    """The format is per file (the manifest names it): a tenant archived before the setting changed
+    is restored from its CSV, the next one from Parquet."""
+    pytest.importorskip("pyarrow")
+    acme, globex = ledger
+    before = snapshot()
+    archive.ledger_archive_month(tenant_id=acme.id, month=JAN)
+    settings.LEDGER_ARCHIVE_FORMAT = "parquet"
+    archive.ledger_archive_month(tenant_id=globex.id, month=JAN)
+
+    archive.ledger_drop_month(month=JAN)  # checks both files against their records
+
+    assert {a.location.rsplit(".", 1)[-1] for a in LedgerArchive.objects.all()} == {"gz", "parquet"}
+    archive.ledger_restore_month(month=JAN)
+    assert snapshot() == before
+
+
+def test_a_tampered_parquet_archive_is_not_trusted(ledger, store, tmp_path, settings):
+    pytest.importorskip("pyarrow")
+    acme, _globex = ledger
+    settings.LEDGER_ARCHIVE_FORMAT = "parquet"
+    archive.ledger_archive_month(tenant_id=acme.id, month=JAN)
+    path = tmp_path / "archive" / "2026-01" / f"tenant-{acme.id}.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(archive.ArchiveError, match="checksum"):
+        archive.ledger_drop_month(month=JAN, tenant_ids={acme.id})
+    with pytest.raises(archive.ArchiveError, match="checksum"):
+        archive.ledger_restore_month(month=JAN, tenant_ids={acme.id})
+    assert UsageEvent.objects.filter(tenant=acme).count() == 35
+
+
+def test_an_unknown_archive_format_is_refused(ledger, store, settings):
+    acme, _globex = ledger
+    settings.LEDGER_ARCHIVE_FORMAT = "xlsx"
+    with pytest.raises(archive.ArchiveError, match="LEDGER_ARCHIVE_FORMAT"):
+        archive.ledger_archive_month(tenant_id=acme.id, month=JAN)
+    assert not LedgerArchive.objects.exists()
+
+
+def test_parquet_archive_to_s3_drop_and_restore(ledger, s3, settings):
+    pytest.importorskip("pyarrow")
+    acme, globex = ledger
+    settings.LEDGER_ARCHIVE_FORMAT = "parquet"
+    before, before_totals = snapshot(), totals()
+
+    archive.ledger_archive_and_drop(month=JAN)
+
+    keys = sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket="ledger-archive")["Contents"])
+    assert keys == sorted(["prod/ledger/2026-01/manifest.json", f"prod/ledger/2026-01/tenant-{acme.id}.parquet",
+                           f"prod/ledger/2026-01/tenant-{globex.id}.parquet"])
     assert UsageEvent.objects.count() == 5
 
     archive.ledger_restore_month(month=JAN)
