@@ -39,6 +39,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import orjson
+
+# pyarrow (the ledger archive's Parquet files) must be loaded before usearch: usearch's extension,
+# loaded first, breaks pyarrow in the same process (its type names come out truncated and reading a
+# Parquet file crashes the process; seen with usearch 2.26 and pyarrow 26).
+import pyarrow  # noqa: F401, I001
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
