@@ -17,8 +17,21 @@ def _midnight(day: date, tz: ZoneInfo) -> datetime:
     return datetime.combine(day, time.min, tzinfo=tz)
 
 
+_last: dict[tuple[str, str], tuple[datetime, datetime | None]] = {}
+
+
 def period_bounds(*, period: str, tz: str, at: datetime) -> tuple[datetime, datetime | None]:
-    """(start, end) of the period containing `at`; end is when it resets (None for `total`)."""
+    """(start, end) of the period containing `at`; end is when it resets (None for `total`). The
+    last answer per (period, time zone) is kept: admission asks for the same period all month."""
+    last = _last.get((period, tz))
+    if last is not None and last[0] <= at and (last[1] is None or at < last[1]):
+        return last
+    bounds = _period_bounds(period=period, tz=tz, at=at)
+    _last[(period, tz)] = bounds
+    return bounds
+
+
+def _period_bounds(*, period: str, tz: str, at: datetime) -> tuple[datetime, datetime | None]:
     zone = ZoneInfo(tz)
     local = at.astimezone(zone).date()
     if period == "daily":

@@ -181,5 +181,7 @@ async def serve(view, scope, receive, send) -> None:
     finally:
         if watcher is not None:
             watcher.cancel()
-        if response is not None:
+        if response is not None and response.streaming:
+            # (A plain response holds nothing to close; close() would only send Django's
+            # request_finished, whose receivers have no connection of this thread to close.)
             response.close()

@@ -116,3 +116,15 @@ def test_period_key_is_the_local_start_date():
 def test_unknown_period_is_an_error():
     with pytest.raises(ValueError, match="unknown budget period"):
         period_bounds(period="hourly", tz=BERLIN, at=utc(2026, 1, 1))
+
+
+def test_the_kept_last_answer_never_answers_for_another_period():
+    march = datetime(2026, 3, 15, 12, tzinfo=UTC)
+    january = datetime(2026, 1, 31, 23, 59, tzinfo=UTC)
+
+    assert period_bounds(period="monthly", tz="UTC", at=march)[0] == datetime(2026, 3, 1, tzinfo=UTC)
+    assert period_bounds(period="monthly", tz="UTC", at=january) == (datetime(2026, 1, 1, tzinfo=UTC),
+                                                                     datetime(2026, 2, 1, tzinfo=UTC))
+    assert period_bounds(period="monthly", tz="UTC", at=march)[1] == datetime(2026, 4, 1, tzinfo=UTC)
+    # another time zone is another answer: 23:59 UTC on Jan 31 is February in Paris
+    assert period_bounds(period="monthly", tz="Europe/Paris", at=january)[0] == datetime(2026, 1, 31, 23, tzinfo=UTC)
