@@ -37,14 +37,7 @@ class SentinelURL:
     ssl: bool = False
 
     def master_kwargs(self) -> dict:
-        out: dict = {"db": self.db}
-        if self.username:
-            out["username"] = self.username
-        if self.password:
-            out["password"] = self.password
-        if self.ssl:
-            out["ssl"] = True
-        return out
+        return {"db": self.db, **_credentials(self.username, self.password, self.ssl)}
 
     def sentinel_kwargs(self, timeout: float) -> dict:
         out: dict = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
@@ -59,20 +52,13 @@ def sentinel_url(url: str) -> SentinelURL | None:
 
     if not url.startswith(SENTINEL_SCHEMES):
         return None
-    scheme, rest = url.split("://", 1)
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    userinfo, _, hostlist = netloc.rpartition("@")
-    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    hosts = _hosts(hostlist, 26379)
-    parts = [p for p in path.split("/") if p]
-    if not hosts or not parts:
-        raise ValueError(f"{scheme}:// URL needs host:port[,host:port...]/service[/db]")
-    params = parse_qs(query)
-    return SentinelURL(hosts=tuple(hosts), service=unquote(parts[0]), db=int(parts[1]) if len(parts) > 1 else 0,
-                       username=unquote(username) or None, password=unquote(password) or None,
-                       sentinel_password=params.get("sentinel_password", [None])[0],
-                       ssl=scheme.startswith("rediss"))
+    u = _split(url, 26379)
+    parts = [p for p in u.path.split("/") if p]
+    if not u.hosts or not parts:
+        raise ValueError(f"{u.scheme}:// URL needs host:port[,host:port...]/service[/db]")
+    return SentinelURL(hosts=u.hosts, service=unquote(parts[0]), db=int(parts[1]) if len(parts) > 1 else 0,
+                       username=u.username, password=u.password,
+                       sentinel_password=parse_qs(u.query).get("sentinel_password", [None])[0], ssl=u.ssl)
 
 
 @dataclass(frozen=True)
@@ -87,34 +73,55 @@ class ClusterURL:
     ssl: bool = False
 
     def node_kwargs(self) -> dict:
-        out: dict = {}
-        if self.username:
-            out["username"] = self.username
-        if self.password:
-            out["password"] = self.password
-        if self.ssl:
-            out["ssl"] = True
-        return out
+        return _credentials(self.username, self.password, self.ssl)
 
 
 def cluster_url(url: str) -> ClusterURL | None:
     """The parts of a `redis+cluster://` URL, or None for any other URL."""
-    from urllib.parse import unquote
-
     if not url.startswith(CLUSTER_SCHEMES):
         return None
+    u = _split(url, 6379)
+    if not u.hosts:
+        raise ValueError(f"{u.scheme}:// URL needs host:port[,host:port...]")
+    if u.path.strip("/") not in ("", "0"):
+        raise ValueError(f"{u.scheme}:// URL: a Redis Cluster has only database 0 (got /{u.path.strip('/')})")
+    return ClusterURL(hosts=u.hosts, username=u.username, password=u.password, ssl=u.ssl)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    scheme: str
+    hosts: tuple[tuple[str, int], ...]
+    path: str
+    query: str
+    username: str | None
+    password: str | None
+    ssl: bool
+
+
+def _split(url: str, default_port: int) -> _Parts:
+    """A multi-host Redis URL (`scheme://[[user]:password@]host:port[,host:port...][/path][?query]`)."""
+    from urllib.parse import unquote
+
     scheme, rest = url.split("://", 1)
-    rest, _, _query = rest.partition("?")
+    rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     userinfo, _, hostlist = netloc.rpartition("@")
     username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-    hosts = _hosts(hostlist, 6379)
-    if not hosts:
-        raise ValueError(f"{scheme}:// URL needs host:port[,host:port...]")
-    if path.strip("/") not in ("", "0"):
-        raise ValueError(f"{scheme}:// URL: a Redis Cluster has only database 0 (got /{path.strip('/')})")
-    return ClusterURL(hosts=tuple(hosts), username=unquote(username) or None, password=unquote(password) or None,
-                      ssl=scheme.startswith("rediss"))
+    return _Parts(scheme=scheme, hosts=tuple(_hosts(hostlist, default_port)), path=path, query=query,
+                  username=unquote(username) or None, password=unquote(password) or None,
+                  ssl=scheme.startswith("rediss"))
+
+
+def _credentials(username: str | None, password: str | None, ssl: bool) -> dict:
+    out: dict = {}
+    if username:
+        out["username"] = username
+    if password:
+        out["password"] = password
+    if ssl:
+        out["ssl"] = True
+    return out
 
 
 def celery_broker_refused(url: str) -> str:
