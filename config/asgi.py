@@ -27,6 +27,7 @@ from django.urls import set_script_prefix  # noqa: E402
 from django.utils.module_loading import import_string  # noqa: E402
 
 from apps.analytics.journal import replay_in_background  # noqa: E402
+from apps.billing.budgets import settles_drain  # noqa: E402
 from apps.core.db import server_loop_mark  # noqa: E402
 from apps.gateway import asgi as direct  # noqa: E402
 
@@ -110,7 +111,22 @@ class DataPlaneHandler(ASGIHandler):
 data_plane_application = DataPlaneHandler()
 
 
+async def lifespan(receive, send) -> None:
+    """The server's start and stop: at stop, the budget settles still finishing after their answers
+    are awaited (apps.billing.budgets.Hold.settle), so a graceful shutdown leaves no hold open."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await settles_drain()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def application(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await lifespan(receive, send)
     if scope["type"] == "http" and scope["path"].startswith("/v1/"):
         server_loop_mark()  # this loop serves until the process ends: it may keep a DB pool
         if settings.GATEWAY_LEAN_DATA_PLANE:

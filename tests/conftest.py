@@ -85,10 +85,24 @@ class GatewayThread:
     def __init__(self):
         import uvicorn
 
+        from apps.billing.budgets import settles_drain
         from config.asgi import application
 
+        async def app(scope, receive, send):
+            """The gateway, each part of whose answers waits for this server's budget settles (in
+            production the answer does not wait for them: apps.billing.budgets.Hold.settle), so a
+            test reading counters or alerts after an answer (a stream: after its [DONE], which a
+            client may stop reading at) sees that answer's settle."""
+
+            async def send_after_settles(message):
+                if message["type"] == "http.response.body":
+                    await settles_drain()
+                await send(message)
+
+            await application(scope, receive, send_after_settles)
+
         self.port = _free_port()
-        config = uvicorn.Config(application, host="127.0.0.1", port=self.port, log_level="warning",
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="off", loop="asyncio")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None

@@ -9,7 +9,9 @@ snapshot) has its budget counters dropped and rebuilt, with the open holds put b
 admits again; and a beat task raises any counter the ledger shows to be low.
 
 A `Hold` is taken once (`hold_take`) and ends exactly once: `settle` (the actual cost) or
-`release` (nothing spent). A second exit raises `HoldEnded`; a hold that is never ended stays in
+`release` (nothing spent). On the ASGI server's loop a settle finishes after the caller's answer
+(`settles_drain` awaits those still running: at shutdown, and before this process reads its
+counters). A second exit raises `HoldEnded`; a hold that is never ended stays in
 `open_holds()` (tests assert it is empty) and expires from the counters after its TTL. A hold can
 be handed to another process (`to_dict` / `Hold.from_dict`: an async request's worker), which
 then owns its exit.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +42,7 @@ from django.utils import timezone
 from apps.analytics.selectors import ledger_cost_sums
 from apps.core import caches
 from apps.core import redis as core_redis
-from apps.core.db import db_sync
+from apps.core.db import db_sync, on_server_loop
 from apps.core.money import micros, money_str, usd
 from apps.core.state import (
     BUDGET_MATCH,
@@ -140,10 +143,23 @@ class Hold:
         return self.backed and bool(self.limits or self.budgets)
 
     async def settle(self, *, cost_usd: Decimal, tokens: int) -> None:
-        """Replace the hold with the actual cost (and the token limits' estimate with `tokens`)."""
+        """Replace the hold with the actual cost (and the token limits' estimate with `tokens`).
+
+        The caller has written the request's ledger row already, so a counter rebuilt from the
+        ledger counts the cost, and until the settle lands the open hold counts it (at its upper
+        bound) in the counter. So on the ASGI server's loop the caller does not wait for it: it
+        goes out with the next Redis commands while the answer is sent. Anywhere else (a worker's
+        short-lived loop, a sync caller) it is awaited."""
         if not self._end("settled"):
             return
-        await _close(self, actual_micros=micros(cost_usd) if cost_usd > 0 else 0, tokens=tokens)
+        closing = _close(self, actual_micros=micros(cost_usd) if cost_usd > 0 else 0, tokens=tokens)
+        if not on_server_loop():
+            await closing
+            return
+        task = asyncio.get_running_loop().create_task(closing)
+        with _idle:
+            _settling.add(task)
+        task.add_done_callback(_settled)
 
     async def release(self) -> None:
         """Give the whole hold back (and the token estimate): the request cost nothing."""
@@ -191,6 +207,34 @@ class Hold:
         """Give the exit to another process (the dict goes with the work): this one forgets it."""
         _open.pop(self.request_id, None)
         return self.to_dict()
+
+
+_settling: set[asyncio.Task] = set()
+_idle = threading.Condition()
+
+
+def _settled(task: asyncio.Task) -> None:
+    with _idle:
+        _settling.discard(task)
+        if not _settling:
+            _idle.notify_all()
+    if not task.cancelled() and task.exception() is not None:
+        log.error("settle failed", exc_info=task.exception())
+
+
+async def settles_drain() -> None:
+    """Wait for the settles this loop left running after their answers (the lifespan shutdown;
+    a read of the counters that must see this process' own answers)."""
+    loop = asyncio.get_running_loop()
+    while running := [t for t in _settling if t.get_loop() is loop]:
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+def settles_wait(timeout: float = 10.0) -> bool:
+    """From another thread (a test reading the counters or alerts after an answer the server in
+    its thread gave): block until no settle is left running. False on timeout."""
+    with _idle:
+        return _idle.wait_for(lambda: not _settling, timeout)
 
 
 async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
@@ -490,7 +534,8 @@ async def budget_statuses(*, budgets, at: datetime, end_user: str = "") -> list[
 async def budget_statuses_for_key(*, auth, budget_id: str | None = None, tags=(), end_user: str = "",
                                   at: datetime) -> list[BudgetStatus]:
     """`GET /v1/budget`: the status of every budget that applies to the key (and to requests with
-    these tags and this end user)."""
+    these tags and this end user), with this process' own answers settled."""
+    await settles_drain()
     budgets = await db_sync(lambda: list(budgets_for_key(auth=auth, budget_id=budget_id, tags=tags,
                                                          end_user=end_user)))
     if end_user:  # the end user's own budget replaces the per-end-user one

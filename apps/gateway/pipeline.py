@@ -7,7 +7,8 @@ Each step is a small function over a request context (`Ctx`). `prepare` runs the
 including admission; `execute` and `stream_events` call the provider. Whatever happens after
 authentication, a request ends in exactly one place, `end`: its ledger row is written, then its
 budget hold (apps.billing.budgets) is settled with the actual cost (or released, concurrently with
-the row, when nothing was spent), before the response completes (a stream's `[DONE]` is sent
+the row, when nothing was spent; in the server a settle finishes while the answer is sent). The
+row is durable before the response completes (a stream's `[DONE]` is sent
 only after its row is durable). Provider errors, any other exception, a cancelled view and a
 client that goes away all end there.
 """
@@ -357,16 +358,24 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
             ctx.cost = hold.amount_usd if hold is not None else Decimal(0)
             ctx.status, ctx.error_code = 500, "cost_unknown"
     settle = hold is not None and ctx.usage is not None and not ctx.cached
-    exits = [record(ctx)]
-    if hold is not None and not settle:
-        exits.append(hold.release())  # nothing spent: at once
-    results = await asyncio.gather(*exits, return_exceptions=True)
+    if hold is not None and not settle:  # nothing spent: released at once, beside the row
+        results = await asyncio.gather(record(ctx), hold.release(), return_exceptions=True)
+    else:
+        try:
+            await record(ctx)
+            results = []
+        except Exception as exc:  # noqa: BLE001 - the settle below still runs; then it is raised
+            results = [exc]
     if settle:
         # The hold is swapped for the cost only after the row is written: at every moment a request's
         # cost is in its open hold or in the ledger, so budget counters rebuilt from the ledger (a
-        # Redis failover, a restart) plus the open holds put back never miss it.
+        # Redis failover, a restart) plus the open holds put back never miss it. (On the server's
+        # loop the settle finishes after the answer: apps.billing.budgets.Hold.settle.)
         tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
-        results += await asyncio.gather(hold.settle(cost_usd=ctx.cost, tokens=tokens), return_exceptions=True)
+        try:
+            await hold.settle(cost_usd=ctx.cost, tokens=tokens)
+        except Exception as exc:  # noqa: BLE001 - raised below, after the row
+            results.append(exc)
     for result in results:
         if isinstance(result, BaseException) and failure is None:
             failure = result

@@ -1,0 +1,150 @@
+"""On the ASGI server's loop a budget settle finishes after the answer: the client has its answer
+(and the ledger its row) while the hold still counts the request at its upper bound; the settle
+then swaps it for the cost. The server's lifespan shutdown waits for settles still running."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import orjson
+import pytest
+from django.utils import timezone
+
+from apps.analytics.models import UsageEvent
+from apps.billing import budgets
+from apps.billing.models import Budget
+from apps.billing.selectors import budget_ref
+from apps.core import db
+from apps.core.state import LimitCell
+from config.asgi import application
+from tests import factories as f
+from tests.conftest import make_setup
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+async def server_loop(monkeypatch):
+    """This test's loop as the ASGI server's (with its own async pool)."""
+    for name in ("_server_loop", "_pool", "_pool_loop"):
+        monkeypatch.setattr(db, name, None)
+    db.server_loop_mark()
+    yield
+    if db._pool is not None:
+        await db._pool.close()
+
+
+@pytest.fixture
+def slow_settle(monkeypatch):
+    """Settles wait for `gate` before reaching the shared state."""
+    gate = asyncio.Event()
+    real_close = budgets._close
+
+    async def gated_close(hold, **kw):
+        await gate.wait()
+        await real_close(hold, **kw)
+
+    monkeypatch.setattr(budgets, "_close", gated_close)
+    return gate
+
+
+async def call(secret: str, body: dict) -> tuple[int, dict]:
+    """One POST through config.asgi.application, as a server drives it; returns once the last
+    byte of the answer is sent."""
+    raw = orjson.dumps(body)
+    sent: list[dict] = []
+    answered = asyncio.Event()
+
+    async def receive():
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {secret}".encode())]}
+    app = asyncio.ensure_future(application(scope, receive, send))
+    await asyncio.wait([app, asyncio.ensure_future(answered.wait())], return_when=asyncio.FIRST_COMPLETED)
+    start = next(m for m in sent[1:] if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent[1:] if m["type"] == "http.response.body")
+    await app
+    return start["status"], orjson.loads(body)
+
+
+async def spend(budget) -> tuple[Decimal, Decimal]:
+    ref = await asyncio.to_thread(lambda: budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk)))
+    out = (await budgets.budget_spend(budgets=[ref], at=timezone.now()))[ref.id]
+    return out
+
+
+async def test_the_answer_and_its_row_come_before_the_settle_which_then_lands(server_loop, upstream, slow_settle):
+    setup = await asyncio.to_thread(make_setup, upstream)
+    budget = await asyncio.to_thread(f.BudgetFactory, tenant=setup.tenant, limit_usd=Decimal("5"), period="total")
+    body = {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+
+    status, answer = await call(setup.secret, body)
+
+    assert status == 200 and answer["choices"]
+    row = await UsageEvent.objects.aget()
+    assert row.status == 200 and row.cost > 0
+    spent, held = await spend(budget)
+    assert held > row.cost and spent == 0  # the hold still counts the request, at its upper bound
+    assert budgets.open_holds() == []  # ended (its one exit taken), only not landed yet
+
+    slow_settle.set()
+    await budgets.settles_drain()
+
+    assert await spend(budget) == (row.cost, Decimal(0))
+
+
+async def test_the_lifespan_shutdown_waits_for_the_settles_still_running(server_loop, upstream, slow_settle):
+    setup = await asyncio.to_thread(make_setup, upstream)
+    budget = await asyncio.to_thread(f.BudgetFactory, tenant=setup.tenant, limit_usd=Decimal("5"), period="total")
+    body = {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    status, _answer = await call(setup.secret, body)
+    assert status == 200
+
+    messages = asyncio.Queue()
+    for kind in ("lifespan.startup", "lifespan.shutdown"):
+        messages.put_nowait({"type": kind})
+    replies: list[str] = []
+
+    async def send(message):
+        replies.append(message["type"])
+
+    lifespan = asyncio.ensure_future(application({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                                 messages.get, send))
+    for _ in range(50):  # loop turns, not time: far more than startup and shutdown take without a settle
+        await asyncio.sleep(0)
+    assert replies == ["lifespan.startup.complete"] and not lifespan.done()
+
+    slow_settle.set()
+    await lifespan
+
+    assert replies == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    row = await UsageEvent.objects.aget()
+    assert await spend(budget) == (row.cost, Decimal(0))
+
+
+async def test_out_of_the_server_loop_a_settle_lands_before_it_returns(monkeypatch):
+    """A worker's or a test client's short-lived loop: nothing may be left running after it."""
+    monkeypatch.setattr(db, "_server_loop", None)
+    landed = []
+
+    async def close(hold, **kw):
+        landed.append((hold.request_id, kw["actual_micros"]))
+
+    monkeypatch.setattr(budgets, "_close", close)
+    hold = budgets.Hold(request_id="r1", limits=[LimitCell(key="k:rpm", limit=10, cost=1, kind="requests")])
+
+    await hold.settle(cost_usd=Decimal("0.01"), tokens=10)
+
+    assert landed == [("r1", 10_000)] and hold.ended == "settled"
