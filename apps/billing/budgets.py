@@ -156,7 +156,7 @@ class Hold:
         if not on_server_loop():
             await closing
             return
-        task = asyncio.get_running_loop().create_task(closing)
+        task = asyncio.get_running_loop().create_task(_close_unhurried(closing))
         with _idle:
             _settling.add(task)
         task.add_done_callback(_settled)
@@ -220,6 +220,13 @@ def _settled(task: asyncio.Task) -> None:
             _idle.notify_all()
     if not task.cancelled() and task.exception() is not None:
         log.error("settle failed", exc_info=task.exception())
+
+
+async def _close_unhurried(closing) -> None:
+    """A settle after the answer: nobody waits for it, so its Redis command goes out with the next
+    ones (apps.core.redis.unhurried) instead of on its own."""
+    core_redis.unhurried()
+    await closing
 
 
 async def settles_drain() -> None:

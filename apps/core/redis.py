@@ -92,23 +92,39 @@ class _Batch:
     """The commands issued in one turn of a loop, sent as one pipeline on one connection (one
     write, one read) when the turn ends. Under load many requests reach admission or settle in the
     same turn; each would otherwise pay its own send, its own wake-up and its own read. A lone
-    request waits for nothing: its command goes out at the end of the turn that issued it."""
+    request waits for nothing: its command goes out at the end of the turn that issued it.
 
-    __slots__ = ("entries", "loop", "pool")
+    An unhurried command (`unhurried()`: a settle, once its answer is sent) waits up to
+    UNHURRIED_S for company instead: it goes out with the next command any request issues (at low
+    concurrency, the next request's admission), so it costs no send or wake-up of its own."""
+
+    __slots__ = ("entries", "loop", "pool", "soon", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool):
         self.loop = loop
         self.pool = pool
         self.entries: list[tuple[tuple, tuple | None, asyncio.Future]] = []
+        self.soon = False  # a flush at the end of this turn is scheduled
+        self.timer: asyncio.TimerHandle | None = None  # a flush of unhurried commands only
 
     def add(self, command: tuple, fallback: tuple | None) -> asyncio.Future:
-        if not self.entries:
-            self.loop.call_soon(self._flush)
+        if not self.soon:
+            if not _unhurried.get():
+                self.soon = True
+                self.loop.call_soon(self._flush)
+            elif self.timer is None:
+                self.timer = self.loop.call_later(UNHURRIED_S, self._flush)
         fut = self.loop.create_future()
         self.entries.append((command, fallback, fut))
         return fut
 
     def _flush(self) -> None:
+        self.soon = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.entries:
+            return
         entries, self.entries = self.entries, []
         task = self.loop.create_task(self._send(entries))
         _flushing.add(task)
@@ -161,6 +177,13 @@ class _Batch:
 
 _batches: dict[int, _Batch] = {}
 _flushing: set[asyncio.Task] = set()
+UNHURRIED_S = 0.005
+_unhurried: contextvars.ContextVar[bool] = contextvars.ContextVar("redis_unhurried", default=False)
+
+
+def unhurried() -> None:
+    """The current task's commands may wait (up to UNHURRIED_S) to go out with others (_Batch)."""
+    _unhurried.set(True)
 
 
 def send(*command) -> Awaitable:

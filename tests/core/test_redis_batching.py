@@ -68,3 +68,40 @@ async def test_an_unreachable_server_fails_every_command_of_the_turn(settings):
                                     return_exceptions=True)
 
     assert all(isinstance(o, core_redis.StateUnavailable) for o in outcomes)
+
+
+@pytest.fixture
+def flushes(monkeypatch):
+    """The commands of every pipeline sent, by name."""
+    sent: list[list[str]] = []
+    real = core_redis._Batch._send
+
+    async def recording(self, entries):
+        sent.append([e[0][0] for e in entries])
+        await real(self, entries)
+
+    monkeypatch.setattr(core_redis._Batch, "_send", recording)
+    return sent
+
+
+async def _unhurried_echo(text: str):
+    core_redis.unhurried()  # this task's commands only (a settle after its answer)
+    return await core_redis.run(lambda: core_redis.send("ECHO", text))
+
+
+async def test_an_unhurried_command_goes_out_with_the_next_command_of_another_task(flushes):
+    later = asyncio.create_task(_unhurried_echo("late"))
+    for _ in range(10):  # turns of the loop pass, and it is not sent on its own
+        await asyncio.sleep(0)
+    assert flushes == []
+
+    assert await core_redis.run(lambda: core_redis.send("ECHO", "now")) == b"now"
+
+    assert await later == b"late"
+    assert flushes == [["ECHO", "ECHO"]]  # one pipeline: no send or wake-up of its own
+
+
+async def test_an_unhurried_command_alone_goes_out_after_its_wait(flushes):
+    assert await asyncio.create_task(_unhurried_echo("alone")) == b"alone"
+    assert flushes == [["ECHO"]]
+    assert not core_redis._unhurried.get()  # that task's, not this one's
