@@ -21,13 +21,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.utils import timezone
 
 from apps.analytics.metrics import UNKNOWN_MODEL, attempts_observe, usage_observe
 from apps.analytics.request_logs import RequestLogSettings
@@ -58,6 +57,15 @@ MODELS = "models"
 ENDPOINT_PATHS = {CHAT: "/v1/chat/completions", EMBEDDINGS: "/v1/embeddings", MODELS: "/v1/models"}
 
 
+# What a request without our options or metadata reads (shared: nothing writes to them).
+_NO_OPTIONS = schemas.GatewayOptions()
+_NO_METADATA = schemas.GatewayMetadata()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
@@ -68,7 +76,7 @@ class Ctx:
 
     kind: str = CHAT
     request_id: str = field(default_factory=new_request_id)
-    timestamp: datetime = field(default_factory=timezone.now)
+    timestamp: datetime = field(default_factory=_now)
     started: float = field(default_factory=time.perf_counter)
     auth: KeyAuth | None = None
     request: schemas.GatewayRequest | None = None
@@ -128,7 +136,7 @@ class Ctx:
 
     @property
     def options(self) -> schemas.GatewayOptions:
-        return self.request.options if self.request else schemas.GatewayOptions()
+        return self.request.options if self.request else _NO_OPTIONS
 
     @property
     def model(self) -> str:
@@ -151,7 +159,7 @@ class Ctx:
 
     @property
     def metadata(self) -> schemas.GatewayMetadata:
-        return self.options.metadata or schemas.GatewayMetadata()
+        return self.options.metadata or _NO_METADATA
 
     @property
     def batch_api_deployment(self) -> DeploymentRoute | None:
@@ -208,7 +216,7 @@ async def authenticate(ctx: Ctx, authorization: str | None) -> None:
     if auth is None:
         await security.auth_failure_note(prefix=secret[:6], ip=ctx.client_ip, reason="unknown_key")
         raise invalid_api_key(f"Incorrect API key provided: {secret[:6]}***.")
-    if auth.revoked or (auth.expires_at is not None and auth.expires_at <= timezone.now()):
+    if auth.revoked or (auth.expires_at is not None and auth.expires_at <= _now()):
         reason = "revoked" if auth.revoked else "expired"
         await security.auth_failure_note(prefix=auth.key_prefix, ip=ctx.client_ip, reason=reason,
                                          tenant_id=auth.tenant_id, key_id=auth.key_id)
