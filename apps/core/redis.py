@@ -53,35 +53,41 @@ def configured() -> bool:
 
 def client():
     """The async client of the running loop."""
+    loop = asyncio.get_running_loop()
+    entry = _clients.get(id(loop))
+    if entry is not None and entry[0] is loop:
+        return entry[1]
+    return _client_new(loop)
+
+
+def _client_new(loop: asyncio.AbstractEventLoop):
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    loop = asyncio.get_running_loop()
-    entry = _clients.get(id(loop))
-    if entry is None or entry[0] is not loop:
-        for key, (old, _c) in list(_clients.items()):
-            if old.is_closed():
-                del _clients[key]
-        timeout = settings.REDIS_TIMEOUT_S
-        # No socket_timeout: `run` bounds every call already, and redis-py would wrap each send in
-        # one more asyncio.wait_for (a task per command).
-        common = {"socket_timeout": None, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
-        sentinel = sentinel_url(settings.REDIS_URL)
-        cluster = cluster_url(settings.REDIS_URL)
-        if cluster is not None:
-            entry = _clients[id(loop)] = (loop, _cluster_client(cluster, common))
-            return entry[1]
-        if sentinel is None:
-            pool = aioredis.ConnectionPool.from_url(settings.REDIS_URL, connection_class=_ServerCheckedConnection,
-                                                    **common)
-        else:  # each new connection asks the Sentinels for the current master
-            from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+    for key, (old, _c) in list(_clients.items()):
+        if old.is_closed():
+            del _clients[key]
+    timeout = settings.REDIS_TIMEOUT_S
+    # No socket_timeout: `run` bounds every call already, and redis-py would wrap each send in
+    # one more asyncio.wait_for (a task per command).
+    common = {"socket_timeout": None, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+    sentinel = sentinel_url(settings.REDIS_URL)
+    cluster = cluster_url(settings.REDIS_URL)
+    if cluster is not None:
+        entry = _clients[id(loop)] = (loop, _cluster_client(cluster, common))
+        _cluster_ids.add(id(entry[1]))
+        return entry[1]
+    if sentinel is None:
+        pool = aioredis.ConnectionPool.from_url(settings.REDIS_URL, connection_class=_ServerCheckedConnection,
+                                                **common)
+    else:  # each new connection asks the Sentinels for the current master
+        from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
-            manager = Sentinel(sentinel.hosts, sentinel_kwargs=sentinel.sentinel_kwargs(timeout))
-            pool = SentinelConnectionPool(sentinel.service, manager, connection_class=_SentinelServerChecked,
-                                          **sentinel.master_kwargs(), **common)
-        entry = _clients[id(loop)] = (loop, aioredis.Redis(connection_pool=pool))
+        manager = Sentinel(sentinel.hosts, sentinel_kwargs=sentinel.sentinel_kwargs(timeout))
+        pool = SentinelConnectionPool(sentinel.service, manager, connection_class=_SentinelServerChecked,
+                                      **sentinel.master_kwargs(), **common)
+    entry = _clients[id(loop)] = (loop, aioredis.Redis(connection_pool=pool))
     return entry[1]
 
 
@@ -230,10 +236,11 @@ async def _cluster_script(c, command: tuple, fallback: tuple):
         return await c.execute_command(*fallback)
 
 
-def _is_cluster(c) -> bool:
-    from redis.asyncio.cluster import RedisCluster
+_cluster_ids: set[int] = set()  # the clients of a Redis Cluster (kept alive in _clients)
 
-    return isinstance(c, RedisCluster)
+
+def _is_cluster(c) -> bool:
+    return id(c) in _cluster_ids
 
 
 _shas: dict[str, str] = {}
@@ -413,6 +420,7 @@ def _reset() -> None:
     _down_until = 0.0
     _failures = 0
     _clients.clear()
+    _cluster_ids.clear()
     _batches.clear()
 
 

@@ -68,6 +68,15 @@ def hash_tag(key: str) -> str | None:
 def _one_slot(keys: list[str]) -> list[str]:
     """The keys of one script must share one hash tag (one tenant): a cluster would refuse them
     (CROSSSLOT), and one admission never spans tenants."""
+    if not keys:
+        return keys
+    first = keys[0]
+    start = first.find("{")
+    end = first.find("}", start + 1) if start >= 0 else -1
+    if end > start + 1:  # the usual case: every key starts as the first does, up to its tag
+        prefix = first[:end + 1]
+        if all(k.startswith(prefix) for k in keys):
+            return keys
     tags = {hash_tag(k) for k in keys}
     if len(tags) > 1:
         raise ValueError(f"one admission's keys span hash tags {sorted(map(str, tags))}")
