@@ -257,6 +257,14 @@ class UsageFilters:
             extra["end_user"] = self.end_user
         return usage_events(tenant_ids=self.tenant_ids, since=self.start, until=self.end, **extra)
 
+    def _narrowed(self, qs):
+        """A rollup queryset under the source and model filters, unordered."""
+        if self.source:
+            qs = qs.filter(source_ref=self.source)
+        if self.model:
+            qs = qs.filter(model=self.model)
+        return qs.order_by()
+
     def rollups(self, granularity: str = "day"):
         """Rollups under these filters. The range is whole UTC days, so sums over daily rows equal
         sums over hourly ones: only the hourly time series needs the (24x larger) hourly table."""
@@ -265,33 +273,21 @@ class UsageFilters:
             return self.dim_rollups(dim[0], granularity).filter(value=dim[1])
         model = UsageRollupHourly if granularity == "hour" else UsageRollupDaily
         qs = model.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start, bucket__lt=self.end)
-        if self.source:
-            qs = qs.filter(source_ref=self.source)
-        if self.model:
-            qs = qs.filter(model=self.model)
-        return qs.order_by()
+        return self._narrowed(qs)
 
     def dim_rollups(self, dim: str, granularity: str = "day"):
         """The tag (`dim` "tag") or end-user ("user") rollups under the date, source and model filters."""
         model = UsageDimRollupHourly if granularity == "hour" else UsageDimRollupDaily
         qs = model.objects.filter(tenant_id__in=self.tenant_ids, dim=dim, bucket__gte=self.start,
                                   bucket__lt=self.end)
-        if self.source:
-            qs = qs.filter(source_ref=self.source)
-        if self.model:
-            qs = qs.filter(model=self.model)
-        return qs.order_by()
+        return self._narrowed(qs)
 
     def attempt_rollups(self):
         """Upstream attempt rollups under these filters (not narrowed by tag or end user: attempts
         are rolled up without them)."""
         qs = AttemptRollupHourly.objects.filter(tenant_id__in=self.tenant_ids, bucket__gte=self.start,
                                                 bucket__lt=self.end)
-        if self.source:
-            qs = qs.filter(source_ref=self.source)
-        if self.model:
-            qs = qs.filter(model=self.model)
-        return qs.order_by()
+        return self._narrowed(qs)
 
 
 def _sums(with_latency: bool = False) -> dict:

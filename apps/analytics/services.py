@@ -170,36 +170,31 @@ def usage_rollup_recompute(*, since: datetime, until: datetime,
                     "latency_ms_sum", *LATENCY_FIELDS]
     dim_cols = ["bucket", "tenant_id", "model", "model_version", "provider", "source_type", "source_ref",
                 "source_id", "api_key_id", "budget_id", "status_class"]
+
+    def days_from_hours(hourly_model, daily_model, dims: list[str]) -> int:
+        """Replace the daily rows of the days touched by the sums of their hourly rows."""
+        day_dims = {f"d_{c}": F(c) for c in dims}
+        daily = (
+            kept(hourly_model.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).order_by()
+            .annotate(d_bucket=TruncDay("bucket", tzinfo=UTC), **day_dims)
+            .values("d_bucket", *day_dims)
+            .annotate(**{f"a_{c}": Sum(c) for c in measure_cols})
+        )
+        kept(daily_model.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).delete()
+        return _insert_select(daily_model, daily, ["bucket", *dims, *measure_cols])
+
     with transaction.atomic():
         if connection.vendor == "postgresql":  # one recompute at a time (beat overlap, manual runs)
             with connection.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", [ROLLUP_LOCK_ID])
         kept(UsageRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end)).delete()
         n_hourly = _insert_select(UsageRollupHourly, hourly, dim_cols + measure_cols)
-        day_dims = {f"d_{c}": F(c) for c in dim_cols[1:]}
-        daily = (
-            kept(UsageRollupHourly.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).order_by()
-            .annotate(d_bucket=TruncDay("bucket", tzinfo=UTC), **day_dims)
-            .values("d_bucket", *day_dims)
-            .annotate(**{f"a_{c}": Sum(c) for c in measure_cols})
-        )
-        kept(UsageRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).delete()
-        n_daily = _insert_select(UsageRollupDaily, daily, dim_cols + measure_cols)
+        n_daily = days_from_hours(UsageRollupHourly, UsageRollupDaily, dim_cols[1:])
         AttemptRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end).delete()
         n_attempts = _attempt_rollup_insert(h_start, h_end)
         kept(UsageDimRollupHourly.objects.filter(bucket__gte=h_start, bucket__lt=h_end)).delete()
         n_dims = _dim_rollup_insert(h_start, h_end, exclude_tenants)
-        dim_cols = ["dim", "value", *dim_cols]
-        day_dims = {f"d_{c}": F(c) for c in dim_cols if c != "bucket"}
-        dim_daily = (
-            kept(UsageDimRollupHourly.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).order_by()
-            .annotate(d_bucket=TruncDay("bucket", tzinfo=UTC), **day_dims)
-            .values("d_bucket", *day_dims)
-            .annotate(**{f"a_{c}": Sum(c) for c in measure_cols})
-        )
-        kept(UsageDimRollupDaily.objects.filter(bucket__gte=d_start, bucket__lt=d_end)).delete()
-        n_dims_daily = _insert_select(UsageDimRollupDaily, dim_daily,
-                                      ["bucket", *[c for c in dim_cols if c != "bucket"], *measure_cols])
+        n_dims_daily = days_from_hours(UsageDimRollupHourly, UsageDimRollupDaily, ["dim", "value", *dim_cols[1:]])
     # The dashboards' "last updated": ledger rows up to here are in the rollups.
     stamp_write(ROLLUP_STAMP, min(until, started))
     return {"hourly": n_hourly, "daily": n_daily, "attempts": n_attempts, "dims": n_dims, "dims_daily": n_dims_daily}
