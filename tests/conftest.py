@@ -20,6 +20,7 @@ from django.conf import settings
 from apps.billing import alerts
 from apps.billing.budgets import open_holds
 from apps.core import caches
+from apps.core import db as core_db
 from apps.core.state import EPOCH_KEY
 from apps.gateway import cooldown, pipeline, router, selectors
 from tests import factories as f
@@ -58,6 +59,18 @@ def _fresh_process_state(request):
     left = open_holds()
     if left and not request.node.get_closest_marker("holds_left_open"):
         pytest.fail(f"budget holds left open (never settled or released): {[h.request_id for h in left]}")
+
+
+@pytest.fixture
+async def server_loop(monkeypatch):
+    """Run the test as the ASGI server's loop would: with its own async pool (a live gateway thread
+    of the session keeps its own)."""
+    for name in ("_server_loop", "_pool", "_pool_loop"):
+        monkeypatch.setattr(core_db, name, None)
+    core_db.server_loop_mark()
+    yield
+    if core_db._pool is not None:
+        await core_db._pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -170,18 +170,11 @@ def test_concurrent_writers_of_one_request_in_two_months_leave_one_row(months):
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_the_async_group_commit_writes_across_months_once(months, monkeypatch):
-    for name in ("_server_loop", "_pool", "_pool_loop"):
-        monkeypatch.setattr(db, name, None)
-    db.server_loop_mark()
-    try:
-        tenant = await sync_to_async(f.TenantFactory)()
-        await asyncio.gather(*(usage_event_record(**fields(tenant, f"req_{i % 5}", at))
-                               for i, at in enumerate([LAST_INSTANT, FIRST_INSTANT] * 10)))
-        assert await db.pg_pool() is not None
-    finally:
-        if db._pool is not None:
-            await db._pool.close()
+async def test_the_async_group_commit_writes_across_months_once(months, server_loop):
+    tenant = await sync_to_async(f.TenantFactory)()
+    await asyncio.gather(*(usage_event_record(**fields(tenant, f"req_{i % 5}", at))
+                           for i, at in enumerate([LAST_INSTANT, FIRST_INSTANT] * 10)))
+    assert await db.pg_pool() is not None
     ids = [r async for r in UsageEvent.objects.values_list("request_id", flat=True)]
     assert sorted(ids) == [f"req_{i}" for i in range(5)]
 

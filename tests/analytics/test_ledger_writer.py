@@ -23,18 +23,6 @@ def row(tenant, request_id, **extra):
             "cost": Decimal("0.0000123400"), **extra}
 
 
-@pytest.fixture
-async def server_loop(monkeypatch):
-    """Run the test as the ASGI server's loop would: with its own async pool (a live gateway thread
-    of the session keeps its own)."""
-    for name in ("_server_loop", "_pool", "_pool_loop"):
-        monkeypatch.setattr(db, name, None)
-    db.server_loop_mark()
-    yield
-    if db._pool is not None:
-        await db._pool.close()
-
-
 @postgres_only
 @pytest.mark.django_db(transaction=True)
 async def test_concurrent_rows_are_each_written_once(server_loop):

@@ -25,17 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-async def server_loop(monkeypatch):
-    """This test's loop as the ASGI server's (with its own async pool)."""
-    for name in ("_server_loop", "_pool", "_pool_loop"):
-        monkeypatch.setattr(db, name, None)
-    db.server_loop_mark()
-    yield
-    if db._pool is not None:
-        await db._pool.close()
-
-
-@pytest.fixture
 def slow_settle(monkeypatch):
     """Settles wait for `gate` before reaching the shared state."""
     gate = asyncio.Event()
