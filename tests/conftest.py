@@ -24,6 +24,7 @@ from apps.core import db as core_db
 from apps.core.state import EPOCH_KEY
 from apps.gateway import cooldown, pipeline, router, selectors
 from tests import factories as f
+from tests import redis_servers
 from tests.fakes.openai_server import FakeOpenAI
 
 # The embedded admission state of this test session (and of the workers and gateways it starts),
@@ -71,6 +72,19 @@ async def server_loop(monkeypatch):
     yield
     if core_db._pool is not None:
         await core_db._pool.close()
+
+
+@pytest.fixture
+def failover_cluster(tmp_path):
+    """A 3-master Redis Cluster with a replica per master, started for the test (skipped without
+    the binaries)."""
+    if redis_servers.needs_redis_cluster.args[0]:
+        pytest.skip(redis_servers.needs_redis_cluster.kwargs["reason"])
+    c = redis_servers.ClusterSet(tmp_path, replicas=True)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from apps.analytics.models import UsageEvent
 from apps.core.money import usd
 from tests import factories as f
 from tests.conftest import make_setup
-from tests.redis_servers import ClusterSet, SentinelSet, client, needs_redis_cluster, needs_redis_server
+from tests.redis_servers import SentinelSet, client, needs_redis_server
 
 pytestmark = [
     needs_redis_server,
@@ -183,17 +183,6 @@ def test_a_sentinel_failover_under_load_loses_no_ledger_row_and_overspends_no_bu
         return sentinels.replica_port if sentinels.master_port_now() == sentinels.replica_port else None
 
     _drill(s, budget, LIMIT, urls, fail_over, new_port_now, how)
-
-
-@pytest.fixture
-def failover_cluster(tmp_path):
-    if needs_redis_cluster.args[0]:
-        pytest.skip(needs_redis_cluster.kwargs["reason"])
-    c = ClusterSet(tmp_path, replicas=True)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
 
 
 def test_a_cluster_failover_under_load_loses_no_ledger_row_and_overspends_no_budget(failover_cluster,

@@ -168,17 +168,6 @@ def test_deployment_cooldowns_work_on_a_cluster(on_cluster, upstream, settings):
     assert deployment.id in async_to_sync(fail_until_cooling)()
 
 
-@pytest.fixture
-def failover_cluster(tmp_path):
-    if needs_redis_cluster.args[0]:
-        pytest.skip(needs_redis_cluster.kwargs["reason"])
-    c = ClusterSet(tmp_path, replicas=True)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_promoted_replica_is_a_new_server_whose_budget_counters_are_rebuilt(failover_cluster, client, upstream,
                                                                              settings):

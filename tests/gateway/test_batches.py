@@ -14,7 +14,7 @@ from apps.analytics.models import UsageEvent
 from apps.gateway import admission
 from apps.gateway.models import Batch, BatchLine
 from tests import factories as f
-from tests.gateway.worker import Worker, broker_reset, wait_for
+from tests.gateway.worker import Worker, broker_reset, until_done, wait_for
 
 
 @pytest.fixture
@@ -39,17 +39,6 @@ def run_batch(sdk, alias, n, **kw):
     uploaded = sdk.files.create(file=("in.jsonl", io.BytesIO(jsonl(alias, n, **kw))), purpose="batch")
     return sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                               metadata={"job": "nightly"})
-
-
-def until_done(sdk, batch_id, worker, timeout=90):
-    def done():
-        b = sdk.batches.retrieve(batch_id)
-        return b if b.status in ("completed", "failed", "cancelled", "expired") else None
-
-    try:
-        return wait_for(done, timeout=timeout, what=f"batch {batch_id} to finish")
-    except AssertionError:
-        raise AssertionError(worker.tail())
 
 
 def _spend(budget) -> tuple[Decimal, Decimal]:

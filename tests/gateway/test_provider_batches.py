@@ -21,7 +21,7 @@ from apps.gateway import provider_batches
 from apps.gateway.models import BatchLine, UpstreamBatch
 from tests import factories as f
 from tests.conftest import make_setup
-from tests.gateway.worker import Worker, broker_reset, wait_for
+from tests.gateway.worker import Worker, broker_reset, until_done, wait_for
 
 POLL_S = "0.2"
 
@@ -84,17 +84,6 @@ def line(i: int, alias: str, content: str | None = None, **body) -> bytes:
 def submit(sdk, lines: list[bytes]):
     uploaded = sdk.files.create(file=("in.jsonl", io.BytesIO(b"\n".join(lines) + b"\n")), purpose="batch")
     return sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-
-
-def until_done(sdk, batch_id, w, timeout=90):
-    def done():
-        b = sdk.batches.retrieve(batch_id)
-        return b if b.status in ("completed", "failed", "cancelled", "expired") else None
-
-    try:
-        return wait_for(done, timeout=timeout, what=f"batch {batch_id} to finish")
-    except AssertionError:
-        raise AssertionError(w.tail())
 
 
 def read_jsonl(sdk, file_id) -> list[dict]:

@@ -33,6 +33,19 @@ def wait_for(condition, *, timeout: float = 60.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def until_done(sdk, batch_id, worker, timeout=90):
+    """Wait for a batch to reach a final status (and return it); on a timeout, fail with the tail of
+    the worker's log."""
+    def done():
+        b = sdk.batches.retrieve(batch_id)
+        return b if b.status in ("completed", "failed", "cancelled", "expired") else None
+
+    try:
+        return wait_for(done, timeout=timeout, what=f"batch {batch_id} to finish")
+    except AssertionError:
+        raise AssertionError(worker.tail()) from None
+
+
 def _database_url() -> str:
     s = connection.settings_dict
     if settings.IS_POSTGRES:
