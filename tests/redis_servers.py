@@ -177,4 +177,3 @@ class ClusterSet(_Servers):
             if info.get("role") == "slave" and int(info.get("master_port", 0)) == master_port:
                 return port
         raise AssertionError(f"no replica of {master_port}")
-

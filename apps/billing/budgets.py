@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -152,14 +151,13 @@ class Hold:
         short-lived loop, a sync caller) it is awaited."""
         if not self._end("settled"):
             return
-        closing = _close(self, actual_micros=micros(cost_usd) if cost_usd > 0 else 0, tokens=tokens)
+        actual = micros(cost_usd) if cost_usd > 0 else 0
         if not on_server_loop():
-            await closing
+            await _close(self, actual_micros=actual, tokens=tokens)
             return
-        task = asyncio.get_running_loop().create_task(_close_unhurried(closing))
-        with _idle:
-            _settling.add(task)
-        task.add_done_callback(_settled)
+        task = asyncio.get_running_loop().create_task(_close_after_answer(self, actual_micros=actual, tokens=tokens))
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
 
     async def release(self) -> None:
         """Give the whole hold back (and the token estimate): the request cost nothing."""
@@ -210,23 +208,16 @@ class Hold:
 
 
 _settling: set[asyncio.Task] = set()
-_idle = threading.Condition()
 
 
-def _settled(task: asyncio.Task) -> None:
-    with _idle:
-        _settling.discard(task)
-        if not _settling:
-            _idle.notify_all()
-    if not task.cancelled() and task.exception() is not None:
-        log.error("settle failed", exc_info=task.exception())
-
-
-async def _close_unhurried(closing) -> None:
+async def _close_after_answer(hold: Hold, *, actual_micros: int, tokens: int) -> None:
     """A settle after the answer: nobody waits for it, so its Redis command goes out with the next
-    ones (apps.core.redis.unhurried) instead of on its own."""
+    ones (apps.core.redis.unhurried) instead of on its own, and a failure is logged here."""
     core_redis.unhurried()
-    await closing
+    try:
+        await _close(hold, actual_micros=actual_micros, tokens=tokens)
+    except Exception:
+        log.error("settle of %s failed; its hold expires after its ttl", hold.request_id, exc_info=True)
 
 
 async def settles_drain() -> None:
@@ -235,13 +226,6 @@ async def settles_drain() -> None:
     loop = asyncio.get_running_loop()
     while running := [t for t in _settling if t.get_loop() is loop]:
         await asyncio.gather(*running, return_exceptions=True)
-
-
-def settles_wait(timeout: float = 10.0) -> bool:
-    """From another thread (a test reading the counters or alerts after an answer the server in
-    its thread gave): block until no settle is left running. False on timeout."""
-    with _idle:
-        return _idle.wait_for(lambda: not _settling, timeout)
 
 
 async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
