@@ -104,7 +104,7 @@ class _Batch:
     UNHURRIED_S for company instead: it goes out with the next command any request issues (at low
     concurrency, the next request's admission), so it costs no send or wake-up of its own."""
 
-    __slots__ = ("entries", "idle", "loop", "pool", "soon", "timer")
+    __slots__ = ("entries", "loop", "pool", "soon", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool):
         self.loop = loop
@@ -112,19 +112,6 @@ class _Batch:
         self.entries: list[tuple[tuple, tuple | None, asyncio.Future]] = []
         self.soon = False  # a flush at the end of this turn is scheduled
         self.timer: asyncio.TimerHandle | None = None  # a flush of unhurried commands only
-        # Connections that answered less than FRESH_S ago, kept here rather than given back to the
-        # pool: under load the next pipeline takes one without the pool's checks (about 3% of a
-        # request's CPU). An older one goes back through the pool, which checks it again.
-        self.idle: list[tuple[object, float]] = []
-
-    async def _connection(self):
-        now = time.monotonic()
-        while self.idle:
-            conn, answered = self.idle.pop()
-            if now - answered < FRESH_S:
-                return conn
-            await self.pool.release(conn)
-        return await self.pool.get_connection()
 
     def add(self, command: tuple, fallback: tuple | None) -> asyncio.Future:
         if not self.soon:
@@ -155,7 +142,7 @@ class _Batch:
         conn = None
         try:
             async with asyncio.timeout(settings.REDIS_TIMEOUT_S):
-                conn = await self._connection()
+                conn = await self.pool.get_connection()
                 # hiredis packs in C: redis-py's asyncio connection packs in Python, ten times slower
                 # for a script call with its dozens of keys and arguments.
                 await conn.send_packed_command(b"".join([pack_command(e[0]) for e in entries]))
@@ -176,7 +163,6 @@ class _Batch:
         except BaseException as exc:
             if conn is not None:
                 await conn.disconnect()
-                await self.pool.release(conn)
             failure = exc if isinstance(exc, Exception) else redis.ConnectionError("cancelled")
             for _command, _fallback, fut in entries:
                 if not fut.done():
@@ -184,7 +170,9 @@ class _Batch:
             if not isinstance(exc, Exception):
                 raise
             return
-        self.idle.append((conn, time.monotonic()))
+        finally:
+            if conn is not None:
+                await self.pool.release(conn)
         for (_command, _fallback, fut), reply in zip(entries, replies, strict=True):
             if not fut.done():
                 if isinstance(reply, Exception):
@@ -196,7 +184,6 @@ class _Batch:
 _batches: dict[int, _Batch] = {}
 _flushing: set[asyncio.Task] = set()
 UNHURRIED_S = 0.005
-FRESH_S = 1.0
 _unhurried: contextvars.ContextVar[bool] = contextvars.ContextVar("redis_unhurried", default=False)
 
 

@@ -105,22 +105,3 @@ async def test_an_unhurried_command_alone_goes_out_after_its_wait(flushes):
     assert await asyncio.create_task(_unhurried_echo("alone")) == b"alone"
     assert flushes == [["ECHO"]]
     assert not core_redis._unhurried.get()  # that task's, not this one's
-
-
-@pytest.mark.parametrize(("fresh_s", "from_the_pool"), [(1.0, 1), (0.0, 3)])
-async def test_a_connection_that_just_answered_is_taken_again_without_the_pool(monkeypatch, fresh_s, from_the_pool):
-    """Without the pool's checks while it is fresh; once it is not, through the pool (which checks it)."""
-    monkeypatch.setattr(core_redis, "FRESH_S", fresh_s)
-    pool = core_redis.client().connection_pool
-    taken = []
-    real = pool.get_connection
-
-    async def counting(*args, **kwargs):
-        taken.append(1)
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(pool, "get_connection", counting)
-    for i in range(3):  # one after the other: three pipelines
-        assert await core_redis.run(lambda i=i: core_redis.send("ECHO", str(i))) == str(i).encode()
-
-    assert len(taken) == from_the_pool and _connections_made() == 1
