@@ -2,8 +2,9 @@
 request must make, with the same libraries, so their cost can be told apart from the gateway's own
 work (docs/benchmark.md, "The floor of this design").
 
-Per request: read the body, one Redis EVALSHA (admission), the upstream call through aiohttp, one
-INSERT with a durable commit (psycopg, the ledger row), then the answer. FLOOR_STEPS picks the steps
+Per request: read the body, one Redis EVALSHA (admission), the upstream call (through the gateway's
+own HTTP/1.1 client, apps/gateway/h1.py; FLOOR_HTTP=aiohttp for an aiohttp session), one INSERT with
+a durable commit (psycopg, the ledger row), then the answer. FLOOR_STEPS picks the steps
 (any of `redis,upstream,pg`, or `none`). Against bench/upstream.py and the bench's database:
 
     .venv/bin/python bench/upstream.py --port 9311 &
@@ -25,11 +26,14 @@ import orjson
 import psycopg
 import redis.asyncio as aioredis
 
+from apps.gateway import h1
+
 STEPS = set(os.environ.get("FLOOR_STEPS", "redis,upstream,pg").split(","))
 UPSTREAM = os.environ.get("FLOOR_UPSTREAM", "http://127.0.0.1:9311/v1/chat/completions")
 REDIS_URL = os.environ.get("FLOOR_REDIS_URL", "redis://127.0.0.1:6379/13")
 DATABASE_URL = os.environ.get("FLOOR_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/llm_bench")
 HEADERS = {"content-type": "application/json", "authorization": "Bearer floor"}
+HTTP = os.environ.get("FLOOR_HTTP", "native")
 state: dict = {}
 
 
@@ -37,6 +41,7 @@ async def _start() -> None:
     state["redis"] = aioredis.Redis.from_url(REDIS_URL)
     state["sha"] = await state["redis"].script_load("return redis.call('INCRBY', KEYS[1], ARGV[1])")
     state["http"] = aiohttp.ClientSession()
+    state["h1"] = h1.Client(connect_timeout=5, read_timeout=120)
     state["pg"] = await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True)
     await state["pg"].execute("CREATE TABLE IF NOT EXISTS bench_floor_rows (id bigserial PRIMARY KEY, request_id text, "
                               "cost numeric, at timestamptz, attempts jsonb)")
@@ -45,6 +50,7 @@ async def _start() -> None:
 
 async def _stop() -> None:
     await state["http"].close()
+    state["h1"].close()
     await state["pg"].close()
     await state["redis"].aclose()
 
@@ -71,8 +77,11 @@ async def app(scope, receive, send) -> None:
         await state["redis"].evalsha(state["sha"], 1, "floor:admitted", 1)
     answer = b'{"ok":true}'
     if "upstream" in STEPS:
-        async with state["http"].post(UPSTREAM, data=orjson.dumps(request), headers=HEADERS) as resp:
-            answer = await resp.read()
+        if HTTP == "aiohttp":
+            async with state["http"].post(UPSTREAM, data=orjson.dumps(request), headers=HEADERS) as resp:
+                answer = await resp.read()
+        else:
+            answer = (await state["h1"].post(UPSTREAM, headers=HEADERS, content=orjson.dumps(request))).content
     if "pg" in STEPS:
         async with state["lock"]:
             await state["pg"].execute("INSERT INTO bench_floor_rows (request_id, cost, at, attempts) "

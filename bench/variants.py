@@ -21,6 +21,7 @@ VAR = ROOT / "var"
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
+    "transport-aiohttp": ["--gateway-env", "GATEWAY_HTTP_TRANSPORT=aiohttp"],
     "transport-httpx-aiohttp": ["--gateway-env", "GATEWAY_HTTP_TRANSPORT=httpx-aiohttp"],
     "transport-httpx": ["--gateway-env", "GATEWAY_HTTP_TRANSPORT=httpx"],
     "ledger-single": ["--gateway-env", "GATEWAY_LEDGER_WRITER=single"],

@@ -245,7 +245,7 @@ GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0
 # "aiohttp" (non-streaming calls on aiohttp directly, streams through httpx over aiohttp; fastest),
 # "httpx-aiohttp" (all through httpx over an aiohttp transport) or "httpx" (plain httpx pool).
 # See apps/gateway/http.py and docs/benchmark.md.
-GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="aiohttp")
+GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="native")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
 # A stream whose upstream sends nothing for this long ends with an error event (a stalled stream).

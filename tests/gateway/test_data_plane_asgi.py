@@ -60,7 +60,7 @@ def test_unknown_v1_path_answers_in_openai_shape(live_gateway):
     assert resp.headers["x-request-id"]
 
 
-@pytest.fixture(params=["aiohttp", "httpx-aiohttp", "httpx"])
+@pytest.fixture(params=["native", "aiohttp", "httpx-aiohttp", "httpx"])
 def transport(request, settings):
     settings.GATEWAY_HTTP_TRANSPORT = request.param
     http._clients.clear()

@@ -76,8 +76,15 @@ def _network_error(exc: Exception) -> ProviderError:
 
 async def post_json(url: str, *, headers: dict, body: dict, params: dict | None = None,
                     secrets: tuple[str, ...] = ()) -> dict:
-    session = http.aiohttp_session()
-    if session is not None:  # the fast path: no httpx layer (see apps/gateway/http.py)
+    native = http.native_client()
+    session = http.aiohttp_session() if native is None else None
+    if native is not None:  # the fast path (see apps/gateway/http.py)
+        try:
+            resp = await native.post(url, headers=headers, content=orjson.dumps(body), params=params)
+        except (OSError, TimeoutError) as exc:  # the client's own errors subclass these two
+            raise _network_error(exc)
+        status, content, retry_after = resp.status, resp.content, resp.headers.get("retry-after")
+    elif session is not None:  # no httpx layer
         try:
             async with session.post(url, data=orjson.dumps(body), headers=headers, params=params) as resp:
                 status, content = resp.status, await resp.read()
