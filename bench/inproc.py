@@ -92,6 +92,7 @@ def main() -> None:
             lat = await drive(application, args.key, args.n, args.c)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(35)
+            prof.dump_stats(os.environ.get("PROF_OUT", "var/inproc.prof"))
         else:
             lat = await drive(application, args.key, args.n, args.c)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -27,6 +27,7 @@ from django.urls import set_script_prefix  # noqa: E402
 from django.utils.module_loading import import_string  # noqa: E402
 
 from apps.analytics.journal import replay_in_background  # noqa: E402
+from apps.analytics.services import ledger_writers_release  # noqa: E402
 from apps.billing.budgets import settles_drain  # noqa: E402
 from apps.core.db import server_loop_mark  # noqa: E402
 from apps.gateway import asgi as direct  # noqa: E402
@@ -113,13 +114,15 @@ data_plane_application = DataPlaneHandler()
 
 async def lifespan(receive, send) -> None:
     """The server's start and stop: at stop, the budget settles still finishing after their answers
-    are awaited (apps.billing.budgets.Hold.settle), so a graceful shutdown leaves no hold open."""
+    are awaited (apps.billing.budgets.Hold.settle), so a graceful shutdown leaves no hold open, and
+    the ledger writers give back the connections they keep."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await settles_drain()
+            await ledger_writers_release()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

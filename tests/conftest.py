@@ -17,6 +17,7 @@ from decimal import Decimal
 import pytest
 from django.conf import settings
 
+from apps.analytics.services import ledger_writers_release
 from apps.billing import alerts
 from apps.billing.budgets import open_holds
 from apps.core import caches
@@ -71,6 +72,7 @@ async def server_loop(monkeypatch):
     core_db.server_loop_mark()
     yield
     if core_db._pool is not None:
+        await ledger_writers_release()
         await core_db._pool.close()
 
 

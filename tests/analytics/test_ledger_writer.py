@@ -9,6 +9,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from apps.analytics import journal, services
 from apps.analytics.models import UsageEvent
 from apps.analytics.services import usage_event_record
 from apps.core import db
@@ -94,3 +95,52 @@ async def test_the_ledger_connections_commit_as_configured(server_loop, settings
 
     async with pool.connection() as conn:
         assert (await (await conn.execute("SHOW synchronous_commit")).fetchone())[0] == mode
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+async def test_the_writer_keeps_its_connection_between_rows_and_gives_it_back_when_idle(server_loop, monkeypatch):
+    tenant = await sync_to_async(f.TenantFactory)()
+    await usage_event_record(**row(tenant, "req_k1"))
+    pool = await db.pg_pool()
+    writer = services._batcher(pool)
+    kept, requests = writer.conn, pool.get_stats().get("requests_num", 0)
+
+    await usage_event_record(**row(tenant, "req_k2"))
+
+    assert kept is not None and writer.conn is kept  # no checkout for the second row
+    assert pool.get_stats().get("requests_num", 0) == requests
+    monkeypatch.setattr(services, "LINGER_S", 0.0)
+    writer.linger.cancel()
+    writer._release_idle()  # the linger timer's turn, idle for LINGER_S now
+    await asyncio.gather(*services._releasing)
+    assert writer.conn is None
+    assert pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"]
+    assert await UsageEvent.objects.filter(tenant=tenant).acount() == 2
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+async def test_a_kept_connection_the_server_dropped_loses_no_row(server_loop, settings, tmp_path, monkeypatch):
+    """PostgreSQL ends the writer's kept connection (a restart, an idle timeout): the next row is
+    journaled, not lost, and replayed; the dead connection is not kept; the row after it is written."""
+    settings.LEDGER_JOURNAL_DIR = str(tmp_path / "journal")
+    settings.LEDGER_JOURNAL_SKIP_DB_S = 0
+    settings.LEDGER_REPLAY_BACKOFF_S = 0.05
+    monkeypatch.setattr(journal, "_replay_task", None)
+    tenant = await sync_to_async(f.TenantFactory)()
+    await usage_event_record(**row(tenant, "req_d1"))
+    writer = services._batcher(await db.pg_pool())
+    pid = writer.conn.info.backend_pid
+    async with (await db.pg_pool()).connection() as other:
+        await other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    await usage_event_record(**row(tenant, "req_d2"))
+    await usage_event_record(**row(tenant, "req_d3"))
+
+    assert journal._replay_task is not None  # req_d2 went to the journal
+    await asyncio.wait_for(journal._replay_task, 30)
+    assert writer.conn.info.backend_pid != pid
+    assert sorted([e.request_id async for e in UsageEvent.objects.filter(tenant=tenant)]) == [
+        "req_d1", "req_d2", "req_d3"]
+    assert journal.segments() == []
