@@ -109,19 +109,21 @@ class _Batch:
     def __init__(self, loop: asyncio.AbstractEventLoop, pool):
         self.loop = loop
         self.pool = pool
-        self.entries: list[tuple[tuple, tuple | None, asyncio.Future]] = []
+        # (command, fallback, future, unhurried)
+        self.entries: list[tuple[tuple, tuple | None, asyncio.Future, bool]] = []
         self.soon = False  # a flush at the end of this turn is scheduled
         self.timer: asyncio.TimerHandle | None = None  # a flush of unhurried commands only
 
     def add(self, command: tuple, fallback: tuple | None) -> asyncio.Future:
+        unhurried = _unhurried.get()
         if not self.soon:
-            if not _unhurried.get():
+            if not unhurried:
                 self.soon = True
                 self.loop.call_soon(self._flush)
             elif self.timer is None:
                 self.timer = self.loop.call_later(UNHURRIED_S, self._flush)
         fut = self.loop.create_future()
-        self.entries.append((command, fallback, fut))
+        self.entries.append((command, fallback, fut, unhurried))
         return fut
 
     def _flush(self) -> None:
@@ -152,7 +154,7 @@ class _Batch:
                         replies.append(await conn.read_response())
                     except redis.ResponseError as exc:
                         replies.append(exc)
-                for i, (_command, fallback, _fut) in enumerate(entries):
+                for i, (_command, fallback, _fut, _later) in enumerate(entries):
                     # A script the server does not know yet (restart, flush): once more, with its source.
                     if fallback is not None and isinstance(replies[i], redis.exceptions.NoScriptError):
                         await conn.send_command(*fallback)
@@ -164,7 +166,7 @@ class _Batch:
             if conn is not None:
                 await conn.disconnect()
             failure = exc if isinstance(exc, Exception) else redis.ConnectionError("cancelled")
-            for _command, _fallback, fut in entries:
+            for _command, _fallback, fut, _later in entries:
                 if not fut.done():
                     fut.set_exception(failure)
             if not isinstance(exc, Exception):
@@ -173,12 +175,15 @@ class _Batch:
         finally:
             if conn is not None:
                 await self.pool.release(conn)
-        for (_command, _fallback, fut), reply in zip(entries, replies, strict=True):
-            if not fut.done():
-                if isinstance(reply, Exception):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+        # The requests waiting on their replies go on first; the unhurried (settles after their
+        # answers) resume after them, so their follow-up work does not delay a request's next step.
+        for later in (False, True):
+            for (_command, _fallback, fut, unhurried), reply in zip(entries, replies, strict=True):
+                if unhurried is later and not fut.done():
+                    if isinstance(reply, Exception):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
 
 
 _batches: dict[int, _Batch] = {}

@@ -105,3 +105,22 @@ async def test_an_unhurried_command_alone_goes_out_after_its_wait(flushes):
     assert await asyncio.create_task(_unhurried_echo("alone")) == b"alone"
     assert flushes == [["ECHO"]]
     assert not core_redis._unhurried.get()  # that task's, not this one's
+
+
+async def test_a_request_resumes_before_the_unhurried_command_that_went_out_first(flushes):
+    resumed: list[str] = []
+
+    async def settle():
+        await _unhurried_echo("settle")
+        resumed.append("settle")
+
+    async def admission():
+        await core_redis.run(lambda: core_redis.send("ECHO", "admit"))
+        resumed.append("admission")
+
+    later = asyncio.create_task(settle())
+    await asyncio.sleep(0)  # the settle's command is queued first
+    await asyncio.gather(admission(), later)
+
+    assert flushes == [["ECHO", "ECHO"]]  # one pipeline, the settle's command first in it
+    assert resumed == ["admission", "settle"]
