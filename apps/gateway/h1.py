@@ -101,6 +101,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # a server speaking out of turn, between answers: not to be trusted again
+            self.close()
+            return
         self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
@@ -117,6 +120,10 @@ class _Connection(asyncio.Protocol):
         self._ended(exc)
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.waiter is None or self.waiter.done():  # a second answer to one request: out of turn
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 

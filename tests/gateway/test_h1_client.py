@@ -151,6 +151,29 @@ async def test_a_connection_the_server_closed_while_idle_is_not_taken_again():
     assert server.connections == 2
 
 
+async def test_a_connection_whose_server_spoke_out_of_turn_is_not_taken_again():
+    spoke = asyncio.Event()
+
+    async def answer_then_more(request, reader, writer):
+        await answered()(request, reader, writer)
+        if len(server.requests) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # nobody asked
+            await writer.drain()
+            spoke.set()
+
+    async with RawServer(answer_then_more) as server:
+        c = client()
+        await c.post(server.url, headers={}, content=b"{}")
+        await spoke.wait()
+        idle = c.idle.get(("http", "127.0.0.1", server.port), [])  # empty if both came in one read
+        for _ in range(100):  # the client's loop turns until it has read what the server sent
+            if not any(conn.open for conn in idle):
+                break
+            await asyncio.sleep(0)
+        assert (await c.post(server.url, headers={}, content=b"{}")).content == OK
+    assert server.connections == 2
+
+
 async def test_the_read_timeout_counts_from_the_last_byte_received():
     async def slow_but_steady(request, reader, writer):
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(OK))
