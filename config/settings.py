@@ -242,10 +242,14 @@ CELERY_BEAT_SCHEDULE: dict = {}
 GATEWAY_AUTH_CACHE_TTL_S = env.float("GATEWAY_AUTH_CACHE_TTL_S", default=1.0)
 # Seconds the routing table (aliases, deployments, prices) stays cached in process.
 GATEWAY_ROUTES_CACHE_TTL_S = env.float("GATEWAY_ROUTES_CACHE_TTL_S", default=2.0)
-# "aiohttp" (non-streaming calls on aiohttp directly, streams through httpx over aiohttp; fastest),
-# "httpx-aiohttp" (all through httpx over an aiohttp transport) or "httpx" (plain httpx pool).
-# See apps/gateway/http.py and docs/benchmark.md.
+# "native" (non-streaming calls through apps/gateway/h1.py, streams through httpx over aiohttp;
+# fastest), "aiohttp" (non-streaming calls on aiohttp directly), "httpx-aiohttp" (all through httpx
+# over an aiohttp transport) or "httpx" (plain httpx pool). See apps/gateway/http.py and
+# docs/benchmark.md.
 GATEWAY_HTTP_TRANSPORT = env("GATEWAY_HTTP_TRANSPORT", default="native")
+if GATEWAY_HTTP_TRANSPORT not in ("native", "aiohttp", "httpx-aiohttp", "httpx"):
+    raise ImproperlyConfigured(f"GATEWAY_HTTP_TRANSPORT={GATEWAY_HTTP_TRANSPORT!r}: native, aiohttp, httpx-aiohttp "
+                               "or httpx")
 GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", default=5.0)
 GATEWAY_UPSTREAM_READ_TIMEOUT_S = env.float("GATEWAY_UPSTREAM_READ_TIMEOUT_S", default=120.0)
 # A stream whose upstream sends nothing for this long ends with an error event (a stalled stream).

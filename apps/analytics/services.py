@@ -384,22 +384,20 @@ class _Batcher:
         self._keep(conn)
 
     def _keep(self, conn) -> None:
-        loop = asyncio.get_running_loop()
-        self.conn, self.used = conn, loop.time()
+        self.conn, self.used = conn, self.loop.time()
         if self.linger is None:
-            self.linger = loop.call_later(LINGER_S, self._release_idle)
+            self.linger = self.loop.call_later(LINGER_S, self._release_idle)
 
     def _release_idle(self) -> None:
         """Give the kept connection back once it has been idle for LINGER_S."""
         self.linger = None
         if self.conn is None:
             return
-        loop = asyncio.get_running_loop()
-        idle = loop.time() - self.used
+        idle = self.loop.time() - self.used
         if idle < LINGER_S or self.writer is not None:
-            self.linger = loop.call_later(max(LINGER_S - idle, 0.01), self._release_idle)
+            self.linger = self.loop.call_later(max(LINGER_S - idle, 0.01), self._release_idle)
             return
-        task = loop.create_task(self.release())
+        task = self.loop.create_task(self.release())
         _releasing.add(task)
         task.add_done_callback(_releasing.discard)
 

@@ -57,6 +57,13 @@ def test_the_demo_key_is_not_used_when_a_secret_key_is_set():
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_a_mistyped_upstream_transport_stops_the_start_with_the_choices():
+    done = manage("check", LLMS_DEMO="1", GATEWAY_HTTP_TRANSPORT="aihttp")
+
+    assert done.returncode != 0
+    assert "GATEWAY_HTTP_TRANSPORT='aihttp': native, aiohttp, httpx-aiohttp or httpx" in done.stderr
+
+
 # --- transport: the production profile ---------------------------------------------------------
 
 

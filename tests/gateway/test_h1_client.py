@@ -74,6 +74,16 @@ def client(**kw) -> h1.Client:
     return h1.Client(**{"connect_timeout": 2.0, "read_timeout": 5.0, **kw})
 
 
+async def _until_no_open_idle(c: h1.Client, server: RawServer) -> None:
+    """Let the client's loop turn until it has read what the server last did to its idle connection
+    (none pooled at all when it came in the same read as the answer)."""
+    idle = c.idle.get(("http", "127.0.0.1", server.port), [])
+    for _ in range(100):
+        if not any(conn.open for conn in idle):
+            return
+        await asyncio.sleep(0)
+
+
 async def test_answers_come_back_whole_over_one_kept_alive_connection():
     async with RawServer(answered(extra=b"Retry-After: 7\r\n")) as server:
         c = client()
@@ -142,11 +152,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_taken_again():
         c = client()
         await c.post(server.url, headers={}, content=b"{}")
         await closed.wait()
-        idle = c.idle[("http", "127.0.0.1", server.port)][0]
-        for _ in range(100):  # the client's loop turns until it has read the end of the connection
-            if not idle.open:
-                break
-            await asyncio.sleep(0)
+        await _until_no_open_idle(c, server)
         assert (await c.post(server.url, headers={}, content=b"{}")).content == OK
     assert server.connections == 2
 
@@ -165,11 +171,7 @@ async def test_a_connection_whose_server_spoke_out_of_turn_is_not_taken_again():
         c = client()
         await c.post(server.url, headers={}, content=b"{}")
         await spoke.wait()
-        idle = c.idle.get(("http", "127.0.0.1", server.port), [])  # empty if both came in one read
-        for _ in range(100):  # the client's loop turns until it has read what the server sent
-            if not any(conn.open for conn in idle):
-                break
-            await asyncio.sleep(0)
+        await _until_no_open_idle(c, server)
         assert (await c.post(server.url, headers={}, content=b"{}")).content == OK
     assert server.connections == 2
 
