@@ -159,6 +159,16 @@ class Hold:
         _settling.add(task)
         task.add_done_callback(_settling.discard)
 
+    async def settle_lost(self, *, cost_usd: Decimal) -> None:
+        """End a hold taken over from a process that stopped after writing the request's ledger row
+        (of `cost_usd`): before its settle, or after it (a settle is not idempotent). The cost is
+        added only where the hold is still there. Where it is not, it was settled, or it expired
+        (then the periodic reconcile raises the counter to the ledger). Token limits are left to
+        their one-minute window."""
+        if not self._end("settled"):
+            return
+        await _close(self, actual_micros=micros(cost_usd) if cost_usd > 0 else 0, tokens=0, lost=True)
+
     async def release(self) -> None:
         """Give the whole hold back (and the token estimate): the request cost nothing."""
         if not self._end("released"):
@@ -228,11 +238,12 @@ async def settles_drain() -> None:
         await asyncio.gather(*running, return_exceptions=True)
 
 
-async def _close(hold: Hold, *, actual_micros: int, tokens: int) -> None:
-    limit_deltas = [(c, tokens - hold.token_estimate) for c in hold.limits if c.kind == "tokens"]
+async def _close(hold: Hold, *, actual_micros: int, tokens: int, lost: bool = False) -> None:
+    """`lost`: `Hold.settle_lost`."""
+    limit_deltas = [] if lost else [(c, tokens - hold.token_estimate) for c in hold.limits if c.kind == "tokens"]
     try:
         results = await state().settle(request_id=hold.request_id, limits=limit_deltas,
-                                       budgets=[(h.cell, actual_micros) for h in hold.budgets])
+                                       budgets=[(h.cell, actual_micros) for h in hold.budgets], only_held=lost)
     except StateUnavailable:
         # The hold expires by itself; the spend reaches the counter when it is rebuilt or reconciled.
         log.warning("settle of %s could not reach the shared state; the ledger reconcile will catch up",

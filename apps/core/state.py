@@ -197,6 +197,7 @@ return out
 """
 
 _SETTLE = """
+local only_held = ARGV[1] == '1'
 local rid = ARGV[2]
 local nl = tonumber(ARGV[3])
 local nb = tonumber(ARGV[4])
@@ -219,6 +220,8 @@ for j = 1, nb do
     redis.call('DECRBY', KEYS[k + 2], tonumber(amount))
     redis.call('HDEL', KEYS[k + 4], rid)
     redis.call('ZREM', KEYS[k + 3], rid)
+  elseif only_held then
+    actual = 0
   end
   local before = redis.call('GET', KEYS[k + 1])
   if before then
@@ -318,13 +321,15 @@ class RedisState:
         return True
 
     async def settle(self, *, request_id: str, limits: list[tuple[LimitCell, int]],
-                     budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
+                     budgets: list[tuple[BudgetCell, int]], only_held: bool = False) -> list[tuple[int, int]]:
         """Correct token limits by their delta, swap each budget's hold for the actual micros.
-        Returns (spent_before, spent_after) per budget (-1 when its counter is missing)."""
+        `only_held`: add the actual micros only where the hold is still there (whoever settles
+        cannot know whether it was settled already). Returns (spent_before, spent_after) per
+        budget (-1 when its counter is missing)."""
         keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
         keys += [f"{b.key}:pending" for b, _ in budgets]
         _one_slot(keys)
-        args: list = [time.time() * 1000, request_id, len(limits), len(budgets)]
+        args: list = [1 if only_held else 0, request_id, len(limits), len(budgets)]
         for c, delta in limits:
             args += [delta, c.limit]
         for _, actual in budgets:
@@ -472,7 +477,7 @@ class SqliteState:
         return await self._run(step)
 
     async def settle(self, *, request_id: str, limits: list[tuple[LimitCell, int]],
-                     budgets: list[tuple[BudgetCell, int]]) -> list[tuple[int, int]]:
+                     budgets: list[tuple[BudgetCell, int]], only_held: bool = False) -> list[tuple[int, int]]:
         def step(db) -> list[tuple[int, int]]:
             for c, delta in limits:
                 if delta:
@@ -480,7 +485,9 @@ class SqliteState:
                                (delta, c.key, request_id))
             out = []
             for b, actual in budgets:
-                db.execute("DELETE FROM holds WHERE key = ? AND rid = ?", (b.key, request_id))
+                held = db.execute("DELETE FROM holds WHERE key = ? AND rid = ?", (b.key, request_id)).rowcount
+                if only_held and not held:
+                    actual = 0
                 row = db.execute("SELECT micros FROM spent WHERE key = ?", (b.key,)).fetchone()
                 if row is None:
                     db.execute("UPDATE pending SET micros = micros + ? WHERE key = ?", (actual, b.key))

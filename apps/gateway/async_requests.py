@@ -6,7 +6,8 @@ Idempotency: the AsyncRequest id is the pipeline's request id, and the ledger is
 A worker claims a request with a lease (conditional UPDATE); a worker killed mid-request leaves a
 lapsed lease, and the resume sweep (beat) runs the request again. A run that finds the ledger row
 already written (the worker died between the ledger write and saving the result) does not call the
-provider again: it ends as failed with `result_lost` and the usage of the ledger row.
+provider again: it ends as failed with `result_lost` and the usage of the ledger row, and the hold
+stored with it is settled with the row's cost unless the dead worker settled it already.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def async_request_run(*, request_id: str) -> None:
         return
     event = usage_event_summary(request_id=request_id)
     if event is not None:
+        async_to_sync(pipeline.settle_lost)(row.admission, cost_usd=event["cost"])
         usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
                  "total_tokens": event["prompt_tokens"] + event["completion_tokens"], "cost": str(event["cost"])}
         error = {"message": "A worker stopped after running this request and before saving its result.",

@@ -11,7 +11,8 @@ How a batch runs:
   idempotent on it: a line run twice (a worker killed mid-line) never makes a second ledger row.
   A line whose lease lapsed (its worker died) is claimed again; the resume sweep (beat) restarts
   lanes for a batch gone quiet. A line that finds its ledger row already written is not sent
-  again: it fails with `result_lost` (its cost is in the ledger).
+  again: it fails with `result_lost` (its cost is in the ledger), and the hold the line kept
+  (`line_hold_keep`, before the call) is settled with that cost, unless it was already.
 - A line our own rate limiter turns away (429) goes back to the queue and the lane waits for
   Retry-After; any other failure (a budget's 402 included) fails the line, and it is recorded.
 - Cancel: remaining queued lines are marked cancelled; in-flight lines finish.
@@ -38,6 +39,7 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from apps.analytics.selectors import usage_event_summary
+from apps.billing.budgets import Hold
 from apps.keys.selectors import KeyAuth, api_key_auth_by_id
 
 from . import pipeline, queues, schemas
@@ -299,6 +301,11 @@ def line_save(*, line_pk: int, status: str, response: dict | None, error: dict |
         status=status, response=response, error=error, lease_until=None)
 
 
+def line_hold_keep(*, line_pk: int, hold: dict) -> None:
+    """Store the hold a running line took (`Hold.to_dict`), for whoever runs the line after its worker."""
+    BatchLine.objects.filter(pk=line_pk, status=JobStatus.RUNNING).update(plan={"hold": hold})
+
+
 def line_response(batch_id: str, line: BatchLine, *, status: int, body: dict) -> dict:
     """A line's entry in the output or error file (OpenAI's batch output line)."""
     rid = line_request_id(batch_id, line.index)
@@ -401,17 +408,14 @@ def _line_body(line: BatchLine, endpoint: str) -> dict:
     return body
 
 
-def _ledger_has(request_id: str) -> bool:
-    return usage_event_summary(request_id=request_id) is not None
-
-
 async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> LineOutcome:
     """One line through the pipeline as an async request of the batch. Its request id is derived
     from the batch and the line, so a line run again (its worker died) is admitted once: the same
     hold and rate-limit slots, not a second set."""
     rid = line_request_id(batch.id, line.index)
     envelope = {"id": "batch_req_" + rid.removeprefix("batch_"), "custom_id": line.custom_id}
-    if line.attempts > 1 and await sync_to_async(_ledger_has)(rid):
+    if line.attempts > 1 and (event := await sync_to_async(usage_event_summary)(request_id=rid)) is not None:
+        await pipeline.settle_lost(line.plan, cost_usd=event["cost"])
         error = {"code": "result_lost", "message": "A worker stopped after running this line and before saving "
                                                    "its answer; its cost is in the ledger."}
         return LineOutcome(JobStatus.FAILED, {**envelope, "response": None, "error": error}, error)
@@ -420,6 +424,8 @@ async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> Li
                        retry_rate_limited=True, batch_line=True)
     try:
         if line.attempts > settings.GATEWAY_JOB_MAX_ATTEMPTS:
+            if line.plan and line.plan.get("hold"):  # an earlier attempt's hold, released by `end`
+                ctx.hold = Hold.from_dict(line.plan["hold"])
             raise worker_failed(line.attempts - 1)
         if auth is None or auth.revoked:
             raise invalid_api_key("The API key of this batch was revoked or deleted.")
@@ -433,6 +439,10 @@ async def line_run(*, batch: Batch, line: BatchLine, auth: KeyAuth | None) -> Li
             return LineOutcome(JobStatus.SUBMITTED, plan=pipeline.defer(ctx, deployment),
                                provider_kind=deployment.target.kind)
         else:
+            if ctx.hold is not None and ctx.hold.budgets and ctx.hold.backed:
+                # Kept with the line before the call: if this worker stops after the ledger row,
+                # the line's next run ends the hold (`settle_lost`) rather than leave it to expire.
+                await sync_to_async(line_hold_keep)(line_pk=line.pk, hold=ctx.hold.to_dict())
             completion = await pipeline.execute(ctx)
     except GatewayError as exc:
         if exc.status == 429 and not ctx.ended:

@@ -667,6 +667,14 @@ async def release_deferred(plan: dict, *, keep_limits: bool = False) -> None:
         await Hold.from_dict({**data, "limits": []} if keep_limits else data).release()
 
 
+async def settle_lost(plan: dict | None, *, cost_usd: Decimal) -> None:
+    """End the hold stored with work (`Ctx.plan`, or `{"hold": ...}`) whose worker stopped after its
+    ledger row, of `cost_usd`, and before its answer was saved: its settle may or may not have run."""
+    data = plan.get("hold") if isinstance(plan, dict) else None
+    if data:
+        await Hold.from_dict(data).settle_lost(cost_usd=cost_usd)
+
+
 # --- streaming ------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from apps.billing import budgets as billing_budgets
 from apps.billing.models import Budget
 from apps.billing.selectors import budget_ref
 from tests import factories as f
+from tests.money import SETTLE, spend
 
 pytestmark = pytest.mark.django_db
 
@@ -34,12 +35,6 @@ def post(client, secret, body, path="/v1/chat/completions"):
 
 def chat(alias, content="hi", **extra):
     return {"model": alias, "messages": [{"role": "user", "content": content}], **extra}
-
-
-def spend(budget) -> tuple[Decimal, Decimal]:
-    """(spent, held) of a budget by the one budget_spend read."""
-    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
-    return async_to_sync(billing_budgets.budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
 
 
 @pytest.fixture
@@ -76,8 +71,7 @@ STEPS = {
     "provider call": ("apps.gateway.router.call_with_fallbacks", _aboom),
     "cache store": ("apps.gateway.cache.store", _aboom),
     "cost": ("apps.gateway.pipeline._cost", _boom),
-    "settle": ("apps.core.state.SqliteState.settle" if not settings.REDIS_URL
-               else "apps.core.state.RedisState.settle", _aboom),
+    "settle": (SETTLE, _aboom),
     "ledger write": ("apps.gateway.pipeline.usage_event_record", _aboom),
 }
 

@@ -16,19 +16,16 @@ from pathlib import Path
 import orjson
 import pytest
 from asgiref.sync import async_to_sync
-from django.utils import timezone
 from redis.crc import key_slot
 
 from apps.analytics.models import UsageEvent
-from apps.billing import budgets as billing_budgets
-from apps.billing.models import Budget
-from apps.billing.selectors import budget_ref
 from apps.core import caches
 from apps.core.redis_url import celery_broker_refused, cluster_url
 from apps.core.state import BudgetCell, LimitCell, RedisState, tenant_key
 from apps.gateway import cooldown
 from tests import factories as f
 from tests.conftest import make_setup
+from tests.money import spend
 from tests.redis_servers import ClusterSet, needs_redis_cluster, poll
 from tests.redis_servers import client as node
 
@@ -112,11 +109,6 @@ def _post(client, secret, body):
                        HTTP_AUTHORIZATION=f"Bearer {secret}")
 
 
-def _spend(budget) -> tuple[Decimal, Decimal]:
-    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
-    return async_to_sync(billing_budgets.budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
-
-
 @pytest.mark.django_db
 def test_the_gateway_admits_settles_limits_and_caches_on_a_cluster(on_cluster, client, upstream):
     one = make_setup(upstream, rpm=2, tpm=100_000)
@@ -143,7 +135,7 @@ def test_the_gateway_admits_settles_limits_and_caches_on_a_cluster(on_cluster, c
     rows = UsageEvent.objects.filter(tenant=one.tenant, status=200)
     billed = sum(r.cost for r in rows)
     assert billed > 0
-    assert _spend(tenant_budget) == (billed, Decimal(0)) == _spend(total_budget)  # settled, nothing held
+    assert spend(tenant_budget) == (billed, Decimal(0)) == spend(total_budget)  # settled, nothing held
 
     # every key of the tenant's admissions (key, source and tenant limits, both budgets) in one slot
     keys = _tenant_keys(on_cluster, one.tenant.id)
@@ -198,7 +190,7 @@ def test_a_promoted_replica_is_a_new_server_whose_budget_counters_are_rebuilt(fa
             return answer if answer.status_code == 200 else None
 
         poll(second_request, "a request admitted by the promoted replica")
-        assert _spend(budget)[0] == sum(r.cost for r in UsageEvent.objects.filter(tenant=s.tenant)) == 2 * billed
+        assert spend(budget)[0] == sum(r.cost for r in UsageEvent.objects.filter(tenant=s.tenant)) == 2 * billed
         epochs = [k for k in node(replica).scan_iter(match="llms:state:epoch*")]
         assert [node(replica).get(k).decode() for k in epochs] == [new_run_id]
     finally:

@@ -4,7 +4,7 @@ GET /v1/requests/{id} polls it; a signed webhook announces it."""
 from __future__ import annotations
 
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_UP, Decimal
 
 import httpx
 import orjson
@@ -19,8 +19,8 @@ from apps.gateway.models import AsyncRequest
 from apps.keys.outbound import signature_verify
 from apps.keys.services import tenant_webhook_secret
 from tests import factories as f
-from tests.billing.test_money_truth import spend
 from tests.gateway.worker import Worker, broker_reset, wait_for
+from tests.money import SETTLE, WorkerStopped, spend, stops_the_worker
 
 
 def envelope(alias: str, content: str = "hello", **options) -> dict:
@@ -198,6 +198,33 @@ def test_an_async_request_whose_worker_died_on_every_attempt_is_given_up(client,
     assert row.status == "failed"
     assert row.error["code"] == "worker_failed"
     assert UsageEvent.objects.get(request_id=rid).status == 500
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("stopped_at", [SETTLE, "apps.gateway.async_requests._finish"])
+def test_a_request_whose_worker_stopped_after_its_ledger_row_settles_its_hold_once(client, setup, upstream, no_broker,
+                                                                                  monkeypatch, stopped_at):
+    """Stopped before its settle: the next run ends `result_lost` and settles the stored hold with
+    the row's cost (before: it was left to expire, counted meanwhile). Stopped after its settle:
+    the next run must not count the cost a second time."""
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("10"), period="total")
+    rid = _post(client, setup.secret, envelope(setup.alias, max_tokens=20)).json()["id"]
+    with monkeypatch.context() as stop:
+        stop.setattr(stopped_at, stops_the_worker)
+        with pytest.raises(WorkerStopped):
+            async_requests.async_request_run(request_id=rid)
+    cost = UsageEvent.objects.get(request_id=rid).cost.quantize(Decimal("0.000001"), ROUND_UP)  # whole micros
+    assert spend(budget)[1] > 0 if stopped_at == SETTLE else spend(budget) == (cost, Decimal(0))
+    AsyncRequest.objects.filter(id=rid).update(lease_until=timezone.now() - timedelta(seconds=1))
+    sent = len(upstream.requests)
+
+    async_requests.async_request_run(request_id=rid)
+
+    row = AsyncRequest.objects.get(id=rid)
+    assert (row.status, row.error["code"]) == ("failed", "result_lost")
+    assert len(upstream.requests) == sent  # not sent again
+    assert UsageEvent.objects.filter(request_id=rid).count() == 1
+    assert spend(budget) == (cost, Decimal(0))
 
 
 @pytest.mark.django_db

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import io
-from decimal import Decimal
+from datetime import timedelta
+from decimal import ROUND_UP, Decimal
 
 import openai
 import orjson
 import pytest
+from asgiref.sync import async_to_sync
 from django.db.models import Count
+from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
 from apps.gateway import admission
 from apps.gateway.models import Batch, BatchLine
 from tests import factories as f
 from tests.gateway.worker import Worker, broker_reset, until_done, wait_for
+from tests.money import SETTLE, WorkerStopped, spend, stops_the_worker
 
 
 @pytest.fixture
@@ -39,18 +43,6 @@ def run_batch(sdk, alias, n, **kw):
     uploaded = sdk.files.create(file=("in.jsonl", io.BytesIO(jsonl(alias, n, **kw))), purpose="batch")
     return sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                               metadata={"job": "nightly"})
-
-
-def _spend(budget) -> tuple[Decimal, Decimal]:
-    from asgiref.sync import async_to_sync
-    from django.utils import timezone
-
-    from apps.billing.budgets import budget_spend
-    from apps.billing.models import Budget
-    from apps.billing.selectors import budget_ref
-
-    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
-    return async_to_sync(budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
 
 
 def read_jsonl(sdk, file_id) -> list[dict]:
@@ -145,7 +137,7 @@ def test_worker_killed_mid_batch_and_restarted_finishes_with_one_ledger_row_per_
     assert sorted(seen) == sorted(f"line-{i}" for i in range(30))
     rows = UsageEvent.objects.filter(batch_id=batch.id).values("request_id").annotate(n=Count("id"))
     assert len(rows) == 30
-    spent, held = _spend(total)
+    spent, held = spend(total)
     assert held == 0
     ledger = sum(UsageEvent.objects.filter(tenant=live_setup.tenant).values_list("cost", flat=True))
     assert ledger <= spent <= ledger + Decimal("0.000001") * 30  # whole micro-dollars, rounded up
@@ -381,6 +373,64 @@ def test_a_line_whose_worker_died_on_every_attempt_is_given_up(lane, settings):
     assert line.error["code"] == "worker_failed"
     assert UsageEvent.objects.get(request_id=f"{batch.id}_0").status == 500
     assert BatchLine.objects.filter(batch_id=batch.id, status="completed").count() == 3
+
+
+def _lease_lapsed(batch) -> None:
+    BatchLine.objects.filter(batch_id=batch.id, status="running").update(
+        lease_until=timezone.now() - timedelta(seconds=1))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("stopped_at", [SETTLE, "apps.gateway.batches.line_save"])
+def test_a_line_whose_worker_stopped_after_its_ledger_row_settles_its_hold_once(setup, lane_factory, monkeypatch,
+                                                                               stopped_at):
+    """Stopped before its settle: the next run settles the hold the line kept, with the row's cost
+    (before: nothing ended it, and the budget counted it until it expired). Stopped after its
+    settle, before its answer was saved: the next run must not add the cost a second time."""
+    from apps.gateway import batches
+
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("10"), period="total")
+    batch, run, _ = lane_factory(jsonl(setup.alias, 1))
+    with monkeypatch.context() as stop:
+        stop.setattr(stopped_at, stops_the_worker)
+        with pytest.raises(WorkerStopped):
+            async_to_sync(batches.lane_run)(batch_id=batch.id)
+    cost = UsageEvent.objects.get(batch_id=batch.id).cost.quantize(Decimal("0.000001"), ROUND_UP)  # whole micros
+    assert BatchLine.objects.get(batch_id=batch.id).status == "running"
+    if stopped_at == SETTLE:
+        assert spend(budget)[1] > 0  # the hold its worker did not end
+    else:
+        assert spend(budget) == (cost, Decimal(0))  # settled before its worker stopped
+    _lease_lapsed(batch)
+
+    run()
+
+    batch.refresh_from_db()
+    assert (batch.status, batch.completed, batch.failed) == ("completed", 0, 1)
+    assert BatchLine.objects.get(batch_id=batch.id).error["code"] == "result_lost"
+    assert UsageEvent.objects.filter(batch_id=batch.id).count() == 1
+    assert spend(budget) == (cost, Decimal(0))
+
+
+@pytest.mark.django_db
+def test_a_line_given_up_releases_the_hold_an_earlier_attempt_kept(setup, lane_factory, monkeypatch, settings):
+    from apps.gateway import batches
+
+    budget = f.BudgetFactory(tenant=setup.tenant, limit_usd=Decimal("10"), period="total")
+    batch, run, _ = lane_factory(jsonl(setup.alias, 1))
+    with monkeypatch.context() as stop:
+        stop.setattr("apps.gateway.pipeline.usage_event_record", stops_the_worker)  # before its row
+        with pytest.raises(WorkerStopped):
+            async_to_sync(batches.lane_run)(batch_id=batch.id)
+    assert spend(budget)[1] > 0  # the stopped attempt's hold
+    BatchLine.objects.filter(batch_id=batch.id).update(attempts=settings.GATEWAY_JOB_MAX_ATTEMPTS)
+    _lease_lapsed(batch)
+
+    run()
+
+    assert BatchLine.objects.get(batch_id=batch.id).error["code"] == "worker_failed"
+    assert UsageEvent.objects.get(batch_id=batch.id).status == 500
+    assert spend(budget) == (Decimal(0), Decimal(0))
 
 
 @pytest.mark.django_db(transaction=True)

@@ -13,27 +13,18 @@ from decimal import Decimal
 
 import orjson
 import pytest
-from asgiref.sync import async_to_sync
-from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
-from apps.billing.budgets import budget_spend
-from apps.billing.models import Budget
-from apps.billing.selectors import budget_ref
 from apps.core.money import micros
 from apps.gateway.models import AsyncRequest
 from tests import factories as f
 from tests.gateway.worker import Worker, broker_reset, wait_for
+from tests.money import spend
 
 
 def post(client, secret, body, path="/v1/chat/completions"):
     return client.post(path, data=orjson.dumps(body), content_type="application/json",
                        HTTP_AUTHORIZATION=f"Bearer {secret}")
-
-
-def spend(budget) -> tuple[Decimal, Decimal]:
-    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
-    return async_to_sync(budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
 
 
 def ledger_total(tenant) -> Decimal:

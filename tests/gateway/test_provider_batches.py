@@ -22,6 +22,7 @@ from apps.gateway.models import BatchLine, UpstreamBatch
 from tests import factories as f
 from tests.conftest import make_setup
 from tests.gateway.worker import Worker, broker_reset, until_done, wait_for
+from tests.money import spend
 
 POLL_S = "0.2"
 
@@ -90,15 +91,6 @@ def read_jsonl(sdk, file_id) -> list[dict]:
     if file_id is None:
         return []
     return [orjson.loads(x) for x in sdk.files.content(file_id).content.splitlines() if x.strip()]
-
-
-def spend(budget) -> tuple[Decimal, Decimal]:
-    from apps.billing.budgets import budget_spend
-    from apps.billing.models import Budget
-    from apps.billing.selectors import budget_ref
-
-    ref = budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk))
-    return async_to_sync(budget_spend)(budgets=[ref], at=timezone.now())[ref.id]
 
 
 def submitted_lines(case: Case) -> list[dict]:
