@@ -64,7 +64,11 @@ async def _load(urls: list[str], secret: str, body: dict, fail_over, failed_over
             answers.append((phase[0], r))
             n += 1
 
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as http:
+    # A connection idle for uvicorn's keep-alive timeout (5 s; a client's other instance may wait
+    # that long during the failover) is closed by the server, and reusing it just then fails with
+    # ReadError: the client drops idle connections well before.
+    limits = httpx.Limits(max_connections=100, keepalive_expiry=1)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         tasks = [asyncio.create_task(one_client(i, http)) for i in range(CONCURRENCY)]
         try:
             await _until(lambda: sum(1 for _, r in answers if r.status_code == 200) >= 10, "load to start")
