@@ -99,6 +99,7 @@ def fake_openai_server():
 @pytest.fixture
 def upstream(fake_openai_server):
     fake_openai_server.requests.clear()
+    fake_openai_server.before_answer = None
     return fake_openai_server
 
 

@@ -31,20 +31,29 @@ class UsageEvent(models.Model):
     """On PostgreSQL the table is partitioned by month on `timestamp` (apps/analytics/partitions.py):
     its primary key there is (id, timestamp), and request_id is kept unique through the
     UsageEventRequest table and a trigger rather than a unique index (which would have to contain
-    the timestamp). Django's state still says unique, which is what every backend guarantees."""
+    the timestamp). Django's state still says unique, which is what every backend guarantees.
+
+    Its references (tenant, key, source, deployment, price) have no constraint in the database
+    (`db_constraint=False`; Django still applies their on_delete): a row records what happened, so
+    a key or deployment deleted while its request was in flight must not fail the row at commit,
+    and the five foreign-key checks (each a row lock on the referenced row) cost about a fifth of
+    a millisecond per row at one request in flight (docs/benchmark.md)."""
 
     request_id = models.CharField(max_length=64, unique=True)
     timestamp = models.DateTimeField(db_index=True)
-    tenant = models.ForeignKey("keys.Tenant", on_delete=models.PROTECT, related_name="+")
-    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+")
-    source = models.ForeignKey("keys.Source", null=True, on_delete=models.SET_NULL, related_name="+")
+    tenant = models.ForeignKey("keys.Tenant", on_delete=models.PROTECT, related_name="+", db_constraint=False)
+    api_key = models.ForeignKey("keys.ApiKey", null=True, on_delete=models.SET_NULL, related_name="+",
+                                db_constraint=False)
+    source = models.ForeignKey("keys.Source", null=True, on_delete=models.SET_NULL, related_name="+",
+                               db_constraint=False)
     # The seed's source {type, id}: the source's type and name, or metadata.source_type/source_id
     # when the request names them.
     source_type = models.CharField(max_length=16)
     source_ref = models.CharField(max_length=100)
     request_type = models.CharField(max_length=32, default="chat")
     model = models.CharField(max_length=200)
-    deployment = models.ForeignKey("gateway.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
+    deployment = models.ForeignKey("gateway.Deployment", null=True, on_delete=models.SET_NULL, related_name="+",
+                                   db_constraint=False)
     provider = models.CharField(max_length=100, blank=True)
     upstream_model = models.CharField(max_length=200, blank=True)
     # The version of the model alias that answered (apps/gateway/versions.py): the deployment's label,
@@ -57,7 +66,8 @@ class UsageEvent(models.Model):
     reasoning_tokens = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(**MONEY, default=0)
     saved_cost = models.DecimalField(**MONEY, default=0)
-    price = models.ForeignKey("billing.Price", null=True, on_delete=models.PROTECT, related_name="+")
+    price = models.ForeignKey("billing.Price", null=True, on_delete=models.PROTECT, related_name="+",
+                              db_constraint=False)
     input_usd_per_mtok = models.DecimalField(**MONEY, null=True)
     output_usd_per_mtok = models.DecimalField(**MONEY, null=True)
     status = models.PositiveSmallIntegerField()

@@ -147,7 +147,7 @@ def partition_drop(month: date, conn=None) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", [name])
         if not cur.fetchone()[0]:
             return False
-        # Deferred foreign-key checks of rows written in this transaction must run before the drop.
+        # Deferred constraint checks of rows written in this transaction (if any) run before the drop.
         cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cur.execute(f'DROP TABLE "{name}"')
         cur.execute(f'DELETE FROM "{IDEMPOTENCY_TABLE}" WHERE "timestamp" >= %s AND "timestamp" < %s',

@@ -48,7 +48,7 @@ async def test_concurrent_rows_are_each_written_once(server_loop):
 async def test_a_bad_row_fails_only_its_own_request(server_loop):
     tenant = await sync_to_async(f.TenantFactory)()
     good = [usage_event_record(**row(tenant, f"req_ok_{i}")) for i in range(5)]
-    bad = usage_event_record(**row(tenant, "req_bad", tenant_id=tenant.id + 10_000))
+    bad = usage_event_record(**row(tenant, "req_bad", prompt_tokens=-1))  # refused by a CHECK constraint
 
     results = await asyncio.gather(*good, bad, return_exceptions=True)
 
@@ -144,3 +144,27 @@ async def test_a_kept_connection_the_server_dropped_loses_no_row(server_loop, se
     assert sorted([e.request_id async for e in UsageEvent.objects.filter(tenant=tenant)]) == [
         "req_d1", "req_d2", "req_d3"]
     assert journal.segments() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_deleted_while_its_request_is_at_the_provider_keeps_the_requests_row(live_gateway, live_setup,
+                                                                                  upstream):
+    """The provider answered (and bills for it): the row is written whatever happened to the key
+    meanwhile. Before, the ledger's foreign key to the key failed the insert at commit, the row was
+    lost and the request answered 500."""
+    import httpx
+
+    from apps.keys.models import ApiKey
+
+    key_id = live_setup.key.id
+    upstream.before_answer = lambda body: ApiKey.objects.filter(id=key_id).delete()
+    body = {"model": live_setup.alias, "messages": [{"role": "user", "content": "hi"}]}
+
+    resp = httpx.post(f"{live_gateway}/v1/chat/completions", json=body, timeout=30,
+                      headers={"authorization": f"Bearer {live_setup.secret}"})
+
+    assert resp.status_code == 200
+    assert not ApiKey.objects.filter(id=key_id).exists()
+    event = UsageEvent.objects.get(request_id=resp.headers["x-request-id"])
+    assert (event.status, event.api_key_id, event.tenant_id) == (200, key_id, live_setup.tenant.id)
+    assert event.cost > 0

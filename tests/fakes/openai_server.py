@@ -46,6 +46,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
@@ -96,6 +97,9 @@ class FakeOpenAI:
         self.batches: dict[str, dict] = {}
         self.batch_cancels: list[str] = []
         self.batch_hold = False  # True: batches stay in progress until it is cleared
+        # Called (in a thread) with each chat request's body before it is answered: what happens
+        # elsewhere while a request is at the provider.
+        self.before_answer: Callable[[dict], None] | None = None
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -266,7 +270,10 @@ class FakeOpenAI:
         return web.json_response(body, status=status, headers=headers)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self.chat_for(request, await self._record(request))
+        body = await self._record(request)
+        if self.before_answer is not None:
+            await asyncio.to_thread(self.before_answer, body)
+        return await self.chat_for(request, body)
 
     async def chat_for(self, request: web.Request, body: dict, *, prefilter: bool = False) -> web.StreamResponse:
         """Answer a chat request; `prefilter` opens the stream with a choice-less chunk, as Azure does."""
