@@ -39,7 +39,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.analytics.selectors import ledger_cost_sums
-from apps.core import caches
+from apps.core import caches, load
 from apps.core import redis as core_redis
 from apps.core.db import db_sync, on_server_loop
 from apps.core.money import micros, money_str, usd
@@ -155,7 +155,10 @@ class Hold:
         if not on_server_loop():
             await _close(self, actual_micros=actual, tokens=tokens)
             return
-        task = asyncio.get_running_loop().create_task(_close_after_answer(self, actual_micros=actual, tokens=tokens))
+        # Decided now, while this request is still counted: with others in flight, it rides with their commands.
+        company = load.serving() > 1
+        task = asyncio.get_running_loop().create_task(_close_after_answer(self, actual_micros=actual, tokens=tokens,
+                                                                          company=company))
         _settling.add(task)
         task.add_done_callback(_settling.discard)
 
@@ -220,10 +223,12 @@ class Hold:
 _settling: set[asyncio.Task] = set()
 
 
-async def _close_after_answer(hold: Hold, *, actual_micros: int, tokens: int) -> None:
-    """A settle after the answer: nobody waits for it, so its Redis command goes out with the next
-    ones (apps.core.redis.unhurried) instead of on its own, and a failure is logged here."""
-    core_redis.unhurried()
+async def _close_after_answer(hold: Hold, *, actual_micros: int, tokens: int, company: bool) -> None:
+    """A settle after the answer: nobody waits for it, so while other requests are in flight
+    (`company`, apps.core.load) its Redis command goes out with theirs (apps.core.redis.unhurried)
+    instead of on its own; alone, it goes at once. A failure is logged here."""
+    if company:
+        core_redis.unhurried()
     try:
         await _close(hold, actual_micros=actual_micros, tokens=tokens)
     except Exception:

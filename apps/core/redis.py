@@ -100,9 +100,10 @@ class _Batch:
     same turn; each would otherwise pay its own send, its own wake-up and its own read. A lone
     request waits for nothing: its command goes out at the end of the turn that issued it.
 
-    An unhurried command (`unhurried()`: a settle, once its answer is sent) waits up to
-    UNHURRIED_S for company instead: it goes out with the next command any request issues (at low
-    concurrency, the next request's admission), so it costs no send or wake-up of its own."""
+    An unhurried command (`unhurried()`: a settle, once its answer is sent, while other requests are
+    in flight) waits up to UNHURRIED_S for company instead: it goes out with the next command any
+    request issues, so it costs no send or wake-up of its own. (A lone request's settle does not
+    wait: it would go ahead of the next request's admission, which would wait for it.)"""
 
     __slots__ = ("entries", "loop", "pool", "soon", "timer")
 

@@ -9,13 +9,15 @@ from decimal import Decimal
 
 import orjson
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
 from apps.billing import budgets
 from apps.billing.models import Budget
 from apps.billing.selectors import budget_ref
-from apps.core import db
+from apps.core import db, load
+from apps.core import redis as core_redis
 from apps.core.state import LimitCell
 from config.asgi import application
 from tests import factories as f
@@ -137,3 +139,36 @@ async def test_out_of_the_server_loop_a_settle_lands_before_it_returns(monkeypat
     await hold.settle(cost_usd=Decimal("0.01"), tokens=10)
 
     assert landed == [("r1", 10_000)] and hold.ended == "settled"
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the pipeline the settle rides in is Redis's")
+async def test_a_lone_requests_settle_goes_at_once_and_one_among_others_rides_with_their_commands(
+        server_loop, upstream, monkeypatch):
+    """Alone, a settle that waited for company would go out ahead of the next request's admission
+    in one pipeline, and that admission would wait for it (2026-11-28: 0.2-0.3 ms at one in flight).
+    With other requests in flight, their commands come within a moment: it goes with them."""
+    monkeypatch.setattr(core_redis, "UNHURRIED_S", 3600)  # a settle waiting for company waits for one
+    setup = await asyncio.to_thread(make_setup, upstream)
+    budget = await asyncio.to_thread(f.BudgetFactory, tenant=setup.tenant, limit_usd=Decimal("5"), period="total")
+    body = {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+
+    assert (await call(setup.secret, body))[0] == 200  # alone
+    settling = set(budgets._settling)
+    assert settling
+    await asyncio.wait(settling, timeout=10)  # sending nothing meanwhile
+    assert all(task.done() for task in settling)
+    assert (await spend(budget))[1] == 0
+
+    load.started()  # another request in flight
+    try:
+        assert (await call(setup.secret, body))[0] == 200
+        for _ in range(50):  # loop turns, not time
+            await asyncio.sleep(0)
+        assert budgets._settling and not any(task.done() for task in budgets._settling)  # waiting for company
+        await core_redis.run(lambda: core_redis.send("PING"))  # the other request's command
+        await asyncio.wait_for(budgets.settles_drain(), 10)
+    finally:
+        load.finished()
+
+    rows = [row async for row in UsageEvent.objects.all()]
+    assert await spend(budget) == (sum(r.cost for r in rows), Decimal(0))
