@@ -45,6 +45,29 @@ async def test_concurrent_rows_are_each_written_once(server_loop):
 
 @postgres_only
 @pytest.mark.django_db(transaction=True)
+async def test_a_row_written_alone_keeps_every_value_exactly(server_loop):
+    """A row alone goes as one JSON object that PostgreSQL unpacks: money stays exact (no float on
+    the way, an exponent as Decimal's str writes it), the timestamp keeps its microseconds, JSON
+    columns keep their structure, None is NULL."""
+    tenant = await sync_to_async(f.TenantFactory)()
+    at = timezone.now().replace(microsecond=123456)
+    attempts = [{"provider": "p", "latency_ms": 1.5, "error": "naïve \"quoted\" ✓", "nested": {"a": [1, None]}}]
+
+    await usage_event_record(**row(tenant, "req_exact", timestamp=at, cost=Decimal("1234567890.1234567891"),
+                                   saved_cost=Decimal("1E-10"), input_usd_per_mtok=Decimal("2.5"),
+                                   output_usd_per_mtok=None, attempts=attempts, tags=["a", "b"],
+                                   cached=True, model="ünï-cødé", end_user=""))
+
+    event = await UsageEvent.objects.aget(request_id="req_exact")
+    assert (event.cost, event.saved_cost, event.input_usd_per_mtok) == (
+        Decimal("1234567890.1234567891"), Decimal("1E-10"), Decimal("2.5"))  # 20 digits: not via a float
+    assert event.output_usd_per_mtok is None and event.api_key_id is None
+    assert event.timestamp == at
+    assert (event.attempts, event.tags, event.cached, event.model) == (attempts, ["a", "b"], True, "ünï-cødé")
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
 async def test_a_bad_row_fails_only_its_own_request(server_loop):
     tenant = await sync_to_async(f.TenantFactory)()
     good = [usage_event_record(**row(tenant, f"req_ok_{i}")) for i in range(5)]
