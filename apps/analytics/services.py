@@ -442,7 +442,7 @@ def _insert_sql() -> tuple[str, list]:
     (apps/analytics/partitions.py); on an unpartitioned table the unique index on request_id does."""
     from django.db import connection
 
-    fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
+    fields = _row_fields()
     cols = ", ".join(f'"{f.column}"' for f in fields)
     arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
     sql = (f'INSERT INTO "{UsageEvent._meta.db_table}" ({cols}) SELECT * FROM unnest({arrays}) '  # noqa: S608
@@ -455,8 +455,7 @@ def _json_positions() -> tuple[int, ...]:
     """Where the JSON columns (the attempts) sit in a row of _insert_sql."""
     from django.db.models import JSONField
 
-    fields = [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
-    return tuple(i for i, f in enumerate(fields) if isinstance(f, JSONField))
+    return tuple(i for i, f in enumerate(_row_fields()) if isinstance(f, JSONField))
 
 
 def _adapted(row: list) -> list:
@@ -482,6 +481,7 @@ def _insert_one_sql() -> str:
 
 @cache
 def _row_fields() -> list:
+    """The ledger row's fields, in the order of every insert's columns (the id is the database's)."""
     return [f for f in UsageEvent._meta.concrete_fields if not f.primary_key]
 
 
