@@ -2,8 +2,11 @@
 Lua scripts: admission is one round trip, settle is one) and one SQLite backend with the same
 semantics for the embedded default, shared by the web and worker processes through one file.
 
-Rate limits are sliding-window logs: each admitted request (or its tokens) is an entry that
-counts for exactly 60 s, so no 60-second window ever admits more than the limit.
+Rate limits are sliding windows of one-second steps: what a request is admitted with (1, or its
+tokens) counts until 60 s after the end of the second it was admitted in (60 to 61 s), so no
+60-second window ever admits more than the limit. On Redis a limit is one hash of second -> sum
+(at most 61 of them, whatever the rate) with their total and the oldest second, so admission
+reads two fields of it; the whole hash only once a second, when a second leaves the window.
 
 Budgets are integer micro-dollars: `spent` (settled cost, rebuilt from the ledger when missing:
 `rebuild_begin`, read the ledger, `set_spent`; a settle in between is kept in `pending` and added,
@@ -11,9 +14,10 @@ so a cost settled while the ledger was being read is never lost: counted twice a
 `held` (sum of open holds) and the open holds themselves, each with an expiry so the hold of a
 crashed request is given back.
 
-Admission is idempotent by request id: a cell that already has an entry for the request id (the
-same request admitted again, e.g. a batch line run again after its worker died) is not charged a
-second time.
+Admission is idempotent by request id: a request admitted again while its first admission still
+counts (e.g. a batch line run again after its worker died) is not charged a second time; on
+Redis one key per request (`...:rl:req:<id>`, the second it was admitted in) says so for all of
+its limits, and tells the settle which second its token correction belongs to.
 
 Key layout: every key one admission (or settle) touches carries its tenant's hash tag
 (`llms:{t<tenant id>}:...`, see `tenant_key`), so on a Redis Cluster they all sit in one slot
@@ -120,71 +124,101 @@ local hold_ttl = tonumber(ARGV[3])
 local nl = tonumber(ARGV[4])
 local nb = tonumber(ARGV[5])
 local force = ARGV[6] == '1'
-local function purge(zkey, hkey, skey, upto)
-  local stale = redis.call('ZRANGEBYSCORE', zkey, '-inf', upto, 'LIMIT', 0, 4000)
-  if #stale > 0 then
-    local amounts = redis.call('HMGET', hkey, unpack(stale))
-    local sum = 0
-    for _, v in ipairs(amounts) do sum = sum + tonumber(v or '0') end
-    redis.call('DECRBY', skey, sum)
-    redis.call('ZREM', zkey, unpack(stale))
-    redis.call('HDEL', hkey, unpack(stale))
+local sec = math.floor(now / 1000)
+local first = math.floor((now - 60000) / 1000)  -- the oldest second that still counts
+local again = false  -- admitted already, in a second that still counts
+if nl > 0 then
+  local mine = redis.call('GET', KEYS[nl + nb * 4 + 1])
+  again = mine ~= false and tonumber(mine) >= first
+end
+-- A window: a hash of second -> admitted amount, with 't' (their sum) and 'lo' (the oldest second
+-- in it). Read in one HMGET; once a second drops out of the window, read whole and recomputed.
+local function window(key)
+  local got = redis.call('HMGET', key, 't', 'lo')
+  local lo = tonumber(got[2])
+  if lo == nil or lo >= first then return tonumber(got[1] or '0'), lo end
+  local flat = redis.call('HGETALL', key)
+  local u, low, stale = 0, nil, {}
+  for n = 1, #flat, 2 do
+    local s = tonumber(flat[n])
+    if s then
+      if s < first then
+        stale[#stale + 1] = flat[n]
+      else
+        u = u + tonumber(flat[n + 1])
+        if low == nil or s < low then low = s end
+      end
+    end
   end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  if low then
+    redis.call('HSET', key, 't', string.format('%d', u), 'lo', string.format('%d', low))
+  else
+    redis.call('HDEL', key, 't', 'lo')
+  end
+  return u, low
 end
 local a = 7
 local used = {}
-local again = {}
+local oldest = {}
 for i = 1, nl do
-  local k = (i - 1) * 3
   local limit = tonumber(ARGV[a]); local cost = tonumber(ARGV[a + 1]); local share = tonumber(ARGV[a + 2])
   a = a + 3
-  purge(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], now - 60000)
-  local u = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
-  again[i] = redis.call('HEXISTS', KEYS[k + 2], rid) == 1
-  if again[i] then u = u - cost end
-  if not force and not again[i] and u + cost > math.floor(limit * share + 0.000001) then
-    local oldest = redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')
+  local u, low = window(KEYS[i])
+  if again then u = u - cost end
+  if not force and not again and u + cost > math.floor(limit * share + 0.000001) then
     local retry = 1000
-    if oldest[2] then retry = math.max(1, math.ceil(tonumber(oldest[2]) + 60000 - now)) end
-    return {0, 'rate', i, retry, 0}
+    if low then retry = math.max(1, (low + 1) * 1000 + 60000 - now) end
+    return {0, 'rate', i, math.ceil(retry), 0}
   end
   used[i] = u
+  oldest[i] = low
 end
+local taken = {}
 for j = 1, nb do
-  local k = nl * 3 + (j - 1) * 4
+  local k = nl + (j - 1) * 4
   local limit = tonumber(ARGV[a]); local hold = tonumber(ARGV[a + 1]); local hard = ARGV[a + 2]
   a = a + 4
   local spent = redis.call('GET', KEYS[k + 1])
   if not spent then return {0, 'rebuild', j, 0, 0} end
   spent = tonumber(spent)
-  purge(KEYS[k + 3], KEYS[k + 4], KEYS[k + 2], now)
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[k + 3], '-inf', now, 'LIMIT', 0, 4000)
+  if #stale > 0 then
+    local amounts = redis.call('HMGET', KEYS[k + 4], unpack(stale))
+    local sum = 0
+    for _, v in ipairs(amounts) do sum = sum + tonumber(v or '0') end
+    redis.call('DECRBY', KEYS[k + 2], sum)
+    redis.call('ZREM', KEYS[k + 3], unpack(stale))
+    redis.call('HDEL', KEYS[k + 4], unpack(stale))
+  end
   local held = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
-  local taken = redis.call('HEXISTS', KEYS[k + 4], rid) == 1
-  if not force and not taken and hard == '1' and spent + held + hold > limit then
+  taken[j] = redis.call('HEXISTS', KEYS[k + 4], rid) == 1
+  if not force and not taken[j] and hard == '1' and spent + held + hold > limit then
     return {0, 'budget', j, 0, limit - spent - held}
   end
 end
 local out = {1, '', 0, 0, 0}
 a = 7
 for i = 1, nl do
-  local k = (i - 1) * 3
   local limit = tonumber(ARGV[a]); local cost = tonumber(ARGV[a + 1])
   a = a + 3
-  if not again[i] then
-    redis.call('ZADD', KEYS[k + 1], now, rid)
-    redis.call('HSET', KEYS[k + 2], rid, cost)
-    redis.call('INCRBY', KEYS[k + 3], cost)
+  if not again then
+    -- A second's first entry renews the window's life (62 s: past its last second's 61).
+    if redis.call('HINCRBY', KEYS[i], string.format('%d', sec), cost) == cost then
+      redis.call('PEXPIRE', KEYS[i], 62000)
+    end
+    redis.call('HINCRBY', KEYS[i], 't', cost)
+    if oldest[i] == nil then redis.call('HSET', KEYS[i], 'lo', string.format('%d', sec)) end
   end
-  for n = 1, 3 do redis.call('PEXPIRE', KEYS[k + n], 61000) end
-  local oldest = redis.call('ZRANGE', KEYS[k + 1], 0, 0, 'WITHSCORES')
   table.insert(out, limit - used[i] - cost)
-  table.insert(out, math.ceil(tonumber(oldest[2]) + 60000 - now))
+  table.insert(out, math.ceil(((oldest[i] or sec) + 1) * 1000 + 60000 - now))
 end
+if nl > 0 and not again then redis.call('SET', KEYS[nl + nb * 4 + 1], string.format('%d', sec), 'PX', 62000) end
 for j = 1, nb do
-  local k = nl * 3 + (j - 1) * 4
+  local k = nl + (j - 1) * 4
   local hold = tonumber(ARGV[a + 1]); local ttl = tonumber(ARGV[a + 3])
   a = a + 4
-  if hold > 0 and redis.call('HEXISTS', KEYS[k + 4], rid) == 0 then
+  if hold > 0 and not taken[j] then
     redis.call('INCRBY', KEYS[k + 2], hold)
     redis.call('ZADD', KEYS[k + 3], now + hold_ttl, rid)
     redis.call('HSET', KEYS[k + 4], rid, hold)
@@ -201,19 +235,24 @@ local only_held = ARGV[1] == '1'
 local rid = ARGV[2]
 local nl = tonumber(ARGV[3])
 local nb = tonumber(ARGV[4])
-local a = 5
+local now = tonumber(ARGV[5])
+local a = 6
+local mine = nil
+if nl > 0 then
+  mine = redis.call('GET', KEYS[nl + nb * 5 + 1])
+  if mine and tonumber(mine) < math.floor((now - 60000) / 1000) then mine = nil end  -- out of the window
+end
 for i = 1, nl do
-  local k = (i - 1) * 3
   local delta = tonumber(ARGV[a])
   a = a + 2
-  if delta ~= 0 and redis.call('HEXISTS', KEYS[k + 2], rid) == 1 then
-    redis.call('HINCRBY', KEYS[k + 2], rid, delta)
-    redis.call('INCRBY', KEYS[k + 3], delta)
+  if delta ~= 0 and mine and redis.call('HEXISTS', KEYS[i], mine) == 1 then
+    redis.call('HINCRBY', KEYS[i], mine, delta)
+    redis.call('HINCRBY', KEYS[i], 't', delta)
   end
 end
 local out = {}
 for j = 1, nb do
-  local k = nl * 3 + (j - 1) * 4
+  local k = nl + (j - 1) * 4
   local actual = tonumber(ARGV[a]); a = a + 1
   local amount = redis.call('HGET', KEYS[k + 4], rid)
   if amount then
@@ -232,7 +271,7 @@ for j = 1, nb do
       table.insert(out, tonumber(before))
     end
   else
-    local pending = KEYS[nl * 3 + nb * 4 + j]
+    local pending = KEYS[nl + nb * 4 + j]
     if actual > 0 and redis.call('EXISTS', pending) == 1 then redis.call('INCRBY', pending, actual) end
     table.insert(out, -1)
     table.insert(out, -1)
@@ -242,8 +281,19 @@ return out
 """
 
 
-def _limit_keys(key: str) -> list[str]:
-    return [f"{key}:log", f"{key}:amounts", f"{key}:used"]
+def _limit_key(key: str) -> str:
+    """A rate limit's window: a hash of second -> what was admitted in that second."""
+    return f"{key}:win"
+
+
+def _admitted_key(limits: list[LimitCell], request_id: str) -> str:
+    """The second a request was admitted in, for every limit at once (idempotent admission, and the
+    settle's token correction lands in that second). It carries its limits' hash tag."""
+    key = limits[0].key
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    prefix = key[:end + 1] if end > start + 1 else "llms"
+    return f"{prefix}:rl:req:{request_id}"
 
 
 def _budget_keys(key: str) -> list[str]:
@@ -279,7 +329,9 @@ return -1
 
 def _admit_args(request_id: str, limits: list[LimitCell], budgets: list[BudgetCell], hold_ttl_s: int,
                 force: bool) -> tuple[list[str], list]:
-    keys = [k for c in limits for k in _limit_keys(c.key)] + [k for b in budgets for k in _budget_keys(b.key)]
+    keys = [_limit_key(c.key) for c in limits] + [k for b in budgets for k in _budget_keys(b.key)]
+    if limits:
+        keys.append(_admitted_key(limits, request_id))
     args: list = [time.time() * 1000, request_id, hold_ttl_s * 1000, len(limits), len(budgets), "1" if force else "0"]
     for c in limits:
         args += [c.limit, c.cost, c.share]
@@ -326,10 +378,12 @@ class RedisState:
         `only_held`: add the actual micros only where the hold is still there (whoever settles
         cannot know whether it was settled already). Returns (spent_before, spent_after) per
         budget (-1 when its counter is missing)."""
-        keys = [k for c, _ in limits for k in _limit_keys(c.key)] + [k for b, _ in budgets for k in _budget_keys(b.key)]
+        keys = [_limit_key(c.key) for c, _ in limits] + [k for b, _ in budgets for k in _budget_keys(b.key)]
         keys += [f"{b.key}:pending" for b, _ in budgets]
+        if limits:
+            keys.append(_admitted_key([c for c, _ in limits], request_id))
         _one_slot(keys)
-        args: list = [1 if only_held else 0, request_id, len(limits), len(budgets)]
+        args: list = [1 if only_held else 0, request_id, len(limits), len(budgets), time.time() * 1000]
         for c, delta in limits:
             args += [delta, c.limit]
         for _, actual in budgets:
@@ -436,6 +490,7 @@ class SqliteState:
     async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
         now = time.time() * 1000
+        second_end = (now // 1000 + 1) * 1000  # an entry counts from the end of its second, as on Redis
 
         def step(db) -> AdmitOutcome:
             used, again = [], []
@@ -465,7 +520,7 @@ class SqliteState:
             for c, u, was in zip(limits, used, again, strict=True):
                 if not was:
                     db.execute("INSERT INTO limit_log (key, rid, at_ms, cost) VALUES (?, ?, ?, ?)",
-                               (c.key, request_id, now, c.cost))
+                               (c.key, request_id, second_end, c.cost))
                 oldest = db.execute("SELECT MIN(at_ms) FROM limit_log WHERE key = ?", (c.key,)).fetchone()[0]
                 pairs.append((c.limit - u - c.cost, math.ceil(oldest + WINDOW_MS - now)))
             for b in budgets:
