@@ -490,7 +490,7 @@ class SqliteState:
     async def admit(self, *, request_id: str, limits: list[LimitCell], budgets: list[BudgetCell],
                     hold_ttl_s: int, force: bool = False) -> AdmitOutcome:
         now = time.time() * 1000
-        second_end = (now // 1000 + 1) * 1000  # an entry counts from the end of its second, as on Redis
+        second_end = (now // 1000 + 1) * 1000  # an entry is stamped with its second's end (as on Redis)
 
         def step(db) -> AdmitOutcome:
             used, again = [], []
