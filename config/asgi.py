@@ -29,6 +29,7 @@ from django.utils.module_loading import import_string  # noqa: E402
 from apps.analytics.journal import replay_in_background  # noqa: E402
 from apps.analytics.services import ledger_writers_release  # noqa: E402
 from apps.billing.budgets import settles_drain  # noqa: E402
+from apps.core import load  # noqa: E402
 from apps.core.db import server_loop_mark  # noqa: E402
 from apps.gateway import asgi as direct  # noqa: E402
 
@@ -133,7 +134,11 @@ async def application(scope, receive, send):
     if scope["type"] == "http" and scope["path"].startswith("/v1/"):
         server_loop_mark()  # this loop serves until the process ends: it may keep a DB pool
         if settings.GATEWAY_LEAN_DATA_PLANE:
-            if settings.GATEWAY_DIRECT_ROUTES and (view := direct.view_for(scope)) is not None:
-                return await direct.serve(view, scope, receive, send)
-            return await data_plane_application(scope, receive, send)
+            load.started()  # the requests in flight, whichever path serves them (apps.core.load)
+            try:
+                if settings.GATEWAY_DIRECT_ROUTES and (view := direct.view_for(scope)) is not None:
+                    return await direct.serve(view, scope, receive, send)
+                return await data_plane_application(scope, receive, send)
+            finally:
+                load.finished()
     return await django_application(scope, receive, send)

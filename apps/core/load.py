@@ -1,8 +1,8 @@
-"""How many requests this process is serving right now, counted where the data plane's requests
-enter (apps/gateway/asgi.py). A settle after its answer asks it: with other requests in flight,
-their Redis commands go out within a moment and the settle rides with them (apps.core.redis
-`unhurried`); alone, it goes at once, while the answer is on its way, instead of ahead of the
-next request's admission in the same pipeline, where that admission would wait for it."""
+"""How many requests this process is serving right now, counted where every /v1 request enters
+(config/asgi.py), whichever path serves it. A settle after its answer asks it: with other requests
+in flight, their Redis commands go out within a moment and the settle rides with them
+(apps.core.redis `unhurried`); alone, it goes at once, while the answer is on its way, instead of
+ahead of the next request's admission in the same pipeline, where that admission would wait for it."""
 
 _serving = 0
 

@@ -24,8 +24,6 @@ from contextlib import aclosing
 
 from django.conf import settings
 
-from apps.core import load
-
 from . import api
 from .errors import GatewayError
 from .pipeline import new_request_id
@@ -160,7 +158,6 @@ async def serve(view, scope, receive, send) -> None:
             return
         response = None
     watcher = asyncio.create_task(exchange.watch(receive)) if response is None else None
-    load.started()
     try:
         if response is None:
             try:
@@ -182,7 +179,6 @@ async def serve(view, scope, receive, send) -> None:
         # nobody is left to answer.
         exchange.task.uncancel()
     finally:
-        load.finished()
         if watcher is not None:
             watcher.cancel()
         if response is not None and response.streaming:

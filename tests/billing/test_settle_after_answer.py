@@ -172,3 +172,20 @@ async def test_a_lone_requests_settle_goes_at_once_and_one_among_others_rides_wi
 
     rows = [row async for row in UsageEvent.objects.all()]
     assert await spend(budget) == (sum(r.cost for r in rows), Decimal(0))
+
+
+@pytest.mark.parametrize("direct_routes", [True, False])
+async def test_a_request_is_counted_in_flight_on_either_data_plane_path(server_loop, upstream, settings,
+                                                                        direct_routes):
+    """The settle's choice (alone or with company) reads how many requests are in flight: every
+    /v1 request counts, whether the lean direct route serves it or Django's data-plane handler."""
+    settings.GATEWAY_DIRECT_ROUTES = direct_routes
+    setup = await asyncio.to_thread(make_setup, upstream)
+    seen: list[int] = []
+    upstream.before_answer = lambda _body: seen.append(load.serving())
+
+    status, _ = await call(setup.secret, {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}]})
+
+    assert status == 200
+    assert seen == [1]  # while the upstream answered
+    assert load.serving() == 0  # after the answer
