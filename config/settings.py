@@ -269,11 +269,14 @@ GATEWAY_ASYNC_HOLD_TTL_S = env.int("GATEWAY_ASYNC_HOLD_TTL_S", default=86_400)
 # When Redis cannot be reached: "open" admits without the limit, "closed" answers 503.
 GATEWAY_RATE_LIMIT_ON_STATE_ERROR = env("GATEWAY_RATE_LIMIT_ON_STATE_ERROR", default="open")
 GATEWAY_BUDGET_ON_STATE_ERROR = env("GATEWAY_BUDGET_ON_STATE_ERROR", default="closed")
-# The ledger write (apps/analytics/services.py, figures in docs/benchmark.md): "batch" group-commits
-# rows through an async psycopg pool in the ASGI server on PostgreSQL (fastest durable option),
-# "single" one insert per row on that pool, "orm" the ORM in the sync thread; "redis-stream" is an
-# experiment that is durable only as far as Redis is.
-GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="batch")
+# The ledger write in the ASGI server on PostgreSQL (apps/analytics/services.usage_event_record;
+# figures and what each guarantees in docs/benchmark.md): "journal" (default) fsyncs the row to the
+# local ledger journal before the answer and group-commits it to the database after; "batch"
+# group-commits it to the database before the answer; "single" one insert per row; "orm" the ORM in
+# the sync thread; "redis-stream" is an experiment that is durable only as far as Redis is.
+GATEWAY_LEDGER_WRITER = env("GATEWAY_LEDGER_WRITER", default="journal")
+if GATEWAY_LEDGER_WRITER not in ("journal", "batch", "single", "orm", "redis-stream"):
+    raise ImproperlyConfigured("GATEWAY_LEDGER_WRITER: journal, batch, single, orm or redis-stream")
 # PostgreSQL's synchronous_commit on the ledger writer's connections: on (the default: a 2xx's row is
 # on disk), off (a PostgreSQL or machine crash may lose the last ~0.6 s of rows; a killed gateway loses none).
 GATEWAY_LEDGER_SYNCHRONOUS_COMMIT = env.str("GATEWAY_LEDGER_SYNCHRONOUS_COMMIT", default="on")
@@ -283,6 +286,9 @@ if GATEWAY_LEDGER_SYNCHRONOUS_COMMIT not in ("on", "off", "local", "remote_write
 # local journal (fsync'ed) and replayed when the database is back (apps/analytics/journal.py).
 LEDGER_JOURNAL_DIR = env("LEDGER_JOURNAL_DIR", default=str(VAR_DIR / "ledger-journal"))
 LEDGER_JOURNAL_SEGMENT_BYTES = env.int("LEDGER_JOURNAL_SEGMENT_BYTES", default=16 * 1024 * 1024)
+# GATEWAY_LEDGER_WRITER=journal: a segment of rows journaled first is closed after this many seconds
+# (or idle this long with every row in the ledger), and deleted once every row is in the ledger.
+LEDGER_PENDING_SEGMENT_S = env.float("LEDGER_PENDING_SEGMENT_S", default=1.0)
 # After a failed write, rows go straight to the journal for this long (nobody waits on a dead database).
 LEDGER_JOURNAL_SKIP_DB_S = env.float("LEDGER_JOURNAL_SKIP_DB_S", default=2.0)
 # The gateway's background replay: first try after this delay, doubling up to the max, this many tries.

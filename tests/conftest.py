@@ -115,17 +115,20 @@ class GatewayThread:
     def __init__(self):
         import uvicorn
 
+        from apps.analytics.services import ledger_writes_drain
         from apps.billing.budgets import settles_drain
         from config.asgi import application
 
         async def app(scope, receive, send):
-            """The gateway, each part of whose answers waits for this server's budget settles (in
-            production the answer does not wait for them: apps.billing.budgets.Hold.settle), so a
-            test reading counters or alerts after an answer (a stream: after its [DONE], which a
-            client may stop reading at) sees that answer's settle."""
+            """The gateway, each part of whose answers waits for this server's ledger commits and
+            budget settles (in production the answer does not wait for them: the row is in the
+            local journal, apps.analytics.services.usage_event_record; apps.billing.budgets.Hold.settle),
+            so a test reading the ledger, counters or alerts after an answer (a stream: after its
+            [DONE], which a client may stop reading at) sees that answer's row and settle."""
 
             async def send_after_settles(message):
                 if message["type"] == "http.response.body":
+                    await ledger_writes_drain()
                     await settles_drain()
                 await send(message)
 

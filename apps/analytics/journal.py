@@ -202,6 +202,171 @@ async def journal_rows(rows: list[dict], reason: BaseException | str | None = No
     replay_soon()
 
 
+# --- journal first (GATEWAY_LEDGER_WRITER=journal) -------------------------------------------------
+
+PENDING_PREFIX = "pending-"
+
+
+class _Pending:
+    """One segment of rows journaled first: written before their requests are answered, on their
+    way to the ledger. Its process holds an exclusive flock on it for as long as it has the segment
+    open, so a replay (which claims with a non-blocking flock) leaves it alone while the process
+    lives; if the process dies, the lock goes with it and the segment is replayed like any other.
+    Its bookkeeping runs on the event loop; the file is written in the journal's thread."""
+
+    __slots__ = ("closed", "done", "failed", "fd", "opened", "path", "rows", "size")
+
+    def __init__(self):
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.opened = time.monotonic()
+        self.rows = 0  # appended (and fsync'ed)
+        self.done = 0  # of those, in the ledger or left to the replay
+        self.size = 0
+        self.failed = False  # a row did not reach the ledger: the replay takes the segment
+        self.closed = False  # no more appends
+
+    def write(self, data: bytes) -> None:
+        """In the journal's thread: open (create, lock, make the name durable) on first use, then
+        append and fsync. Raises if the bytes are not durable (the segment is then closed)."""
+        if self.fd is None:
+            directory = journal_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            name = f"{PENDING_PREFIX}{socket.gethostname()}-{os.getpid()}-{time.time_ns()}{SEGMENT_SUFFIX}"
+            fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+            self.fd, self.path = fd, directory / name
+            _fsync_dir(directory)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fdatasync(self.fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)  # no torn line before the replay reads it
+            self.failed = True
+            raise
+        self.size += len(data)
+
+    def finish(self) -> None:
+        """In the journal's thread, once closed and every row is done: deleted when every row is in
+        the ledger, otherwise unlocked and left for the replay."""
+        if self.fd is None:
+            return
+        if not self.failed:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)  # releases the lock
+        self.fd = None
+
+
+class _PendingWriter:
+    """Journal-first appends of one event loop: rows that arrive while an append is in flight go
+    together in the next one (one fsync). A segment is closed when it is older than
+    LEDGER_PENDING_SEGMENT_S or bigger than LEDGER_JOURNAL_SEGMENT_BYTES, or has had every row done
+    and nothing new for that long."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.current: _Pending | None = None
+        self.pending: list[tuple[bytes, asyncio.Future]] = []
+        self.writer: asyncio.Task | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self.finishing: set[asyncio.Future] = set()
+
+    async def append(self, row: dict) -> _Pending:
+        future = self.loop.create_future()
+        self.pending.append((_dumps(row), future))
+        if self.writer is None:
+            self.writer = self.loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                seg = self.current
+                if seg is None or seg.closed or seg.failed or seg.size >= settings.LEDGER_JOURNAL_SEGMENT_BYTES \
+                        or self.loop.time() - seg.opened >= settings.LEDGER_PENDING_SEGMENT_S:
+                    if seg is not None:
+                        self.close(seg)
+                    seg = self.current = _Pending()
+                    seg.opened = self.loop.time()
+                try:
+                    await self.loop.run_in_executor(_executor, seg.write, b"".join(data for data, _ in batch))
+                except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
+                    self.close(seg)
+                    for _, future in batch:
+                        future.set_exception(exc)
+                else:
+                    seg.rows += len(batch)
+                    metrics.LEDGER_JOURNALED_FIRST.inc(len(batch))
+                    for _, future in batch:
+                        future.set_result(seg)
+        finally:
+            self.writer = None
+
+    def done(self, seg: _Pending, *, in_ledger: bool) -> None:
+        """A row of `seg` is in the ledger, or (in_ledger=False) did not get there: the replay then
+        takes its segment."""
+        seg.done += 1
+        if not in_ledger and not seg.failed:
+            seg.failed = True
+        if seg.done < seg.rows:
+            return
+        if seg.closed:
+            self._finish(seg)
+        elif self.idle is None:
+            self.idle = self.loop.call_later(settings.LEDGER_PENDING_SEGMENT_S, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self.idle = None
+        seg = self.current
+        if seg is not None and not seg.closed and seg.done == seg.rows and self.writer is None:
+            self.close(seg)
+
+    def close(self, seg: _Pending) -> None:
+        if self.current is seg:
+            self.current = None
+        seg.closed = True
+        if seg.done == seg.rows:
+            self._finish(seg)
+
+    def _finish(self, seg: _Pending) -> None:
+        future = self.loop.run_in_executor(_executor, seg.finish)
+        self.finishing.add(future)
+        future.add_done_callback(self.finishing.discard)
+        if seg.failed:
+            future.add_done_callback(lambda _f: replay_soon())
+
+    async def close_all(self) -> None:
+        """The server's shutdown: the open segment is closed (deleted if every row is in the ledger)."""
+        if self.current is not None:
+            self.close(self.current)
+        if self.finishing:
+            await asyncio.gather(*self.finishing, return_exceptions=True)
+
+
+_pending_writer: _PendingWriter | None = None
+
+
+def pending_writer() -> _PendingWriter:
+    """This event loop's journal-first writer."""
+    global _pending_writer
+    loop = asyncio.get_running_loop()
+    if _pending_writer is None or _pending_writer.loop is not loop:
+        _pending_writer = _PendingWriter(loop)
+    return _pending_writer
+
+
+async def pending_close() -> None:
+    """The server's shutdown (and a test's end): close this loop's open journal-first segment."""
+    if _pending_writer is not None and _pending_writer.loop is asyncio.get_running_loop():
+        await _pending_writer.close_all()
+
+
 # --- the database is down: journal without trying it --------------------------------------------
 
 _skip_db_until = 0.0
@@ -395,7 +560,7 @@ async def _replay_loop() -> None:
             delay = min(delay * 2, settings.LEDGER_REPLAY_BACKOFF_MAX_S)
             continue
         db_up()
-        if not result["left"]:
+        if not result["left"] or not result["segments"]:  # done, or only segments their writers hold
             return
         delay = settings.LEDGER_REPLAY_BACKOFF_S
 

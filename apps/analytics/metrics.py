@@ -41,6 +41,8 @@ ATTEMPT_LATENCY = Histogram("llm_upstream_attempt_duration_seconds",
                             ["provider", "deployment"], buckets=LATENCY_BUCKETS_S)
 LEDGER_JOURNALED = Counter("llm_ledger_journaled_rows_total",
                            "Ledger rows written to the local journal because the database was unavailable.")
+LEDGER_JOURNALED_FIRST = Counter("llm_ledger_journaled_first_rows_total",
+                                 "Ledger rows journaled before their answer (GATEWAY_LEDGER_WRITER=journal).")
 LEDGER_REPLAYED = Counter("llm_ledger_replayed_rows_total", "Journaled ledger rows replayed into the database.")
 LEDGER_REJECTED = Counter("llm_ledger_rejected_rows_total",
                           "Journaled ledger rows the database refused on replay (kept under rejected/).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import cache
@@ -30,35 +31,62 @@ from .models import (
 )
 from .selectors import ROLLUP_STAMP
 
+log = logging.getLogger(__name__)
+
 # Rows per INSERT when concurrent requests' rows are written together (see _Batcher).
 LEDGER_BATCH_MAX = 64
 
 
-async def usage_event_record(**fields) -> None:
-    """Insert one ledger row; idempotent on request_id (a second insert of the same id is a no-op).
+async def usage_event_record(**fields) -> asyncio.Future | None:
+    """Write one ledger row; idempotent on request_id (a second insert of the same id is a no-op).
 
-    Contract: returns only once the row is durable, i.e. committed to the ledger or, when the
-    database is unavailable (one of `journal.DB_UNAVAILABLE`: connection refused, shut down, pool
-    timeout...), appended and fsync'ed to the local ledger journal, from which it is replayed into
-    the ledger when the database is back (apps/analytics/journal.py). Raises otherwise (a row the
-    database refuses, or a journal write that failed too): the caller must not treat the row as
-    recorded then. Once the database failed, this process journals without trying it for
-    LEDGER_JOURNAL_SKIP_DB_S.
+    Contract: returns only once the row is durable, i.e. committed to the ledger, or appended and
+    fsync'ed to the local ledger journal (apps/analytics/journal.py), from which it is replayed into
+    the ledger if it does not get there otherwise. Raises when the row is neither (a row the
+    database refuses while written before the answer, or a journal write that failed too): the
+    caller must not treat the row as recorded then. Returns None when the row is in the ledger
+    already, or a future that completes (never with an error) once it is in the ledger or left to
+    the replay: whoever must count on the ledger holding the row (a budget settle) waits for it.
 
-    How (GATEWAY_LEDGER_WRITER; figures in docs/benchmark.md): on PostgreSQL in the ASGI server,
-    "batch" (the default) group-commits concurrent requests' rows through the async pool, "single"
-    inserts each row on its own; "orm" always uses the ORM in the sync thread (as does every caller
-    outside the server's loop). "redis-stream" is an experiment, not durable beyond Redis: XADD to
-    a stream that `ledger_stream_drain` (Celery task) writes to the database in bulk (no journal)."""
+    How (GATEWAY_LEDGER_WRITER; figures and guarantees in docs/benchmark.md), on PostgreSQL in the
+    ASGI server:
+    - "journal" (the default): the row is appended to the journal (concurrent rows: one fsync)
+      and the request goes on; the row then goes into the ledger through the group commit below,
+      and a journal segment is deleted once all its rows are there. A row the database cannot take
+      stays in the journal for the replay. A failed journal write falls back to "batch".
+    - "batch": the row is group-committed with concurrent requests' rows through the async pool
+      before the request goes on; while the database is unavailable (one of
+      `journal.DB_UNAVAILABLE`) it is journaled instead, and for LEDGER_JOURNAL_SKIP_DB_S after a
+      failure this process journals without trying the database.
+    - "single": one insert per row on that pool; "orm": the ORM in the sync thread, as every caller
+      outside the server's loop (a worker, the test client) and SQLite always do.
+    - "redis-stream" is an experiment, not durable beyond Redis: XADD to a stream that
+      `ledger_stream_drain` (Celery task) writes to the database in bulk (no journal)."""
     writer = settings.GATEWAY_LEDGER_WRITER
     if writer == "redis-stream":
         await _stream_add(fields)
-        return
+        return None
+    pool = await pg_pool() if writer != "orm" else None
+    if pool is not None and writer == "journal":
+        # One task takes the row all the way (a cancelled request's row too); the caller waits
+        # until it is durable.
+        loop = asyncio.get_running_loop()
+        durable = loop.create_future()
+        task = loop.create_task(_journal_first(pool, fields, durable))
+        _into_ledger_tasks.add(task)
+        task.add_done_callback(_into_ledger_tasks.discard)
+        await asyncio.shield(durable)
+        return task
+    await _record_now(pool, writer, fields)
+    return None
+
+
+async def _record_now(pool, writer: str, fields: dict) -> None:
+    """The row committed to the ledger, or journaled if the database is unavailable."""
     if journal.db_skipped():
         await journal.journal_rows([fields], "database down a moment ago")
-        return
+        return None
     try:
-        pool = await pg_pool() if writer != "orm" else None
         if pool is None:
             await db_sync(usage_event_record_sync, **fields)
         elif writer == "single":
@@ -71,6 +99,50 @@ async def usage_event_record(**fields) -> None:
     except journal.DB_UNAVAILABLE as exc:
         journal.db_down()
         await journal.journal_rows([fields], exc)
+
+
+_into_ledger_tasks: set[asyncio.Task] = set()
+
+
+async def ledger_writes_drain() -> None:
+    """Wait until the rows this event loop journaled first are in the ledger (or left to the
+    replay): the server's shutdown, and a read of the ledger that must see this process' answers."""
+    loop = asyncio.get_running_loop()
+    while running := [t for t in _into_ledger_tasks if t.get_loop() is loop]:
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _journal_first(pool, fields: dict, durable: asyncio.Future) -> None:
+    """GATEWAY_LEDGER_WRITER=journal: the row journaled (then `durable` is set), then into the ledger
+    (or left in its journal segment for the replay). A failed journal write falls back to
+    committing the row before the answer."""
+    pending = journal.pending_writer()
+    try:
+        seg = await pending.append(fields)
+    except OSError:
+        log.exception("ledger: the journal-first append failed; the row goes to the database before the answer")
+        try:
+            await _record_now(pool, "batch", fields)
+        except Exception as exc:  # noqa: BLE001 - the caller raises it: no 2xx without the row
+            durable.set_exception(exc)
+        else:
+            durable.set_result(None)
+        return
+    durable.set_result(None)
+    if journal.db_skipped():
+        pending.done(seg, in_ledger=False)
+        return
+    try:
+        await _batcher(pool, journaled=True).write(fields)
+    except journal.DB_UNAVAILABLE:
+        journal.db_down()
+        pending.done(seg, in_ledger=False)
+    except Exception:  # noqa: BLE001 - the row is in the journal: the replay sets it aside for an operator
+        log.exception("ledger: the database refused row %s after its answer; it stays in the journal",
+                      fields.get("request_id"))
+        pending.done(seg, in_ledger=False)
+    else:
+        pending.done(seg, in_ledger=True)
 
 
 def usage_event_record_sync(**fields) -> None:
@@ -306,8 +378,11 @@ class _Batcher:
     load it cuts the database work per row several times. A batch that fails is retried row by row,
     so one bad row fails only its own request."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, *, journaled: bool = False):
         self.pool = pool
+        # Rows journaled already (GATEWAY_LEDGER_WRITER=journal): an unavailable database is the
+        # caller's to handle, not journaled a second time.
+        self.journaled = journaled
         self.loop = asyncio.get_running_loop()
         self.pending: list[tuple[list, asyncio.Future]] = []
         self.writer: asyncio.Task | None = None
@@ -330,7 +405,7 @@ class _Batcher:
         try:
             while self.pending:
                 batch, self.pending = self.pending[:LEDGER_BATCH_MAX], self.pending[LEDGER_BATCH_MAX:]
-                if journal.db_skipped():  # down a moment ago: no waiting on it
+                if journal.db_skipped() and not self.journaled:  # down a moment ago: no waiting on it
                     await self._journal(batch, "database down a moment ago")
                     continue
                 try:
@@ -355,9 +430,14 @@ class _Batcher:
         finally:
             self.writer = None
 
-    @staticmethod
-    async def _journal(batch: list[tuple[list, asyncio.Future]], reason) -> None:
-        """Journal the batch's rows (one append, one fsync); each request gets the outcome."""
+    async def _journal(self, batch: list[tuple[list, asyncio.Future]], reason) -> None:
+        """Journal the batch's rows (one append, one fsync); each request gets the outcome. (Rows
+        journaled already get the database's error instead.)"""
+        if self.journaled:
+            for _row, future in batch:
+                future.set_exception(reason if isinstance(reason, BaseException) else
+                                     journal.DB_UNAVAILABLE[0](str(reason)))
+            return
         names = [a for a, _default in _insert_sql()[1]]
         try:
             await journal.journal_rows([dict(zip(names, row, strict=True)) for row, _ in batch], reason)
@@ -410,24 +490,27 @@ class _Batcher:
             await self.pool.putconn(conn)
 
 
-_batchers: dict[int, _Batcher] = {}
+_batchers: dict[tuple[int, bool], _Batcher] = {}
 _releasing: set[asyncio.Task] = set()
 LINGER_S = 1.0
 
 
 async def ledger_writers_release() -> None:
-    """Give back the connections the ledger writers of this event loop keep between batches (before
-    their pool closes: the server's shutdown, a test)."""
+    """The server's shutdown (and a test's end), before the pool closes: the rows journaled first
+    go into the ledger, the open journal-first segment is closed, and the ledger writers of this
+    event loop give back the connections they keep between batches."""
+    await ledger_writes_drain()
+    await journal.pending_close()
     loop = asyncio.get_running_loop()
     for batcher in list(_batchers.values()):
         if batcher.loop is loop and batcher.writer is None:
             await batcher.release()
 
 
-def _batcher(pool) -> _Batcher:
-    b = _batchers.get(id(pool))
+def _batcher(pool, *, journaled: bool = False) -> _Batcher:
+    b = _batchers.get((id(pool), journaled))
     if b is None:
-        b = _batchers[id(pool)] = _Batcher(pool)
+        b = _batchers[(id(pool), journaled)] = _Batcher(pool, journaled=journaled)
     return b
 
 

@@ -141,24 +141,27 @@ class Hold:
         _open.pop(self.request_id, None)
         return self.backed and bool(self.limits or self.budgets)
 
-    async def settle(self, *, cost_usd: Decimal, tokens: int) -> None:
+    async def settle(self, *, cost_usd: Decimal, tokens: int, after: asyncio.Future | None = None) -> None:
         """Replace the hold with the actual cost (and the token limits' estimate with `tokens`).
 
-        The caller has written the request's ledger row already, so a counter rebuilt from the
-        ledger counts the cost, and until the settle lands the open hold counts it (at its upper
-        bound) in the counter. So on the ASGI server's loop the caller does not wait for it: it
-        goes out with the next Redis commands while the answer is sent. Anywhere else (a worker's
-        short-lived loop, a sync caller) it is awaited."""
+        The caller has written the request's ledger row already (or, `after`, made it durable and
+        will have it in the ledger when `after` completes: the settle waits for that), so a counter
+        rebuilt from the ledger counts the cost, and until the settle lands the open hold counts it
+        (at its upper bound) in the counter. So on the ASGI server's loop the caller does not wait
+        for it: it goes out with the next Redis commands while the answer is sent. Anywhere else (a
+        worker's short-lived loop, a sync caller) it is awaited."""
         if not self._end("settled"):
             return
         actual = micros(cost_usd) if cost_usd > 0 else 0
         if not on_server_loop():
+            if after is not None:
+                await asyncio.shield(after)
             await _close(self, actual_micros=actual, tokens=tokens)
             return
         # Decided now, while this request is still counted: with others in flight, it rides with their commands.
         company = load.serving() > 1
         task = asyncio.get_running_loop().create_task(_close_after_answer(self, actual_micros=actual, tokens=tokens,
-                                                                          company=company))
+                                                                          company=company, after=after))
         _settling.add(task)
         task.add_done_callback(_settling.discard)
 
@@ -223,10 +226,14 @@ class Hold:
 _settling: set[asyncio.Task] = set()
 
 
-async def _close_after_answer(hold: Hold, *, actual_micros: int, tokens: int, company: bool) -> None:
+async def _close_after_answer(hold: Hold, *, actual_micros: int, tokens: int, company: bool,
+                             after: asyncio.Future | None = None) -> None:
     """A settle after the answer: nobody waits for it, so while other requests are in flight
     (`company`, apps.core.load) its Redis command goes out with theirs (apps.core.redis.unhurried)
     instead of on its own; alone, it goes at once. A failure is logged here."""
+    if after is not None:
+        await asyncio.shield(after)  # the request's row is in the ledger (or left to the replay)
+        company = company and load.serving() > 0
     if company:
         core_redis.unhurried()
     try:

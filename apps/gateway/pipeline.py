@@ -113,6 +113,8 @@ class Ctx:
     error_code: str = ""
     ended: bool = False
     recorded: bool = False
+    # The row journaled first (GATEWAY_LEDGER_WRITER=journal) reaches the ledger when this completes.
+    in_ledger: asyncio.Future | None = None
     headers: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # the path the key's endpoint scope is checked against; default by kind
     client_ip: str = ""
@@ -375,13 +377,14 @@ async def end(ctx: Ctx, exc: BaseException | None = None) -> None:
         except Exception as exc:  # noqa: BLE001 - the settle below still runs; then it is raised
             results = [exc]
     if settle:
-        # The hold is swapped for the cost only after the row is written: at every moment a request's
-        # cost is in its open hold or in the ledger, so budget counters rebuilt from the ledger (a
-        # Redis failover, a restart) plus the open holds put back never miss it. (On the server's
-        # loop the settle finishes after the answer: apps.billing.budgets.Hold.settle.)
+        # The hold is swapped for the cost only once the row is in the ledger (a row journaled first:
+        # once `ctx.in_ledger` says the ledger has it): at every moment a request's cost is in its
+        # open hold or in the ledger, so budget counters rebuilt from the ledger (a Redis failover,
+        # a restart) plus the open holds put back never miss it. (On the server's loop the settle
+        # finishes after the answer: apps.billing.budgets.Hold.settle.)
         tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
         try:
-            await hold.settle(cost_usd=ctx.cost, tokens=tokens)
+            await hold.settle(cost_usd=ctx.cost, tokens=tokens, after=ctx.in_ledger)
         except Exception as exc:  # noqa: BLE001 - raised below, after the row
             results.append(exc)
     for result in results:
@@ -400,7 +403,7 @@ async def record(ctx: Ctx) -> None:
     latency_ms = int((time.perf_counter() - ctx.started) * 1000)
     attempts = [a.as_dict(ctx.started) for a in ctx.attempt_log]
     ledger_started = time.perf_counter()
-    await usage_event_record(
+    ctx.in_ledger = await usage_event_record(
         request_id=ctx.request_id,
         timestamp=ctx.timestamp,
         tenant_id=ctx.auth.tenant_id,

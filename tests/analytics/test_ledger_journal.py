@@ -214,6 +214,7 @@ async def test_the_group_commit_journals_a_batch_when_the_pool_cannot_connect(jo
     """The server loop's async pool pointed at a port nobody listens on: concurrent rows are
     journaled, each call returns, and the background replay puts them in the ledger (the ORM
     reaches the real database)."""
+    settings.GATEWAY_LEDGER_WRITER = "batch"
     settings.GATEWAY_PG_POOL_TIMEOUT_S = 0.5
     settings.LEDGER_REPLAY_BACKOFF_S = 0.05
     for name in ("_server_loop", "_pool", "_pool_loop"):

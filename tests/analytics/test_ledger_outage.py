@@ -1,4 +1,5 @@
-"""Drill: PostgreSQL stops under streaming load, then comes back.
+"""Drills: PostgreSQL stops under streaming load, then comes back; a gateway is killed between
+its answers and their ledger commits.
 
 The test runs its OWN PostgreSQL cluster (initdb in a temp dir, its own port; never the shared one),
 migrates it and loads a tenant, key and model through the command line, starts a gateway process
@@ -6,6 +7,11 @@ migrates it and loads a tenant, key and model through the command line, starts a
 streams are in flight. Every stream that got 200 must end with [DONE] (its ledger row durable: in
 the database or the local journal), and once the database is back and the gateway replayed its
 journal, every 200 has exactly one ledger row.
+
+The second drill holds the ledger's inserts back (a transaction locks the ledger table), gets
+answers from the gateway (their rows are in its local journal, GATEWAY_LEDGER_WRITER=journal),
+kills the gateway process (SIGKILL), and replays the journal as a restarted gateway or beat would:
+every 200 has exactly one ledger row.
 """
 
 from __future__ import annotations
@@ -164,7 +170,7 @@ def gateway(cluster, fake_openai_server, tmp_path):
                 pass
             assert time.monotonic() < deadline, "the gateway process did not start"
             time.sleep(0.1)
-        yield {"url": url, "key": key, "journal": journal}
+        yield {"url": url, "key": key, "journal": journal, "proc": proc, "env": env}
     finally:
         proc.terminate()
         try:
@@ -254,3 +260,36 @@ def test_postgres_stopped_under_streaming_load_loses_no_ledger_row(cluster, gate
     assert set(rows) == set(ids)
     assert set(rows.values()) == {1}, "exactly one ledger row per request id"
     assert not list((gw["journal"] / "rejected").glob("*")), "no journaled row was refused"
+
+
+@pytest.mark.skipif(not settings.IS_POSTGRES, reason="a PostgreSQL drill (the suite runs on SQLite)")
+def test_a_gateway_killed_after_its_answers_and_before_their_commits_loses_no_ledger_row(cluster, gateway):
+    gw = gateway
+    body = {"model": ALIAS, "messages": [{"role": "user", "content": "drill: one two three"}], "max_tokens": 20}
+    headers = {"authorization": f"Bearer {gw['key']}"}
+    table = UsageEvent._meta.db_table
+
+    async def calls(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as client:
+            return await asyncio.gather(*(client.post(f"{gw['url']}/v1/chat/completions", json=body,
+                                                      headers=headers) for _ in range(n)))
+
+    warm = asyncio.run(calls(2))
+    assert [r.status_code for r in warm] == [200, 200]
+
+    with cluster.connect() as lock, lock.transaction():
+        lock.execute(f'LOCK TABLE "{table}" IN SHARE ROW EXCLUSIVE MODE')  # inserts wait; reads do not
+        answers = asyncio.run(calls(8))
+        assert [r.status_code for r in answers] == [200] * 8
+        ids = [r.headers["x-request-id"] for r in answers]
+        assert _rows_by_request_id(cluster, ids) == {}, "the answers came before their rows were committed"
+        gw["proc"].kill()
+        gw["proc"].wait(10)
+
+    assert list(gw["journal"].glob("*.jsonl")), "the rows are in the dead gateway's journal"
+    _manage(gw["env"], "ledger_replay")
+
+    rows = _rows_by_request_id(cluster, ids + [r.headers["x-request-id"] for r in warm])
+    assert rows == dict.fromkeys(ids + [r.headers["x-request-id"] for r in warm], 1)
+    assert list(gw["journal"].glob("*.jsonl")) == []
+    assert not list((gw["journal"] / "rejected").glob("*"))

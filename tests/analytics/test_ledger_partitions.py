@@ -16,7 +16,13 @@ from django.db.models import Sum
 
 from apps.analytics import partitions
 from apps.analytics.models import UsageEvent, UsageEventRequest
-from apps.analytics.services import _adapted, _insert_sql, usage_event_record, usage_event_record_sync
+from apps.analytics.services import (
+    _adapted,
+    _insert_sql,
+    ledger_writes_drain,
+    usage_event_record,
+    usage_event_record_sync,
+)
 from apps.core import db
 from tests import factories as f
 
@@ -174,6 +180,7 @@ async def test_the_async_group_commit_writes_across_months_once(months, server_l
     tenant = await sync_to_async(f.TenantFactory)()
     await asyncio.gather(*(usage_event_record(**fields(tenant, f"req_{i % 5}", at))
                            for i, at in enumerate([LAST_INSTANT, FIRST_INSTANT] * 10)))
+    await ledger_writes_drain()  # rows journaled first (the default writer) are committed after the call
     assert await db.pg_pool() is not None
     ids = [r async for r in UsageEvent.objects.values_list("request_id", flat=True)]
     assert sorted(ids) == [f"req_{i}" for i in range(5)]

@@ -1,5 +1,6 @@
 """The ledger write: group commit on PostgreSQL's async pool (the ASGI server's loop), the ORM
-everywhere else. Each request's row is committed before its call returns."""
+everywhere else. Each request's row is committed before its call returns. (The default writer
+journals first and commits after: tests/analytics/test_ledger_journal_first.py.)"""
 
 import asyncio
 from decimal import Decimal
@@ -16,6 +17,11 @@ from apps.core import db
 from tests import factories as f
 
 postgres_only = pytest.mark.skipif(not settings.IS_POSTGRES, reason="the async pool is PostgreSQL's")
+
+
+@pytest.fixture(autouse=True)
+def batch_writer(settings):
+    settings.GATEWAY_LEDGER_WRITER = "batch"
 
 
 def row(tenant, request_id, **extra):

@@ -1,6 +1,7 @@
 """On the ASGI server's loop a budget settle finishes after the answer: the client has its answer
-(and the ledger its row) while the hold still counts the request at its upper bound; the settle
-then swaps it for the cost. The server's lifespan shutdown waits for settles still running."""
+(and the journal, then the ledger, its row) while the hold still counts the request at its upper
+bound; the settle then swaps it for the cost, once the ledger has the row. The server's lifespan
+shutdown waits for settles still running."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.analytics.models import UsageEvent
+from apps.analytics.services import ledger_writes_drain
 from apps.billing import budgets
 from apps.billing.models import Budget
 from apps.billing.selectors import budget_ref
@@ -84,6 +86,7 @@ async def test_the_answer_and_its_row_come_before_the_settle_which_then_lands(se
     status, answer = await call(setup.secret, body)
 
     assert status == 200 and answer["choices"]
+    await ledger_writes_drain()  # the row, journaled before the answer, is committed after it
     row = await UsageEvent.objects.aget()
     assert row.status == 200 and row.cost > 0
     spent, held = await spend(budget)
@@ -153,6 +156,7 @@ async def test_a_lone_requests_settle_goes_at_once_and_one_among_others_rides_wi
     body = {"model": setup.alias, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
 
     assert (await call(setup.secret, body))[0] == 200  # alone
+    await ledger_writes_drain()  # the settle waits for the row to be in the ledger
     settling = set(budgets._settling)
     assert settling
     await asyncio.wait(settling, timeout=10)  # sending nothing meanwhile
@@ -162,6 +166,7 @@ async def test_a_lone_requests_settle_goes_at_once_and_one_among_others_rides_wi
     load.started()  # another request in flight
     try:
         assert (await call(setup.secret, body))[0] == 200
+        await ledger_writes_drain()
         for _ in range(50):  # loop turns, not time
             await asyncio.sleep(0)
         assert budgets._settling and not any(task.done() for task in budgets._settling)  # waiting for company
