@@ -218,9 +218,11 @@ def ledger_clear() -> None:
     UsageEvent.objects.filter(tenant__slug=TENANT).delete()
 
 
-def ledger_drain_stream() -> None:
-    """With GATEWAY_LEDGER_WRITER=redis-stream, move the stream's rows to the ledger (the Celery
-    task's job in production) so the ledger check can count them."""
+def ledger_catch_up() -> None:
+    """Rows on their way to the ledger, there now, so the ledger check can count them: with
+    GATEWAY_LEDGER_WRITER=redis-stream the stream's rows (the Celery task's job in production); and
+    rows a stopped gateway left in its local journal (journal first, the default: the bench's
+    uvicorn runs without the lifespan shutdown that commits them), replayed as its next start would."""
     from django.conf import settings
 
     if getattr(settings, "GATEWAY_LEDGER_WRITER", "") == "redis-stream":
@@ -228,6 +230,10 @@ def ledger_drain_stream() -> None:
 
         while ledger_stream_drain():
             pass
+    from apps.analytics.journal import ledger_replay
+
+    while ledger_replay()["segments"]:
+        pass
 
 
 def ledger_count(status: int | None = None) -> int:
@@ -519,7 +525,7 @@ def main() -> int:
             log(f"warm-up {args.warmup:g} s per system: {', '.join(systems)}")
             for name in systems:
                 measure(name, 32, args.warmup)
-        ledger_drain_stream()
+        ledger_catch_up()
         ledger_clear()
 
         # Alternating turns: every system at one connection count, then the next, round after round,
@@ -534,7 +540,7 @@ def main() -> int:
 
     # Ledger check: every 2xx the load generator saw has its row (the gateway may have written rows
     # for a few more requests that wrk cut off at the end of a run).
-    ledger_drain_stream()
+    ledger_catch_up()
     ok_responses = sum(r["ok"] for r in results.get("gateway", []))
     rows_ok = ledger_count(status=200)
     direct_p50 = {(r["round"], r["connections"]): r["p50_ms"] for r in results.get("direct", [])}
