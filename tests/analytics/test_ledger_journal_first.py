@@ -102,12 +102,21 @@ async def test_concurrent_rows_share_an_fsync_and_each_reaches_the_ledger_once(j
     monkeypatch.setattr(journal._Pending, "write", counted)
     ids = [f"req_c{i}" for i in range(40)]
 
-    futures = await asyncio.gather(*(usage_event_record(**row(tenant, rid)) for rid in ids),
+    at = timezone.now().replace(microsecond=123456)
+    exact = {"cost": Decimal("1234567890.1234567891"), "saved_cost": Decimal("1E-10"), "timestamp": at,
+             "attempts": [{"error": "naïve \"quoted\" ✓", "nested": {"a": [1, None]}}], "tags": ["a", "b"],
+             "output_usd_per_mtok": None}
+
+    futures = await asyncio.gather(*(usage_event_record(**row(tenant, rid, **(exact if rid == "req_c7" else {})))
+                                     for rid in ids),
                                    usage_event_record(**row(tenant, "req_c3", prompt_tokens=999)))
     await asyncio.gather(*futures)
 
     assert sum(writes) == 41 and len(writes) < 41  # rows that came together went in one append
     assert await ledger_ids(tenant) == sorted(ids)  # req_c3 once
+    # Committed together (one JSON array): every value exactly as given.
+    event = await UsageEvent.objects.aget(request_id="req_c7")
+    assert {k: getattr(event, k) for k in exact} == exact
     await journal.pending_close()
     assert journal.segments(journal_first) == []
 
