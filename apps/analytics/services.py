@@ -433,10 +433,9 @@ class _Batcher:
     async def _journal(self, batch: list[tuple[list, asyncio.Future]], reason) -> None:
         """Journal the batch's rows (one append, one fsync); each request gets the outcome. (Rows
         journaled already get the database's error instead.)"""
-        if self.journaled:
+        if self.journaled:  # (`reason` is then always the database's error: see _drain)
             for _row, future in batch:
-                future.set_exception(reason if isinstance(reason, BaseException) else
-                                     journal.DB_UNAVAILABLE[0](str(reason)))
+                future.set_exception(reason)
             return
         names = [a for a, _default in _insert_sql()[1]]
         try:

@@ -194,3 +194,25 @@ async def test_a_request_is_counted_in_flight_on_either_data_plane_path(server_l
     assert status == 200
     assert seen == [1]  # while the upstream answered
     assert load.serving() == 0  # after the answer
+
+
+async def test_a_settle_waits_until_its_row_journaled_first_is_in_the_ledger(server_loop, monkeypatch):
+    """The row was made durable in the local journal before the answer (the default ledger writer)
+    and reaches the ledger after it: the hold must count the request until the ledger does."""
+    landed = []
+
+    async def close(hold, **kw):
+        landed.append((hold.request_id, kw["actual_micros"]))
+
+    monkeypatch.setattr(budgets, "_close", close)
+    hold = budgets.Hold(request_id="r1", limits=[LimitCell(key="k:rpm", limit=10, cost=1, kind="requests")])
+    in_ledger = asyncio.get_running_loop().create_future()
+
+    await hold.settle(cost_usd=Decimal("0.01"), tokens=10, after=in_ledger)
+    for _ in range(50):  # loop turns, not time
+        await asyncio.sleep(0)
+    assert landed == [] and hold.ended == "settled"
+
+    in_ledger.set_result(None)
+    await asyncio.wait_for(budgets.settles_drain(), 10)
+    assert landed == [("r1", 10_000)]
