@@ -465,8 +465,10 @@ def main() -> int:
     extra = parse_kv(args.gateway_env)
     up_port, gw_port = free_port(), free_port()
     upstream_base = f"http://127.0.0.1:{up_port}/v1"
+    # The bench's own ledger journal: what is left in it belongs to the bench's database.
     child_env = {**os.environ, **base_env, UPSTREAM_SECRET_ENV: peers.UPSTREAM_KEY, "DEBUG": "false",
-                 "LOG_LEVEL": "WARNING", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+                 "LOG_LEVEL": "WARNING", "PYTHONDONTWRITEBYTECODE": "1",
+                 "LEDGER_JOURNAL_DIR": str(VAR / "bench-ledger-journal"), **extra}
     key = django_setup(child_env, upstream_base, args.features, args.request_log)
 
     procs = Processes(nice=args.nice)

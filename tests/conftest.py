@@ -32,6 +32,9 @@ from tests.fakes.openai_server import FakeOpenAI
 # never the demo's var/state.sqlite3.
 _STATE_PATH = os.path.join(tempfile.mkdtemp(prefix="llms-state-"), "state.sqlite3")
 os.environ["GATEWAY_STATE_PATH"] = settings.GATEWAY_STATE_PATH = _STATE_PATH
+# Likewise the ledger journal: rows of the test database never land in var/ledger-journal, where a
+# replay (a demo's start, the bench) would put them in another database.
+os.environ["LEDGER_JOURNAL_DIR"] = settings.LEDGER_JOURNAL_DIR = tempfile.mkdtemp(prefix="llms-journal-")
 
 
 def redis_flush() -> None:
