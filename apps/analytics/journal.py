@@ -216,10 +216,10 @@ class _Pending:
 
     __slots__ = ("closed", "done", "failed", "fd", "opened", "path", "rows", "size")
 
-    def __init__(self):
+    def __init__(self, opened: float):
         self.fd: int | None = None
         self.path: Path | None = None
-        self.opened = time.monotonic()
+        self.opened = opened  # the event loop's time
         self.rows = 0  # appended (and fsync'ed)
         self.done = 0  # of those, in the ledger or left to the replay
         self.size = 0
@@ -292,8 +292,7 @@ class _PendingWriter:
                         or self.loop.time() - seg.opened >= settings.LEDGER_PENDING_SEGMENT_S:
                     if seg is not None:
                         self.close(seg)
-                    seg = self.current = _Pending()
-                    seg.opened = self.loop.time()
+                    seg = self.current = _Pending(self.loop.time())
                 try:
                     await self.loop.run_in_executor(_executor, seg.write, b"".join(data for data, _ in batch))
                 except Exception as exc:  # noqa: BLE001 - each waiting request gets the error

@@ -85,7 +85,7 @@ async def _record_now(pool, writer: str, fields: dict) -> None:
     """The row committed to the ledger, or journaled if the database is unavailable."""
     if journal.db_skipped():
         await journal.journal_rows([fields], "database down a moment ago")
-        return None
+        return
     try:
         if pool is None:
             await db_sync(usage_event_record_sync, **fields)
