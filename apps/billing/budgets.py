@@ -111,6 +111,10 @@ def _subject_part(subject: str) -> str:
 
 
 _open: dict[str, Hold] = {}
+# Settled by their callers before their ledger rows were in the ledger (journaled first: `after`).
+# Until a row is, a new Redis server gets its hold back with the open ones: neither the counters
+# rebuilt from the ledger nor a settle lost in the failover would count the cost meanwhile.
+_rows_on_their_way: dict[str, Hold] = {}
 
 
 def open_holds() -> list[Hold]:
@@ -152,6 +156,9 @@ class Hold:
         worker's short-lived loop, a sync caller) it is awaited."""
         if not self._end("settled"):
             return
+        if after is not None and not after.done():
+            _rows_on_their_way[self.request_id] = self
+            after.add_done_callback(lambda _, rid=self.request_id: _rows_on_their_way.pop(rid, None))
         actual = micros(cost_usd) if cost_usd > 0 else 0
         if not on_server_loop():
             if after is not None:
@@ -422,7 +429,8 @@ async def on_new_server(run_id: str, previous: str | None, conn) -> None:
     the counters here were rebuilt: during a Sentinel failover the old master takes writes until it
     is demoted, and they are lost), drop every `spent` (rebuilt from the ledger as admission needs
     it; a settled cost is in the ledger before its hold ends, apps.gateway.pipeline.end) and put
-    back this process's open holds (every process puts back its own when it arrives). The holds
+    back this process's open holds, and those settled whose rows are not in the ledger yet (every
+    process puts back its own when it arrives). The holds
     the server has (a promoted replica's, replicated from the old master) are kept: other
     processes' requests in flight are not forgotten before those processes arrive; a hold that
     ended on the old master after the last replication stays until it expires (counted twice
@@ -466,12 +474,13 @@ async def on_new_server(run_id: str, previous: str | None, conn) -> None:
             durable += await db_sync(source)
         await _restore(conn, durable)
         await cmd(conn, "SET", epoch_key, run_id)
-    await _restore(conn, [h.to_dict() for h in _open.values()])
+    await _restore(conn, [h.to_dict() for h in (*_open.values(), *_rows_on_their_way.values())])
     await cmd(conn, "DEL", lock_key)
 
 
 def _reset() -> None:
     _open.clear()
+    _rows_on_their_way.clear()
 
 
 caches.on_reset(_reset)

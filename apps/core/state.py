@@ -180,8 +180,9 @@ for j = 1, nb do
   local limit = tonumber(ARGV[a]); local hold = tonumber(ARGV[a + 1]); local hard = ARGV[a + 2]
   a = a + 4
   local spent = redis.call('GET', KEYS[k + 1])
-  if not spent then return {0, 'rebuild', j, 0, 0} end
-  spent = tonumber(spent)
+  -- A hold put back (force) on a server whose counters are being rebuilt is taken without them.
+  if not spent and not force then return {0, 'rebuild', j, 0, 0} end
+  spent = tonumber(spent or '0')
   local stale = redis.call('ZRANGEBYSCORE', KEYS[k + 3], '-inf', now, 'LIMIT', 0, 4000)
   if #stale > 0 then
     local amounts = redis.call('HMGET', KEYS[k + 4], unpack(stale))

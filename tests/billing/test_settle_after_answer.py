@@ -216,3 +216,36 @@ async def test_a_settle_waits_until_its_row_journaled_first_is_in_the_ledger(ser
     in_ledger.set_result(None)
     await asyncio.wait_for(budgets.settles_drain(), 10)
     assert landed == [("r1", 10_000)]
+
+
+
+@pytest.mark.parametrize("state", ["open", "settled, its row on its way to the ledger"])
+async def test_a_new_redis_server_gets_back_the_holds_whose_cost_the_ledger_does_not_have(server_loop, state):
+    """The Redis server fails over to one that never had this process's hold (a replica promoted
+    before it got it), with the request still running, or answered with its row journaled first
+    and its settle waiting for the ledger. Until the row is in the ledger, the budget counters
+    (rebuilt from the ledger) plus the holds put back must still count the request; then its
+    settle turns the hold into the cost."""
+    budget = await asyncio.to_thread(f.BudgetFactory, limit_usd=Decimal("1"))
+    ref = await asyncio.to_thread(lambda: budget_ref(Budget.objects.select_related("tenant").get(pk=budget.pk)))
+    hold = await budgets.hold_take(request_id="req_failover1", budgets=[ref], amount_usd=Decimal("0.01"),
+                                   at=timezone.now(), ttl_s=60)
+    in_ledger = asyncio.get_running_loop().create_future()
+    if state != "open":
+        await hold.settle(cost_usd=Decimal("0.004"), tokens=10, after=in_ledger)
+
+    client = core_redis.client()
+    cell = hold.budgets[0].cell.key
+    await client.delete(*(f"{cell}:{part}" for part in ("spent", "held", "holds", "amounts")))
+    core_redis._known_run_ids[""] = "the-server-before"  # this process was on another server
+    await client.connection_pool.disconnect()
+
+    assert await spend(budget) == (Decimal(0), Decimal("0.01"))  # not in the ledger: the hold counts it
+
+    await asyncio.to_thread(f.UsageEventFactory, request_id="req_failover1", tenant=budget.tenant,
+                            cost=Decimal("0.004"))
+    if state == "open":
+        await hold.settle(cost_usd=Decimal("0.004"), tokens=10)
+    in_ledger.set_result(None)
+    await asyncio.wait_for(budgets.settles_drain(), 10)
+    assert await spend(budget) == (Decimal("0.004"), Decimal(0))
