@@ -34,6 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -212,61 +213,87 @@ class _Pending:
     way to the ledger. Its process holds an exclusive flock on it for as long as it has the segment
     open, so a replay (which claims with a non-blocking flock) leaves it alone while the process
     lives; if the process dies, the lock goes with it and the segment is replayed like any other.
-    Its bookkeeping runs on the event loop; the file is written in the journal's thread."""
+    Its bookkeeping runs on the event loop. The file is opened, fsync'ed and finished in the
+    journal's thread; once open, an append without fsync (LEDGER_JOURNAL_FIRST_FSYNC off) is one
+    write() on the loop: the bytes are in the page cache, which outlives the process."""
 
-    __slots__ = ("closed", "done", "failed", "fd", "opened", "path", "rows", "size")
+    __slots__ = ("closed", "done", "failed", "fd", "opened", "path", "rows", "size", "synced")
 
     def __init__(self, opened: float):
         self.fd: int | None = None
         self.path: Path | None = None
         self.opened = opened  # the event loop's time
-        self.rows = 0  # appended (and fsync'ed)
+        self.rows = 0  # appended
         self.done = 0  # of those, in the ledger or left to the replay
         self.size = 0
+        self.synced = 0  # bytes known to be fsync'ed
         self.failed = False  # a row did not reach the ledger: the replay takes the segment
         self.closed = False  # no more appends
 
-    def write(self, data: bytes) -> None:
-        """In the journal's thread: open (create, lock, make the name durable) on first use, then
-        append and fsync. Raises if the bytes are not durable (the segment is then closed)."""
+    def open(self) -> None:
+        """In the journal's thread: create, lock, make the name durable."""
+        directory = journal_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"{PENDING_PREFIX}{socket.gethostname()}-{os.getpid()}-{time.time_ns()}{SEGMENT_SUFFIX}"
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        self.fd, self.path = fd, directory / name
+        _fsync_dir(directory)
+
+    def write(self, data: bytes, *, fsync: bool) -> None:
+        """Open on first use (then only in the journal's thread), append, and fsync if asked.
+        Raises if the bytes are not written (fsync'ed, if asked); the caller closes the segment."""
         if self.fd is None:
-            directory = journal_dir()
-            directory.mkdir(parents=True, exist_ok=True)
-            name = f"{PENDING_PREFIX}{socket.gethostname()}-{os.getpid()}-{time.time_ns()}{SEGMENT_SUFFIX}"
-            fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
-            self.fd, self.path = fd, directory / name
-            _fsync_dir(directory)
+            self.open()
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
-            os.fdatasync(self.fd)
+            if fsync:
+                os.fdatasync(self.fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.size)  # no torn line before the replay reads it
             self.failed = True
             raise
         self.size += len(data)
+        if fsync:
+            self.synced = self.size
+
+    def sync(self) -> None:
+        """In the journal's thread: fsync what was written (a row that will not reach the ledger
+        through this process is left to the replay: it must outlive the machine too)."""
+        size = self.size
+        if self.fd is None or self.synced >= size:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            log.exception("ledger: fsync of journal segment %s failed", self.path)
+            return
+        self.synced = max(self.synced, size)
 
     def finish(self) -> None:
         """In the journal's thread, once closed and every row is done: deleted when every row is in
-        the ledger, otherwise unlocked and left for the replay."""
+        the ledger, otherwise fsync'ed, unlocked and left for the replay."""
         if self.fd is None:
             return
         if not self.failed:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        else:
+            self.sync()
         with contextlib.suppress(OSError):
             os.close(self.fd)  # releases the lock
         self.fd = None
 
 
 class _PendingWriter:
-    """Journal-first appends of one event loop: rows that arrive while an append is in flight go
-    together in the next one (one fsync). A segment is closed when it is older than
-    LEDGER_PENDING_SEGMENT_S or bigger than LEDGER_JOURNAL_SEGMENT_BYTES, or has had every row done
-    and nothing new for that long."""
+    """Journal-first appends of one event loop. Once the segment is open and without
+    LEDGER_JOURNAL_FIRST_FSYNC, a row is written at once, on the loop. Otherwise the write goes to
+    the journal's thread, and rows that arrive while one is in flight go together in the next (one
+    fsync). A segment is closed when it is older than LEDGER_PENDING_SEGMENT_S or bigger than
+    LEDGER_JOURNAL_SEGMENT_BYTES, or has had every row done and nothing new for that long."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -276,25 +303,44 @@ class _PendingWriter:
         self.idle: asyncio.TimerHandle | None = None
         self.finishing: set[asyncio.Future] = set()
 
+    def _segment(self) -> _Pending:
+        """The segment to append to: the current one, or a new one (the current closed)."""
+        seg = self.current
+        if seg is None or seg.closed or seg.failed or seg.size >= settings.LEDGER_JOURNAL_SEGMENT_BYTES \
+                or self.loop.time() - seg.opened >= settings.LEDGER_PENDING_SEGMENT_S:
+            if seg is not None:
+                self.close(seg)
+            seg = self.current = _Pending(self.loop.time())
+        return seg
+
     async def append(self, row: dict) -> _Pending:
+        data = _dumps(row)
+        if self.writer is None and not settings.LEDGER_JOURNAL_FIRST_FSYNC:
+            seg = self._segment()
+            if seg.fd is not None:
+                try:
+                    seg.write(data, fsync=False)
+                except OSError:
+                    self.close(seg)
+                    raise
+                seg.rows += 1
+                metrics.LEDGER_JOURNALED_FIRST.inc()
+                return seg
         future = self.loop.create_future()
-        self.pending.append((_dumps(row), future))
+        self.pending.append((data, future))
         if self.writer is None:
             self.writer = self.loop.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
+        fsync = settings.LEDGER_JOURNAL_FIRST_FSYNC
         try:
             while self.pending:
                 batch, self.pending = self.pending, []
-                seg = self.current
-                if seg is None or seg.closed or seg.failed or seg.size >= settings.LEDGER_JOURNAL_SEGMENT_BYTES \
-                        or self.loop.time() - seg.opened >= settings.LEDGER_PENDING_SEGMENT_S:
-                    if seg is not None:
-                        self.close(seg)
-                    seg = self.current = _Pending(self.loop.time())
+                seg = self._segment()
                 try:
-                    await self.loop.run_in_executor(_executor, seg.write, b"".join(data for data, _ in batch))
+                    await self.loop.run_in_executor(_executor, partial(seg.write, b"".join(d for d, _ in batch),
+                                                                       fsync=fsync))
                 except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
                     self.close(seg)
                     for _, future in batch:
@@ -309,10 +355,12 @@ class _PendingWriter:
 
     def done(self, seg: _Pending, *, in_ledger: bool) -> None:
         """A row of `seg` is in the ledger, or (in_ledger=False) did not get there: the replay then
-        takes its segment."""
+        takes its segment, fsync'ed at once."""
         seg.done += 1
         if not in_ledger and not seg.failed:
             seg.failed = True
+        if not in_ledger:
+            self._in_thread(seg.sync)
         if seg.done < seg.rows:
             return
         if seg.closed:
@@ -333,10 +381,14 @@ class _PendingWriter:
         if seg.done == seg.rows:
             self._finish(seg)
 
-    def _finish(self, seg: _Pending) -> None:
-        future = self.loop.run_in_executor(_executor, seg.finish)
+    def _in_thread(self, fn) -> asyncio.Future:
+        future = self.loop.run_in_executor(_executor, fn)
         self.finishing.add(future)
         future.add_done_callback(self.finishing.discard)
+        return future
+
+    def _finish(self, seg: _Pending) -> None:
+        future = self._in_thread(seg.finish)
         if seg.failed:
             future.add_done_callback(lambda _f: replay_soon())
 

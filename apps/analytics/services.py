@@ -40,17 +40,21 @@ LEDGER_BATCH_MAX = 64
 async def usage_event_record(**fields) -> asyncio.Future | None:
     """Write one ledger row; idempotent on request_id (a second insert of the same id is a no-op).
 
-    Contract: returns only once the row is durable, i.e. committed to the ledger, or appended and
-    fsync'ed to the local ledger journal (apps/analytics/journal.py), from which it is replayed into
-    the ledger if it does not get there otherwise. Raises when the row is neither (a row the
-    database refuses while written before the answer, or a journal write that failed too): the
-    caller must not treat the row as recorded then. Returns None when the row is in the ledger
-    already, or a future that completes (never with an error) once it is in the ledger or left to
-    the replay: whoever must count on the ledger holding the row (a budget settle) waits for it.
+    Contract: returns only once the row is durable, i.e. committed to the ledger, or written to the
+    local ledger journal (apps/analytics/journal.py), from which it is replayed into the ledger if it
+    does not get there otherwise. A journaled row is fsync'ed before the call returns, except one
+    journaled first without LEDGER_JOURNAL_FIRST_FSYNC: that one outlives the process (the page
+    cache), and is fsync'ed once it is known not to reach the ledger through this process. Raises
+    when the row is neither (a row the database refuses while written before the answer, or a
+    journal write that failed too): the caller must not treat the row as recorded then. Returns
+    None when the row is in the ledger already, or a future that completes (never with an error)
+    once it is in the ledger or left to the replay: whoever must count on the ledger holding the
+    row (a budget settle) waits for it.
 
     How (GATEWAY_LEDGER_WRITER; figures and guarantees in docs/benchmark.md), on PostgreSQL in the
     ASGI server:
-    - "journal" (the default): the row is appended to the journal (concurrent rows: one fsync)
+    - "journal" (the default): the row is written to the journal (one write() on the loop; with
+      LEDGER_JOURNAL_FIRST_FSYNC, fsync'ed in the journal's thread, concurrent rows in one fsync)
       and the request goes on; the row then goes into the ledger through the group commit below,
       and a journal segment is deleted once all its rows are there. A row the database cannot take
       stays in the journal for the replay. A failed journal write falls back to "batch".
@@ -119,7 +123,7 @@ async def _journal_first(pool, fields: dict, durable: asyncio.Future) -> None:
     pending = journal.pending_writer()
     try:
         seg = await pending.append(fields)
-    except OSError:
+    except Exception:  # noqa: BLE001 - whatever it was, the row is not in the journal
         log.exception("ledger: the journal-first append failed; the row goes to the database before the answer")
         try:
             await _record_now(pool, "batch", fields)

@@ -1,12 +1,13 @@
 """The default ledger write on the ASGI server's loop (GATEWAY_LEDGER_WRITER=journal): a row is
-appended and fsync'ed to the local journal before its call returns, then committed to the ledger
-after, and its journal segment is deleted once every row in it is in the ledger. A row that does
-not get there stays in the journal for the replay. (A gateway killed between the two:
-tests/analytics/test_ledger_outage.py.)"""
+written to the local journal before its call returns (and fsync'ed, with LEDGER_JOURNAL_FIRST_FSYNC),
+then committed to the ledger after, and its journal segment is deleted once every row in it is in
+the ledger. A row that does not get there stays in the journal, fsync'ed, for the replay. (A
+gateway killed between the two: tests/analytics/test_ledger_outage.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -90,14 +91,33 @@ async def test_the_row_is_on_disk_when_the_call_returns_and_in_the_ledger_after(
     assert journal.segments(journal_first) == []  # every row in the ledger: the segment is gone
 
 
-async def test_concurrent_rows_share_an_fsync_and_each_reaches_the_ledger_once(journal_first, monkeypatch):
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """The journal's fdatasync calls, counted."""
+    calls = []
+    real = os.fdatasync
+
+    def counted(fd):
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(journal.os, "fdatasync", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["written", "fsynced"])
+async def test_concurrent_rows_are_journaled_together_and_each_reaches_the_ledger_once(
+        journal_first, monkeypatch, settings, fsyncs, fsync):
+    """Rows that come while an append is in the journal's thread go together in the next one (one
+    fsync for all with LEDGER_JOURNAL_FIRST_FSYNC; none without: the rows reached the ledger)."""
+    settings.LEDGER_JOURNAL_FIRST_FSYNC = fsync
     tenant = await sync_to_async(f.TenantFactory)()
     writes = []
     real_write = journal._Pending.write
 
-    def counted(self, data):
+    def counted(self, data, **kw):
         writes.append(data.count(b"\n"))
-        real_write(self, data)
+        real_write(self, data, **kw)
 
     monkeypatch.setattr(journal._Pending, "write", counted)
     ids = [f"req_c{i}" for i in range(40)]
@@ -113,6 +133,7 @@ async def test_concurrent_rows_share_an_fsync_and_each_reaches_the_ledger_once(j
     await asyncio.gather(*futures)
 
     assert sum(writes) == 41 and len(writes) < 41  # rows that came together went in one append
+    assert len(fsyncs) == (len(writes) if fsync else 0)
     assert await ledger_ids(tenant) == sorted(ids)  # req_c3 once
     # Committed together (one JSON array): every value exactly as given.
     event = await UsageEvent.objects.aget(request_id="req_c7")
@@ -150,11 +171,37 @@ async def test_a_cancelled_requests_row_still_reaches_the_ledger(journal_first, 
     assert journal.segments(journal_first) == []
 
 
-async def test_rows_the_database_cannot_take_stay_in_the_journal_and_are_replayed(journal_first, settings,
-                                                                                   monkeypatch):
+async def test_once_its_segment_is_open_a_row_is_written_on_the_loop_and_never_fsynced_if_it_reaches_the_ledger(
+        journal_first, ledger_blocked, settings, fsyncs, monkeypatch):
+    settings.LEDGER_PENDING_SEGMENT_S = 60  # one segment for both rows
+    tenant = await sync_to_async(f.TenantFactory)()
+    first = await usage_event_record(**row(tenant, "req_w1"))  # the segment is opened in the journal's thread
+    submitted = []
+    real_submit = journal._executor.submit
+
+    def submit(fn, *args, **kwargs):
+        submitted.append(fn)
+        return real_submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(journal._executor, "submit", submit)
+    second = await usage_event_record(**row(tenant, "req_w2"))
+
+    assert journaled(journal_first) == ["req_w1", "req_w2"]  # in the journal when the call returned
+    assert submitted == [] and fsyncs == []  # one write() on the loop
+    ledger_blocked.set()
+    await asyncio.gather(first, second)
+    assert await ledger_ids(tenant) == ["req_w1", "req_w2"]
+    await journal.pending_close()
+    assert journal.segments(journal_first) == [] and fsyncs == []
+
+
+async def test_rows_the_database_cannot_take_stay_in_the_journal_fsynced_and_are_replayed(
+        journal_first, settings, monkeypatch, fsyncs):
     """The async pool cannot reach the database (the ORM that the replay uses can): every call
-    returns with its row on disk, and the background replay puts the rows in the ledger."""
+    returns with its row in the journal, which is fsync'ed then (the rows must outlive the
+    machine too), and the background replay puts the rows in the ledger."""
     settings.GATEWAY_PG_POOL_TIMEOUT_S = 0.5
+    settings.LEDGER_PENDING_SEGMENT_S = 60
     monkeypatch.setattr(db, "_conninfo", lambda: "host=127.0.0.1 port=1 dbname=nothing connect_timeout=1")
     tenant = await sync_to_async(f.TenantFactory)()
     ids = [f"req_d{i}" for i in range(10)]
@@ -163,7 +210,13 @@ async def test_rows_the_database_cannot_take_stay_in_the_journal_and_are_replaye
     await asyncio.gather(*futures)  # done: left to the replay
     assert journal.db_skipped()
     assert sorted(journaled(journal_first)) == ids
-    while journal._replay_task is None:  # the segment is closed (idle), then handed to the replay
+    async def fsynced():
+        while not fsyncs:  # the journal's thread's turn
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(fsynced(), 10)  # at once: the segment is still open
+    await journal.pending_close()  # closed, then handed to the replay
+    while journal._replay_task is None:
         await asyncio.sleep(0.01)
     await asyncio.wait_for(journal._replay_task, 30)
 
@@ -192,7 +245,7 @@ async def test_when_the_journal_cannot_be_written_the_row_is_committed_before_th
         journal_first, monkeypatch):
     tenant = await sync_to_async(f.TenantFactory)()
 
-    def disk_full(self, data):
+    def disk_full(self, data, **kw):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(journal._Pending, "write", disk_full)
