@@ -430,11 +430,11 @@ async def on_new_server(run_id: str, previous: str | None, conn) -> None:
     is demoted, and they are lost), drop every `spent` (rebuilt from the ledger as admission needs
     it; a settled cost is in the ledger before its hold ends, apps.gateway.pipeline.end) and put
     back this process's open holds, and those settled whose rows are not in the ledger yet (every
-    process puts back its own when it arrives). The holds
-    the server has (a promoted replica's, replicated from the old master) are kept: other
-    processes' requests in flight are not forgotten before those processes arrive; a hold that
-    ended on the old master after the last replication stays until it expires (counted twice
-    meanwhile: refusing early, never overspending).
+    process puts back its own when it arrives). The holds the server has (a promoted replica's,
+    replicated from the old master) are kept: other processes' requests in flight are not
+    forgotten before those processes arrive; a hold that ended on the old master after the last
+    replication stays until it expires (counted twice meanwhile: refusing early, never
+    overspending).
     On a cluster this runs per node, for the counters of the slots that node serves."""
     cmd = core_redis.conn_command
     tag = await core_redis.node_tag(conn)  # "" unless a cluster node
