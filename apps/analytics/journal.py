@@ -485,9 +485,13 @@ def _parse(path: Path, data: bytes, rejected: list[bytes]) -> list[dict]:
 
 
 def _insert(rows: list[dict], rejected: list[bytes]) -> list:
-    """Insert rows idempotently; rows the database refuses (not unavailable: a bad row) are set
-    aside in `rejected`. Returns the rows' model objects that were inserted or already there."""
+    """Insert rows idempotently; rows the database refuses (not unavailable: a bad row) and rows
+    of a tenant that no longer exists (the ledger has no foreign-key constraints; the rollups
+    have, and one such row would fail its hour's recompute) are set aside in `rejected`. Returns
+    the rows' model objects that were inserted or already there."""
     from django.core.exceptions import ValidationError
+
+    from apps.keys.models import Tenant
 
     from .models import UsageEvent
 
@@ -497,6 +501,9 @@ def _insert(rows: list[dict], rejected: list[bytes]) -> list:
             objs.append((row, _typed(row, fields)))
         except (ValidationError, TypeError, ValueError, KeyError):
             rejected.append(orjson.dumps(row))
+    tenants = set(Tenant.objects.filter(id__in={o.tenant_id for _, o in objs}).values_list("id", flat=True))
+    rejected.extend(orjson.dumps(row) for row, o in objs if o.tenant_id not in tenants)
+    objs = [(row, o) for row, o in objs if o.tenant_id in tenants]
     def insert(batch):
         # A bad foreign key must fail here, not at a COMMIT that an enclosing transaction delays.
         nested = connection.in_atomic_block
@@ -513,7 +520,7 @@ def _insert(rows: list[dict], rejected: list[bytes]) -> list:
         return [o for _, o in objs]
     except DB_UNAVAILABLE:
         raise
-    except DatabaseError:  # one bad row (a deleted tenant...): one by one, so only it is set aside
+    except DatabaseError:  # one bad row: one by one, so only it is set aside
         kept = []
         for row, obj in objs:
             try:

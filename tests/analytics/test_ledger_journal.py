@@ -146,6 +146,25 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_others_go_in(db, journa
     assert journal.segments() == []
 
 
+def test_a_row_whose_tenant_is_gone_is_set_aside_and_its_hours_rollups_still_recompute(db, journal_dir):
+    """The tenant was deleted while its only row was in a journal: the ledger (no foreign-key
+    constraints) would take the row, and its hour's rollup recompute would then fail for everyone."""
+    tenant, gone = f.TenantFactory(), f.TenantFactory()
+    at = timezone.now()
+    journal.journal_append([row(tenant, "req_kept", timestamp=at), row(gone, "req_orphan", timestamp=at)])
+    gone.delete()
+
+    result = journal.ledger_replay()
+
+    assert result["rows"] == 1 and result["rejected"] == 1
+    assert list(UsageEvent.objects.values_list("request_id", flat=True)) == ["req_kept"]
+    hour = at.replace(minute=0, second=0, microsecond=0)
+    assert UsageRollupHourly.objects.get(tenant=tenant, bucket=hour).requests == 1
+    kept = list((journal_dir / journal.REJECTED_DIR).glob("*.jsonl"))
+    assert [orjson.loads(line)["request_id"] for line in kept[0].read_bytes().splitlines()] == ["req_orphan"]
+    assert journal.segments() == []
+
+
 def test_beat_replays_the_journal(db, journal_dir):
     from apps.analytics.tasks import ledger_replay_task
 
