@@ -510,7 +510,7 @@ def ledger_restore_month(*, month: date, tenant_ids: set[int] | None = None, sto
                     if copy:
                         _copy_rows(rows, fields)
                     else:
-                        UsageEvent.objects.bulk_create([UsageEvent(**row) for row in rows], ignore_conflicts=True)
+                        UsageEvent.objects.insert_new([UsageEvent(**row) for row in rows])
                 _sequence_past_ids()
                 totals = ledger_totals(tenant_id=tenant_id, month=month)
                 expected = Totals(entry["rows"], Decimal(entry["cost"]), entry["prompt_tokens"],

@@ -511,7 +511,7 @@ def _insert(rows: list[dict], rejected: list[bytes]) -> list:
             if connection.vendor == "postgresql":
                 with connection.cursor() as cur:
                     cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
-            UsageEvent.objects.bulk_create(batch, ignore_conflicts=True, batch_size=500)
+            UsageEvent.objects.insert_new(batch, batch_size=500)
             if nested and connection.vendor == "sqlite":
                 connection.check_constraints(table_names=[UsageEvent._meta.db_table])
 

@@ -2,7 +2,7 @@
 
 import json
 
-from django.db import models
+from django.db import connections, models
 from django.db.models import Lookup, Value
 
 from apps.core.money import MONEY
@@ -25,6 +25,20 @@ class HasTag(Lookup):
             return f"{lhs} @> %s::jsonb", [*params, json.dumps([str(self.rhs)])]
         sql = f"EXISTS (SELECT 1 FROM json_each({lhs}) WHERE json_each.value = %s)"  # noqa: S608 - a column
         return sql, [*params, str(self.rhs)]
+
+
+class UsageEventQuerySet(models.QuerySet):
+    def insert_new(self, events: list, *, batch_size: int | None = None) -> None:
+        """Insert the events whose request_id is not in the ledger yet (a second insert of the same
+        request is a no-op); a row that breaks any other constraint raises. Django's
+        ignore_conflicts is ON CONFLICT DO NOTHING on PostgreSQL, which skips duplicates only, but
+        INSERT OR IGNORE on SQLite, which would drop a row that breaks a CHECK constraint silently:
+        there the conflict is named (a no-op update of the duplicate's request_id)."""
+        if connections[self.db].vendor == "sqlite":
+            self.bulk_create(events, batch_size=batch_size, update_conflicts=True, unique_fields=["request_id"],
+                             update_fields=["request_id"])
+        else:
+            self.bulk_create(events, batch_size=batch_size, ignore_conflicts=True)
 
 
 class UsageEvent(models.Model):
@@ -97,6 +111,8 @@ class UsageEvent(models.Model):
     # calling application's end user). db_default as for `attempts`.
     tags = TagsField(default=list, blank=True, db_default=Value([], output_field=models.JSONField()))
     end_user = models.CharField(max_length=256, blank=True, default="", db_default="")
+
+    objects = UsageEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["-timestamp", "-id"]

@@ -150,7 +150,7 @@ async def _journal_first(pool, fields: dict, durable: asyncio.Future) -> None:
 
 
 def usage_event_record_sync(**fields) -> None:
-    UsageEvent.objects.bulk_create([UsageEvent(**fields)], ignore_conflicts=True)
+    UsageEvent.objects.insert_new([UsageEvent(**fields)])
 
 
 # --- rollups ----------------------------------------------------------------------------------
@@ -624,8 +624,7 @@ def ledger_stream_drain(*, batch: int = 1000, consumer: str = "drain") -> int:
             entries = reply[0][1] if reply else []
             if not entries:
                 break
-            UsageEvent.objects.bulk_create([UsageEvent(**orjson.loads(data[b"row"])) for _id, data in entries],
-                                           ignore_conflicts=True)
+            UsageEvent.objects.insert_new([UsageEvent(**orjson.loads(data[b"row"])) for _id, data in entries])
             ids = [entry_id for entry_id, _ in entries]
             client.xack(LEDGER_STREAM, LEDGER_GROUP, *ids)
             client.xdel(LEDGER_STREAM, *ids)

@@ -75,7 +75,7 @@ def test_a_segment_stays_until_its_rows_are_committed(db, journal_dir, monkeypat
         raise OperationalError("connection refused")
 
     with monkeypatch.context() as m:
-        m.setattr(UsageEvent.objects, "bulk_create", database_down)
+        m.setattr(UsageEvent.objects, "insert_new", database_down)
         with pytest.raises(OperationalError):
             journal.ledger_replay()
 
