@@ -355,11 +355,10 @@ class _PendingWriter:
 
     def done(self, seg: _Pending, *, in_ledger: bool) -> None:
         """A row of `seg` is in the ledger, or (in_ledger=False) did not get there: the replay then
-        takes its segment, fsync'ed at once."""
+        takes its segment, fsync'ed at once (a failed segment takes no more rows: one fsync)."""
         seg.done += 1
         if not in_ledger and not seg.failed:
             seg.failed = True
-        if not in_ledger:
             self._in_thread(seg.sync)
         if seg.done < seg.rows:
             return
